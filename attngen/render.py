@@ -1,0 +1,56 @@
+"""Stage 3: KernelPlan -> KernelSource, one self-contained CUDA file rendered from templates/ with Jinja.
+
+StrictUndefined everywhere: a misspelt template variable is an error, never an empty string. The rendered
+text compiles on its own (only CUDA's own headers are #included)."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jinja2
+
+from ._resources import templates_dir
+from .plan import PREPROCESS_ROWS, PREPROCESS_THREADS, KernelPlan
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """Exact CUDA text of one compilation unit plus what is needed to compile it."""
+
+    name: str  # readable prefix of the cache key, e.g. "fwd_causal_bf16_hd64"
+    code: str
+    entries: tuple[str, ...]  # extern "C" kernel names defined in `code`
+    arch: str  # "sm_80", "sm_90", "sm_90a", ...
+    options: tuple[str, ...] = ()  # extra NVRTC options
+
+    def __str__(self) -> str:
+        return self.code
+
+
+@functools.cache
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def _render(template: str, plan: KernelPlan, name: str, entries: tuple[str, ...]) -> KernelSource:
+    code = _env().get_template(template).render(plan=plan, tiles=plan.fwd, bwd=plan.bwd, dq=plan.dq, pre_rows=PREPROCESS_ROWS, pre_threads=PREPROCESS_THREADS)
+    return KernelSource(name=f"{name}_{plan.name}", code=code, entries=entries, arch=plan.arch)
+
+
+def render_forward(plan: KernelPlan) -> KernelSource:
+    """The forward kernel `attngen_fwd` of `plan`."""
+    return _render("attn_fwd.cu.j2", plan, "fwd", ("attngen_fwd",))
+
+
+def render_backward(plan: KernelPlan) -> KernelSource:
+    """The backward kernels of `plan`: row statistics, dK/dV, dQ."""
+    return _render("attn_bwd.cu.j2", plan, "bwd", BACKWARD_ENTRIES)
+
+
+BACKWARD_ENTRIES = ("attngen_bwd_preprocess", "attngen_bwd_dkdv", "attngen_bwd_dq")

@@ -1,0 +1,215 @@
+"""GPU: every static pattern's forward and backward kernels against reference.py on fresh random inputs.
+
+Outputs are poisoned (the allocator's free blocks are filled with NaN) before every launch, so an element the
+kernel forgets to write fails the comparison. Skipped cleanly without a CUDA GPU."""
+
+import math
+import zlib
+
+import pytest
+import torch
+
+import attngen as ag
+from attngen import reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# ||out - ref|| / ||ref||: fp16 keeps 11 significant bits, bf16 8; P is rounded to the input dtype before P V.
+FWD_TOL = {"fp16": 2e-3, "bf16": 1.2e-2}
+BWD_TOL = {"fp16": 5e-3, "bf16": 2.5e-2}
+LENGTHS = [(1, 1), (17, 17), (127, 127), (128, 128), (1000, 1000), (4097, 4097)]
+UNEVEN = [(17, 1000), (1000, 17), (128, 4097), (1, 1000), (4097, 127)]
+MAX_LEN = 4097
+
+
+def _layout(block: int, heads: int | None, density: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    nb = math.ceil(MAX_LEN / block)
+    shape = (heads, nb, nb) if heads else (nb, nb)
+    return torch.rand(shape, generator=g) < density
+
+
+PATTERNS = {
+    "full": ag.full(),
+    "causal": ag.causal(),
+    "causal_bottom_right": ag.causal(align="bottom_right"),
+    "sliding_window": ag.sliding_window(100),
+    "local": ag.local(64, 32),
+    "prefix_lm": ag.prefix_lm(50),
+    "window_or_global": ag.causal() & ag.sliding_window(1024) | ag.global_tokens(16),
+    "not_causal": ~ag.causal(),  # the last query row has no key: output 0, LSE -inf
+    "predicate": ag.predicate("2*k <= q + 5 or k >= Sk - 3"),
+    "layout_per_head": ag.block_layout(_layout(64, 8, 0.3, 0), 64),
+    "layout_and_causal": ag.block_layout(_layout(128, None, 0.4, 1), 128) & ag.causal(),
+    "documents_causal": ag.documents() & ag.causal(),
+    "key_padding": ag.key_padding(),
+}
+
+
+def _runtime(pat: ag.Pattern, B: int, Sq: int, Sk: int, gen: torch.Generator) -> dict:
+    rt = {}
+    if "document_ids" in pat.runtime_inputs:
+        # Sorted random segments; with Sq != Sk the query ids run over the same documents.
+        def ids(n):
+            cuts = torch.rand(B, n, generator=gen) < 4.0 / max(n, 1)
+            return cuts.cumsum(-1).to(torch.int32).cuda()
+
+        rt["document_ids"] = ids(Sq) if Sq == Sk else (ids(Sq), ids(Sk))
+    if "key_lengths" in pat.runtime_inputs:
+        lens = torch.randint(0, Sk + 1, (B,), generator=gen)
+        lens[0] = 0  # a batch with no keys at all: every row empty
+        rt["key_lengths"] = lens.to(torch.int32).cuda()
+    return rt
+
+
+def _poison(*shapes_dtypes) -> None:
+    """Fill the caching allocator's free blocks of these sizes with NaN so new outputs start as NaN."""
+    keep = [torch.full(s, float("nan"), dtype=d, device="cuda") for s, d in shapes_dtypes for _ in range(2)]
+    del keep
+
+
+def _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, gen, requires_grad=False):
+    mk = lambda *s: torch.randn(*s, generator=gen).to("cuda", dtype).requires_grad_(requires_grad)  # noqa: E731
+    return mk(B, Hq, Sq, D), mk(B, Hkv, Sk, D), mk(B, Hkv, Sk, D)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+
+
+def _reference(q, k, v, pat, rt):
+    # float64 where it fits easily, float32 for the longest sequences
+    dtype = torch.float64 if q.shape[2] * k.shape[2] <= 1 << 21 else torch.float32
+    return reference.attention(q, k, v, pat, dtype=dtype, **rt)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_forward(name, dtype, D):
+    pat, gen = PATTERNS[name], torch.Generator().manual_seed(zlib.crc32(f"{name}{dtype}{D}".encode()))
+    B, Hq, Hkv = 2, 8, 2
+    for Sq, Sk in LENGTHS + UNEVEN:
+        q, k, v = _inputs(B, Hq, Hkv, Sq, Sk, D, DTYPES[dtype], gen)
+        rt = _runtime(pat, B, Sq, Sk, gen)
+        _poison(((B, Hq, Sq, D), q.dtype), ((B, Hq, Sq), torch.float32))
+        out, lse = ag.attention(q, k, v, pat, return_lse=True, **rt)
+        ref, ref_lse = _reference(q, k, v, pat, rt)
+        where = f"{name} {dtype} D={D} Sq={Sq} Sk={Sk}"
+        assert torch.isfinite(out).all(), f"non-finite output: {where}"
+        empty = torch.isinf(ref_lse)
+        assert (out[empty] == 0).all(), f"rows with no allowed key must be 0: {where}"
+        assert torch.equal(torch.isinf(lse), empty), f"LSE -inf exactly on empty rows: {where}"
+        assert torch.allclose(lse[~empty], ref_lse[~empty].float(), atol=2e-3, rtol=1e-4), f"LSE: {where}"
+        if not empty.all():
+            assert _rel(out, ref) < FWD_TOL[dtype], f"output error {_rel(out, ref):.2e}: {where}"
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (6, 1), (8, 2)])
+def test_forward_head_layouts_and_strides(Hq, Hkv):
+    """MHA / MQA / GQA on non-contiguous views ([B, S, H, D] storage viewed as [B, H, S, D])."""
+    gen = torch.Generator().manual_seed(Hq * 10 + Hkv)
+    B, Sq, Sk, D = 2, 300, 517, 64
+    q = torch.randn(B, Sq, Hq, D, generator=gen).cuda().half().transpose(1, 2)
+    k = torch.randn(B, Sk, Hkv, D, generator=gen).cuda().half().transpose(1, 2)
+    v = torch.randn(B, Sk, Hkv, D, generator=gen).cuda().half().transpose(1, 2)
+    pat = ag.causal(align="bottom_right")
+    out = ag.attention(q, k, v, pat, scale=0.3)
+    ref, _ = reference.attention(q, k, v, pat, scale=0.3)
+    assert _rel(out, ref) < FWD_TOL["fp16"]
+
+
+def _grads(out_fn, q, k, v, dout):
+    out = out_fn(q, k, v)
+    return torch.autograd.grad(out, (q, k, v), dout)
+
+
+BWD_LENGTHS = [(1, 1), (17, 17), (128, 128), (127, 1000), (1000, 127), (1000, 1000), (2049, 2049)]
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_backward(name, dtype, D):
+    pat, gen = PATTERNS[name], torch.Generator().manual_seed(zlib.crc32(f"bwd{name}{dtype}{D}".encode()))
+    B, Hq, Hkv = 2, 8, 2
+    for Sq, Sk in BWD_LENGTHS:
+        q, k, v = _inputs(B, Hq, Hkv, Sq, Sk, D, DTYPES[dtype], gen, requires_grad=True)
+        rt = _runtime(pat, B, Sq, Sk, gen)
+        dout = torch.randn(B, Hq, Sq, D, generator=gen).to("cuda", q.dtype)
+        _poison(((B, Hq, Sq, D), q.dtype), ((B, Hkv, Sk, D), q.dtype))
+        got = _grads(lambda q, k, v: ag.attention(q, k, v, pat, **rt), q, k, v, dout)
+        ref = _grads(lambda q, k, v: reference.attention(q, k, v, pat, dtype=torch.float32, **rt)[0], q, k, v, dout)
+        where = f"{name} {dtype} D={D} Sq={Sq} Sk={Sk}"
+        for label, g, r in zip("qkv", got, ref):
+            assert torch.isfinite(g).all(), f"d{label} not finite: {where}"
+            if r.abs().max() == 0:
+                assert (g == 0).all(), f"d{label} must be 0 where nothing is attended: {where}"
+            else:
+                assert _rel(g, r) < BWD_TOL[dtype], f"d{label} error {_rel(g, r):.2e}: {where}"
+
+
+def test_backward_deterministic():
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = _inputs(2, 8, 2, 1000, 1000, 64, torch.bfloat16, gen, requires_grad=True)
+    dout = torch.randn(2, 8, 1000, 64, generator=gen).to("cuda", torch.bfloat16)
+    pat = ag.causal() & ag.sliding_window(300)
+    first = _grads(lambda q, k, v: ag.attention(q, k, v, pat), q, k, v, dout)
+    second = _grads(lambda q, k, v: ag.attention(q, k, v, pat), q, k, v, dout)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_lse_gradient():
+    """The LSE output is differentiable too: its gradient folds into the row statistics."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = _inputs(1, 4, 4, 200, 300, 64, torch.float16, gen, requires_grad=True)
+    pat = ag.causal(align="bottom_right")
+    w = torch.randn(1, 4, 200, generator=gen).cuda()
+
+    def loss(fn):
+        out, lse = fn()
+        return (out.float().square().sum() + (lse.float() * w).sum())
+
+    got = torch.autograd.grad(loss(lambda: ag.attention(q, k, v, pat, return_lse=True)), (q, k, v))
+    ref = torch.autograd.grad(loss(lambda: reference.attention(q, k, v, pat, dtype=torch.float32)), (q, k, v))
+    for g, r in zip(got, ref):
+        assert _rel(g, r) < BWD_TOL["fp16"]
+
+
+def test_torch_compile_fullgraph():
+    gen = torch.Generator().manual_seed(11)
+    pat = ag.causal() & ag.sliding_window(256)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(64, 64)
+
+        def forward(self, q, k, v):
+            return self.proj(ag.attention(q, k, v, pat).float())
+
+    model = Block().cuda()
+    compiled = torch.compile(model, fullgraph=True)
+    q, k, v = _inputs(2, 4, 2, 333, 333, 64, torch.bfloat16, gen, requires_grad=True)
+    eager_out = model(q, k, v)
+    eager = torch.autograd.grad(eager_out.sum(), (q, k, v))
+    comp_out = compiled(q, k, v)
+    comp = torch.autograd.grad(comp_out.sum(), (q, k, v))
+    assert torch.allclose(eager_out, comp_out, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(eager, comp))
+
+
+def test_checkpointing():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = _inputs(1, 4, 4, 257, 257, 64, torch.float16, gen, requires_grad=True)
+    pat = ag.causal()
+    fn = lambda q, k, v: ag.attention(q, k, v, pat)  # noqa: E731
+    ck = torch.utils.checkpoint.checkpoint(fn, q, k, v, use_reentrant=False)
+    plain = fn(q, k, v)
+    d = torch.randn_like(plain)
+    assert torch.equal(ck, plain)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(ck, (q, k, v), d), torch.autograd.grad(plain, (q, k, v), d)))
