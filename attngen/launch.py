@@ -17,7 +17,7 @@ from . import schedule
 from .compile import Binary, compile_cached, device_arch, ensure_dynamic_shared, load_function
 from .errors import InputError
 from .pattern import Pattern, by_key
-from .plan import HEAD_DIMS, PREPROCESS_ROWS, PREPROCESS_THREADS, KernelPlan, make_plan, normalize_dtype
+from .plan import HEAD_DIMS, PREPROCESS_ROWS, PREPROCESS_THREADS, KernelPlan, lean, make_plan, normalize_dtype
 from .reference import document_ids_pair
 from .render import KernelSource, render_backward, render_forward
 from .schedule import explain
@@ -92,7 +92,10 @@ class Kernel:
 
 @functools.lru_cache(maxsize=None)
 def get_kernel(pattern: Pattern, head_dim: int, dtype: str, arch: str) -> Kernel:
-    return Kernel(make_plan(pattern, head_dim=head_dim, dtype=dtype, arch=arch))
+    kern = Kernel(make_plan(pattern, head_dim=head_dim, dtype=dtype, arch=arch))
+    if kern._plan.fwd.q_in_regs and any(r.spill_stores or r.spill_loads for _, r in kern.resources):
+        kern = Kernel(lean(kern._plan))  # a heavy mask pushed the fast tiling past 255 registers
+    return kern
 
 
 @functools.lru_cache(maxsize=None)

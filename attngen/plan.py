@@ -8,7 +8,7 @@ answered by `schedule.py`."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy as sp
 from sympy.printing.c import ccode
@@ -36,11 +36,15 @@ class Tiles:
     warps: int
     stages: int
     smem_bytes: int
+    m_tiles: int = 1  # m16 tiles per warp (forward): each K/V fragment read from shared memory feeds m_tiles mmas
+    q_in_regs: bool = False  # forward: Q fragments held in registers rather than re-read per key tile
+    min_blocks: int = 1  # __launch_bounds__ occupancy hint
 
     def __str__(self) -> str:
+        q = "Q fragments in registers, " if self.q_in_regs else ""
         return (
             f"BLOCK_M {self.block_m} x BLOCK_N {self.block_n}, {self.warps} warps "
-            f"({self.block_m // self.warps} rows each), {self.stages}-stage cp.async pipeline, "
+            f"({self.block_m // self.warps} rows each), {q}{self.stages}-stage cp.async pipeline, "
             f"{self.smem_bytes / 1024:.0f} KiB shared memory"
         )
 
@@ -186,24 +190,40 @@ def _smem(block_m: int, block_n: int, d: int, stages: int) -> int:
     return block_m * row + stages * 2 * block_n * row
 
 
-def forward_tiles(d: int) -> Tiles:
-    bm, bn, warps = {32: (128, 128, 8), 64: (128, 128, 8), 96: (128, 64, 8), 128: (128, 64, 8), 256: (64, 32, 4)}[d]
-    return Tiles(bm, bn, warps, 2, _smem(bm, bn, d, 2))
+# head_dim -> (BLOCK_N, warps, m16 tiles per warp, Q in registers). Two m16 tiles per warp halve the shared-memory
+# reads per mma, which otherwise bound the kernel; head_dim 128+ re-reads Q to stay within 255 registers.
+FORWARD_CONFIGS = {
+    32: (64, 4, 2, True),
+    64: (64, 4, 2, True),
+    96: (32, 4, 2, False),
+    128: (32, 4, 2, False),
+    256: (32, 4, 1, False),
+}
+
+
+def forward_tiles(d: int, q_in_regs: bool = True) -> Tiles:
+    """Forward tiling; `q_in_regs=False` trades Q's registers for shared-memory reads (see `lean`)."""
+    bn, warps, mt, q_regs = FORWARD_CONFIGS[d]
+    bm = 16 * mt * warps
+    return Tiles(bm, bn, warps, 2, _smem(bm, bn, d, 2), m_tiles=mt, q_in_regs=q_regs and q_in_regs)
 
 
 def backward_tiles(d: int) -> Tiles:
-    """dK/dV kernel: each warp owns 16 keys; query tiles stream through shared memory."""
-    bn, bm, warps = {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 32, 4), 128: (64, 32, 4), 256: (32, 32, 2)}[d]
+    """dK/dV kernel: BLOCK_N keys per block, each warp owning 16; BLOCK_M-query tiles of Q and dO stream through
+    a 2-stage cp.async pipeline. Shared memory as the kernel lays it out: K, V tiles, the Q and dO stages, and the
+    stages' row statistics (lse2 and delta, fp32)."""
+    bn, bm, warps = {32: (128, 64, 8), 64: (128, 64, 8), 96: (128, 64, 8), 128: (128, 64, 8), 256: (64, 32, 4)}[d]
     row = (d + 8) * ELEM_BYTES
-    smem = bn * row * 2 + 2 * 2 * bm * row + 2 * 2 * bm * 4  # K,V + 2 stages of (Q, dO) + (LSE, delta)
+    smem = 2 * bn * row + 2 * 2 * bm * row + 2 * 2 * bm * 4
     return Tiles(bm, bn, warps, 2, smem)
 
 
 def dq_tiles(d: int) -> Tiles:
-    """dQ kernel: each warp owns 16 queries; key tiles stream through shared memory."""
-    bm, bn, warps = {32: (64, 64, 4), 64: (64, 64, 4), 96: (64, 32, 4), 128: (64, 32, 4), 256: (32, 32, 2)}[d]
+    """dQ kernel: BLOCK_M queries per block, each warp owning 16; BLOCK_N-key tiles of K and V stream through a
+    2-stage cp.async pipeline (forward schedule shape). Shared memory: Q, dO, then the K and V stages."""
+    bm, bn, warps = {32: (128, 64, 8), 64: (128, 64, 8), 96: (64, 64, 4), 128: (64, 64, 4), 256: (64, 32, 4)}[d]
     row = (d + 8) * ELEM_BYTES
-    smem = 2 * bm * row + 2 * 2 * bn * row + 2 * bm * 4  # Q, dO + 2 stages of (K, V) + (LSE, delta)
+    smem = 2 * bm * row + 2 * 2 * bn * row
     return Tiles(bm, bn, warps, 2, smem)
 
 
@@ -219,6 +239,11 @@ def normalize_dtype(dtype: object) -> str:
     if dtype not in names:
         raise InputError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype!r}")
     return names[dtype]
+
+
+def lean(plan: KernelPlan) -> KernelPlan:
+    """The same plan with Q re-read from shared memory: for masks whose code would make the fast tiling spill."""
+    return replace(plan, fwd=forward_tiles(plan.head_dim, q_in_regs=False))
 
 
 def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str) -> KernelPlan:

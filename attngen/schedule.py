@@ -158,8 +158,8 @@ def _compress(cls: torch.Tensor) -> Schedule:
 def classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime: dict) -> torch.Tensor:
     """Tile classes including the sequence end: a key tile running past Sk is at most PARTIAL."""
     cls = tile_classes(pat, bm, bn, Sq, Sk, device, runtime)
+    cls = cls.expand(*cls.shape[:2], math.ceil(Sq / bm), math.ceil(Sk / bn)).clone()
     if Sk % bn:
-        cls = cls.clone()
         cls[..., -1] = torch.clamp(cls[..., -1], max=PARTIAL)
     return cls
 
