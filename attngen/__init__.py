@@ -1,8 +1,8 @@
 """attngen: declare an attention sparsity pattern in Python, get fused CUDA kernels (forward and backward).
 
-    pat = attngen.causal() & attngen.sliding_window(1024) | attngen.global_tokens(16)
-    out = attngen.attention(q, k, v, pat)
-    kern = attngen.compile(pat, head_dim=64, dtype=torch.bfloat16, arch="sm_90")"""
+pat = attngen.causal() & attngen.sliding_window(1024) | attngen.global_tokens(16)
+out = attngen.attention(q, k, v, pat)
+kern = attngen.compile(pat, head_dim=64, dtype=torch.bfloat16, arch="sm_90")"""
 
 from ._version import __version__
 from .errors import AttngenError, InputError

@@ -17,7 +17,7 @@ from . import schedule
 from .compile import Binary, compile_cached, device_arch, ensure_dynamic_shared, load_function
 from .errors import InputError
 from .pattern import Pattern, by_key
-from .plan import HEAD_DIMS, PREPROCESS_ROWS, PREPROCESS_THREADS, KernelPlan, lean, make_plan, normalize_dtype
+from .plan import HEAD_DIMS, PREPROCESS_ROWS, PREPROCESS_THREADS, KernelPlan, leaner, make_plan, normalize_dtype
 from .reference import document_ids_pair
 from .render import KernelSource, render_backward, render_forward
 from .schedule import explain
@@ -83,22 +83,26 @@ class Kernel:
         plan = self._plan
         _check(q, k, v)
         if q.shape[-1] != plan.head_dim or _dtype_name(q.dtype) != plan.dtype:
-            raise InputError(f"{self!r} was compiled for head_dim {plan.head_dim}, {plan.dtype}; got {q.shape[-1]}, {q.dtype}")
+            raise InputError(
+                f"{self!r} was compiled for head_dim {plan.head_dim}, {plan.dtype}; got {q.shape[-1]}, {q.dtype}"
+            )
         return _call(plan.pattern, q, k, v, scale, return_lse, document_ids, key_lengths)
 
     def __repr__(self) -> str:
         return f"Kernel({self._plan.pattern!r}, {self._plan.dtype}, head_dim={self._plan.head_dim}, {self._plan.arch})"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_kernel(pattern: Pattern, head_dim: int, dtype: str, arch: str) -> Kernel:
     kern = Kernel(make_plan(pattern, head_dim=head_dim, dtype=dtype, arch=arch))
-    if kern._plan.fwd.q_in_regs and any(r.spill_stores or r.spill_loads for _, r in kern.resources):
-        kern = Kernel(lean(kern._plan))  # a heavy mask pushed the fast tiling past 255 registers
+    # A mask with much per-element code can push the fastest tiling past 255 registers: step down until the
+    # compiler's report shows no spills.
+    while any(r.spill_stores or r.spill_loads for _, r in kern.resources) and (plan := leaner(kern._plan)):
+        kern = Kernel(plan)
     return kern
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel_for(pattern_key: str, head_dim: int, dtype: str, device_index: int) -> Kernel:
     return get_kernel(by_key(pattern_key), head_dim, dtype, device_arch(device_index))
 
@@ -128,7 +132,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise InputError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
         raise InputError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    B, Hq, Sq, D = q.shape
+    B, Hq, _Sq, D = q.shape
     if k.shape[0] != B or k.shape[3] != D:
         raise InputError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
     if k.shape[1] == 0 or Hq % k.shape[1]:
@@ -154,11 +158,16 @@ def _runtime(pattern: Pattern, B: int, Sq: int, Sk: int, device, document_ids, k
         qd, kd = document_ids_pair(document_ids, Sq, Sk)
         for t in (qd, kd):
             if t.dtype.is_floating_point or t.dtype == torch.bool or t.shape[0] not in (1, B):
-                raise InputError(f"document ids must be integer tensors [{B}, S] or [S], got {t.dtype} {tuple(t.shape)}")
+                raise InputError(
+                    f"document ids must be integer tensors [{B}, S] or [S], got {t.dtype} {tuple(t.shape)}"
+                )
         out["document_ids"] = (qd.to(device, torch.int32).contiguous(), kd.to(device, torch.int32).contiguous())
     if key_lengths is not None:
         if key_lengths.dtype.is_floating_point or tuple(key_lengths.shape) != (B,):
-            raise InputError(f"key_lengths must be an integer tensor of shape [{B}], got {key_lengths.dtype} {tuple(key_lengths.shape)}")
+            raise InputError(
+                f"key_lengths must be an integer tensor of shape [{B}], "
+                f"got {key_lengths.dtype} {tuple(key_lengths.shape)}"
+            )
         out["key_lengths"] = key_lengths.to(device, torch.int32).contiguous()
     return out
 
@@ -230,7 +239,7 @@ def forward(kern: Kernel, q, k, v, scale: float, rt: dict) -> tuple[torch.Tensor
 
 def backward(kern: Kernel, dout, q, k, v, out, lse, dlse, scale: float, rt: dict):
     plan = kern._plan
-    B, Hq, Sq, D = q.shape
+    B, Hq, Sq, _D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     if q.numel() == 0 or k.numel() == 0:
@@ -250,13 +259,13 @@ def backward(kern: Kernel, dout, q, k, v, out, lse, dlse, scale: float, rt: dict
 
     t = plan.bwd
     sched_t = schedule.build(plan.pattern, t.block_m, t.block_n, Sq, Sk, dev, rt, transpose=True)
-    args = common + [_u64(dk.data_ptr()), _u64(dv.data_ptr())] + strides + _strides(dk) + _strides(dv)
+    args = [*common, _u64(dk.data_ptr()), _u64(dv.data_ptr()), *strides, *_strides(dk), *_strides(dv)]
     args += scalars + _sched_args(sched_t) + extra
     _launch(binary, "attngen_bwd_dkdv", (math.ceil(Sk / t.block_n), Hkv, B), 32 * t.warps, t.smem_bytes, args, dev)
 
     t = plan.dq
     sched_q = schedule.build(plan.pattern, t.block_m, t.block_n, Sq, Sk, dev, rt)
-    args = common + [_u64(dq.data_ptr())] + strides + _strides(dq) + scalars + _sched_args(sched_q) + extra
+    args = [*common, _u64(dq.data_ptr()), *strides, *_strides(dq), *scalars, *_sched_args(sched_q), *extra]
     _launch(binary, "attngen_bwd_dq", (math.ceil(Sq / t.block_m), Hq, B), 32 * t.warps, t.smem_bytes, args, dev)
     return dq, dk, dv
 
@@ -340,7 +349,7 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _call(pattern: Pattern, q, k, v, scale, return_lse, document_ids, key_lengths):
-    B, Hq, Sq, D = q.shape
+    B, _Hq, Sq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not (scale > 0 and math.isfinite(scale)):
         raise InputError(f"scale must be a positive finite number, got {scale}")
@@ -374,7 +383,7 @@ def attention(
     return _call(pattern, q, k, v, scale, return_lse, document_ids, key_lengths)
 
 
-def compile(  # noqa: A001 - the public name is attngen.compile
+def compile(
     pattern: Pattern,
     *,
     head_dim: int,

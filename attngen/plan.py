@@ -201,18 +201,21 @@ FORWARD_CONFIGS = {
 }
 
 
-def forward_tiles(d: int, q_in_regs: bool = True) -> Tiles:
-    """Forward tiling; `q_in_regs=False` trades Q's registers for shared-memory reads (see `lean`)."""
+def forward_tiles(d: int, lean: int = 0) -> Tiles:
+    """Forward tiling. `lean` 1 re-reads Q from shared memory instead of holding it in registers; 2 also gives
+    each warp one m16 tile instead of two. Masks with much per-element code need the leaner forms to fit 255
+    registers without spilling (see `launch.get_kernel`)."""
     bn, warps, mt, q_regs = FORWARD_CONFIGS[d]
+    mt = 1 if lean >= 2 else mt
     bm = 16 * mt * warps
-    return Tiles(bm, bn, warps, 2, _smem(bm, bn, d, 2), m_tiles=mt, q_in_regs=q_regs and q_in_regs)
+    return Tiles(bm, bn, warps, 2, _smem(bm, bn, d, 2), m_tiles=mt, q_in_regs=q_regs and lean == 0)
 
 
 def backward_tiles(d: int) -> Tiles:
     """dK/dV kernel: BLOCK_N keys per block, each warp owning 16; BLOCK_M-query tiles of Q and dO stream through
     a 2-stage cp.async pipeline. Shared memory as the kernel lays it out: K, V tiles, the Q and dO stages, and the
     stages' row statistics (lse2 and delta, fp32)."""
-    bn, bm, warps = {32: (128, 64, 8), 64: (128, 64, 8), 96: (128, 64, 8), 128: (128, 64, 8), 256: (64, 32, 4)}[d]
+    bn, bm, warps = {32: (128, 128, 8), 64: (128, 128, 8), 96: (128, 64, 8), 128: (128, 64, 8), 256: (64, 32, 4)}[d]
     row = (d + 8) * ELEM_BYTES
     smem = 2 * bn * row + 2 * 2 * bm * row + 2 * 2 * bm * 4
     return Tiles(bm, bn, warps, 2, smem)
@@ -221,7 +224,7 @@ def backward_tiles(d: int) -> Tiles:
 def dq_tiles(d: int) -> Tiles:
     """dQ kernel: BLOCK_M queries per block, each warp owning 16; BLOCK_N-key tiles of K and V stream through a
     2-stage cp.async pipeline (forward schedule shape). Shared memory: Q, dO, then the K and V stages."""
-    bm, bn, warps = {32: (128, 64, 8), 64: (128, 64, 8), 96: (64, 64, 4), 128: (64, 64, 4), 256: (64, 32, 4)}[d]
+    bm, bn, warps = {32: (128, 128, 8), 64: (128, 128, 8), 96: (64, 64, 4), 128: (64, 64, 4), 256: (64, 32, 4)}[d]
     row = (d + 8) * ELEM_BYTES
     smem = 2 * bm * row + 2 * 2 * bn * row
     return Tiles(bm, bn, warps, 2, smem)
@@ -241,9 +244,13 @@ def normalize_dtype(dtype: object) -> str:
     return names[dtype]
 
 
-def lean(plan: KernelPlan) -> KernelPlan:
-    """The same plan with Q re-read from shared memory: for masks whose code would make the fast tiling spill."""
-    return replace(plan, fwd=forward_tiles(plan.head_dim, q_in_regs=False))
+def leaner(plan: KernelPlan) -> KernelPlan | None:
+    """The next leaner forward tiling of `plan` (fewer live registers, a little slower), or None."""
+    for level in (1, 2):
+        tiles = forward_tiles(plan.head_dim, lean=level)
+        if (tiles.q_in_regs, tiles.m_tiles) < (plan.fwd.q_in_regs, plan.fwd.m_tiles):
+            return replace(plan, fwd=tiles)
+    return None
 
 
 def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str) -> KernelPlan:

@@ -120,7 +120,7 @@ def attention(
     **runtime,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference (out, lse) for q [B,Hq,Sq,D], k/v [B,Hkv,Sk,D]; differentiable; computed in `dtype`."""
-    B, Hq, Sq_, D = q.shape
+    _B, Hq, Sq_, D = q.shape
     Hkv, Sk_ = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     qf, kf, vf = (t.to(dtype) for t in (q, k, v))

@@ -2,6 +2,7 @@
 
 StrictUndefined everywhere: a misspelt template variable is an error, never an empty string. The rendered
 text compiles on its own (only CUDA's own headers are #included)."""
+
 from __future__ import annotations
 
 import functools
@@ -39,7 +40,18 @@ def _env() -> jinja2.Environment:
 
 
 def _render(template: str, plan: KernelPlan, name: str, entries: tuple[str, ...]) -> KernelSource:
-    code = _env().get_template(template).render(plan=plan, tiles=plan.fwd, bwd=plan.bwd, dq=plan.dq, pre_rows=PREPROCESS_ROWS, pre_threads=PREPROCESS_THREADS)
+    code = (
+        _env()
+        .get_template(template)
+        .render(
+            plan=plan,
+            tiles=plan.fwd,
+            bwd=plan.bwd,
+            dq=plan.dq,
+            pre_rows=PREPROCESS_ROWS,
+            pre_threads=PREPROCESS_THREADS,
+        )
+    )
     return KernelSource(name=f"{name}_{plan.name}", code=code, entries=entries, arch=plan.arch)
 
 

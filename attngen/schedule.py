@@ -100,8 +100,7 @@ def _layout_classes(leaf: P.BlockLayout, bm: int, bn: int, Sq: int, Sk: int, dev
     nq, nk = math.ceil(Sq / bs), math.ceil(Sk / bs)
     if lay.shape[-2] < nq or lay.shape[-1] < nk:
         raise InputError(
-            f"block layout {tuple(lay.shape[-2:])} does not cover {nq}x{nk} blocks of {bs} "
-            f"for Sq={Sq}, Sk={Sk}"
+            f"block layout {tuple(lay.shape[-2:])} does not cover {nq}x{nk} blocks of {bs} for Sq={Sq}, Sk={Sk}"
         )
     csum = torch.nn.functional.pad(lay.cumsum(-1).cumsum(-2), (1, 0, 1, 0))  # [LH, nbq+1, nbk+1]
     ql, qh = (torch.as_tensor(b // bs, device=device) for b in _bounds(Sq, bm))

@@ -7,7 +7,6 @@ Ratios are other / attngen time (above 1: attngen is faster). Writes JSON (devic
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -36,9 +35,16 @@ def flops(S: int, D: int, density: float, backward: bool) -> float:
 
 
 def record(case: str, D: int, S: int, density: float, backward: bool, ours: float, others: dict) -> None:
-    row = dict(case=case, D=D, S=S, backward=backward, attngen_ms=ours,
-               attngen_tflops=flops(S, D, density, backward) / ours / 1e9, others_ms=others,
-               ratios={k: v / ours for k, v in others.items() if v is not None})
+    row = dict(
+        case=case,
+        D=D,
+        S=S,
+        backward=backward,
+        attngen_ms=ours,
+        attngen_tflops=flops(S, D, density, backward) / ours / 1e9,
+        others_ms=others,
+        ratios={k: v / ours for k, v in others.items() if v is not None},
+    )
     ROWS.append(row)
     rs = "  ".join(f"{k} {v:.2f}x" for k, v in row["ratios"].items())
     print(f"{case:42s} attngen {ours:8.3f} ms {row['attngen_tflops']:6.0f} TF   {rs}", flush=True)
@@ -52,6 +58,7 @@ def sdpa(backend, causal):
     def run(q, k, v):
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
     return run
 
 
@@ -77,7 +84,15 @@ def main() -> None:
                 if causal and D == 64:
                     bm = create_block_mask(lambda b, h, i, j: i >= j, None, None, S, S)
                     others["flex"] = bench(lambda: flex(q, k, v, block_mask=bm))
-                record(f"{'causal' if causal else 'dense'} fwd D{D} S{S}", D, S, 0.5 if causal else 1.0, False, ours, others)
+                record(
+                    f"{'causal' if causal else 'dense'} fwd D{D} S{S}",
+                    D,
+                    S,
+                    0.5 if causal else 1.0,
+                    False,
+                    ours,
+                    others,
+                )
             qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
             g = torch.randn_like(q)
             ours = bench(fwd_bwd(lambda q, k, v: ag.attention(q, k, v, ag.causal()), qg, kg, vg, g))
@@ -92,22 +107,36 @@ def main() -> None:
     layout = torch.rand(S // 128, S // 128, device="cuda") < 0.25
     cases = {
         "sliding_window(1024)": (ag.sliding_window(1024), lambda b, h, i, j: (i >= j) & (i - j < 1024), 1024 / S),
-        "random 25% 128x128 blocks": (ag.block_layout(layout, 128), lambda b, h, i, j: layout[i // 128, j // 128],
-                                      layout.float().mean().item()),
+        "random 25% 128x128 blocks": (
+            ag.block_layout(layout, 128),
+            lambda b, h, i, j: layout[i // 128, j // 128],
+            layout.float().mean().item(),
+        ),
     }
     for name, (pat, mask_mod, density) in cases.items():
         bm = create_block_mask(mask_mod, None, None, S, S)
         ours = bench(lambda: ag.attention(q, k, v, pat))
-        record(f"{name} fwd D{D} S{S}", D, S, density, False, ours, {"flex": bench(lambda: flex(q, k, v, block_mask=bm))})
+        record(
+            f"{name} fwd D{D} S{S}", D, S, density, False, ours, {"flex": bench(lambda: flex(q, k, v, block_mask=bm))}
+        )
         ours = bench(fwd_bwd(lambda q, k, v: ag.attention(q, k, v, pat), qg, kg, vg, g))
         theirs = bench(fwd_bwd(lambda q, k, v: flex(q, k, v, block_mask=bm), qg, kg, vg, g))
         record(f"{name} fwd+bwd D{D} S{S}", D, S, density, True, ours, {"flex": theirs})
 
     compile_times = measure_compile()
-    print(f"cold compile of a new pattern (forward): {compile_times['cold_s']:.3f} s; "
-          f"cached kernel in a new process: {compile_times['cached_load_ms']:.1f} ms", flush=True)
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, attngen=ag.__version__,
-                  cupy=__import__("cupy").__version__, rows=ROWS, compile=compile_times)
+    print(
+        f"cold compile of a new pattern (forward): {compile_times['cold_s']:.3f} s; "
+        f"cached kernel in a new process: {compile_times['cached_load_ms']:.1f} ms",
+        flush=True,
+    )
+    result = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        attngen=ag.__version__,
+        cupy=__import__("cupy").__version__,
+        rows=ROWS,
+        compile=compile_times,
+    )
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
@@ -126,8 +155,12 @@ def measure_compile() -> dict:
     a, b = int(time.time()) % 997 + 3, os.getpid() % 991 + 5
     with tempfile.TemporaryDirectory() as d:
         env = dict(os.environ, ATTNGEN_CACHE_DIR=d)
-        cold = subprocess.run([sys.executable, "-c", LOAD_SNIPPET.format(a=a, b=b)], env=env, capture_output=True, text=True)
-        warm = subprocess.run([sys.executable, "-c", LOAD_SNIPPET.format(a=a, b=b)], env=env, capture_output=True, text=True)
+        cold = subprocess.run(
+            [sys.executable, "-c", LOAD_SNIPPET.format(a=a, b=b)], env=env, capture_output=True, text=True
+        )
+        warm = subprocess.run(
+            [sys.executable, "-c", LOAD_SNIPPET.format(a=a, b=b)], env=env, capture_output=True, text=True
+        )
     if cold.returncode or warm.returncode:
         raise RuntimeError(cold.stderr + warm.stderr)
     return dict(cold_s=float(cold.stdout.split()[-1]) / 1e3, cached_load_ms=float(warm.stdout.split()[-1]))

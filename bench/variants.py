@@ -1,6 +1,6 @@
 """Try forward tilings side by side on the GPU: correctness against the reference, then time vs SDPA FLASH.
 
-    python bench/variants.py 64:128,8,1,1 64:64,4,2,0 128:32,4,2,0   (head_dim:BLOCK_N,warps,m_tiles,q_in_regs)"""
+python bench/variants.py 64:128,8,1,1 64:64,4,2,0 128:32,4,2,0   (head_dim:BLOCK_N,warps,m_tiles,q_in_regs)"""
 
 import sys
 

@@ -73,7 +73,7 @@ def _poison(*shapes_dtypes) -> None:
 
 
 def _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, gen, requires_grad=False):
-    mk = lambda *s: torch.randn(*s, generator=gen).to("cuda", dtype).requires_grad_(requires_grad)  # noqa: E731
+    mk = lambda *s: torch.randn(*s, generator=gen).to("cuda", dtype).requires_grad_(requires_grad)
     return mk(B, Hq, Sq, D), mk(B, Hkv, Sk, D), mk(B, Hkv, Sk, D)
 
 
@@ -172,7 +172,7 @@ def test_lse_gradient():
 
     def loss(fn):
         out, lse = fn()
-        return (out.float().square().sum() + (lse.float() * w).sum())
+        return out.float().square().sum() + (lse.float() * w).sum()
 
     got = torch.autograd.grad(loss(lambda: ag.attention(q, k, v, pat, return_lse=True)), (q, k, v))
     ref = torch.autograd.grad(loss(lambda: reference.attention(q, k, v, pat, dtype=torch.float32)), (q, k, v))
@@ -207,9 +207,12 @@ def test_checkpointing():
     gen = torch.Generator().manual_seed(5)
     q, k, v = _inputs(1, 4, 4, 257, 257, 64, torch.float16, gen, requires_grad=True)
     pat = ag.causal()
-    fn = lambda q, k, v: ag.attention(q, k, v, pat)  # noqa: E731
+    fn = lambda q, k, v: ag.attention(q, k, v, pat)
     ck = torch.utils.checkpoint.checkpoint(fn, q, k, v, use_reentrant=False)
     plain = fn(q, k, v)
     d = torch.randn_like(plain)
     assert torch.equal(ck, plain)
-    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(ck, (q, k, v), d), torch.autograd.grad(plain, (q, k, v), d)))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(torch.autograd.grad(ck, (q, k, v), d), torch.autograd.grad(plain, (q, k, v), d))
+    )

@@ -1,0 +1,256 @@
+"""`attngen emit` prints the CUDA source, plan or resource report of a pattern; `attngen cache` lists or clears
+the kernel cache. Exit status: 0 ok, 1 compile failure, 2 bad input.
+
+Pattern expressions are evaluated by walking Python's AST against a whitelist (constructor calls, constants,
+& | ~), never by eval(), so a command-line argument cannot run code."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from attngen import cache
+from attngen.compile import check_arch, device_arch
+from attngen.errors import AttngenError, InputError
+
+_HELP_ALLOWED = (
+    "constructor calls, int/float/str constants, keyword arguments, & | ~, unary - and parentheses"
+)
+# What a user may reach for that the grammar leaves out, named the way they would think of it.
+_NAMES = {
+    ast.Attribute: "attribute access",
+    ast.Subscript: "subscripts",
+    ast.Lambda: "lambda",
+    ast.JoinedStr: "f-strings",
+    ast.ListComp: "comprehensions",
+    ast.SetComp: "comprehensions",
+    ast.DictComp: "comprehensions",
+    ast.GeneratorExp: "comprehensions",
+    ast.BoolOp: "'and'/'or' (combine patterns with & and |)",
+    ast.Compare: "comparisons",
+    ast.IfExp: "conditional expressions",
+    ast.NamedExpr: "assignment expressions",
+    ast.Starred: "*arguments",
+    ast.List: "lists",
+    ast.Tuple: "tuples",
+    ast.Dict: "dicts",
+    ast.Set: "sets",
+}
+
+_OPERATORS = {
+    ast.Add: "+",
+    ast.Sub: "-",
+    ast.Mult: "*",
+    ast.MatMult: "@",
+    ast.Div: "/",
+    ast.FloorDiv: "//",
+    ast.Mod: "%",
+    ast.Pow: "**",
+    ast.LShift: "<<",
+    ast.RShift: ">>",
+    ast.BitXor: "^",
+    ast.UAdd: "unary +",
+}
+
+
+def parse_pattern(text: str, constructors: Mapping[str, Callable[..., Any]] | None = None) -> Any:
+    """Build the pattern that `text` spells, e.g. "causal() & sliding_window(1024) | global_tokens(16)".
+
+    Only names in `constructors` (default: attngen.pattern.CONSTRUCTORS) may be called; anything else raises
+    InputError naming the construct that is not allowed."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except (SyntaxError, ValueError) as exc:
+        raise InputError(f"pattern expression {text!r} is not valid: {exc}") from None
+    except (RecursionError, MemoryError):  # CPython's parser reports deep nesting as either
+        raise InputError("pattern expression is nested too deeply") from None
+    if constructors is None:
+        from attngen.pattern import CONSTRUCTORS as constructors
+    try:
+        return _Evaluator(text, constructors).pattern(tree.body)
+    except RecursionError:
+        raise InputError("pattern expression is nested too deeply") from None
+
+
+class _Evaluator:
+    def __init__(self, text: str, constructors: Mapping[str, Callable[..., Any]]) -> None:
+        self.text = text
+        self.constructors = constructors
+
+    def pattern(self, node: ast.expr) -> Any:
+        if isinstance(node, ast.Call):
+            return self.call(node)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitAnd, ast.BitOr)):
+            left, right = self.pattern(node.left), self.pattern(node.right)
+            return left & right if isinstance(node.op, ast.BitAnd) else left | right
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Invert):
+            return ~self.pattern(node.operand)
+        raise self.reject(node)
+
+    def call(self, node: ast.Call) -> Any:
+        if not isinstance(node.func, ast.Name):
+            raise self.reject(node.func)
+        name = node.func.id
+        if name not in self.constructors:
+            known = ", ".join(sorted(self.constructors))
+            raise InputError(f"unknown pattern constructor {name!r} in {self.text!r}; known: {known}")
+        args = [self.argument(arg) for arg in node.args]
+        kwargs = {}
+        for keyword in node.keywords:
+            if keyword.arg is None:
+                raise self.reject(keyword.value, "**arguments")
+            kwargs[keyword.arg] = self.argument(keyword.value)
+        try:
+            return self.constructors[name](*args, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{ast.get_source_segment(self.text, node)}: {exc}") from exc
+
+    def argument(self, node: ast.expr) -> Any:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)):
+            if isinstance(node.value, str) and "__" in node.value:
+                raise self.reject(node, "strings containing '__'")
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            operand = node.operand
+            if isinstance(operand, ast.Constant) and type(operand.value) in (int, float):
+                return -operand.value
+            raise self.reject(node, "unary - on anything but a number")
+        return self.pattern(node)
+
+    def reject(self, node: ast.AST, what: str | None = None) -> InputError:
+        if what is None:
+            what = self.describe(node)
+        segment = ast.get_source_segment(self.text, node) or self.text
+        return InputError(
+            f"not allowed in a pattern expression: {what} in {segment!r}; allowed: {_HELP_ALLOWED}"
+        )
+
+    def describe(self, node: ast.AST) -> str:
+        if isinstance(node, ast.Name) and node.id in self.constructors:
+            return f"the uncalled constructor {node.id!r} (write {node.id}())"
+        if isinstance(node, ast.Name):
+            return f"the unknown name {node.id!r}"
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)):
+            return f"the constant {node.value!r} where a pattern is expected"
+        if isinstance(node, ast.Constant):
+            return f"the constant {node.value!r}"
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return "unary - on a pattern (its complement is ~)"
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            return "'not' (the complement of a pattern is ~)"
+        if isinstance(node, (ast.BinOp, ast.UnaryOp)):
+            return f"the operator {_OPERATORS.get(type(node.op), type(node.op).__name__)}"
+        return _NAMES.get(type(node), type(node).__name__)
+
+
+def _emit(args: argparse.Namespace) -> int:
+    pattern = parse_pattern(args.pattern)
+    import torch  # only `emit` needs torch; `attngen cache ...` stays quick without it
+
+    import attngen
+
+    arch = check_arch(args.arch) if args.arch else _local_arch(torch)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    kern = attngen.compile(pattern, head_dim=args.head_dim, dtype=dtype, arch=arch)
+    if args.plan:
+        print(kern.plan)
+    elif args.resources:
+        for entry, resources in kern.backward_resources if args.backward else kern.resources:
+            print(f"# {entry}\n{resources}")
+    else:
+        print(kern.backward_source if args.backward else kern.source)
+    return 0
+
+
+def _local_arch(torch: Any) -> str:
+    if not torch.cuda.is_available():
+        raise InputError(
+            "no CUDA GPU found; pass --arch (e.g. --arch sm_90) to emit kernels for another machine"
+        )
+    return device_arch(torch.cuda.current_device())
+
+
+def _cache_list(args: argparse.Namespace) -> int:
+    directory = cache.cache_dir()
+    if directory is None:
+        print("cache: memory only (the cache directory is not writable)")
+        return 0
+    entries = cache.list_entries()
+    count = f"{len(entries)} kernel{'s' if len(entries) != 1 else ''}"
+    print(f"cache: {directory} ({count}, {_size(sum(e.size for e in entries))})")
+    if entries:
+        width = max(len("name"), *(len(e.name) for e in entries))
+        print(f"{'name':<{width}}  {'arch':<7}  {'size':>9}  age")
+        now = time.time()
+        for e in entries:
+            print(f"{e.name:<{width}}  {e.arch:<7}  {_size(e.size):>9}  {_age(now - e.mtime)}")
+    return 0
+
+
+def _cache_clear(args: argparse.Namespace) -> int:
+    removed = cache.clear()
+    print(
+        f"removed {removed} cached kernel{'s' if removed != 1 else ''} from {cache.cache_dir() or 'memory'}"
+    )
+    return 0
+
+
+def _size(nbytes: int) -> str:
+    if nbytes < 1024:
+        return f"{nbytes} B"
+    if nbytes < 1024**2:
+        return f"{nbytes / 1024:.1f} KB"
+    return f"{nbytes / 1024**2:.1f} MB"
+
+
+def _age(seconds: float) -> str:
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            return f"{seconds // length:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attngen", description="Fused attention kernels from attention patterns."
+    )
+    commands = parser.add_subparsers(required=True, metavar="command")
+
+    emit = commands.add_parser("emit", help="print the CUDA source, plan or resources of a pattern's kernels")
+    emit.add_argument("pattern", help='pattern expression, e.g. "causal() & sliding_window(1024)"')
+    emit.add_argument("--head-dim", type=int, required=True)
+    emit.add_argument("--dtype", choices=("bf16", "fp16"), required=True)
+    emit.add_argument("--arch", help="target such as sm_80 or sm_90a (default: the local GPU)")
+    emit.add_argument(
+        "--backward", action="store_true", help="the backward kernels instead of the forward one"
+    )
+    shown = emit.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--resources", action="store_true", help="registers, shared memory and spills per kernel"
+    )
+    shown.add_argument("--plan", action="store_true", help="the kernel plan instead of the source")
+    emit.set_defaults(run=_emit)
+
+    cache_parser = commands.add_parser("cache", help="inspect the compiled-kernel cache")
+    cache_commands = cache_parser.add_subparsers(required=True, metavar="action")
+    cache_commands.add_parser("list", help="list cached kernels").set_defaults(run=_cache_list)
+    cache_commands.add_parser("clear", help="delete every cached kernel").set_defaults(run=_cache_clear)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `attngen` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except AttngenError as exc:
+        print(f"attngen: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, InputError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

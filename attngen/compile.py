@@ -1,0 +1,283 @@
+"""Stage 4: KernelSource -> Binary (a cubin plus the ptxas resource report of each entry), compiled by NVRTC.
+
+NVRTC runs in-process through CuPy, so no CUDA toolkit is needed: headers come from the nvidia-* wheels. A
+failed compile raises CompileError carrying the full log and a path to the exact source text that failed.
+`compile_cached` goes through cache.py; `load_function` turns a Binary into a launchable CuPy Function."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from attngen.errors import AttngenError, InputError
+from attngen.render import KernelSource
+
+if TYPE_CHECKING:
+    from cupy.cuda.function import Function, Module
+
+# Options every compile uses; `-arch`, the source's own options and `-I` dirs are added per compile.
+BASE_OPTIONS = ("-std=c++17", "--ptxas-options=-v")
+# Above this much dynamic shared memory CUDA requires an explicit per-function opt-in.
+DEFAULT_DYNAMIC_SHARED_LIMIT = 48 * 1024
+
+_ARCH = re.compile(r"sm_(\d+)(a?)")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What ptxas reports for one kernel entry; spills above zero usually mean a slow kernel."""
+
+    registers: int
+    shared_bytes: int  # static shared memory only; dynamic shared memory is chosen at launch
+    stack_bytes: int
+    spill_stores: int
+    spill_loads: int
+
+    def __str__(self) -> str:
+        return "\n".join(
+            f"{name}: {getattr(self, name)}"
+            for name in ("registers", "shared_bytes", "spill_stores", "spill_loads", "stack_bytes")
+        )
+
+
+@dataclass(frozen=True)
+class Binary:
+    """A compiled cubin for one arch and the resources of each entry, in the source's entry order."""
+
+    cubin: bytes = field(repr=False)
+    arch: str
+    resources: tuple[tuple[str, Resources], ...]
+    log: str = field(repr=False)
+
+    @property
+    def entries(self) -> tuple[str, ...]:
+        return tuple(entry for entry, _ in self.resources)
+
+    @property
+    def resource_map(self) -> Mapping[str, Resources]:
+        """Read-only entry -> Resources view."""
+        return MappingProxyType(dict(self.resources))
+
+    def resources_of(self, entry: str) -> Resources:
+        for name, resources in self.resources:
+            if name == entry:
+                return resources
+        raise KeyError(f"no kernel entry {entry!r} in this binary; it defines {', '.join(self.entries)}")
+
+    def __str__(self) -> str:
+        return "\n".join(f"# {entry}\n{resources}" for entry, resources in self.resources)
+
+
+class CompileError(AttngenError):
+    """NVRTC rejected a source. `.log` is the compiler's log, `.source_path` a saved copy of the source."""
+
+    def __init__(self, message: str, log: str, source_path: Path | None) -> None:
+        # All three go to Exception.args so the error survives pickling (e.g. from a worker process).
+        super().__init__(message, log, source_path)
+        self.log = log
+        self.source_path = source_path
+
+    def __str__(self) -> str:
+        message = self.args[0]
+        saved = self.source_path if self.source_path is not None else "(could not be saved)"
+        return f"{message}\nsource: {saved}\n{self.log.rstrip()}"
+
+
+def check_arch(arch: str) -> str:
+    """Return `arch` if it names a real-GPU target such as sm_80, sm_90a or sm_120; raise InputError if not."""
+    if not isinstance(arch, str) or _ARCH.fullmatch(arch) is None:
+        raise InputError(
+            f"arch must look like 'sm_80', 'sm_90', 'sm_90a' or 'sm_120' (sm_ + compute capability digits, "
+            f"optionally 'a'); got {arch!r}"
+        )
+    return arch
+
+
+@functools.cache
+def nvrtc_include_dirs() -> tuple[str, ...]:
+    """Directories holding CUDA's own headers (cuda_fp16.h, cuda_bf16.h) for NVRTC's -I options.
+
+    The nvidia-* wheels are searched first so that no CUDA toolkit is needed; then $CUDA_PATH, $CUDA_HOME and
+    /usr/local/cuda. Raises AttngenError with install advice if no candidate has cuda_fp16.h."""
+    candidates = []
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        for layout in ("cu13", "cu12", "cuda_runtime", "cuda_nvrtc"):
+            candidates.append(Path(root, layout, "include"))
+    for variable in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(variable):
+            candidates.append(Path(os.environ[variable], "include"))
+    candidates.append(Path("/usr/local/cuda/include"))
+    for directory in candidates:
+        if (directory / "cuda_fp16.h").is_file():
+            return (str(directory),)
+    searched = "\n  ".join(str(directory) for directory in candidates)
+    raise AttngenError(
+        "CUDA headers (cuda_fp16.h) not found; install them with `pip install attngen[cuda13]` "
+        f"(or `attngen[cuda12]`), or set CUDA_PATH to a CUDA toolkit. Searched:\n  {searched}"
+    )
+
+
+@functools.cache
+def nvrtc_version() -> tuple[int, int]:
+    """(major, minor) of the NVRTC library CuPy loads."""
+    from cupy.cuda import nvrtc  # importing CuPy costs ~0.4 s, so only code that needs NVRTC pays it
+
+    major, minor = nvrtc.getVersion()
+    return int(major), int(minor)
+
+
+def nvrtc_compile(source: KernelSource) -> Binary:
+    """Compile `source` for `source.arch` to a cubin and read each entry's registers, shared memory and spills."""
+    from cupy.cuda import nvrtc
+
+    arch = check_arch(source.arch)
+    supported = nvrtc.getSupportedArchs()
+    if int(_ARCH.fullmatch(arch)[1]) not in supported:
+        major, minor = nvrtc_version()
+        raise InputError(
+            f"NVRTC {major}.{minor} cannot compile for {arch}; it supports "
+            f"{', '.join(f'sm_{cc}' for cc in supported)}"
+        )
+    options = [f"-arch={arch}", *BASE_OPTIONS, *source.options]
+    if nvrtc_version() >= (12, 9):
+        # NVRTC 12.9+ keeps a cache of its own; a hit there skips ptxas and so the resource report parsed below.
+        options.append("--no-cache")
+    options += [f"-I{directory}" for directory in nvrtc_include_dirs()]
+    program = nvrtc.createProgram(source.code, f"{source.name}.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(program, options)
+        except nvrtc.NVRTCError as exc:
+            # An invalid option leaves the program log empty; the exception text is then the only clue.
+            log = nvrtc.getProgramLog(program).strip("\x00").strip() or str(exc)
+            raise CompileError(
+                f"NVRTC failed to compile {source.name} for {arch}", log, _save(source)
+            ) from None
+        log = nvrtc.getProgramLog(program).rstrip("\x00")  # CuPy keeps the C string's terminator
+        cubin = nvrtc.getCUBIN(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    report = parse_ptxas_report(log)
+    missing = [entry for entry in source.entries if entry not in report]
+    if missing:
+        raise CompileError(
+            f"{source.name}: ptxas reported no kernel named {', '.join(missing)}; every entry must be an "
+            'extern "C" __global__ function of the source',
+            log,
+            _save(source),
+        )
+    return Binary(cubin=cubin, arch=arch, resources=tuple((e, report[e]) for e in source.entries), log=log)
+
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_PROPERTIES = re.compile(r"Function properties for (\S+)")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGISTERS = re.compile(r"Used (\d+) registers")
+_SHARED = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas_report(log: str) -> dict[str, Resources]:
+    """Entry name -> Resources from a `--ptxas-options=-v` log.
+
+    Non-entry device functions also get a "Function properties" block; their stack and spills are not the
+    entry's, so a block only counts when it names the entry ptxas is compiling."""
+    found: dict[str, dict[str, int]] = {}
+    entry = properties_of = None
+    for line in log.splitlines():
+        if match := _ENTRY.search(line):
+            entry = match[1]
+            found[entry] = {f.name: 0 for f in fields(Resources)}
+        elif match := _PROPERTIES.search(line):
+            properties_of = match[1]
+        elif (match := _FRAME.search(line)) and entry is not None and properties_of == entry:
+            stack, stores, loads = map(int, match.groups())
+            found[entry].update(stack_bytes=stack, spill_stores=stores, spill_loads=loads)
+        elif (match := _REGISTERS.search(line)) and entry is not None:
+            found[entry]["registers"] = int(match[1])
+            if shared := _SHARED.search(line):
+                found[entry]["shared_bytes"] = int(shared[1])
+    return {name: Resources(**values) for name, values in found.items()}
+
+
+def _save(source: KernelSource) -> Path | None:
+    """Write the failing source where the user can open it; named by content so retries do not pile up."""
+    digest = hashlib.sha256(source.code.encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir(), "attngen-failed", f"{source.name}-{source.arch}-{digest}.cu")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(source.code)
+    except OSError:
+        return None
+    return path
+
+
+def compile_cached(source: KernelSource) -> Binary:
+    """`nvrtc_compile(source)` through the memory + disk cache; a hit involves no NVRTC compile."""
+    from attngen import cache  # cache.py is built on this module's types, so it is imported at call time
+
+    return cache.fetch(source, nvrtc_compile)
+
+
+def device_arch(device_index: int) -> str:
+    """The sm_XY target of CUDA device `device_index`, e.g. "sm_90" for an H100."""
+    import torch  # kept out of module import so that `attngen cache ...` stays quick
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return f"sm_{major}{minor}"
+
+
+def load_function(binary: Binary, entry: str, device_index: int) -> Function:
+    """The CuPy Function for `entry` of `binary` on device `device_index`; each cubin loads once per device."""
+    binary.resources_of(entry)  # a clear KeyError instead of CUDA_ERROR_NOT_FOUND
+    return _function(binary.cubin, binary.arch, entry, device_index)
+
+
+def ensure_dynamic_shared(function: Function, nbytes: int) -> None:
+    """Let `function` launch with `nbytes` of dynamic shared memory (CUDA caps it at 48 KB unless raised)."""
+    if nbytes <= DEFAULT_DYNAMIC_SHARED_LIMIT:
+        return
+    from cupy.cuda import driver
+
+    attribute = driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    # Reading the current cap first means the cap is raised once and never lowered by a smaller launch.
+    if driver.funcGetAttribute(attribute, function.ptr) < nbytes:
+        driver.funcSetAttribute(function.ptr, attribute, nbytes)
+
+
+@functools.cache
+def _function(cubin: bytes, arch: str, entry: str, device_index: int) -> Function:
+    return _module(cubin, arch, device_index).get_function(entry)
+
+
+@functools.cache
+def _module(cubin: bytes, arch: str, device_index: int) -> Module:
+    from cupy.cuda import Device, function
+
+    device = device_arch(device_index)
+    if not _runs_on(arch, device):
+        raise AttngenError(
+            f"kernel compiled for {arch} cannot run on CUDA device {device_index} ({device}); compile for {device}"
+        )
+    with Device(device_index):
+        module = function.Module()
+        module.load(cubin)
+    return module
+
+
+def _runs_on(arch: str, device: str) -> bool:
+    """Whether a cubin for `arch` runs on a `device` GPU: same major, minor not newer; 'a' targets match exactly."""
+    code, specific = _ARCH.fullmatch(arch).groups()
+    device_code = int(_ARCH.fullmatch(device)[1])
+    if specific:
+        return int(code) == device_code
+    return int(code) // 10 == device_code // 10 and int(code) % 10 <= device_code % 10

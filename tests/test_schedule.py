@@ -1,0 +1,136 @@
+"""Tile classification against brute force: no tile may be called FULL or EMPTY wrongly; single affine atoms
+and aligned layouts are classified exactly; schedules list exactly the non-empty tiles in ascending order."""
+
+import math
+import random
+
+import pytest
+import sympy as sp
+import torch
+
+import attngen as ag
+from attngen import schedule
+from attngen.schedule import EMPTY, FULL, PARTIAL
+
+q, k, Sq, Sk = ag.q, ag.k, ag.Sq, ag.Sk
+
+
+def _truth(mask: torch.Tensor, bm: int, bn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tile: are all valid elements allowed, is any allowed (mask [LB, LH, Sq, Sk])."""
+    Sq_, Sk_ = mask.shape[-2:]
+    tq, tk = math.ceil(Sq_ / bm), math.ceil(Sk_ / bn)
+    pad = torch.nn.functional.pad
+    m = mask.to(torch.int8)
+    every = pad(m, (0, tk * bn - Sk_, 0, tq * bm - Sq_), value=1).view(*m.shape[:2], tq, bm, tk, bn)
+    some = pad(m, (0, tk * bn - Sk_, 0, tq * bm - Sq_), value=0).view(*m.shape[:2], tq, bm, tk, bn)
+    return every.amin((3, 5)).bool(), some.amax((3, 5)).bool()
+
+
+def _check(pat, bm, bn, Sq_, Sk_, runtime=None, exact=False):
+    runtime = runtime or {}
+    mask = pat.mask(Sq_, Sk_, **runtime)
+    cls = schedule.tile_classes(pat, bm, bn, Sq_, Sk_, "cpu", runtime)
+    every, some = _truth(mask, bm, bn)
+    cls, every, some = torch.broadcast_tensors(cls, every, some)
+    assert not ((cls == FULL) & ~every).any(), f"{pat!r}: a tile called full has a masked element"
+    assert not ((cls == EMPTY) & some).any(), f"{pat!r}: a tile called empty has an allowed element"
+    if exact:
+        assert not ((cls == PARTIAL) & (every | ~some)).any(), f"{pat!r}: a uniform tile called partial"
+
+
+def _random_atom(rng: random.Random) -> sp.Basic:
+    a, b, c, d = (rng.randint(-3, 3) for _ in range(4))
+    e = rng.randint(-40, 40)
+    rel = rng.choice([sp.Ge, sp.Gt, sp.Le, sp.Lt, sp.Eq, sp.Ne])
+    return rel(a * q + b * k + c * Sq + d * Sk + e, 0)
+
+
+def _random_predicate(rng: random.Random, depth: int = 2) -> sp.Basic:
+    if depth == 0 or rng.random() < 0.3:
+        atom = _random_atom(rng)
+        return atom if atom not in (sp.true, sp.false) else sp.Ge(q - k, 0)
+    op = rng.choice([sp.And, sp.Or, sp.Not])
+    if op is sp.Not:
+        return sp.Not(_random_predicate(rng, depth - 1))
+    return op(_random_predicate(rng, depth - 1), _random_predicate(rng, depth - 1))
+
+
+TILE_SIZES = [1, 2, 3, 7, 16, 64]  # small and odd tiles put tile corners on the predicates' boundaries
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_random_affine_patterns_against_brute_force(seed):
+    rng = random.Random(seed)
+    expr = _random_predicate(rng)
+    pat = ag.predicate(expr) if expr not in (sp.true, sp.false) else ag.full()
+    _check(pat, rng.choice(TILE_SIZES), rng.choice(TILE_SIZES), rng.randint(1, 150), rng.randint(1, 150))
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_single_atoms_are_exact(seed):
+    rng = random.Random(1000 + seed)
+    atom = _random_atom(rng)
+    while not isinstance(atom, (sp.Ge, sp.Gt, sp.Le, sp.Lt)):
+        atom = _random_atom(rng)
+    bm, bn = rng.choice(TILE_SIZES), rng.choice(TILE_SIZES)
+    _check(ag.predicate(atom), bm, bn, rng.randint(1, 150), rng.randint(1, 150), exact=True)
+
+
+@pytest.mark.parametrize(
+    "pat",
+    [
+        ag.causal(),
+        ag.causal(align="bottom_right") & ag.sliding_window(50, align="bottom_right"),
+        ag.causal() & ag.sliding_window(1024) | ag.global_tokens(16),
+        ~ag.local(10, 3) | ag.prefix_lm(20),
+    ],
+)
+@pytest.mark.parametrize("shape", [(1, 1), (17, 300), (300, 17), (257, 257)])
+def test_library_patterns(pat, shape):
+    _check(pat, 64, 32, *shape)
+
+
+def test_layouts_documents_key_padding():
+    gen = torch.Generator().manual_seed(0)
+    lay = torch.rand(3, 9, 9, generator=gen) < 0.4
+    for bs, bm, bn in [(32, 64, 32), (64, 64, 64), (20, 64, 32), (128, 64, 64)]:
+        nb = math.ceil(260 / bs)
+        layout = torch.rand(3, nb, nb, generator=gen) < 0.4
+        _check(ag.block_layout(layout, bs), bm, bn, 260, 250, exact=(bs % bm == 0 and bs % bn == 0))
+    ids = torch.sort(torch.randint(0, 5, (2, 200), generator=gen), dim=-1).values
+    _check(ag.documents() & ag.causal(), 32, 16, 200, 200, {"document_ids": ids})
+    _check(ag.documents(), 32, 16, 200, 200, {"document_ids": ids}, exact=False)
+    lens = torch.tensor([0, 77, 200])
+    _check(ag.key_padding(), 32, 16, 100, 200, {"key_lengths": lens}, exact=True)
+    _check(ag.block_layout(lay, 32) & ~ag.key_padding(), 64, 32, 280, 270, {"key_lengths": lens})
+
+
+def test_schedule_lists_nonempty_tiles_in_order():
+    pat = ag.causal() & ag.sliding_window(100)
+    s = schedule.build(pat, 64, 32, 300, 300, "cpu", {})
+    cls = schedule.classes(pat, 64, 32, 300, 300, "cpu", {})[0, 0]
+    for row in range(cls.shape[0]):
+        n = int(s.counts[0, 0, row])
+        tiles = s.tiles[0, 0, row, :n]
+        expect = torch.nonzero(cls[row] > EMPTY).flatten()
+        assert torch.equal(tiles >> 1, expect.to(torch.int32))
+        assert torch.equal((tiles & 1).bool(), cls[row, expect] == PARTIAL)
+    assert s.strides == (0, 0)
+
+
+def test_last_key_tile_is_never_full():
+    cls = schedule.classes(ag.full(), 64, 64, 100, 100, "cpu", {})
+    assert cls[0, 0, :, -1].eq(PARTIAL).all() and cls[0, 0, :, 0].eq(FULL).all()
+    assert schedule.classes(ag.full(), 64, 64, 100, 128, "cpu", {})[0, 0].eq(FULL).all()
+
+
+def test_transposed_schedule_walks_query_tiles():
+    s = schedule.build(ag.causal(), 64, 32, 200, 200, "cpu", {}, transpose=True)
+    # key tile 0 is seen by every query tile; the last key tile only by the last query tile
+    assert s.counts[0, 0, 0] == math.ceil(200 / 64) and s.counts[0, 0, -1] == 1
+
+
+def test_explain_draws_tiles_and_reasons():
+    text = schedule.explain(ag.causal() & ag.sliding_window(300), 128, 64, 1000, 1000)
+    assert "full (no mask)" in text and "sliding_window(300)" in text and "█" in text and "·" in text
+    assert "call" in schedule.explain(ag.documents(), 128, 64, 100, 100)
