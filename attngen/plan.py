@@ -215,7 +215,7 @@ def backward_tiles(d: int) -> Tiles:
     """dK/dV kernel: BLOCK_N keys per block, each warp owning 16; BLOCK_M-query tiles of Q and dO stream through
     a 2-stage cp.async pipeline. Shared memory as the kernel lays it out: K, V tiles, the Q and dO stages, and the
     stages' row statistics (lse2 and delta, fp32)."""
-    bn, bm, warps = {32: (128, 128, 8), 64: (128, 128, 8), 96: (128, 64, 8), 128: (128, 64, 8), 256: (64, 32, 4)}[d]
+    bn, bm, warps = {32: (128, 128, 8), 64: (128, 96, 8), 96: (128, 64, 8), 128: (128, 64, 8), 256: (64, 32, 4)}[d]
     row = (d + 8) * ELEM_BYTES
     smem = 2 * bn * row + 2 * 2 * bm * row + 2 * 2 * bm * 4
     return Tiles(bm, bn, warps, 2, smem)
@@ -224,7 +224,7 @@ def backward_tiles(d: int) -> Tiles:
 def dq_tiles(d: int) -> Tiles:
     """dQ kernel: BLOCK_M queries per block, each warp owning 16; BLOCK_N-key tiles of K and V stream through a
     2-stage cp.async pipeline (forward schedule shape). Shared memory: Q, dO, then the K and V stages."""
-    bm, bn, warps = {32: (128, 128, 8), 64: (128, 128, 8), 96: (64, 64, 4), 128: (64, 64, 4), 256: (64, 32, 4)}[d]
+    bm, bn, warps = {32: (128, 128, 8), 64: (128, 96, 8), 96: (128, 64, 8), 128: (128, 48, 8), 256: (64, 32, 4)}[d]
     row = (d + 8) * ELEM_BYTES
     smem = 2 * bm * row + 2 * 2 * bn * row
     return Tiles(bm, bn, warps, 2, smem)

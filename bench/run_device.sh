@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: the GPU tests, then the benchmark; full logs and JSON under $OUT.
-#   bash bench/run_device.sh [pytest -k expression] [--quick]
+#   bash bench/run_device.sh [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ]; then  # packages the GPU image lacks, carried as wheels
@@ -10,6 +10,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 ATTNGEN_CACHE_DIR=${AT
 OUT=${OUT:-/tmp/attngen-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
 python3 -c "import torch, cupy; print('torch', torch.__version__, 'cupy', cupy.__version__)"
-python3 -m pytest -q -m gpu tests/ -k "${1:-.}" -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 40
-python3 bench/bench_attention.py --out "$OUT/bench.json" ${2:-} 2>&1 | tee "$OUT/bench.log"
+python3 bench/prewarm.py sm_90 2>&1 | tail -n 3
+python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 40
+python3 bench/bench_attention.py --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log"
 echo "== tests: $(tail -n 1 "$OUT/gpu_tests.log")"

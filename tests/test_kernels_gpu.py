@@ -147,8 +147,8 @@ def test_backward(name, dtype, D):
         where = f"{name} {dtype} D={D} Sq={Sq} Sk={Sk}"
         for label, g, r in zip("qkv", got, ref):
             assert torch.isfinite(g).all(), f"d{label} not finite: {where}"
-            if r.abs().max() == 0:
-                assert (g == 0).all(), f"d{label} must be 0 where nothing is attended: {where}"
+            if r.abs().max() == 0:  # e.g. one key per row: dS = P (dP - delta) is 0 up to rounding
+                assert g.abs().max() < 1e-4, f"d{label} must vanish: {where}"
             else:
                 assert _rel(g, r) < BWD_TOL[dtype], f"d{label} error {_rel(g, r):.2e}: {where}"
 

@@ -1,0 +1,41 @@
+"""Chunked causal: the sequence is cut into fixed chunks; a token sees the earlier tokens of its own chunk only.
+
+The local layers of Llama 4 (Meta, 2025) attend within chunks of 8192 tokens, interleaved with global layers
+that see everything; the chunks bound the key-value cache of those layers and make the model extrapolate to
+lengths never seen in training. Unlike a sliding window, the first token of a chunk starts afresh. The chunks
+are the diagonal of a block layout of `chunk`-sized blocks, intersected with the causal rule.
+
+    PYTHONPATH=. python patterns/chunked_causal.py"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import attngen
+
+
+def pattern(chunk: int = 256, seq_len: int = 16384) -> attngen.Pattern:
+    """Causal within each `chunk` tokens (the layout covers sequences up to `seq_len`)."""
+    n = math.ceil(seq_len / chunk)
+    return attngen.causal() & attngen.block_layout(torch.eye(n, dtype=torch.bool), chunk)
+
+
+def draw(mask: torch.Tensor, cells: int = 64) -> str:
+    """A bool [Sq, Sk] mask as text, at most `cells` characters a side: █ all kept, ▒ some, · none."""
+    size = (min(cells, mask.shape[0]), min(cells, mask.shape[1]))
+    kept = F.adaptive_avg_pool2d(mask.float()[None], size)[0]
+    return "\n".join("".join("█" if f == 1 else "·" if f == 0 else "▒" for f in row) for row in kept.tolist())
+
+
+def main(seq_len: int = 1024) -> None:
+    p = pattern()
+    print(f"chunked_causal  {p!r}")
+    print(f"mask at {seq_len}x{seq_len} (rows: queries, columns: keys; █ kept, ▒ partly, · masked):")
+    print(draw(p.mask(seq_len, seq_len)[0, 0]))
+    kernel = attngen.compile(p, head_dim=64, dtype=torch.float16, arch="sm_90")
+    print(kernel.explain(seq_len, seq_len))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""StreamingLLM: a causal sliding window plus a few "attention sink" tokens at the very start.
+
+Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (2023). A model trained with full causal
+attention puts much of its attention weight on the first few tokens whatever they say; dropping them (a plain
+sliding window) breaks the model once the text outgrows the window. Keeping those `n_sinks` first keys visible
+to every query, next to a window of the most recent `window` keys, lets the model run on unbounded streams with
+a fixed cache. With `align="bottom_right"` the window ends at the last key, for decoding with Sq < Sk.
+
+    PYTHONPATH=. python patterns/streaming_llm.py"""
+
+import torch
+import torch.nn.functional as F
+
+import attngen
+
+
+def pattern(window: int = 256, n_sinks: int = 4, align: str = "top_left") -> attngen.Pattern:
+    """Keys in the `window` ending at the query, or among the first `n_sinks`; never a future key."""
+    sinks = attngen.predicate(f"k < {n_sinks}")
+    return attngen.causal(align=align) & (attngen.sliding_window(window, align=align) | sinks)
+
+
+def draw(mask: torch.Tensor, cells: int = 64) -> str:
+    """A bool [Sq, Sk] mask as text, at most `cells` characters a side: █ all kept, ▒ some, · none."""
+    size = (min(cells, mask.shape[0]), min(cells, mask.shape[1]))
+    kept = F.adaptive_avg_pool2d(mask.float()[None], size)[0]
+    return "\n".join("".join("█" if f == 1 else "·" if f == 0 else "▒" for f in row) for row in kept.tolist())
+
+
+def main(seq_len: int = 1024) -> None:
+    p = pattern()
+    print(f"streaming_llm  {p!r}")
+    print(f"mask at {seq_len}x{seq_len} (rows: queries, columns: keys; █ kept, ▒ partly, · masked):")
+    print(draw(p.mask(seq_len, seq_len)[0, 0]))
+    kernel = attngen.compile(p, head_dim=64, dtype=torch.float16, arch="sm_90")
+    print(kernel.explain(seq_len, seq_len))
+
+
+if __name__ == "__main__":
+    main()

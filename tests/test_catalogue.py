@@ -1,0 +1,169 @@
+"""The pattern catalogue (patterns/*.py): every file loads on its own, builds an attngen Pattern whose dense mask
+has the structure its paper describes (checked against formulas written independently here), and its main()
+draws the mask and prints the expression and tile schedule. CPU only: the schedule compiles for sm_90."""
+
+import functools
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+import attngen
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = sorted((ROOT / "patterns").glob("*.py"))
+S = 256
+
+
+@functools.cache
+def load(stem: str) -> ModuleType:
+    """Import patterns/<stem>.py from its path, as a user of the catalogue would, without a package."""
+    spec = importlib.util.spec_from_file_location(f"catalogue_{stem}", ROOT / "patterns" / f"{stem}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def mask2d(p: attngen.Pattern, n: int = S, **runtime) -> torch.Tensor:
+    m = p.mask(n, n, **runtime)
+    assert m.dtype == torch.bool and m.shape[-2:] == (n, n)
+    return m[0, 0]
+
+
+def positions(n: int = S) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.arange(n)[:, None], torch.arange(n)[None, :]
+
+
+def test_catalogue_has_the_named_patterns():
+    names = {f.stem for f in FILES}
+    expected = {"longformer", "bigbird", "streaming_llm", "document_causal", "prefix_lm", "dilated_blocks"}
+    assert expected <= names
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda f: f.stem)
+def test_file_documents_itself_and_builds_a_pattern(path):
+    module = load(path.stem)
+    assert module.__doc__ and len(module.__doc__.split()) > 30
+    assert f"python patterns/{path.stem}.py" in module.__doc__
+    p = module.pattern()
+    assert isinstance(p, attngen.Pattern)
+    assert module.pattern() == p and hash(module.pattern()) == hash(p)  # same arguments, same kernel
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", FILES, ids=lambda f: f.stem)
+def test_main_draws_the_mask_and_explains_the_schedule(path, capsys):
+    load(path.stem).main()
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    (plan_line,) = [line for line in lines if line.startswith("KernelPlan for ")]
+    expression = plan_line.removeprefix("KernelPlan for ")
+    assert lines[0] == f"{path.stem}  {expression}"
+    picture = [line for line in lines if line and set(line) <= set("█▒·")]
+    assert len(picture) == 64 and {len(line) for line in picture} == {64}
+    assert "█" in "".join(picture) and "·" in "".join(picture)
+    assert "  schedule  " in out and "sm_90" in out
+
+
+def test_runs_as_a_script_from_the_repository_root():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(
+        [sys.executable, "patterns/prefix_lm.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("prefix_lm  prefix_lm(256)\n")
+
+
+# ------------------------------------------------------------------------------------------- structure
+
+
+def test_longformer_band_and_global_tokens():
+    m = mask2d(load("longformer").pattern(window=64, n_global=4))
+    q, k = positions()
+    assert torch.equal(m, ((q - k).abs() <= 32) | (q < 4) | (k < 4))
+    assert m[3].all() and m[:, 3].all()  # a global token: its row and its column
+    assert m[100, 132] and not m[100, 133] and not m[200, 10]
+    big = mask2d(load("longformer").pattern(), 1024)  # defaults: 256 each side, 16 global tokens
+    assert big[:, 15].all() and big[15].all() and not big[1000, 100] and big[1000, 744]
+
+
+def test_streaming_llm_sinks_window_and_no_future():
+    m = mask2d(load("streaming_llm").pattern(window=32, n_sinks=4))
+    q, k = positions()
+    assert torch.equal(m, (k <= q) & ((q - k < 32) | (k < 4)))
+    assert m[3:, :4].all()  # the sinks are visible to every query that comes after them
+    assert not m[200, 4:169].any() and m[200, 169:201].all()  # between the sinks and the window: hidden
+    assert not m.triu(1).any()  # never a future key
+
+
+def test_streaming_llm_bottom_right_for_decoding():
+    p = load("streaming_llm").pattern(window=32, n_sinks=4, align="bottom_right")
+    m = p.mask(8, S)[0, 0]
+    assert m[-1, -32:].all() and m[-1, :4].all() and not m[-1, 4:-32].any()
+    assert not m[0, -7:].any() and m[0, -8]  # query i of the 8 sits at key S - 8 + i
+
+
+def test_bigbird_window_global_random_blocks():
+    bigbird = load("bigbird")
+    bs, nb, window, n_global, n_random = 16, S // 16, 3, 2, 3
+    p = bigbird.pattern(seq_len=S, block_size=bs)
+    m = mask2d(p)
+    assert m[: n_global * bs].all() and m[:, : n_global * bs].all()  # global rows and columns
+    q, k = positions()
+    assert m[((q // bs) - (k // bs)).abs() <= window // 2].all()  # the block window
+    blocks = m.view(nb, bs, nb, bs)
+    assert (blocks.all(3).all(1) == blocks.any(3).any(1)).all()  # whole blocks only
+    visible = blocks.any(3).any(1)
+    for row in range(n_global, nb):
+        near = {c for c in range(nb) if abs(c - row) <= window // 2 or c < n_global}
+        assert visible[row].sum().item() == len(near) + n_random, row
+    assert 0.4 < m.float().mean().item() < 0.7
+    assert bigbird.pattern(seq_len=S, block_size=bs, seed=1) != p  # the seed picks the random blocks
+
+
+def test_bigbird_heads_draw_their_own_random_blocks():
+    m = load("bigbird").pattern(seq_len=S, block_size=16, heads=4).mask(S, S)
+    assert m.shape == (1, 4, S, S)
+    assert len({tuple(m[0, h].flatten().tolist()) for h in range(4)}) == 4
+
+
+def test_document_causal_never_crosses_documents():
+    document_causal = load("document_causal")
+    ids = document_causal.document_ids([100, 56, 100])
+    assert ids.tolist() == [0] * 100 + [1] * 56 + [2] * 100
+    m = mask2d(document_causal.pattern(), document_ids=ids)
+    q, k = positions()
+    same = ids[:, None] == ids[None, :]
+    assert not (m & ~same).any()
+    assert torch.equal(m, same & (k <= q))
+    assert not m[100, 99] and m[155, 100] and not m[156, 155]
+    batch = torch.stack([ids, torch.zeros(S, dtype=torch.int32)])  # per-sequence packing
+    both = document_causal.pattern().mask(S, S, document_ids=batch)
+    assert both.shape == (2, 1, S, S) and torch.equal(both[1, 0], (k <= q).expand(S, S))
+
+
+def test_prefix_lm_bidirectional_prefix_then_causal():
+    m = mask2d(load("prefix_lm").pattern(prefix=64))
+    q, k = positions()
+    assert torch.equal(m, (k < 64) | (k <= q))
+    assert m[:, :64].all() and m[10, 63] and not m[10, 64] and not m[100, 101]
+
+
+def test_dilated_blocks_local_and_every_dilation_th_block():
+    m = mask2d(load("dilated_blocks").pattern(seq_len=S, block_size=16, local_blocks=2, dilation=3))
+    q, k = positions()
+    back = q // 16 - k // 16
+    assert torch.equal(m, (k <= q) & ((back < 2) | (back % 3 == 0)))
+    assert m[10 * 16, 7 * 16] and not m[10 * 16, 8 * 16] and m[10 * 16, 9 * 16]
+
+
+def test_chunked_causal_restarts_at_each_chunk():
+    m = mask2d(load("chunked_causal").pattern(chunk=64))
+    q, k = positions()
+    assert torch.equal(m, (k <= q) & (q // 64 == k // 64))
+    assert not m[64, 63] and m[127, 64]
