@@ -121,9 +121,7 @@ def fetch(source: KernelSource, build: Callable[[KernelSource], Binary]) -> Bina
     return _memory.setdefault(key, binary)
 
 
-def _build_locked(
-    source: KernelSource, build: Callable[[KernelSource], Binary], path: Path, key: str
-) -> Binary:
+def _build_locked(source: KernelSource, build: Callable[[KernelSource], Binary], path: Path, key: str) -> Binary:
     from filelock import FileLock  # only a miss needs the lock, and importing filelock costs ~35 ms
 
     with FileLock(f"{path}.lock"):
@@ -150,9 +148,7 @@ def _read(path: Path, key: str, repair: bool) -> Binary | None:
         return _decode(data, key)
     except _Corrupt as exc:
         if repair:
-            warnings.warn(
-                f"attngen cache entry {path} is corrupt ({exc}); deleting and rebuilding it", CacheWarning
-            )
+            warnings.warn(f"attngen cache entry {path} is corrupt ({exc}); deleting and rebuilding it", CacheWarning)
             path.unlink(missing_ok=True)
         return None
 
@@ -161,9 +157,7 @@ def _encode(key: str, binary: Binary) -> bytes:
     header = {
         "key": key,
         "arch": binary.arch,
-        "resources": [
-            [entry, {f.name: getattr(r, f.name) for f in fields(r)}] for entry, r in binary.resources
-        ],
+        "resources": [[entry, {f.name: getattr(r, f.name) for f in fields(r)}] for entry, r in binary.resources],
         "log": binary.log,
     }
     text = json.dumps(header).encode()
@@ -209,9 +203,7 @@ def _publish(path: Path, data: bytes) -> None:
     except OSError as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        warnings.warn(
-            f"could not write attngen cache entry {path} ({exc}); keeping it in memory only", CacheWarning
-        )
+        warnings.warn(f"could not write attngen cache entry {path} ({exc}); keeping it in memory only", CacheWarning)
 
 
 def list_entries() -> list[CacheEntry]:

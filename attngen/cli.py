@@ -17,9 +17,7 @@ from attngen import cache
 from attngen.compile import check_arch, device_arch
 from attngen.errors import AttngenError, InputError
 
-_HELP_ALLOWED = (
-    "constructor calls, int/float/str constants, keyword arguments, & | ~, unary - and parentheses"
-)
+_HELP_ALLOWED = "constructor calls, int/float/str constants, keyword arguments, & | ~, unary - and parentheses"
 # What a user may reach for that the grammar leaves out, named the way they would think of it.
 _NAMES = {
     ast.Attribute: "attribute access",
@@ -125,9 +123,7 @@ class _Evaluator:
         if what is None:
             what = self.describe(node)
         segment = ast.get_source_segment(self.text, node) or self.text
-        return InputError(
-            f"not allowed in a pattern expression: {what} in {segment!r}; allowed: {_HELP_ALLOWED}"
-        )
+        return InputError(f"not allowed in a pattern expression: {what} in {segment!r}; allowed: {_HELP_ALLOWED}")
 
     def describe(self, node: ast.AST) -> str:
         if isinstance(node, ast.Name) and node.id in self.constructors:
@@ -168,9 +164,7 @@ def _emit(args: argparse.Namespace) -> int:
 
 def _local_arch(torch: Any) -> str:
     if not torch.cuda.is_available():
-        raise InputError(
-            "no CUDA GPU found; pass --arch (e.g. --arch sm_90) to emit kernels for another machine"
-        )
+        raise InputError("no CUDA GPU found; pass --arch (e.g. --arch sm_90) to emit kernels for another machine")
     return device_arch(torch.cuda.current_device())
 
 
@@ -193,9 +187,7 @@ def _cache_list(args: argparse.Namespace) -> int:
 
 def _cache_clear(args: argparse.Namespace) -> int:
     removed = cache.clear()
-    print(
-        f"removed {removed} cached kernel{'s' if removed != 1 else ''} from {cache.cache_dir() or 'memory'}"
-    )
+    print(f"removed {removed} cached kernel{'s' if removed != 1 else ''} from {cache.cache_dir() or 'memory'}")
     return 0
 
 
@@ -215,9 +207,7 @@ def _age(seconds: float) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="attngen", description="Fused attention kernels from attention patterns."
-    )
+    parser = argparse.ArgumentParser(prog="attngen", description="Fused attention kernels from attention patterns.")
     commands = parser.add_subparsers(required=True, metavar="command")
 
     emit = commands.add_parser("emit", help="print the CUDA source, plan or resources of a pattern's kernels")
@@ -225,13 +215,9 @@ def _parser() -> argparse.ArgumentParser:
     emit.add_argument("--head-dim", type=int, required=True)
     emit.add_argument("--dtype", choices=("bf16", "fp16"), required=True)
     emit.add_argument("--arch", help="target such as sm_80 or sm_90a (default: the local GPU)")
-    emit.add_argument(
-        "--backward", action="store_true", help="the backward kernels instead of the forward one"
-    )
+    emit.add_argument("--backward", action="store_true", help="the backward kernels instead of the forward one")
     shown = emit.add_mutually_exclusive_group()
-    shown.add_argument(
-        "--resources", action="store_true", help="registers, shared memory and spills per kernel"
-    )
+    shown.add_argument("--resources", action="store_true", help="registers, shared memory and spills per kernel")
     shown.add_argument("--plan", action="store_true", help="the kernel plan instead of the source")
     emit.set_defaults(run=_emit)
 

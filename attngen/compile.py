@@ -145,8 +145,7 @@ def nvrtc_compile(source: KernelSource) -> Binary:
     if int(_ARCH.fullmatch(arch)[1]) not in supported:
         major, minor = nvrtc_version()
         raise InputError(
-            f"NVRTC {major}.{minor} cannot compile for {arch}; it supports "
-            f"{', '.join(f'sm_{cc}' for cc in supported)}"
+            f"NVRTC {major}.{minor} cannot compile for {arch}; it supports {', '.join(f'sm_{cc}' for cc in supported)}"
         )
     options = [f"-arch={arch}", *BASE_OPTIONS, *source.options]
     if nvrtc_version() >= (12, 9):
@@ -160,9 +159,7 @@ def nvrtc_compile(source: KernelSource) -> Binary:
         except nvrtc.NVRTCError as exc:
             # An invalid option leaves the program log empty; the exception text is then the only clue.
             log = nvrtc.getProgramLog(program).strip("\x00").strip() or str(exc)
-            raise CompileError(
-                f"NVRTC failed to compile {source.name} for {arch}", log, _save(source)
-            ) from None
+            raise CompileError(f"NVRTC failed to compile {source.name} for {arch}", log, _save(source)) from None
         log = nvrtc.getProgramLog(program).rstrip("\x00")  # CuPy keeps the C string's terminator
         cubin = nvrtc.getCUBIN(program)
     finally:

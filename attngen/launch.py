@@ -42,9 +42,9 @@ class Kernel:
     """The compiled kernels of one pattern for one dtype, head dim and arch."""
 
     def __init__(self, plan: KernelPlan):
-        self._plan = plan
-        self.forward_source: KernelSource = render_forward(plan)
-        self.forward_binary: Binary = compile_cached(self.forward_source)
+        self.kernel_plan = plan
+        self.forward_kernel: KernelSource = render_forward(plan)
+        self.forward_binary: Binary = compile_cached(self.forward_kernel)
 
     @property
     def plan(self) -> PlanReport:
@@ -52,27 +52,29 @@ class Kernel:
         return self.explain(1024, 1024)
 
     def explain(self, q_len: int, kv_len: int) -> PlanReport:
-        return PlanReport(self._plan, (q_len, kv_len))
+        """The plan with the tile schedule (full / partial / empty tiles, and why) for these lengths."""
+        return PlanReport(self.kernel_plan, (q_len, kv_len))
 
     @property
     def source(self) -> str:
-        return self.forward_source.code
+        return self.forward_kernel.code
 
     @property
     def resources(self):
         return self.forward_binary.resources
 
     @functools.cached_property
-    def backward_kernel_source(self) -> KernelSource:
-        return render_backward(self._plan)
+    def backward_kernel(self) -> KernelSource:
+        return render_backward(self.kernel_plan)
 
     @property
     def backward_source(self) -> str:
-        return self.backward_kernel_source.code
+        return self.backward_kernel.code
 
     @functools.cached_property
     def backward_binary(self) -> Binary:
-        return compile_cached(self.backward_kernel_source)
+        """Compiled on first use: inference never pays for the backward."""
+        return compile_cached(self.backward_kernel)
 
     @property
     def backward_resources(self):
@@ -80,7 +82,7 @@ class Kernel:
 
     def __call__(self, q, k, v, *, scale=None, return_lse=False, document_ids=None, key_lengths=None):
         """Same as `attngen.attention(q, k, v, <this kernel's pattern>, ...)`."""
-        plan = self._plan
+        plan = self.kernel_plan
         _check(q, k, v)
         if q.shape[-1] != plan.head_dim or _dtype_name(q.dtype) != plan.dtype:
             raise InputError(
@@ -89,7 +91,8 @@ class Kernel:
         return _call(plan.pattern, q, k, v, scale, return_lse, document_ids, key_lengths)
 
     def __repr__(self) -> str:
-        return f"Kernel({self._plan.pattern!r}, {self._plan.dtype}, head_dim={self._plan.head_dim}, {self._plan.arch})"
+        p = self.kernel_plan
+        return f"Kernel({p.pattern!r}, {p.dtype}, head_dim={p.head_dim}, {p.arch})"
 
 
 @functools.cache
@@ -97,7 +100,7 @@ def get_kernel(pattern: Pattern, head_dim: int, dtype: str, arch: str) -> Kernel
     kern = Kernel(make_plan(pattern, head_dim=head_dim, dtype=dtype, arch=arch))
     # A mask with much per-element code can push the fastest tiling past 255 registers: step down until the
     # compiler's report shows no spills.
-    while any(r.spill_stores or r.spill_loads for _, r in kern.resources) and (plan := leaner(kern._plan)):
+    while any(r.spill_stores or r.spill_loads for _, r in kern.resources) and (plan := leaner(kern.kernel_plan)):
         kern = Kernel(plan)
     return kern
 
@@ -120,8 +123,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise InputError(f"{name} must be 4-d [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
-        if t.device.type != "cuda":
-            raise InputError(f"{name} is on {t.device}; attngen kernels run on CUDA tensors")
         if t.dtype not in (torch.float16, torch.bfloat16):
             raise InputError(f"{name} has dtype {t.dtype}; supported: torch.float16, torch.bfloat16")
         if t.stride(-1) != 1:
@@ -137,6 +138,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise InputError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
     if k.shape[1] == 0 or Hq % k.shape[1]:
         raise InputError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
+    if q.device.type != "cuda":
+        raise InputError(f"q, k, v are on {q.device}; attngen kernels run on CUDA tensors")
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -217,7 +220,7 @@ def _sched_args(s: schedule.Schedule) -> list:
 
 
 def forward(kern: Kernel, q, k, v, scale: float, rt: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    plan, t = kern._plan, kern._plan.fwd
+    plan, t = kern.kernel_plan, kern.kernel_plan.fwd
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     out = q.new_empty(B, Hq, Sq, D)
@@ -238,7 +241,7 @@ def forward(kern: Kernel, q, k, v, scale: float, rt: dict) -> tuple[torch.Tensor
 
 
 def backward(kern: Kernel, dout, q, k, v, out, lse, dlse, scale: float, rt: dict):
-    plan = kern._plan
+    plan = kern.kernel_plan
     B, Hq, Sq, _D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

@@ -21,15 +21,15 @@ q, k, Sq, Sk = sp.symbols("q k Sq Sk", integer=True)
 SYMBOLS = {"q": q, "k": k, "Sq": Sq, "Sk": Sk}
 
 
-_INTERNED: dict[Pattern, str] = {}  # equal patterns share one key: how the custom op names a pattern
+# Interning: equal patterns share one short string key, which is how the custom op (whose arguments can only be
+# tensors and plain values) names a pattern.
+_INTERNED: dict[Pattern, str] = {}
+_KEYS: dict[str, Pattern] = {}
 
 
 def by_key(key: str) -> Pattern:
     """The pattern interned under `key` (see `Pattern.key`)."""
     return _KEYS[key]
-
-
-_KEYS: dict[str, Pattern] = {}
 
 
 class Pattern:

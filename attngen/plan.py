@@ -41,11 +41,10 @@ class Tiles:
     min_blocks: int = 1  # __launch_bounds__ occupancy hint
 
     def __str__(self) -> str:
-        q = "Q fragments in registers, " if self.q_in_regs else ""
+        q = ", Q fragments in registers" if self.q_in_regs else ""
         return (
-            f"BLOCK_M {self.block_m} x BLOCK_N {self.block_n}, {self.warps} warps "
-            f"({self.block_m // self.warps} rows each), {q}{self.stages}-stage cp.async pipeline, "
-            f"{self.smem_bytes / 1024:.0f} KiB shared memory"
+            f"BLOCK_M {self.block_m} x BLOCK_N {self.block_n}, {self.warps} warps{q}, "
+            f"{self.stages}-stage cp.async pipeline, {self.smem_bytes / 1024:.0f} KiB shared memory"
         )
 
 

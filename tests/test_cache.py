@@ -148,9 +148,7 @@ def test_racing_processes_compile_once(tmp_path):
     directory, marker = tmp_path / "cache", tmp_path / "builds.txt"
     context = multiprocessing.get_context("spawn")
     start, results = context.Barrier(2), context.Queue()
-    children = [
-        context.Process(target=_race, args=(str(directory), str(marker), start, results)) for _ in range(2)
-    ]
+    children = [context.Process(target=_race, args=(str(directory), str(marker), start, results)) for _ in range(2)]
     for child in children:
         child.start()
     cubins = [results.get(timeout=120) for _ in children]
@@ -195,9 +193,7 @@ def test_hit_in_a_new_process_is_fast_and_never_compiles(cache_dir):
     )
     path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "ATTNGEN_CACHE_DIR": str(cache_dir), "PYTHONPATH": path}
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
-    )
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     seconds, registers = result.stdout.split()
     assert float(seconds) < 0.05
     assert int(registers) > 0

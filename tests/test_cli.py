@@ -106,9 +106,7 @@ def test_refuses_everything_else(text, named):
 def test_emit_exits_2_on_refused_expression(monkeypatch, capsys):
     # The real constructor table is not needed to refuse an expression; a fake module keeps this test local.
     monkeypatch.setitem(sys.modules, "attngen.pattern", types.SimpleNamespace(CONSTRUCTORS=TABLE))
-    status = cli.main(
-        ["emit", "causal().__class__", "--head-dim", "64", "--dtype", "bf16", "--arch", "sm_90"]
-    )
+    status = cli.main(["emit", "causal().__class__", "--head-dim", "64", "--dtype", "bf16", "--arch", "sm_90"])
     assert status == 2
     assert "attribute access" in capsys.readouterr().err
 
@@ -117,9 +115,7 @@ def test_cache_list_and_clear(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cache, "_memory", {})
     code = 'extern "C" __global__ void touch(int* x) { x[threadIdx.x] += 1; }'
-    compile_module.compile_cached(
-        KernelSource(name="touch_kernel", code=code, entries=("touch",), arch="sm_80")
-    )
+    compile_module.compile_cached(KernelSource(name="touch_kernel", code=code, entries=("touch",), arch="sm_80"))
 
     assert cli.main(["cache", "list"]) == 0
     listed = capsys.readouterr().out

@@ -50,9 +50,7 @@ def test_compiles_to_cubin_with_resources(arch):
 
 
 def test_resources_print_one_line_per_field():
-    resources = compile_module.Resources(
-        registers=72, shared_bytes=384, stack_bytes=8, spill_stores=4, spill_loads=2
-    )
+    resources = compile_module.Resources(registers=72, shared_bytes=384, stack_bytes=8, spill_stores=4, spill_loads=2)
     assert str(resources).splitlines() == [
         "registers: 72",
         "shared_bytes: 384",
@@ -78,19 +76,13 @@ ptxas info    : Used 8 registers, used 1 barriers, 384 bytes smem, 368 bytes cme
 """
     report = compile_module.parse_ptxas_report(log)
     assert report == {
-        "k": compile_module.Resources(
-            registers=32, shared_bytes=0, stack_bytes=256, spill_stores=8, spill_loads=12
-        ),
-        "g": compile_module.Resources(
-            registers=8, shared_bytes=384, stack_bytes=0, spill_stores=0, spill_loads=0
-        ),
+        "k": compile_module.Resources(registers=32, shared_bytes=0, stack_bytes=256, spill_stores=8, spill_loads=12),
+        "g": compile_module.Resources(registers=8, shared_bytes=384, stack_bytes=0, spill_stores=0, spill_loads=0),
     }
 
 
 def test_syntax_error_raises_with_log_and_saved_source():
-    code = SCALE.replace(
-        "float s, int n) {\n  __shared__", "float s, int n) {\n  undeclared_name = 1;\n  __shared__"
-    )
+    code = SCALE.replace("float s, int n) {\n  __shared__", "float s, int n) {\n  undeclared_name = 1;\n  __shared__")
     with pytest.raises(compile_module.CompileError) as caught:
         compile_module.nvrtc_compile(scale_source("sm_90", code))
     error = caught.value
@@ -139,9 +131,7 @@ def test_cubin_compatibility(arch, device, runs):
 
 def test_include_dir_has_cuda_headers():
     directories = compile_module.nvrtc_include_dirs()
-    assert any(
-        (Path(d) / "cuda_fp16.h").is_file() and (Path(d) / "cuda_bf16.h").is_file() for d in directories
-    )
+    assert any((Path(d) / "cuda_fp16.h").is_file() and (Path(d) / "cuda_bf16.h").is_file() for d in directories)
 
 
 def test_nvrtc_version_is_major_minor():
@@ -179,6 +169,4 @@ def test_loaded_function_runs_on_gpu():
     cap = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, function.ptr)
     assert cap == 100 * 1024
     compile_module.ensure_dynamic_shared(function, 64 * 1024)  # a smaller launch must not lower the cap
-    assert (
-        driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, function.ptr) == cap
-    )
+    assert driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, function.ptr) == cap

@@ -90,6 +90,4 @@ def test_installed_wheel_ships_patterns(installed):
     module, patterns = locate(installed, "patterns_dir")
     assert module.is_relative_to(installed)
     assert patterns == installed / "attngen" / "_patterns"
-    assert sorted(p.name for p in patterns.glob("*.py")) == sorted(
-        p.name for p in (ROOT / "patterns").glob("*.py")
-    )
+    assert sorted(p.name for p in patterns.glob("*.py")) == sorted(p.name for p in (ROOT / "patterns").glob("*.py"))

@@ -1,0 +1,102 @@
+"""Launch without a GPU: argument binding agrees with every rendered kernel signature (count and C types),
+grids and shared memory follow the plan, and bad input raises clear errors before anything is launched."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import attngen as ag
+from attngen import launch
+from attngen.errors import InputError
+
+C_TYPES = {np.uint64: r"\*", np.int64: r"long long", np.int32: r"int", np.float32: r"float"}
+
+
+def _signature(code: str, entry: str) -> list[str]:
+    head = code[code.index(f"{entry}(") + len(entry) + 1 :]
+    depth, end = 1, 0
+    for end, ch in enumerate(head):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            break
+    return [p.strip() for p in head[:end].split(",")]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    calls = []
+    monkeypatch.setattr(launch, "_launch", lambda binary, entry, *rest: calls.append((binary, entry, *rest)))
+    return calls
+
+
+PATTERNS = [
+    ag.causal(),
+    ag.block_layout(torch.rand(2, 4, 4) < 0.5, 64) & ag.documents() & ag.key_padding(),
+]
+
+
+@pytest.mark.parametrize("pat", PATTERNS, ids=["causal", "layout_docs_padding"])
+def test_arguments_match_kernel_signatures(pat, launches):
+    kern = ag.compile(pat, head_dim=64, dtype=torch.float16, arch="sm_90")
+    B, Hq, Hkv, Sq, Sk, D = 2, 2, 1, 200, 150, 64
+    q, k, v = torch.randn(B, Hq, Sq, D).half(), torch.randn(B, Hkv, Sk, D).half(), torch.randn(B, Hkv, Sk, D).half()
+    rt = {}
+    if pat.runtime_inputs:
+        rt = {
+            "document_ids": (torch.zeros(B, Sq, dtype=torch.int32), torch.zeros(B, Sk, dtype=torch.int32)),
+            "key_lengths": torch.tensor([100, 150], dtype=torch.int32),
+        }
+    out, lse = launch.forward(kern, q, k, v, 0.125, rt)
+    launch.backward(kern, torch.randn_like(out), q, k, v, out, lse, None, 0.125, rt)
+    plan = kern.kernel_plan
+    expect = {
+        "attngen_fwd": ((-(-Sq // plan.fwd.block_m), Hq, B), 32 * plan.fwd.warps, plan.fwd.smem_bytes),
+        "attngen_bwd_dkdv": ((-(-Sk // plan.bwd.block_n), Hkv, B), 32 * plan.bwd.warps, plan.bwd.smem_bytes),
+        "attngen_bwd_dq": ((-(-Sq // plan.dq.block_m), Hq, B), 32 * plan.dq.warps, plan.dq.smem_bytes),
+    }
+    assert [c[1] for c in launches] == ["attngen_fwd", "attngen_bwd_preprocess", "attngen_bwd_dkdv", "attngen_bwd_dq"]
+    for binary, entry, grid, threads, smem, args, _device in launches:
+        code = kern.source if entry == "attngen_fwd" else kern.backward_source
+        params = _signature(code, entry)
+        assert len(args) == len(params), f"{entry}: {len(args)} arguments for {len(params)} parameters"
+        for arg, param in zip(args, params):
+            assert re.search(C_TYPES[type(arg)], param), f"{entry}: {type(arg).__name__} bound to `{param}`"
+        if entry in expect:
+            assert (grid, threads, smem) == expect[entry]
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = torch.randn(1, 2, 8, 64, dtype=torch.float16)
+    with pytest.raises(InputError, match="CUDA"):
+        ag.attention(q, q, q, ag.causal())
+    with pytest.raises(InputError, match="4-d"):
+        launch._check(q[0], q, q)
+    with pytest.raises(InputError, match="dtype"):
+        launch._check(q.float(), q.float(), q.float())
+    with pytest.raises(InputError, match="one dtype"):
+        launch._check(q, q.bfloat16(), q)
+    with pytest.raises(InputError, match="multiple"):
+        launch._check(torch.randn(1, 3, 8, 64).half(), q, q)
+    with pytest.raises(InputError, match="last"):
+        launch._check(q.transpose(-1, -2), q, q)
+    with pytest.raises(InputError, match="needs document_ids"):
+        launch._runtime(ag.documents(), 1, 8, 8, "cpu", None, None)
+    with pytest.raises(InputError, match="does not use it"):
+        launch._runtime(ag.causal(), 1, 8, 8, "cpu", None, torch.tensor([3]))
+    with pytest.raises(InputError, match="key_lengths"):
+        launch._runtime(ag.key_padding(), 2, 8, 8, "cpu", None, torch.tensor([3.0, 1.0]))
+    with pytest.raises(InputError, match="head_dim"):
+        ag.compile(ag.causal(), head_dim=80, arch="sm_90")
+    with pytest.raises(InputError, match="dtype"):
+        ag.compile(ag.causal(), head_dim=64, dtype=torch.float32, arch="sm_90")
+
+
+def test_misaligned_rows_are_copied_aligned_views_are_not():
+    base = torch.randn(2, 16, 3, 72, dtype=torch.float16)
+    view = base[..., :64].transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D']: strides multiple of 8
+    assert launch._aligned(view) is view
+    odd = torch.randn(2, 3, 16, 65, dtype=torch.float16)[..., 1:]  # rows start 2 bytes in
+    fixed = launch._aligned(odd)
+    assert fixed is not odd and torch.equal(fixed, odd) and fixed.data_ptr() % 16 == 0
