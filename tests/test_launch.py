@@ -15,13 +15,8 @@ C_TYPES = {np.uint64: r"\*", np.int64: r"long long", np.int32: r"int", np.float3
 
 
 def _signature(code: str, entry: str) -> list[str]:
-    head = code[code.index(f"{entry}(") + len(entry) + 1 :]
-    depth, end = 1, 0
-    for end, ch in enumerate(head):
-        depth += {"(": 1, ")": -1}.get(ch, 0)
-        if depth == 0:
-            break
-    return [p.strip() for p in head[:end].split(",")]
+    params = code[code.index(f"{entry}(") + len(entry) + 1 :]  # parameter lists hold no parentheses
+    return [p.strip() for p in params[: params.index(")")].split(",")]
 
 
 @pytest.fixture
@@ -57,7 +52,7 @@ def test_arguments_match_kernel_signatures(pat, launches):
         "attngen_bwd_dq": ((-(-Sq // plan.dq.block_m), Hq, B), 32 * plan.dq.warps, plan.dq.smem_bytes),
     }
     assert [c[1] for c in launches] == ["attngen_fwd", "attngen_bwd_preprocess", "attngen_bwd_dkdv", "attngen_bwd_dq"]
-    for binary, entry, grid, threads, smem, args, _device in launches:
+    for _binary, entry, grid, threads, smem, args, _device in launches:
         code = kern.source if entry == "attngen_fwd" else kern.backward_source
         params = _signature(code, entry)
         assert len(args) == len(params), f"{entry}: {len(args)} arguments for {len(params)} parameters"
