@@ -59,6 +59,12 @@ class Pattern:
 
         return mask(self, Sq, Sk, **runtime)
 
+    def draw(self, Sq: int, Sk: int, *, cells: int = 64, **runtime) -> str:
+        """The mask (batch 0, head 0) as text: █ all kept, ▒ some, · none (see `reference.draw`)."""
+        from .reference import draw
+
+        return draw(self, Sq, Sk, cells=cells, **runtime)
+
     @property
     def runtime_inputs(self) -> frozenset[str]:
         """Names of the call-time tensors this pattern reads (`document_ids`, `key_lengths`)."""

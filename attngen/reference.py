@@ -109,6 +109,13 @@ def mask(
     raise InputError(f"unknown pattern node {pat!r}")
 
 
+def draw(pat: P.Pattern, Sq: int, Sk: int, *, cells: int = 64, **runtime) -> str:
+    """Batch 0, head 0 of the mask as text, at most `cells` characters a side: █ all kept, ▒ some, · none."""
+    kept = mask(pat, Sq, Sk, **runtime)[0, 0].float()
+    kept = torch.nn.functional.adaptive_avg_pool2d(kept[None], (min(cells, Sq), min(cells, Sk)))[0]
+    return "\n".join("".join("█" if f == 1 else "·" if f == 0 else "▒" for f in row) for row in kept.tolist())
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

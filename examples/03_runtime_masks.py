@@ -46,13 +46,6 @@ def median_ms(fn, warmup: int = 10, reps: int = 30) -> float:
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
-def draw(mask: torch.Tensor, cells: int = 64) -> str:
-    """A bool [Sq, Sk] mask as text, at most `cells` characters a side: █ all kept, ▒ some, · none."""
-    size = (min(cells, mask.shape[0]), min(cells, mask.shape[1]))
-    kept = F.adaptive_avg_pool2d(mask.float()[None], size)[0]
-    return "\n".join("".join("█" if f == 1 else "·" if f == 0 else "▒" for f in row) for row in kept.tolist())
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
@@ -70,7 +63,7 @@ def main() -> int:
         print(attngen.compile(PATTERN, head_dim=D, dtype=torch.float16, arch="sm_90").plan)
         ids, lengths = packing(1, S, args.mean_doc, gen)
         print(f"\nmask of one packed sequence ({lengths[0]} tokens, then padding; █ kept, ▒ partly, · masked):")
-        print(draw(PATTERN.mask(S, S, document_ids=ids, key_lengths=lengths)[0, 0]))
+        print(PATTERN.draw(S, S, document_ids=ids, key_lengths=lengths))
         return 0
 
     print(attngen.compile(PATTERN, head_dim=D, dtype=torch.float16).plan)

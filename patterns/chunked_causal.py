@@ -10,7 +10,6 @@ are the diagonal of a block layout of `chunk`-sized blocks, intersected with the
 import math
 
 import torch
-import torch.nn.functional as F
 
 import attngen
 
@@ -21,18 +20,11 @@ def pattern(chunk: int = 256, seq_len: int = 16384) -> attngen.Pattern:
     return attngen.causal() & attngen.block_layout(torch.eye(n, dtype=torch.bool), chunk)
 
 
-def draw(mask: torch.Tensor, cells: int = 64) -> str:
-    """A bool [Sq, Sk] mask as text, at most `cells` characters a side: █ all kept, ▒ some, · none."""
-    size = (min(cells, mask.shape[0]), min(cells, mask.shape[1]))
-    kept = F.adaptive_avg_pool2d(mask.float()[None], size)[0]
-    return "\n".join("".join("█" if f == 1 else "·" if f == 0 else "▒" for f in row) for row in kept.tolist())
-
-
 def main(seq_len: int = 1024) -> None:
     p = pattern()
     print(f"chunked_causal  {p!r}")
     print(f"mask at {seq_len}x{seq_len} (rows: queries, columns: keys; █ kept, ▒ partly, · masked):")
-    print(draw(p.mask(seq_len, seq_len)[0, 0]))
+    print(p.draw(seq_len, seq_len))
     kernel = attngen.compile(p, head_dim=64, dtype=torch.float16, arch="sm_90")
     print(kernel.explain(seq_len, seq_len))
 

@@ -8,7 +8,6 @@ serves every packing: `attngen.attention(q, k, v, pattern(), document_ids=ids)` 
     PYTHONPATH=. python patterns/document_causal.py"""
 
 import torch
-import torch.nn.functional as F
 
 import attngen
 
@@ -23,20 +22,13 @@ def document_ids(lengths: list[int]) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), torch.tensor(lengths))
 
 
-def draw(mask: torch.Tensor, cells: int = 64) -> str:
-    """A bool [Sq, Sk] mask as text, at most `cells` characters a side: █ all kept, ▒ some, · none."""
-    size = (min(cells, mask.shape[0]), min(cells, mask.shape[1]))
-    kept = F.adaptive_avg_pool2d(mask.float()[None], size)[0]
-    return "\n".join("".join("█" if f == 1 else "·" if f == 0 else "▒" for f in row) for row in kept.tolist())
-
-
 def main(seq_len: int = 1024) -> None:
     p = pattern()
     lengths = [seq_len // 4, seq_len // 8, seq_len // 2]
     lengths.append(seq_len - sum(lengths))
     print(f"document_causal  {p!r}")
     print(f"mask at {seq_len}x{seq_len} for documents of {lengths} tokens (█ kept, ▒ partly, · masked):")
-    print(draw(p.mask(seq_len, seq_len, document_ids=document_ids(lengths))[0, 0]))
+    print(p.draw(seq_len, seq_len, document_ids=document_ids(lengths)))
     kernel = attngen.compile(p, head_dim=64, dtype=torch.float16, arch="sm_90")
     print(kernel.explain(seq_len, seq_len))
 

@@ -8,7 +8,6 @@ position on.
     PYTHONPATH=. python patterns/prefix_lm.py"""
 
 import torch
-import torch.nn.functional as F
 
 import attngen
 
@@ -18,18 +17,11 @@ def pattern(prefix: int = 256) -> attngen.Pattern:
     return attngen.prefix_lm(prefix)
 
 
-def draw(mask: torch.Tensor, cells: int = 64) -> str:
-    """A bool [Sq, Sk] mask as text, at most `cells` characters a side: █ all kept, ▒ some, · none."""
-    size = (min(cells, mask.shape[0]), min(cells, mask.shape[1]))
-    kept = F.adaptive_avg_pool2d(mask.float()[None], size)[0]
-    return "\n".join("".join("█" if f == 1 else "·" if f == 0 else "▒" for f in row) for row in kept.tolist())
-
-
 def main(seq_len: int = 1024) -> None:
     p = pattern()
     print(f"prefix_lm  {p!r}")
     print(f"mask at {seq_len}x{seq_len} (rows: queries, columns: keys; █ kept, ▒ partly, · masked):")
-    print(draw(p.mask(seq_len, seq_len)[0, 0]))
+    print(p.draw(seq_len, seq_len))
     kernel = attngen.compile(p, head_dim=64, dtype=torch.float16, arch="sm_90")
     print(kernel.explain(seq_len, seq_len))
 

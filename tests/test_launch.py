@@ -95,3 +95,15 @@ def test_misaligned_rows_are_copied_aligned_views_are_not():
     odd = torch.randn(2, 3, 16, 65, dtype=torch.float16)[..., 1:]  # rows start 2 bytes in
     fixed = launch._aligned(odd)
     assert fixed is not odd and torch.equal(fixed, odd) and fixed.data_ptr() % 16 == 0
+
+
+def test_custom_op_fake_implementations():
+    """What torch.compile sees: output shapes and dtypes from the fake (meta) implementations."""
+    pat = ag.causal() & ag.sliding_window(64)
+    q = torch.empty(2, 8, 100, 64, dtype=torch.bfloat16, device="meta")
+    k = v = torch.empty(2, 2, 70, 64, dtype=torch.bfloat16, device="meta")
+    out, lse = torch.ops.attngen.attention(q, k, v, pat.key, 0.125, None, None, None)
+    assert (out.shape, out.dtype, lse.shape, lse.dtype) == (q.shape, q.dtype, (2, 8, 100), torch.float32)
+    dq, dk, dv = torch.ops.attngen.attention_backward(out, lse, q, k, v, out, lse, pat.key, 0.125, None, None, None)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16
