@@ -52,11 +52,8 @@ def pattern(
 
 def main(seq_len: int = 1024) -> None:
     p = pattern(seq_len=seq_len)  # random blocks drawn among the blocks that are on screen
-    print(f"bigbird  {p!r}")
-    print(f"mask at {seq_len}x{seq_len} (rows: queries, columns: keys; █ kept, ▒ partly, · masked):")
-    print(p.draw(seq_len, seq_len))
-    kernel = attngen.compile(p, head_dim=64, dtype=torch.float16, arch="sm_90")
-    print(kernel.explain(seq_len, seq_len))
+    print(f"bigbird  {p!r}\n{p.draw(seq_len, seq_len)}")  # █ kept, ▒ partly kept, · masked
+    print(attngen.compile(p, head_dim=64, dtype=torch.float16, arch="sm_90").explain(seq_len, seq_len))
 
 
 if __name__ == "__main__":

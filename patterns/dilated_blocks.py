@@ -30,11 +30,8 @@ def pattern(seq_len: int = 8192, block_size: int = 128, local_blocks: int = 2, d
 
 def main(seq_len: int = 1024) -> None:
     p = pattern()
-    print(f"dilated_blocks  {p!r}")
-    print(f"mask at {seq_len}x{seq_len} (rows: queries, columns: keys; █ kept, ▒ partly, · masked):")
-    print(p.draw(seq_len, seq_len))
-    kernel = attngen.compile(p, head_dim=64, dtype=torch.float16, arch="sm_90")
-    print(kernel.explain(seq_len, seq_len))
+    print(f"dilated_blocks  {p!r}\n{p.draw(seq_len, seq_len)}")  # █ kept, ▒ partly kept, · masked
+    print(attngen.compile(p, head_dim=64, dtype=torch.float16, arch="sm_90").explain(seq_len, seq_len))
 
 
 if __name__ == "__main__":

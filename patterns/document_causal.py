@@ -26,11 +26,9 @@ def main(seq_len: int = 1024) -> None:
     p = pattern()
     lengths = [seq_len // 4, seq_len // 8, seq_len // 2]
     lengths.append(seq_len - sum(lengths))
-    print(f"document_causal  {p!r}")
-    print(f"mask at {seq_len}x{seq_len} for documents of {lengths} tokens (█ kept, ▒ partly, · masked):")
-    print(p.draw(seq_len, seq_len, document_ids=document_ids(lengths)))
-    kernel = attngen.compile(p, head_dim=64, dtype=torch.float16, arch="sm_90")
-    print(kernel.explain(seq_len, seq_len))
+    picture = p.draw(seq_len, seq_len, document_ids=document_ids(lengths))  # █ kept, ▒ partly kept, · masked
+    print(f"document_causal  {p!r}\n{picture}")
+    print(attngen.compile(p, head_dim=64, dtype=torch.float16, arch="sm_90").explain(seq_len, seq_len))
 
 
 if __name__ == "__main__":
