@@ -241,14 +241,18 @@ def load_function(binary: Binary, entry: str, device_index: int) -> Function:
 
 def ensure_dynamic_shared(function: Function, nbytes: int) -> None:
     """Let `function` launch with `nbytes` of dynamic shared memory (CUDA caps it at 48 KB unless raised)."""
-    if nbytes <= DEFAULT_DYNAMIC_SHARED_LIMIT:
-        return
+    if nbytes > DEFAULT_DYNAMIC_SHARED_LIMIT:
+        _raise_dynamic_shared(function.ptr, nbytes)
+
+
+@functools.cache  # once per (function, size): launches pay no driver call after the first
+def _raise_dynamic_shared(function_ptr: int, nbytes: int) -> None:
     from cupy.cuda import driver
 
     attribute = driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
     # Reading the current cap first means the cap is raised once and never lowered by a smaller launch.
-    if driver.funcGetAttribute(attribute, function.ptr) < nbytes:
-        driver.funcSetAttribute(function.ptr, attribute, nbytes)
+    if driver.funcGetAttribute(attribute, function_ptr) < nbytes:
+        driver.funcSetAttribute(function_ptr, attribute, nbytes)
 
 
 @functools.cache

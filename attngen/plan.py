@@ -234,10 +234,11 @@ PREPROCESS_ROWS = 64  # rows of O / dO per preprocess block
 
 
 def normalize_dtype(dtype: object) -> str:
+    """torch.float16 / torch.bfloat16 (or their names) -> "fp16" / "bf16"."""
     import torch
 
-    names = {torch.float16: "fp16", torch.bfloat16: "bf16", "fp16": "fp16", "float16": "fp16", "bf16": "bf16"}
-    names["bfloat16"] = "bf16"
+    names = {torch.float16: "fp16", "fp16": "fp16", "float16": "fp16"}
+    names |= {torch.bfloat16: "bf16", "bf16": "bf16", "bfloat16": "bf16"}
     if dtype not in names:
         raise InputError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype!r}")
     return names[dtype]

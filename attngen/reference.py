@@ -5,6 +5,7 @@ the allowed keys in float64 (or a given dtype). Rows with no allowed key give ou
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 
@@ -74,18 +75,11 @@ def mask(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Dense bool mask [B' , H', Sq, Sk] (B', H' are 1 unless the pattern depends on batch or head)."""
-    if isinstance(pat, P.And):
-        out = mask(pat.parts[0], Sq, Sk, document_ids=document_ids, key_lengths=key_lengths, device=device)
-        for p in pat.parts[1:]:
-            out = out & mask(p, Sq, Sk, document_ids=document_ids, key_lengths=key_lengths, device=device)
-        return out
-    if isinstance(pat, P.Or):
-        out = mask(pat.parts[0], Sq, Sk, document_ids=document_ids, key_lengths=key_lengths, device=device)
-        for p in pat.parts[1:]:
-            out = out | mask(p, Sq, Sk, document_ids=document_ids, key_lengths=key_lengths, device=device)
-        return out
+    sub = functools.partial(mask, Sq=Sq, Sk=Sk, document_ids=document_ids, key_lengths=key_lengths, device=device)
+    if isinstance(pat, (P.And, P.Or)):
+        return functools.reduce(operator.and_ if isinstance(pat, P.And) else operator.or_, map(sub, pat.parts))
     if isinstance(pat, P.Not):
-        return ~mask(pat.part, Sq, Sk, document_ids=document_ids, key_lengths=key_lengths, device=device)
+        return ~sub(pat.part)
     qi = torch.arange(Sq, device=device).view(Sq, 1)
     kj = torch.arange(Sk, device=device).view(1, Sk)
     if isinstance(pat, P.Affine):
