@@ -13,11 +13,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import schedule
+from . import schedule, tensormap
 from .compile import Binary, compile_cached, device_arch, ensure_dynamic_shared, load_function
 from .errors import InputError
 from .pattern import Pattern, by_key
-from .plan import HEAD_DIMS, PREPROCESS_ROWS, PREPROCESS_THREADS, KernelPlan, leaner, make_plan, normalize_dtype
+from .plan import (
+    BACKWARD_ROW_PAD,
+    HEAD_DIMS,
+    PREPROCESS_ROWS,
+    PREPROCESS_THREADS,
+    KernelPlan,
+    leaner,
+    make_plan,
+    normalize_dtype,
+)
 from .reference import document_ids_pair
 from .render import KernelSource, render_backward, render_forward
 from .schedule import explain
@@ -143,8 +152,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """16-byte aligned rows are what cp.async needs; any such strides are used as they are, others copied."""
-    ok = t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])
+    """16-byte aligned rows are what cp.async and TMA need; any such strides are used as they are, others copied
+    (as are broadcast dimensions, stride 0, which a tensor map cannot describe)."""
+    ok = t.data_ptr() % 16 == 0 and all(s % 8 == 0 and (s or n == 1) for s, n in zip(t.stride()[:-1], t.shape))
     return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
@@ -214,6 +224,11 @@ def _runtime_args(plan: KernelPlan, rt: dict, Hq: int, device) -> list:
     return [values[a.name] for a in plan.runtime_args]
 
 
+def _maps(boxes) -> list:
+    """TMA tensor-map arguments for (tensor, box rows) pairs."""
+    return [tensormap.tensor_map(tensormap.spec(t, rows)).arg for t, rows in boxes]
+
+
 def _sched_args(s: schedule.Schedule) -> list:
     sb, sh = s.strides
     return [_u64(s.tiles.data_ptr()), _u64(s.counts.data_ptr()), _i64(sb), _i64(sh), _i32(s.cap)]
@@ -231,8 +246,11 @@ def forward(kern: Kernel, q, k, v, scale: float, rt: dict) -> tuple[torch.Tensor
         return out.zero_(), lse.fill_(float("-inf"))
     q, k, v = map(_aligned, (q, k, v))
     sched = schedule.build(plan.pattern, t.block_m, t.block_n, Sq, Sk, q.device, rt)
-    args = [_u64(x.data_ptr()) for x in (q, k, v, out, lse)]
-    args += _strides(q) + _strides(k) + _strides(v) + _strides(out)
+    if t.wgmma:  # tensor maps: Q tiles of BLOCK_M rows, K/V of BLOCK_N, O stored 64 rows per warpgroup
+        args = [*_maps(((q, t.block_m), (k, t.block_n), (v, t.block_n), (out, 64))), _u64(lse.data_ptr())]
+    else:
+        args = [_u64(x.data_ptr()) for x in (q, k, v, out, lse)]
+        args += _strides(q) + _strides(k) + _strides(v) + _strides(out)
     args += [_i32(Hq), _i32(Hq // Hkv), _i32(Sq), _i32(Sk), _f32(scale * LOG2E)]
     args += _sched_args(sched) + _runtime_args(plan, rt, Hq, q.device)
     grid = (math.ceil(Sq / t.block_m), Hq, B)
@@ -248,27 +266,42 @@ def backward(kern: Kernel, dout, q, k, v, out, lse, dlse, scale: float, rt: dict
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     dout, q, k, v, out = map(_aligned, (dout, q, k, v, out))
-    binary, dev = kern.backward_binary, q.device
-    delta = q.new_empty(B, Hq, Sq, dtype=torch.float32)
-    pre = [_u64(out.data_ptr()), _u64(dout.data_ptr()), _u64(delta.data_ptr())]
-    pre += _strides(out) + _strides(dout) + [_i32(Hq), _i32(Sq)]
-    _launch(binary, "attngen_bwd_preprocess", (math.ceil(Sq / PREPROCESS_ROWS), Hq, B), PREPROCESS_THREADS, 0, pre, dev)
+    binary, dev, wgmma = kern.backward_binary, q.device, plan.bwd.wgmma
+    # Row statistics: Δ, and for the sm_90a kernels the LSE in the log2 domain, rows padded to whole tiles.
+    Sq_pad = -(-Sq // BACKWARD_ROW_PAD) * BACKWARD_ROW_PAD if wgmma else Sq
+    delta = q.new_empty(B, Hq, Sq_pad, dtype=torch.float32)
+    lse2 = torch.empty_like(delta) if wgmma else None
+    pre = [_u64(x.data_ptr() if x is not None else 0) for x in (out, dout, lse, delta, lse2)]
+    pre += _strides(out) + _strides(dout) + [_i32(Hq), _i32(Sq), _i32(Sq_pad)]
+    grid = (math.ceil(Sq_pad / PREPROCESS_ROWS), Hq, B)
+    _launch(binary, "attngen_bwd_preprocess", grid, PREPROCESS_THREADS, 0, pre, dev)
     if dlse is not None:  # d lse / d s = P, which folds into dS = P * (dP - (delta - dlse))
-        delta -= dlse
-    common = [_u64(x.data_ptr()) for x in (q, k, v, dout, lse, delta)]
-    strides = _strides(q) + _strides(k) + _strides(v) + _strides(dout)
-    scalars = [_i32(Hq), _i32(Hq // Hkv), _i32(Sq), _i32(Sk), _f32(scale), _f32(scale * LOG2E)]
+        delta[..., :Sq] -= dlse
+    scalars = [_i32(Hq), _i32(Hq // Hkv), _i32(Sq), _i32(Sk)]
+    scalars += [_i32(Sq_pad)] if wgmma else []
+    scalars += [_f32(scale), _f32(scale * LOG2E)]
     extra = _runtime_args(plan, rt, Hq, dev)
 
     t = plan.bwd
     sched_t = schedule.build(plan.pattern, t.block_m, t.block_n, Sq, Sk, dev, rt, transpose=True)
-    args = [*common, _u64(dk.data_ptr()), _u64(dv.data_ptr()), *strides, *_strides(dk), *_strides(dv)]
+    if wgmma:
+        boxes = ((q, t.block_m), (k, t.block_n), (v, t.block_n), (dout, t.block_m), (dk, 64), (dv, 64))
+        args = [*_maps(boxes), _u64(lse2.data_ptr()), _u64(delta.data_ptr())]
+    else:
+        args = [_u64(x.data_ptr()) for x in (q, k, v, dout, lse, delta, dk, dv)]
+        args += [s for x in (q, k, v, dout, dk, dv) for s in _strides(x)]
     args += scalars + _sched_args(sched_t) + extra
     _launch(binary, "attngen_bwd_dkdv", (math.ceil(Sk / t.block_n), Hkv, B), 32 * t.warps, t.smem_bytes, args, dev)
 
     t = plan.dq
     sched_q = schedule.build(plan.pattern, t.block_m, t.block_n, Sq, Sk, dev, rt)
-    args = [*common, _u64(dq.data_ptr()), *strides, *_strides(dq), *scalars, *_sched_args(sched_q), *extra]
+    if wgmma:
+        boxes = ((q, t.block_m), (k, t.block_n), (v, t.block_n), (dout, t.block_m), (dq, 64))
+        args = [*_maps(boxes), _u64(lse2.data_ptr()), _u64(delta.data_ptr())]
+    else:
+        args = [_u64(x.data_ptr()) for x in (q, k, v, dout, lse, delta, dq)]
+        args += [s for x in (q, k, v, dout, dq) for s in _strides(x)]
+    args += scalars + _sched_args(sched_q) + extra
     _launch(binary, "attngen_bwd_dq", (math.ceil(Sq / t.block_m), Hq, B), 32 * t.warps, t.smem_bytes, args, dev)
     return dq, dk, dv
 

@@ -39,13 +39,19 @@ class Tiles:
     m_tiles: int = 1  # m16 tiles per warp (forward): each K/V fragment read from shared memory feeds m_tiles mmas
     q_in_regs: bool = False  # forward: Q fragments held in registers rather than re-read per key tile
     min_blocks: int = 1  # __launch_bounds__ occupancy hint
+    consumers: int = 0  # sm_90a kernels: wgmma warpgroups of 64 rows fed by a TMA producer warpgroup; 0: mma.sync
+
+    @property
+    def wgmma(self) -> bool:
+        return self.consumers > 0
 
     def __str__(self) -> str:
+        size = f"BLOCK_M {self.block_m} x BLOCK_N {self.block_n}"
+        smem = f"{self.smem_bytes / 1024:.0f} KiB shared memory"
+        if self.wgmma:
+            return f"{size}, {self.consumers} wgmma warpgroups + a TMA producer, {self.stages}-stage K/V ring, {smem}"
         q = ", Q fragments in registers" if self.q_in_regs else ""
-        return (
-            f"BLOCK_M {self.block_m} x BLOCK_N {self.block_n}, {self.warps} warps{q}, "
-            f"{self.stages}-stage cp.async pipeline, {self.smem_bytes / 1024:.0f} KiB shared memory"
-        )
+        return f"{size}, {self.warps} warps{q}, {self.stages}-stage cp.async pipeline, {smem}"
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class KernelPlan:
     bwd: Tiles  # dK/dV kernel: BLOCK_N keys per block, BLOCK_M queries per step
     dq: Tiles  # dQ kernel: BLOCK_M queries per block, BLOCK_N keys per step (forward schedule shape)
     mask_c: str  # C boolean expression over b, h, q, k, Sq, Sk and the run-time arguments
+    branch_free: bool  # the mask only compares positions (no loads): bitwise & | and a fully unrolled evaluation
     runtime_args: tuple[RuntimeArg, ...]
     layouts: tuple[P.BlockLayout, ...]  # distinct block layouts, in argument order
 
@@ -71,6 +78,19 @@ class KernelPlan:
     @property
     def is_dense(self) -> bool:
         return self.mask_c == "true"
+
+    @property
+    def keep_c(self) -> str:
+        """Whether element (q, k) of a partial tile is kept: the mask, guarded so that positions past Sq or Sk are
+        never kept and never index the run-time tensors."""
+        if self.branch_free:
+            return f"(q < Sq) & (k < Sk) & ({self.mask_c})"
+        return f"q < Sq && k < Sk && ({self.mask_c})"
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        """Block sizes of the pattern's layouts: tiles that divide them are never partial."""
+        return tuple(leaf.block_size for leaf in self.layouts)
 
     def __str__(self) -> str:
         args = ", ".join(f"{a.ctype} {a.name}" for a in self.runtime_args) or "none"
@@ -124,14 +144,19 @@ def linear_atom(rel: sp.Rel) -> LinearAtom:
 # --------------------------------------------------------------------------------------------- C lowering
 
 
-def _affine_c(e: sp.Basic) -> str:
+# C operators for & and |: short-circuit where a later operand may load memory that an earlier one guards,
+# bitwise (no branches, a select per element) where every operand is a comparison.
+GUARDED, BRANCH_FREE = (" && ", " || "), (" & ", " | ")
+
+
+def _affine_c(e: sp.Basic, ops: tuple[str, str]) -> str:
     if e is sp.true or e is sp.false:
         return str(bool(e)).lower()
     if isinstance(e, (sp.And, sp.Or)):
-        joint = " && " if isinstance(e, sp.And) else " || "
-        return joint.join(f"({_affine_c(a)})" for a in e.args)
+        joint = ops[0] if isinstance(e, sp.And) else ops[1]
+        return joint.join(f"({_affine_c(a, ops)})" for a in e.args)
     if isinstance(e, sp.Not):
-        return f"!({_affine_c(e.args[0])})"
+        return f"!({_affine_c(e.args[0], ops)})"
     diff = sp.expand(e.lhs - e.rhs)
     if all(c.is_integer for c in sp.Poly(diff, P.q, P.k, P.Sq, P.Sk).coeffs()):
         return ccode(e)
@@ -140,15 +165,15 @@ def _affine_c(e: sp.Basic) -> str:
     return f"{lin} + {a.const} {dict(ge='>=', eq='==', ne='!=')[a.op]} 0"
 
 
-def _lower(pat: P.Pattern, layouts: list[P.BlockLayout]) -> str:
+def _lower(pat: P.Pattern, layouts: list[P.BlockLayout], ops: tuple[str, str]) -> str:
     """C text of the pattern; collects distinct block layouts (their index names their arguments)."""
     if isinstance(pat, (P.And, P.Or)):
-        joint = " && " if isinstance(pat, P.And) else " || "
-        return joint.join(f"({_lower(p, layouts)})" for p in pat.parts)
+        joint = ops[0] if isinstance(pat, P.And) else ops[1]
+        return joint.join(f"({_lower(p, layouts, ops)})" for p in pat.parts)
     if isinstance(pat, P.Not):
-        return f"!({_lower(pat.part, layouts)})"
+        return f"!({_lower(pat.part, layouts, ops)})"
     if isinstance(pat, P.Affine):
-        return _affine_c(pat.expr)
+        return _affine_c(pat.expr, ops)
     if isinstance(pat, P.Documents):
         return "qdoc[b * qdoc_sb + q] == kdoc[b * kdoc_sb + k]"
     if isinstance(pat, P.KeyPadding):
@@ -201,13 +226,60 @@ FORWARD_CONFIGS = {
 
 
 def forward_tiles(d: int, lean: int = 0) -> Tiles:
-    """Forward tiling. `lean` 1 re-reads Q from shared memory instead of holding it in registers; 2 also gives
-    each warp one m16 tile instead of two. Masks with much per-element code need the leaner forms to fit 255
+    """mma.sync forward tiling. `lean` 1 re-reads Q from shared memory instead of holding it in registers; 2 also
+    gives each warp one m16 tile instead of two. Masks with much per-element code need the leaner forms to fit 255
     registers without spilling (see `launch.get_kernel`)."""
     bn, warps, mt, q_regs = FORWARD_CONFIGS[d]
     mt = 1 if lean >= 2 else mt
     bm = 16 * mt * warps
     return Tiles(bm, bn, warps, 2, _smem(bm, bn, d, 2), m_tiles=mt, q_in_regs=q_regs and lean == 0)
+
+
+# head_dim -> (consumer warpgroups, BLOCK_N, stages of each of the K and V rings) of the sm_90a forward. The
+# producer warpgroup gives its registers to the consumers (setmaxnreg): 2 consumer warpgroups get 240 a thread.
+WGMMA_FORWARD_CONFIGS = {64: (2, 128, 2), 128: (2, 128, 2), 256: (2, 64, 2)}
+WGMMA_ARCHS = ("sm_90", "sm_90a")  # wgmma and TMA are Hopper-only (sm_90a code runs on compute capability 9.0)
+
+
+def wgmma_forward_tiles(d: int, block_sizes: tuple[int, ...] = ()) -> Tiles:
+    """sm_90a forward tiling: `consumers` warpgroups own 64 query rows each; a producer warpgroup fills rings of K
+    and V buffers with TMA. Tiles shrink to 64 where that lines them up with the pattern's layout blocks (a tile
+    inside one block is full or empty, never partial). Shared memory: 1 KiB of alignment slack, the Q tile, the
+    two rings, four mbarriers per stage and one for Q."""
+    consumers, bn, stages = WGMMA_FORWARD_CONFIGS[d]
+    if any(bs % 128 and bs % 64 == 0 for bs in block_sizes):
+        consumers, bn = 1, 64
+    bm = 64 * consumers
+    smem = 1024 + bm * d * ELEM_BYTES + stages * 2 * bn * d * ELEM_BYTES + 8 * (1 + 4 * stages)
+    return Tiles(bm, bn, 4 * (consumers + 1), stages, smem, consumers=consumers)
+
+
+# head_dim -> (consumer warpgroups, queries per step, Q/dO stages) of the sm_90a dK/dV kernel and
+# (consumer warpgroups, keys per step, K/V stages) of its dQ kernel. dK and dV take D fp32 registers a thread
+# together, which head_dim 256 does not leave room for: it keeps the mma.sync backward.
+WGMMA_BACKWARD_CONFIGS = {64: ((2, 64, 2), (2, 64, 2)), 128: ((2, 64, 2), (2, 64, 2))}
+
+
+def wgmma_backward_tiles(d: int, block_sizes: tuple[int, ...] = ()) -> tuple[Tiles, Tiles]:
+    """sm_90a dK/dV and dQ tilings: warpgroups of 64 keys (dK/dV) or queries (dQ) fed by a TMA producer warpgroup;
+    64-wide where that lines them up with the pattern's layout blocks. Shared memory as the kernels lay it out."""
+    (kv_consumers, bm, kv_stages), (q_consumers, bn, q_stages) = WGMMA_BACKWARD_CONFIGS[d]
+    if any(bs % 128 and bs % 64 == 0 for bs in block_sizes):
+        kv_consumers = q_consumers = 1
+    row = d * ELEM_BYTES
+    bkv, bq = 64 * kv_consumers, 64 * q_consumers
+    kv_smem = 1024 + 2 * bkv * row + kv_stages * 2 * bm * (row + 4) + 8 * (1 + 4 * kv_stages)
+    q_smem = 1024 + 2 * bq * row + q_stages * 2 * bn * row + 8 * (1 + 4 * q_stages)
+    return (
+        Tiles(bm, bkv, 4 * (kv_consumers + 1), kv_stages, kv_smem, consumers=kv_consumers),
+        Tiles(bq, bn, 4 * (q_consumers + 1), q_stages, q_smem, consumers=q_consumers),
+    )
+
+
+def forward_tilings(d: int, arch: str, block_sizes: tuple[int, ...] = ()) -> tuple[Tiles, ...]:
+    """The forward tilings to try, fastest first: the planner takes the first whose kernel does not spill."""
+    fast = (wgmma_forward_tiles(d, block_sizes),) if arch in WGMMA_ARCHS and d in WGMMA_FORWARD_CONFIGS else ()
+    return tuple(dict.fromkeys((*fast, *(forward_tiles(d, lean) for lean in (0, 1, 2)))))
 
 
 def backward_tiles(d: int) -> Tiles:
@@ -231,6 +303,7 @@ def dq_tiles(d: int) -> Tiles:
 
 PREPROCESS_THREADS = 128
 PREPROCESS_ROWS = 64  # rows of O / dO per preprocess block
+BACKWARD_ROW_PAD = 128  # sm_90a backward: row statistics padded to a multiple of every query tile
 
 
 def normalize_dtype(dtype: object) -> str:
@@ -245,12 +318,10 @@ def normalize_dtype(dtype: object) -> str:
 
 
 def leaner(plan: KernelPlan) -> KernelPlan | None:
-    """The next leaner forward tiling of `plan` (fewer live registers, a little slower), or None."""
-    for level in (1, 2):
-        tiles = forward_tiles(plan.head_dim, lean=level)
-        if (tiles.q_in_regs, tiles.m_tiles) < (plan.fwd.q_in_regs, plan.fwd.m_tiles):
-            return replace(plan, fwd=tiles)
-    return None
+    """The forward tiling after `plan`'s in `forward_tilings` (fewer live registers, a little slower), or None."""
+    tilings = forward_tilings(plan.head_dim, plan.arch, plan.block_sizes)
+    at = tilings.index(plan.fwd)
+    return replace(plan, fwd=tilings[at + 1]) if at + 1 < len(tilings) else None
 
 
 def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str) -> KernelPlan:
@@ -260,16 +331,23 @@ def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str) ->
     if head_dim not in HEAD_DIMS:
         raise InputError(f"head_dim {head_dim} is not supported; supported: {HEAD_DIMS}")
     layouts: list[P.BlockLayout] = []
-    mask_c = _lower(pattern, layouts)
+    branch_free = all(isinstance(leaf, P.Affine) for leaf in pattern.leaves())
+    mask_c = _lower(pattern, layouts, BRANCH_FREE if branch_free else GUARDED)
+    block_sizes = tuple(leaf.block_size for leaf in layouts)
+    if arch in WGMMA_ARCHS and head_dim in WGMMA_BACKWARD_CONFIGS:
+        bwd, dq = wgmma_backward_tiles(head_dim, block_sizes)
+    else:
+        bwd, dq = backward_tiles(head_dim), dq_tiles(head_dim)
     return KernelPlan(
         pattern=pattern,
         dtype=normalize_dtype(dtype),
         head_dim=head_dim,
         arch=arch,
-        fwd=forward_tiles(head_dim),
-        bwd=backward_tiles(head_dim),
-        dq=dq_tiles(head_dim),
+        fwd=forward_tilings(head_dim, arch, block_sizes)[0],
+        bwd=bwd,
+        dq=dq,
         mask_c=mask_c,
+        branch_free=branch_free,
         runtime_args=_runtime_args(pattern, layouts),
         layouts=tuple(layouts),
     )

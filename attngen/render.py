@@ -39,7 +39,7 @@ def _env() -> jinja2.Environment:
     )
 
 
-def _render(template: str, plan: KernelPlan, name: str, entries: tuple[str, ...]) -> KernelSource:
+def _render(template: str, plan: KernelPlan, name: str, entries: tuple[str, ...], arch: str) -> KernelSource:
     code = (
         _env()
         .get_template(template)
@@ -52,17 +52,21 @@ def _render(template: str, plan: KernelPlan, name: str, entries: tuple[str, ...]
             pre_threads=PREPROCESS_THREADS,
         )
     )
-    return KernelSource(name=f"{name}_{plan.name}", code=code, entries=entries, arch=plan.arch)
+    return KernelSource(name=f"{name}_{plan.name}", code=code, entries=entries, arch=arch)
 
 
 def render_forward(plan: KernelPlan) -> KernelSource:
-    """The forward kernel `attngen_fwd` of `plan`."""
-    return _render("attn_fwd.cu.j2", plan, "fwd", ("attngen_fwd",))
+    """The forward kernel `attngen_fwd` of `plan`: TMA + wgmma (sm_90a) or mma.sync, as its tiling says."""
+    if plan.fwd.wgmma:
+        return _render("attn_fwd_sm90.cu.j2", plan, "fwd", ("attngen_fwd",), "sm_90a")
+    return _render("attn_fwd.cu.j2", plan, "fwd", ("attngen_fwd",), plan.arch)
 
 
 def render_backward(plan: KernelPlan) -> KernelSource:
-    """The backward kernels of `plan`: row statistics, dK/dV, dQ."""
-    return _render("attn_bwd.cu.j2", plan, "bwd", BACKWARD_ENTRIES)
+    """The backward kernels of `plan`: row statistics, dK/dV, dQ; TMA + wgmma (sm_90a) or mma.sync."""
+    if plan.bwd.wgmma:
+        return _render("attn_bwd_sm90.cu.j2", plan, "bwd", BACKWARD_ENTRIES, "sm_90a")
+    return _render("attn_bwd.cu.j2", plan, "bwd", BACKWARD_ENTRIES, plan.arch)
 
 
 BACKWARD_ENTRIES = ("attngen_bwd_preprocess", "attngen_bwd_dkdv", "attngen_bwd_dq")

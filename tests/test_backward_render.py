@@ -68,4 +68,4 @@ def test_runtime_arguments_follow_the_fixed_prefix():
     tail = ", ".join(f"{a.ctype} {a.name}" for a in plan.runtime_args)
     assert [a.name for a in plan.runtime_args] == ["qdoc", "qdoc_sb", "kdoc", "kdoc_sb", "key_len"]
     assert code.count(f"int tiles_cap, {tail}) {{") == 2
-    assert "int Hq, int Sq) {" in code  # the preprocess kernel takes no run-time arguments
+    assert "int Hq, int Sq, int Sq_pad) {" in code  # the preprocess kernel takes no run-time arguments

@@ -2,16 +2,18 @@
 grids and shared memory follow the plan, and bad input raises clear errors before anything is launched."""
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from cupy.cuda.function import CPointer
 
 import attngen as ag
-from attngen import launch
+from attngen import launch, tensormap
 from attngen.errors import InputError
 
-C_TYPES = {np.uint64: r"\*", np.int64: r"long long", np.int32: r"int", np.float32: r"float"}
+C_TYPES = {np.uint64: r"\*", np.int64: r"long long", np.int32: r"int", np.float32: r"float", CPointer: r"TensorMap"}
 
 
 def _signature(code: str, entry: str) -> list[str]:
@@ -23,6 +25,8 @@ def _signature(code: str, entry: str) -> list[str]:
 def launches(monkeypatch):
     calls = []
     monkeypatch.setattr(launch, "_launch", lambda binary, entry, *rest: calls.append((binary, entry, *rest)))
+    # Encoding a tensor map needs the CUDA driver; here it is enough to see which tensors and boxes are mapped.
+    monkeypatch.setattr(tensormap, "tensor_map", lambda spec: SimpleNamespace(arg=CPointer(0), spec=spec))
     return calls
 
 
@@ -32,9 +36,10 @@ PATTERNS = [
 ]
 
 
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])  # mma.sync and TMA + wgmma forward kernels
 @pytest.mark.parametrize("pat", PATTERNS, ids=["causal", "layout_docs_padding"])
-def test_arguments_match_kernel_signatures(pat, launches):
-    kern = ag.compile(pat, head_dim=64, dtype=torch.float16, arch="sm_90")
+def test_arguments_match_kernel_signatures(pat, arch, launches):
+    kern = ag.compile(pat, head_dim=64, dtype=torch.float16, arch=arch)
     B, Hq, Hkv, Sq, Sk, D = 2, 2, 1, 200, 150, 64
     q, k, v = torch.randn(B, Hq, Sq, D).half(), torch.randn(B, Hkv, Sk, D).half(), torch.randn(B, Hkv, Sk, D).half()
     rt = {}
@@ -107,3 +112,17 @@ def test_custom_op_fake_implementations():
     dq, dk, dv = torch.ops.attngen.attention_backward(out, lse, q, k, v, out, lse, pat.key, 0.125, None, None, None)
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
     assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16
+
+
+def test_tensor_map_describes_strided_views():
+    """[B, H, S, D] tensors map innermost first with byte strides; [B, S, H, D] storage needs no copy."""
+    t = torch.empty(2, 3, 100, 64, dtype=torch.bfloat16)
+    s = tensormap.spec(t, 128)
+    assert (s.dims, s.strides, s.box_rows, s.dtype) == ((64, 100, 3, 2), (128, 100 * 128, 3 * 100 * 128), 128, t.dtype)
+    view = torch.empty(2, 100, 3, 64, dtype=torch.float16).transpose(1, 2)
+    assert launch._aligned(view) is view
+    assert tensormap.spec(view, 64).strides == (3 * 128, 128, 100 * 3 * 128)
+    one = torch.empty(1, 1, 5, 64, dtype=torch.float16)  # extent-1 dimensions still get a valid stride
+    assert all(st % 16 == 0 and st > 0 for st in tensormap.spec(one, 64).strides)
+    broadcast = torch.empty(2, 1, 10, 64, dtype=torch.float16).expand(2, 4, 10, 64)
+    assert launch._aligned(broadcast) is not broadcast  # a stride-0 head dimension is materialised

@@ -1,0 +1,92 @@
+"""TMA tensor maps for the sm_90a kernels: a torch tensor [B, H, S, D] as the driver's 4-d CUtensorMap.
+
+The map views the tensor innermost first, (D, S, H, B), with its own strides (any 16-byte multiples, so [B, S, H, D]
+storage works without a copy), and copies boxes of 64 head-dim columns x `rows` rows, 128-byte swizzled, which is
+the shared-memory layout the kernels' wgmma descriptors expect. Rows outside the tensor read as zeros and are never
+written. Encoding calls the CUDA driver (cuTensorMapEncodeTiled) through ctypes; maps are cached per layout."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .errors import AttngenError
+
+BOX_COLS = 64  # 64 two-byte elements: one 128-byte swizzle row
+_DTYPES = {torch.float16: 6, torch.bfloat16: 9}  # CU_TENSOR_MAP_DATA_TYPE_FLOAT16, _BFLOAT16
+_SWIZZLE_128B, _L2_PROMOTION_256B = 3, 3
+_MAP_BYTES, _MAP_ALIGN = 128, 64
+
+
+@dataclass(frozen=True)
+class TensorMapSpec:
+    """Everything a tensor map encodes: address, dtype, sizes and byte strides innermost first, box rows."""
+
+    address: int
+    dtype: torch.dtype
+    dims: tuple[int, int, int, int]  # (D, S, H, B)
+    strides: tuple[int, int, int]  # bytes between rows, heads, batches
+    box_rows: int
+
+
+def spec(t: torch.Tensor, box_rows: int) -> TensorMapSpec:
+    """The map of a 4-d [B, H, S, D] tensor whose rows are 16-byte aligned (see `launch._aligned`)."""
+    B, H, S, D = t.shape
+    size = t.element_size()
+    # A dimension of extent 1 is never stepped over, but the driver still wants a 16-byte multiple there.
+    strides = tuple(st * size if n > 1 else 16 for st, n in zip(t.stride()[2::-1], (S, H, B)))
+    return TensorMapSpec(t.data_ptr(), t.dtype, (D, S, H, B), strides, box_rows)
+
+
+class TensorMap:
+    """An encoded map in 64-byte aligned host memory; `arg` passes it by value as a kernel parameter."""
+
+    def __init__(self, s: TensorMapSpec):
+        from cupy.cuda.function import CPointer  # CuPy copies the 128 bytes it points at into the launch
+
+        self.spec = s
+        self._buffer = ctypes.create_string_buffer(_MAP_BYTES + _MAP_ALIGN)
+        address = ctypes.addressof(self._buffer)
+        address += -address % _MAP_ALIGN
+        _encode(s, address)
+        self.arg = CPointer(address)
+
+
+@functools.lru_cache(maxsize=512)
+def tensor_map(s: TensorMapSpec) -> TensorMap:
+    """Encoded once per layout: a training loop's tensors reuse a few addresses, so launches rarely re-encode."""
+    return TensorMap(s)
+
+
+@functools.cache
+def _driver() -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError as exc:
+        raise AttngenError(f"the CUDA driver (libcuda.so.1) could not be loaded for TMA tensor maps: {exc}") from None
+    u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
+    lib.cuTensorMapEncodeTiled.restype = ctypes.c_int
+    lib.cuTensorMapEncodeTiled.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+    ]  # fmt: skip
+    lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    return lib
+
+
+def _encode(s: TensorMapSpec, address: int) -> None:
+    lib = _driver()
+    dims = (ctypes.c_uint64 * 4)(*s.dims)
+    strides = (ctypes.c_uint64 * 3)(*s.strides)
+    box = (ctypes.c_uint32 * 4)(BOX_COLS, s.box_rows, 1, 1)
+    ones = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
+    status = lib.cuTensorMapEncodeTiled(
+        address, _DTYPES[s.dtype], 4, s.address, dims, strides, box, ones, 0, _SWIZZLE_128B, _L2_PROMOTION_256B, 0
+    )
+    if status:
+        name = ctypes.c_char_p()
+        lib.cuGetErrorName(status, ctypes.byref(name))
+        raise AttngenError(f"cuTensorMapEncodeTiled failed ({(name.value or b'?').decode()}) for {s}")
