@@ -235,7 +235,8 @@ def clear() -> int:
         entry.path.unlink(missing_ok=True)
         removed += 1
     # A lock file is only a name to lock on and a temp file is a dead writer's leftover (a live writer whose
-    # temp file vanishes just warns), so deleting them cannot corrupt an entry.
-    for leftover in [*directory.glob("*.bin.lock"), *directory.glob(".*.bin.*.tmp")]:
+    # temp file vanishes just warns), so deleting them cannot corrupt an entry. Compiled templates (render.py) are
+    # rebuilt from the templates on the next render.
+    for leftover in [*directory.glob("*.bin.lock"), *directory.glob(".*.bin.*.tmp"), *directory.glob("jinja-*.cache")]:
         leftover.unlink(missing_ok=True)
     return removed

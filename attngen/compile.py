@@ -1,15 +1,14 @@
 """Stage 4: KernelSource -> Binary (a cubin plus the ptxas resource report of each entry), compiled by NVRTC.
 
-NVRTC runs in-process through CuPy, so no CUDA toolkit is needed: headers come from the nvidia-* wheels. A
-failed compile raises CompileError carrying the full log and a path to the exact source text that failed.
+NVRTC runs in-process through CuPy, so no CUDA toolkit is needed: rendered sources include no header, so NVRTC
+needs nothing beside itself. A failed compile raises CompileError carrying the full log and a path to the exact
+source text that failed.
 `compile_cached` goes through cache.py; `load_function` turns a Binary into a launchable CuPy Function."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
-import os
 import re
 import tempfile
 from collections.abc import Mapping
@@ -67,6 +66,12 @@ class Binary:
         """Read-only entry -> Resources view."""
         return MappingProxyType(dict(self.resources))
 
+    @property
+    def performance_notes(self) -> tuple[str, ...]:
+        """What ptxas says it had to give up (wgmma serialised or waited for, setmaxnreg ignored): empty for a
+        kernel that compiled as written."""
+        return tuple(line.split(":", 1)[1].strip() for line in self.log.splitlines() if _PERFORMANCE_NOTE.search(line))
+
     def resources_of(self, entry: str) -> Resources:
         for name, resources in self.resources:
             if name == entry:
@@ -103,31 +108,6 @@ def check_arch(arch: str) -> str:
 
 
 @functools.cache
-def nvrtc_include_dirs() -> tuple[str, ...]:
-    """Directories holding CUDA's own headers (cuda_fp16.h, cuda_bf16.h) for NVRTC's -I options.
-
-    The nvidia-* wheels are searched first so that no CUDA toolkit is needed; then $CUDA_PATH, $CUDA_HOME and
-    /usr/local/cuda. Raises AttngenError with install advice if no candidate has cuda_fp16.h."""
-    candidates = []
-    spec = importlib.util.find_spec("nvidia")
-    for root in (spec.submodule_search_locations or []) if spec is not None else []:
-        for layout in ("cu13", "cu12", "cuda_runtime", "cuda_nvrtc"):
-            candidates.append(Path(root, layout, "include"))
-    for variable in ("CUDA_PATH", "CUDA_HOME"):
-        if os.environ.get(variable):
-            candidates.append(Path(os.environ[variable], "include"))
-    candidates.append(Path("/usr/local/cuda/include"))
-    for directory in candidates:
-        if (directory / "cuda_fp16.h").is_file():
-            return (str(directory),)
-    searched = "\n  ".join(str(directory) for directory in candidates)
-    raise AttngenError(
-        "CUDA headers (cuda_fp16.h) not found; install them with `pip install attngen[cuda13]` "
-        f"(or `attngen[cuda12]`), or set CUDA_PATH to a CUDA toolkit. Searched:\n  {searched}"
-    )
-
-
-@functools.cache
 def nvrtc_version() -> tuple[int, int]:
     """(major, minor) of the NVRTC library CuPy loads."""
     from cupy.cuda import nvrtc  # importing CuPy costs ~0.4 s, so only code that needs NVRTC pays it
@@ -151,7 +131,6 @@ def nvrtc_compile(source: KernelSource) -> Binary:
     if nvrtc_version() >= (12, 9):
         # NVRTC 12.9+ keeps a cache of its own; a hit there skips ptxas and so the resource report parsed below.
         options.append("--no-cache")
-    options += [f"-I{directory}" for directory in nvrtc_include_dirs()]
     program = nvrtc.createProgram(source.code, f"{source.name}.cu", [], [])
     try:
         try:
@@ -177,6 +156,7 @@ def nvrtc_compile(source: KernelSource) -> Binary:
 
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_PERFORMANCE_NOTE = re.compile(r"\(C75\d\d\)")  # ptxas's notes on wgmma pipelining and register hand-over
 _PROPERTIES = re.compile(r"Function properties for (\S+)")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGISTERS = re.compile(r"Used (\d+) registers")

@@ -224,6 +224,11 @@ def _runtime_args(plan: KernelPlan, rt: dict, Hq: int, device) -> list:
     return [values[a.name] for a in plan.runtime_args]
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _maps(boxes) -> list:
     """TMA tensor-map arguments for (tensor, box rows) pairs."""
     return [tensormap.tensor_map(tensormap.spec(t, rows)).arg for t, rows in boxes]
@@ -247,13 +252,17 @@ def forward(kern: Kernel, q, k, v, scale: float, rt: dict) -> tuple[torch.Tensor
     q, k, v = map(_aligned, (q, k, v))
     sched = schedule.build(plan.pattern, t.block_m, t.block_n, Sq, Sk, q.device, rt)
     if t.wgmma:  # tensor maps: Q tiles of BLOCK_M rows, K/V of BLOCK_N, O stored 64 rows per warpgroup
+        # Persistent blocks, one per SM, claim (query tile, head, batch) items from a counter past the first.
+        grid = (min(math.ceil(Sq / t.block_m) * Hq * B, _sm_count(q.device.index)), 1, 1)
+        next_item = torch.zeros(1, dtype=torch.int32, device=q.device)
         args = [*_maps(((q, t.block_m), (k, t.block_n), (v, t.block_n), (out, 64))), _u64(lse.data_ptr())]
+        args += [_u64(next_item.data_ptr()), _i32(B)]
     else:
         args = [_u64(x.data_ptr()) for x in (q, k, v, out, lse)]
         args += _strides(q) + _strides(k) + _strides(v) + _strides(out)
+        grid = (math.ceil(Sq / t.block_m), Hq, B)
     args += [_i32(Hq), _i32(Hq // Hkv), _i32(Sq), _i32(Sk), _f32(scale * LOG2E)]
     args += _sched_args(sched) + _runtime_args(plan, rt, Hq, q.device)
-    grid = (math.ceil(Sq / t.block_m), Hq, B)
     _launch(kern.forward_binary, "attngen_fwd", grid, 32 * t.warps, t.smem_bytes, args, q.device)
     return out, lse
 

@@ -19,6 +19,7 @@ from .errors import InputError
 DTYPES = ("fp16", "bf16")
 HEAD_DIMS = (32, 64, 96, 128, 256)
 ELEM_BYTES = 2
+SMEM_LIMIT = 227 * 1024  # dynamic shared memory a block may have on sm_80 and sm_90
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Tiles:
     q_in_regs: bool = False  # forward: Q fragments held in registers rather than re-read per key tile
     min_blocks: int = 1  # __launch_bounds__ occupancy hint
     consumers: int = 0  # sm_90a kernels: wgmma warpgroups of 64 rows fed by a TMA producer warpgroup; 0: mma.sync
+    q_buffers: int = 1  # sm_90a forward: Q tiles in flight (persistent blocks load the next item's during this one)
 
     @property
     def wgmma(self) -> bool:
@@ -236,36 +238,52 @@ def forward_tiles(d: int, lean: int = 0) -> Tiles:
 
 
 # head_dim -> (consumer warpgroups, BLOCK_N, stages of each of the K and V rings) of the sm_90a forward. The
-# producer warpgroup gives its registers to the consumers (setmaxnreg): 2 consumer warpgroups get 240 a thread.
-WGMMA_FORWARD_CONFIGS = {64: (2, 128, 2), 128: (2, 128, 2), 256: (2, 64, 2)}
+# producer warpgroup gives its registers to the consumers (setmaxnreg): 2 consumer warpgroups get 240 a thread,
+# 3 get 160, which head_dim 64 fits in (3 warpgroups keep the tensor cores busier than 2: docs/performance.md).
+WGMMA_FORWARD_CONFIGS = {64: (3, 128, 2), 128: (2, 128, 2), 256: (1, 64, 2)}
 WGMMA_ARCHS = ("sm_90", "sm_90a")  # wgmma and TMA are Hopper-only (sm_90a code runs on compute capability 9.0)
 
 
+def _aligned_to_layouts(consumers: int, width: int, block_sizes: tuple[int, ...]) -> tuple[int, int]:
+    """The largest warpgroup count (64 rows each) and tile width, at most the given ones, whose tiles divide every
+    layout block, so that no tile straddles two blocks (a tile inside one block is full or empty, never partial).
+    Blocks that no multiple of 64 divides cannot be lined up; the tiles then stay as they are."""
+    if not all(bs % 64 == 0 for bs in block_sizes):
+        return consumers, width
+    while any(bs % (64 * consumers) for bs in block_sizes):
+        consumers -= 1
+    while any(bs % width for bs in block_sizes):
+        width //= 2
+    return consumers, width
+
+
 def wgmma_forward_tiles(d: int, block_sizes: tuple[int, ...] = ()) -> Tiles:
-    """sm_90a forward tiling: `consumers` warpgroups own 64 query rows each; a producer warpgroup fills rings of K
-    and V buffers with TMA. Tiles shrink to 64 where that lines them up with the pattern's layout blocks (a tile
-    inside one block is full or empty, never partial). Shared memory: 1 KiB of alignment slack, the Q tile, the
-    two rings, four mbarriers per stage and one for Q."""
+    """sm_90a forward tiling: persistent blocks whose `consumers` warpgroups own 64 query rows each; a producer
+    warpgroup fills the Q buffers and rings of K and V buffers with TMA. Tiles line up with the pattern's layout
+    blocks where they can (`_aligned_to_layouts`). Shared memory: 1 KiB of alignment slack, the Q buffers, the two
+    rings, the Q buffers' item slots, two mbarriers per Q buffer and four per stage."""
     consumers, bn, stages = WGMMA_FORWARD_CONFIGS[d]
-    if any(bs % 128 and bs % 64 == 0 for bs in block_sizes):
-        consumers, bn = 1, 64
-    bm = 64 * consumers
-    smem = 1024 + bm * d * ELEM_BYTES + stages * 2 * bn * d * ELEM_BYTES + 8 * (1 + 4 * stages)
-    return Tiles(bm, bn, 4 * (consumers + 1), stages, smem, consumers=consumers)
+    consumers, bn = _aligned_to_layouts(consumers, bn, block_sizes)
+    bm, row = 64 * consumers, d * ELEM_BYTES
+    for q_buffers in (2, 1):
+        smem = 1024 + q_buffers * bm * row + stages * 2 * bn * row + 16 + 8 * (2 * q_buffers + 4 * stages)
+        if smem <= SMEM_LIMIT:
+            break
+    return Tiles(bm, bn, 4 * (consumers + 1), stages, smem, consumers=consumers, q_buffers=q_buffers)
 
 
 # head_dim -> (consumer warpgroups, queries per step, Q/dO stages) of the sm_90a dK/dV kernel and
 # (consumer warpgroups, keys per step, K/V stages) of its dQ kernel. dK and dV take D fp32 registers a thread
 # together, which head_dim 256 does not leave room for: it keeps the mma.sync backward.
-WGMMA_BACKWARD_CONFIGS = {64: ((2, 64, 2), (2, 64, 2)), 128: ((2, 64, 2), (2, 64, 2))}
+WGMMA_BACKWARD_CONFIGS = {64: ((2, 64, 2), (2, 128, 2)), 128: ((2, 64, 3), (2, 64, 3))}
 
 
 def wgmma_backward_tiles(d: int, block_sizes: tuple[int, ...] = ()) -> tuple[Tiles, Tiles]:
-    """sm_90a dK/dV and dQ tilings: warpgroups of 64 keys (dK/dV) or queries (dQ) fed by a TMA producer warpgroup;
-    64-wide where that lines them up with the pattern's layout blocks. Shared memory as the kernels lay it out."""
+    """sm_90a dK/dV and dQ tilings: warpgroups of 64 keys (dK/dV) or queries (dQ) fed by a TMA producer warpgroup,
+    lined up with the pattern's layout blocks where they can be. Shared memory as the kernels lay it out."""
     (kv_consumers, bm, kv_stages), (q_consumers, bn, q_stages) = WGMMA_BACKWARD_CONFIGS[d]
-    if any(bs % 128 and bs % 64 == 0 for bs in block_sizes):
-        kv_consumers = q_consumers = 1
+    kv_consumers, bm = _aligned_to_layouts(kv_consumers, bm, block_sizes)
+    q_consumers, bn = _aligned_to_layouts(q_consumers, bn, block_sizes)
     row = d * ELEM_BYTES
     bkv, bq = 64 * kv_consumers, 64 * q_consumers
     kv_smem = 1024 + 2 * bkv * row + kv_stages * 2 * bm * (row + 4) + 8 * (1 + 4 * kv_stages)

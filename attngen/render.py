@@ -30,12 +30,19 @@ class KernelSource:
 
 @functools.cache
 def _env() -> jinja2.Environment:
+    from .cache import cache_dir  # cache.py builds on this module's types
+
+    # Jinja's own bytecode cache keeps the compiled templates beside the kernels (keyed by template source), so a
+    # new process that finds its kernels cached does not parse the templates either.
+    directory = cache_dir()
+    bytecode = jinja2.FileSystemBytecodeCache(str(directory), "jinja-%s.cache") if directory else None
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir())),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,
+        bytecode_cache=bytecode,
     )
 
 

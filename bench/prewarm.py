@@ -13,23 +13,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def build(job):
-    from attngen.launch import get_kernel
+    from dataclasses import replace
 
-    pattern, head_dim, dtype, arch = job
-    kern = get_kernel(pattern, head_dim, dtype, arch)
+    from attngen import plan
+    from attngen.launch import Kernel, get_kernel
+
+    pattern, head_dim, dtype, arch, mma_sync = job
+    if mma_sync:  # the mma.sync family on a Hopper GPU, as test_mma_sync_family_on_hopper plans it
+        p = plan.make_plan(pattern, head_dim=head_dim, dtype=dtype, arch=arch)
+        d = head_dim
+        kern = Kernel(replace(p, fwd=plan.forward_tiles(d), bwd=plan.backward_tiles(d), dq=plan.dq_tiles(d)))
+    else:
+        kern = get_kernel(pattern, head_dim, dtype, arch)
     kern.backward_binary  # noqa: B018 - compiles and caches the backward kernels
     return repr(pattern), head_dim, dtype
 
 
 def jobs(arch: str):
-    from test_kernels_gpu import PATTERNS
+    from test_kernels_gpu import PATTERNS, SOME_PATTERNS
 
     import attngen as ag
 
     pats = [*list(PATTERNS.values()), ag.sliding_window(1024), ag.causal() & ag.sliding_window(256)]
-    out = [(p, d, t, arch) for p in pats for d in (64, 128) for t in ("fp16", "bf16")]
+    dtypes = ("fp16", "bf16")
+    out = [(p, d, t, arch, False) for p in pats for d in (64, 128) for t in dtypes]
+    some = [PATTERNS[name] for name in SOME_PATTERNS]
+    out += [(p, d, t, arch, False) for p in some for d in (32, 96, 256) for t in dtypes]
+    out += [(p, d, t, arch, True) for p in some for d in (64, 128) for t in dtypes]
     layout = ag.block_layout(torch.rand(128, 128) < 0.25, 128)  # the benchmark's kind of layout (same code)
-    return [*out, (layout, 64, "fp16", arch)]
+    return [*out, (layout, 64, "fp16", arch, False)]
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def test_backward_compiles_without_spills(binaries, case):
     for entry, res in binary.resources:
         assert (res.spill_stores, res.spill_loads, res.stack_bytes) == (0, 0, 0), f"{entry}: {res}"
         assert 0 < res.registers <= 255
+    assert binary.performance_notes == ()  # e.g. no wgmma serialised by ptxas
 
 
 @pytest.mark.parametrize("d", HEAD_DIMS)

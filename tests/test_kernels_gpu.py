@@ -216,3 +216,75 @@ def test_checkpointing():
         torch.equal(a, b)
         for a, b in zip(torch.autograd.grad(ck, (q, k, v), d), torch.autograd.grad(plain, (q, k, v), d))
     )
+
+
+def _check_grads(got, ref, dtype: str, where: str) -> None:
+    for label, g, r in zip("qkv", got, ref):
+        assert torch.isfinite(g).all(), f"d{label} not finite: {where}"
+        if r.abs().max() == 0:
+            assert g.abs().max() < 1e-4, f"d{label} must vanish: {where}"
+        else:
+            assert _rel(g, r) < BWD_TOL[dtype], f"d{label} error {_rel(g, r):.2e}: {where}"
+
+
+SOME_PATTERNS = ["causal", "window_or_global", "layout_per_head", "documents_causal", "key_padding"]
+SOME_LENGTHS = [(1, 1), (127, 1000), (1000, 127), (777, 777)]
+
+
+@pytest.mark.parametrize("D", [32, 96, 256])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_other_head_dims(dtype, D):
+    """Head dims beyond 64 and 128: forward and backward (on sm_90, 256 is TMA + wgmma forward, mma.sync backward)."""
+    gen = torch.Generator().manual_seed(D)
+    B, Hq, Hkv = 1, 8, 2  # the per-head layout has 8 heads
+    for name in SOME_PATTERNS:
+        pat = PATTERNS[name]
+        for Sq, Sk in SOME_LENGTHS:
+            q, k, v = _inputs(B, Hq, Hkv, Sq, Sk, D, DTYPES[dtype], gen, requires_grad=True)
+            rt = _runtime(pat, B, Sq, Sk, gen)
+            dout = torch.randn(B, Hq, Sq, D, generator=gen).to("cuda", q.dtype)
+            _poison(((B, Hq, Sq, D), q.dtype), ((B, Hkv, Sk, D), q.dtype))
+            where = f"{name} {dtype} D={D} Sq={Sq} Sk={Sk}"
+            out = ag.attention(q, k, v, pat, **rt)
+            ref = reference.attention(q, k, v, pat, dtype=torch.float32, **rt)[0]
+            assert torch.isfinite(out).all() and _rel(out, ref) < FWD_TOL[dtype], f"output: {where}"
+            got = torch.autograd.grad(out, (q, k, v), dout)
+            _check_grads(got, torch.autograd.grad(ref, (q, k, v), dout), dtype, where)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs a Hopper GPU"
+)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_mma_sync_family_on_hopper(dtype, D):
+    """The mma.sync kernels (what GPUs other than Hopper run) stay verified on a Hopper GPU: the same plan with the
+    mma.sync tilings, compiled for sm_90 and launched directly."""
+    from dataclasses import replace
+
+    from attngen import launch, plan
+
+    gen = torch.Generator().manual_seed(D + len(dtype))
+    B, Hq, Hkv = 2, 8, 2  # the per-head layout has 8 heads
+    for name in SOME_PATTERNS:
+        pat = PATTERNS[name]
+        p = plan.make_plan(pat, head_dim=D, dtype=dtype, arch="sm_90")
+        p = replace(p, fwd=plan.forward_tiles(D), bwd=plan.backward_tiles(D), dq=plan.dq_tiles(D))
+        kern = launch.Kernel(p)
+        assert not kern.forward_binary.arch.endswith("a") and "mma.sync" in kern.backward_source
+        for Sq, Sk in SOME_LENGTHS:
+            q, k, v = _inputs(B, Hq, Hkv, Sq, Sk, D, DTYPES[dtype], gen, requires_grad=True)
+            rt = _runtime(pat, B, Sq, Sk, gen)
+            rt_k = launch._runtime(pat, B, Sq, Sk, q.device, rt.get("document_ids"), rt.get("key_lengths"))
+            dout = torch.randn(B, Hq, Sq, D, generator=gen).to("cuda", q.dtype)
+            _poison(((B, Hq, Sq, D), q.dtype), ((B, Hkv, Sk, D), q.dtype), ((B, Hq, Sq), torch.float32))
+            where = f"mma.sync {name} {dtype} D={D} Sq={Sq} Sk={Sk}"
+            scale = D**-0.5
+            out, lse = launch.forward(kern, q.detach(), k.detach(), v.detach(), scale, rt_k)
+            ref, ref_lse = reference.attention(q, k, v, pat, dtype=torch.float32, **rt)
+            empty = torch.isinf(ref_lse)
+            assert torch.isfinite(out).all() and (out[empty] == 0).all(), f"output: {where}"
+            assert torch.equal(torch.isinf(lse), empty), f"LSE -inf exactly on empty rows: {where}"
+            assert _rel(out, ref) < FWD_TOL[dtype], f"output error {_rel(out, ref):.2e}: {where}"
+            got = launch.backward(kern, dout, q.detach(), k.detach(), v.detach(), out, lse, None, scale, rt_k)
+            _check_grads(got, torch.autograd.grad(ref, (q, k, v), dout), dtype, where)

@@ -27,7 +27,11 @@ def launches(monkeypatch):
     monkeypatch.setattr(launch, "_launch", lambda binary, entry, *rest: calls.append((binary, entry, *rest)))
     # Encoding a tensor map needs the CUDA driver; here it is enough to see which tensors and boxes are mapped.
     monkeypatch.setattr(tensormap, "tensor_map", lambda spec: SimpleNamespace(arg=CPointer(0), spec=spec))
+    monkeypatch.setattr(launch, "_sm_count", lambda device_index: SMS)
     return calls
+
+
+SMS = 132
 
 
 PATTERNS = [
@@ -51,8 +55,10 @@ def test_arguments_match_kernel_signatures(pat, arch, launches):
     out, lse = launch.forward(kern, q, k, v, 0.125, rt)
     launch.backward(kern, torch.randn_like(out), q, k, v, out, lse, None, 0.125, rt)
     plan = kern.kernel_plan
+    q_tiles = -(-Sq // plan.fwd.block_m)
+    fwd_grid = (min(q_tiles * Hq * B, SMS), 1, 1) if plan.fwd.wgmma else (q_tiles, Hq, B)  # persistent on sm_90
     expect = {
-        "attngen_fwd": ((-(-Sq // plan.fwd.block_m), Hq, B), 32 * plan.fwd.warps, plan.fwd.smem_bytes),
+        "attngen_fwd": (fwd_grid, 32 * plan.fwd.warps, plan.fwd.smem_bytes),
         "attngen_bwd_dkdv": ((-(-Sk // plan.bwd.block_n), Hkv, B), 32 * plan.bwd.warps, plan.bwd.smem_bytes),
         "attngen_bwd_dq": ((-(-Sq // plan.dq.block_m), Hq, B), 32 * plan.dq.warps, plan.dq.smem_bytes),
     }

@@ -31,14 +31,38 @@ def test_forward_compiles_without_spills(mask, head_dim, dtype, arch):
     assert entry == "attngen_fwd"
     assert res.registers > 0
     assert (res.spill_stores, res.spill_loads, res.stack_bytes) == (0, 0, 0), str(res)
+    assert kern.forward_binary.performance_notes == ()  # e.g. no wgmma serialised by ptxas
+
+
+def test_hopper_forward_is_wgmma_elsewhere_mma_sync():
+    """sm_90 gets the TMA + wgmma family (compiled for sm_90a) where its head dims allow; the rest mma.sync."""
+    for d in HEAD_DIMS:
+        for arch in ("sm_80", "sm_89", "sm_90", "sm_100"):
+            kern = get_kernel(ag.causal(), d, "fp16", arch)
+            wgmma = arch == "sm_90" and d in (64, 128, 256)
+            assert kern.kernel_plan.fwd.wgmma is wgmma
+            assert kern.forward_binary.arch == ("sm_90a" if wgmma else arch)
+            assert ("wgmma.mma_async" in kern.source) is wgmma
+
+
+def test_tiles_line_up_with_layout_blocks():
+    """Tiles inside one layout block are full or empty, never partial: the sm_90 kernels shrink to 64-wide tiles
+    for 64-blocks and keep 128 for multiples of 128."""
+    from attngen.schedule import PARTIAL, classes
+
+    for bs, rows in ((64, 64), (128, 128), (256, 128)):
+        layout = torch.rand(4096 // bs, 4096 // bs, generator=torch.Generator().manual_seed(bs)) < 0.3
+        plan = make_plan(ag.block_layout(layout, bs), head_dim=64, dtype="fp16", arch="sm_90")
+        assert plan.fwd.block_m == plan.dq.block_m == plan.bwd.block_n == rows  # rows of a block: queries / keys
+        for t in (plan.fwd, plan.bwd, plan.dq):
+            assert not (classes(plan.pattern, t.block_m, t.block_n, 4096, 4096, "cpu", {}) == PARTIAL).any(), (bs, t)
 
 
 def test_source_is_self_contained_and_readable():
     src = render.render_forward(make_plan(MASKS["mixture"], head_dim=64, dtype="bf16", arch="sm_90")).code
-    includes = [line for line in src.splitlines() if line.startswith("#include")]
-    assert includes == ["#include <cuda_fp16.h>", "#include <cuda_bf16.h>"]
+    assert "#include" not in src  # not even CUDA's own headers: NVRTC needs nothing beside itself
     assert "causal() & sliding_window(1024) | global_tokens(16) | predicate('k >= Sk - 4')" in src
-    assert "__nv_bfloat16" in src and "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in src
+    assert "cvt.rn.bf16x2.f32" in src and "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in src
     assert "k >= Sk - 4" in src  # the mask is lowered to C
 
 
