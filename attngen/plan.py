@@ -257,13 +257,13 @@ def _aligned_to_layouts(consumers: int, width: int, block_sizes: tuple[int, ...]
     return consumers, width
 
 
-def wgmma_forward_tiles(d: int, block_sizes: tuple[int, ...] = ()) -> Tiles:
-    """sm_90a forward tiling: persistent blocks whose `consumers` warpgroups own 64 query rows each; a producer
-    warpgroup fills the Q buffers and rings of K and V buffers with TMA. Tiles line up with the pattern's layout
-    blocks where they can (`_aligned_to_layouts`). Shared memory: 1 KiB of alignment slack, the Q buffers, the two
-    rings, the Q buffers' item slots, two mbarriers per Q buffer and four per stage."""
-    consumers, bn, stages = WGMMA_FORWARD_CONFIGS[d]
-    consumers, bn = _aligned_to_layouts(consumers, bn, block_sizes)
+def wgmma_forward_tiles(d: int, block_sizes: tuple[int, ...] = (), consumers: int | None = None) -> Tiles:
+    """sm_90a forward tiling: persistent blocks whose `consumers` warpgroups (default: the head dim's) own 64 query
+    rows each; a producer warpgroup fills the Q buffers and rings of K and V buffers with TMA. Tiles line up with
+    the pattern's layout blocks where they can (`_aligned_to_layouts`). Shared memory: 1 KiB of alignment slack,
+    the Q buffers, the two rings, the Q buffers' item slots, two mbarriers per Q buffer and four per stage."""
+    default, bn, stages = WGMMA_FORWARD_CONFIGS[d]
+    consumers, bn = _aligned_to_layouts(consumers or default, bn, block_sizes)
     bm, row = 64 * consumers, d * ELEM_BYTES
     for q_buffers in (2, 1):
         smem = 1024 + q_buffers * bm * row + stages * 2 * bn * row + 16 + 8 * (2 * q_buffers + 4 * stages)
@@ -294,9 +294,35 @@ def wgmma_backward_tiles(d: int, block_sizes: tuple[int, ...] = ()) -> tuple[Til
     )
 
 
-def forward_tilings(d: int, arch: str, block_sizes: tuple[int, ...] = ()) -> tuple[Tiles, ...]:
-    """The forward tilings to try, fastest first: the planner takes the first whose kernel does not spill."""
-    fast = (wgmma_forward_tiles(d, block_sizes),) if arch in WGMMA_ARCHS and d in WGMMA_FORWARD_CONFIGS else ()
+# Plans hold for every length, so the planner judges a pattern's tile map at one nominal length. Partial tiles cost
+# more than full ones (the mask) and taller tiles turn more of a band pattern's tiles partial: above this share of
+# partial tiles, the shorter tiling wins (measured in docs/performance.md).
+NOMINAL_LENGTH = 8192
+PARTIAL_SHARE = 0.2
+
+
+def _partial_share(pattern: P.Pattern, tiles: Tiles) -> float:
+    """Share of the visited tiles that are partial, for an affine pattern at the nominal length."""
+    from .schedule import FULL, PARTIAL, classes  # schedule.py builds on this module
+
+    cls = classes(pattern, tiles.block_m, tiles.block_n, NOMINAL_LENGTH, NOMINAL_LENGTH, "cpu", {})
+    partial, full = int((cls == PARTIAL).sum()), int((cls == FULL).sum())
+    return partial / max(partial + full, 1)
+
+
+def forward_tilings(
+    d: int, arch: str, pattern: P.Pattern | None = None, block_sizes: tuple[int, ...] = ()
+) -> tuple[Tiles, ...]:
+    """The forward tilings to try, fastest first: the planner takes the first whose kernel does not spill. On
+    sm_90, warpgroup counts from the head dim's down to 2; for an affine `pattern`, the tallest that leaves at most
+    PARTIAL_SHARE of its tiles partial comes first, or else the one that leaves the fewest."""
+    fast: list[Tiles] = []
+    if arch in WGMMA_ARCHS and d in WGMMA_FORWARD_CONFIGS:
+        most = WGMMA_FORWARD_CONFIGS[d][0]
+        fast = [wgmma_forward_tiles(d, block_sizes, c) for c in (most, *range(most - 1, 1, -1))]
+        if pattern is not None and len(fast) > 1 and all(isinstance(leaf, P.Affine) for leaf in pattern.leaves()):
+            shares = {t: _partial_share(pattern, t) for t in fast}
+            fast.sort(key=lambda t: (shares[t] > PARTIAL_SHARE, shares[t] if shares[t] > PARTIAL_SHARE else 0))
     return tuple(dict.fromkeys((*fast, *(forward_tiles(d, lean) for lean in (0, 1, 2)))))
 
 
@@ -337,7 +363,7 @@ def normalize_dtype(dtype: object) -> str:
 
 def leaner(plan: KernelPlan) -> KernelPlan | None:
     """The forward tiling after `plan`'s in `forward_tilings` (fewer live registers, a little slower), or None."""
-    tilings = forward_tilings(plan.head_dim, plan.arch, plan.block_sizes)
+    tilings = forward_tilings(plan.head_dim, plan.arch, plan.pattern, plan.block_sizes)
     at = tilings.index(plan.fwd)
     return replace(plan, fwd=tilings[at + 1]) if at + 1 < len(tilings) else None
 
@@ -361,7 +387,7 @@ def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str) ->
         dtype=normalize_dtype(dtype),
         head_dim=head_dim,
         arch=arch,
-        fwd=forward_tilings(head_dim, arch, block_sizes)[0],
+        fwd=forward_tilings(head_dim, arch, pattern, block_sizes)[0],
         bwd=bwd,
         dq=dq,
         mask_c=mask_c,

@@ -58,6 +58,25 @@ def test_tiles_line_up_with_layout_blocks():
             assert not (classes(plan.pattern, t.block_m, t.block_n, 4096, 4096, "cpu", {}) == PARTIAL).any(), (bs, t)
 
 
+def test_tile_height_follows_the_tile_map():
+    """On sm_90 at head_dim 64 the planner prefers 192-row tiles (three warpgroups), unless they would leave more
+    than PARTIAL_SHARE of the pattern's tiles partial (a narrow band): then 128 rows."""
+    from attngen.plan import PARTIAL_SHARE, _partial_share
+
+    rows = {
+        ag.full(): 192,
+        ag.causal(): 192,
+        ag.sliding_window(4096): 192,
+        ag.sliding_window(1024): 128,
+        ag.local(517, 3) & ag.causal(): 128,
+    }
+    for pat, expect in rows.items():
+        plan = make_plan(pat, head_dim=64, dtype="fp16", arch="sm_90")
+        assert plan.fwd.block_m == expect, pat
+        assert (_partial_share(pat, plan.fwd) <= PARTIAL_SHARE) is (expect == 192), pat
+    assert make_plan(ag.documents() & ag.causal(), head_dim=64, dtype="fp16", arch="sm_90").fwd.block_m == 192
+
+
 def test_source_is_self_contained_and_readable():
     src = render.render_forward(make_plan(MASKS["mixture"], head_dim=64, dtype="bf16", arch="sm_90")).code
     assert "#include" not in src  # not even CUDA's own headers: NVRTC needs nothing beside itself
