@@ -1,6 +1,9 @@
 """Try forward tilings side by side on the GPU: correctness against the reference, then time vs SDPA FLASH.
 
-python bench/variants.py 64:128,8,1,1 64:64,4,2,0 128:32,4,2,0   (head_dim:BLOCK_N,warps,m_tiles,q_in_regs)"""
+Tilings of the kernel family the GPU runs: on Hopper (sm_90) the TMA + wgmma forward, elsewhere mma.sync.
+
+python bench/variants.py 64:3,128,2 64:2,128,2     (sm_90: head_dim:consumer warpgroups,BLOCK_N,stages)
+python bench/variants.py 64:128,8,1,1 64:64,4,2,0  (others: head_dim:BLOCK_N,warps,m_tiles,q_in_regs)"""
 
 import sys
 
@@ -13,17 +16,23 @@ import attngen as ag
 from attngen import launch, plan, reference
 
 B, H = 4, 16
+hopper = torch.cuda.get_device_capability() == (9, 0)
 for spec in sys.argv[1:]:
     d, cfg = spec.split(":")
-    d, (bn, warps, mt, qr) = int(d), map(int, cfg.split(","))
-    plan.FORWARD_CONFIGS[d] = (bn, warps, mt, bool(qr))
+    d, values = int(d), tuple(map(int, cfg.split(",")))
+    if hopper:
+        plan.WGMMA_FORWARD_CONFIGS[d] = values
+    else:
+        bn, warps, mt, qr = values
+        plan.FORWARD_CONFIGS[d] = (bn, warps, mt, bool(qr))
     launch.get_kernel.cache_clear()
     launch._kernel_for.cache_clear()
     q, k, v = (torch.randn(2, 4, 777, d, device="cuda", dtype=torch.float16) for _ in range(3))
     pat = ag.causal() & ag.sliding_window(300) | ag.global_tokens(16)
     err = (ag.attention(q, k, v, pat).double() - reference.attention(q, k, v, pat)[0]).norm().item()
-    res = ag.compile(ag.causal(), head_dim=d).resources[0][1]
-    line = [f"D{d} BN{bn} W{warps} MT{mt} Qreg{qr} regs {res.registers} spill {res.spill_stores} err {err:.1e}"]
+    kern = ag.compile(ag.causal(), head_dim=d)
+    res = kern.resources[0][1]
+    line = [f"D{d} {kern.kernel_plan.fwd}: regs {res.registers} spill {res.spill_stores} err {err:.1e}"]
     for S in (4096, 16384):
         q, k, v = (torch.randn(B, H, S, d, device="cuda", dtype=torch.float16) for _ in range(3))
         for causal in (False, True):
