@@ -1,13 +1,14 @@
-"""Locate the data directories: CUDA templates and the pattern catalogue.
+"""Locate the data directories: CUDA templates, the pattern catalogue and the kernel cache.
 
 An installed wheel carries them inside the package as attngen/_templates and attngen/_patterns (the build maps
 the top-level folders there); a source checkout or editable install reads the top-level folders directly."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
-from attngen.errors import AttngenError
+from attngen.errors import AttngenError, CacheWarning
 
 # Wheels install unzipped, so the package's own files are plain paths that Jinja's loader can read.
 _PACKAGE = Path(__file__).resolve().parent
@@ -31,3 +32,35 @@ def _data_dir(installed: str, checkout: str) -> Path:
         f"attngen data folder not found: neither {_PACKAGE / installed} (installed wheel) nor "
         f"{_PACKAGE.parent / checkout} (source checkout) exists; reinstall attngen"
     )
+
+
+def cache_dir() -> Path | None:
+    """$ATTNGEN_CACHE_DIR or the user cache dir, created if missing; None (after one warning) when it neither
+    exists nor can be created. A directory that exists but cannot be written is still returned: it is read."""
+    import os
+
+    return _existing_dir(os.environ.get("ATTNGEN_CACHE_DIR") or _user_cache_dir())
+
+
+def _user_cache_dir() -> str:
+    import platformdirs  # imported on first use: it is only needed to find the default directory
+
+    return platformdirs.user_cache_dir("attngen")
+
+
+@functools.cache
+def _existing_dir(path: str) -> Path | None:
+    import warnings
+
+    directory = Path(path).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if not directory.is_dir():
+            warnings.warn(
+                f"attngen kernel cache {directory} cannot be created ({exc}); compiled kernels are kept in memory "
+                "only. Set ATTNGEN_CACHE_DIR to a writable directory to keep them across runs.",
+                CacheWarning,
+            )
+            return None
+    return directory

@@ -1,53 +1,46 @@
-"""Content-addressed memory + disk cache of Binary: a hit returns the Binary without any NVRTC compile.
+"""A content-addressed byte store on disk and in memory: `fetch(name, key, build)` returns the bytes stored under
+`key`, building and publishing them on a miss. It knows nothing of what the bytes are (compile.py encodes and
+decodes compiled kernels), the way Triton's runtime cache stores opaque files by key.
 
-Key = sha256 of the source text, entries, options, arch, base NVRTC options, NVRTC and attngen versions. Disk
-entries are checksummed, published atomically (temp file, fsync, rename) under a per-key file lock so racing
-processes compile once; a corrupt entry is deleted and rebuilt. An unwritable directory means memory only."""
+Disk entries carry a header (magic, format, their full key, a short note, payload length, sha256 of the payload),
+are published atomically (temp file, fsync, rename) under a per-key file lock so racing processes build once, and
+a corrupt entry is deleted and rebuilt. A read-only directory is still read (a prewarmed cache in a container image
+or on a shared file system); what is built then stays in memory. No usable directory means memory only."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
-import json
 import os
 import re
 import struct
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
+from attngen._resources import cache_dir
+from attngen.errors import CacheWarning
 
-from attngen._version import __version__
-from attngen.compile import BASE_OPTIONS, Binary, Resources, check_arch, nvrtc_version
-from attngen.render import KernelSource
-
-FORMAT = 1  # bump when the entry layout below changes
+FORMAT = 2  # bump when the entry layout below changes
 MAGIC = b"ATTNGEN\x00"
-# Entry = header (magic, format, payload length, sha256 of payload) + payload.
-# Payload = 4-byte length of a JSON header (key, arch, resources, log) + that JSON + the cubin.
-_HEADER = struct.Struct("<8sIQ32s")
-_JSON_LENGTH = struct.Struct("<I")
-_ENTRY_NAME = re.compile(r"(?P<name>.+)_(?P<arch>sm_\d+a?)-(?P<key>[0-9a-f]{20})\.bin")
+# Entry = header (magic, format, key as 32 raw bytes, note length, payload length, sha256 of payload), then the
+# note (utf-8, what made the entry, for `attngen cache list`), then the payload.
+_HEADER = struct.Struct("<8sI32sIQ32s")
+_ENTRY_NAME = re.compile(r"(?P<name>.+)-(?P<key>[0-9a-f]{20})\.bin")
 
-# The one piece of mutable module state: key -> Binary for everything fetched in this process.
-_memory: dict[str, Binary] = {}
-
-
-class CacheWarning(UserWarning):
-    """The disk cache could not be used as intended (unwritable, corrupt entry); attngen carried on."""
+# The one piece of mutable module state: key -> bytes for everything fetched in this process.
+_memory: dict[str, bytes] = {}
 
 
 @dataclass(frozen=True)
 class CacheEntry:
-    """One kernel on disk, as `attngen cache list` shows it."""
+    """One entry on disk, as `attngen cache list` shows it."""
 
     path: Path
     name: str
-    arch: str
+    note: str
     size: int
     mtime: float
 
@@ -56,85 +49,56 @@ class _Corrupt(Exception):
     pass
 
 
-@functools.cache
-def attngen_version() -> str:
-    """Installed distribution version, or the source tree's when attngen runs uninstalled."""
-    try:
-        return importlib.metadata.version("attngen")
-    except importlib.metadata.PackageNotFoundError:
-        return __version__
-
-
-def cache_key(source: KernelSource) -> str:
-    """Hex sha256 naming the Binary that `source` compiles to with this NVRTC and this attngen."""
-    parts = [
-        FORMAT,
-        source.code,
-        list(source.entries),
-        list(source.options),
-        source.arch,
-        list(BASE_OPTIONS),
-        list(nvrtc_version()),
-        attngen_version(),
-    ]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
-
-
-def cache_dir() -> Path | None:
-    """$ATTNGEN_CACHE_DIR or the user cache dir; None (after one warning) when it cannot be written."""
-    return _usable_dir(os.environ.get("ATTNGEN_CACHE_DIR") or platformdirs.user_cache_dir("attngen"))
+def fetch(name: str, key: str, build: Callable[[], bytes], note: str = "") -> bytes:
+    """The bytes stored under `key` (64 hex digits): from memory, else from disk, else `build()`, published to disk
+    when the directory is writable. `name` (letters, digits, `_.-`) prefixes the file name; `note` is kept beside
+    the bytes to say what made them."""
+    if not re.fullmatch(r"[0-9a-f]{64}", key):
+        raise ValueError(f"cache keys are 64 lowercase hex digits, got {key!r}")
+    data = _memory.get(key)
+    if data is not None:
+        return data
+    directory = cache_dir()
+    if directory is None:
+        data = build()
+    else:
+        path = directory / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{key[:20]}.bin"
+        data = _read(path, key, repair=False)
+        if data is None:
+            data = _build_locked(build, path, key, note) if writable(directory) else build()
+    return _memory.setdefault(key, data)
 
 
 @functools.cache
-def _usable_dir(path: str) -> Path | None:
-    directory = Path(path).expanduser()
+def writable(directory: Path) -> bool:
+    """Whether entries can be published in `directory` (warns once when they cannot)."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
         # Really writing a file is the only test that holds for read-only mounts, ACLs and root alike.
         tempfile.TemporaryFile(dir=directory).close()
     except OSError as exc:
         warnings.warn(
-            f"attngen kernel cache {directory} is not writable ({exc}); compiled kernels are kept in memory "
-            "only. Set ATTNGEN_CACHE_DIR to a writable directory to keep them across runs.",
+            f"attngen kernel cache {directory} is not writable ({exc}); kernels found there are used, new ones are "
+            "kept in memory only. Set ATTNGEN_CACHE_DIR to a writable directory to keep them across runs.",
             CacheWarning,
         )
-        return None
-    return directory
+        return False
+    return True
 
 
-def fetch(source: KernelSource, build: Callable[[KernelSource], Binary]) -> Binary:
-    """The Binary of `source`: from memory, else from disk, else `build(source)` published to disk."""
-    check_arch(source.arch)  # the arch becomes part of a file name
-    key = cache_key(source)
-    binary = _memory.get(key)
-    if binary is not None:
-        return binary
-    directory = cache_dir()
-    if directory is None:
-        binary = build(source)
-    else:
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", source.name)
-        path = directory / f"{name}_{source.arch}-{key[:20]}.bin"
-        binary = _read(path, key, repair=False)
-        if binary is None:
-            binary = _build_locked(source, build, path, key)
-    return _memory.setdefault(key, binary)
-
-
-def _build_locked(source: KernelSource, build: Callable[[KernelSource], Binary], path: Path, key: str) -> Binary:
+def _build_locked(build: Callable[[], bytes], path: Path, key: str, note: str) -> bytes:
     from filelock import FileLock  # only a miss needs the lock, and importing filelock costs ~35 ms
 
     with FileLock(f"{path}.lock"):
         # Another process may have published while this one waited for the lock.
-        binary = _read(path, key, repair=True)
-        if binary is None:
-            binary = build(source)
-            _publish(path, _encode(key, binary))
-    return binary
+        data = _read(path, key, repair=True)
+        if data is None:
+            data = build()
+            _publish(path, _encode(key, note, data))
+    return data
 
 
-def _read(path: Path, key: str, repair: bool) -> Binary | None:
-    """The entry at `path`, or None if absent or corrupt; with `repair`, a corrupt entry is warned about and
+def _read(path: Path, key: str, repair: bool) -> bytes | None:
+    """The payload at `path`, or None if absent or corrupt; with `repair`, a corrupt entry is warned about and
     deleted (only done while holding the lock, so a concurrent publish cannot be deleted by mistake)."""
     try:
         data = path.read_bytes()
@@ -145,7 +109,7 @@ def _read(path: Path, key: str, repair: bool) -> Binary | None:
             warnings.warn(f"attngen cache entry {path} is unreadable ({exc}); rebuilding it", CacheWarning)
         return None
     try:
-        return _decode(data, key)
+        return _decode(data, key)[1]
     except _Corrupt as exc:
         if repair:
             warnings.warn(f"attngen cache entry {path} is corrupt ({exc}); deleting and rebuilding it", CacheWarning)
@@ -153,41 +117,30 @@ def _read(path: Path, key: str, repair: bool) -> Binary | None:
         return None
 
 
-def _encode(key: str, binary: Binary) -> bytes:
-    header = {
-        "key": key,
-        "arch": binary.arch,
-        "resources": [[entry, {f.name: getattr(r, f.name) for f in fields(r)}] for entry, r in binary.resources],
-        "log": binary.log,
-    }
-    text = json.dumps(header).encode()
-    payload = _JSON_LENGTH.pack(len(text)) + text + binary.cubin
-    return _HEADER.pack(MAGIC, FORMAT, len(payload), hashlib.sha256(payload).digest()) + payload
+def _encode(key: str, note: str, payload: bytes) -> bytes:
+    text = note.encode()
+    digest = hashlib.sha256(payload).digest()
+    return _HEADER.pack(MAGIC, FORMAT, bytes.fromhex(key), len(text), len(payload), digest) + text + payload
 
 
-def _decode(data: bytes, key: str) -> Binary:
+def _decode(data: bytes, key: str | None) -> tuple[str, bytes]:
+    """(note, payload) of an entry; `key` None skips the key check (listing)."""
     if len(data) < _HEADER.size:
         raise _Corrupt(f"{len(data)} bytes, shorter than the entry header")
-    magic, version, length, digest = _HEADER.unpack_from(data)
+    magic, version, raw_key, note_length, length, digest = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise _Corrupt("not an attngen cache entry")
     if version != FORMAT:
         raise _Corrupt(f"entry format {version}, this attngen writes {FORMAT}")
-    payload = memoryview(data)[_HEADER.size :]
+    if key is not None and raw_key != bytes.fromhex(key):
+        raise _Corrupt("entry was written for another key")
+    payload = data[_HEADER.size + note_length :]
     if len(payload) != length:
         raise _Corrupt(f"payload has {len(payload)} bytes, header says {length}")
     if hashlib.sha256(payload).digest() != digest:
         raise _Corrupt("checksum mismatch")
-    try:
-        (text_length,) = _JSON_LENGTH.unpack_from(payload)
-        end = _JSON_LENGTH.size + text_length
-        header = json.loads(bytes(payload[_JSON_LENGTH.size : end]))
-        if header["key"] != key:
-            raise _Corrupt("entry was written for another key")
-        resources = tuple((entry, Resources(**values)) for entry, values in header["resources"])
-        return Binary(cubin=bytes(payload[end:]), arch=header["arch"], resources=resources, log=header["log"])
-    except (struct.error, ValueError, KeyError, TypeError) as exc:
-        raise _Corrupt(f"bad JSON header: {exc}") from None
+    note = data[_HEADER.size : _HEADER.size + note_length].decode(errors="replace")
+    return note, payload
 
 
 def _publish(path: Path, data: bytes) -> None:
@@ -207,7 +160,7 @@ def _publish(path: Path, data: bytes) -> None:
 
 
 def list_entries() -> list[CacheEntry]:
-    """Every kernel in the disk cache, sorted by file name; [] when the cache is memory only."""
+    """Every entry in the disk cache, sorted by file name; [] when the cache is memory only."""
     directory = cache_dir()
     if directory is None:
         return []
@@ -218,10 +171,24 @@ def list_entries() -> list[CacheEntry]:
             continue
         try:
             stat = path.stat()
+            with path.open("rb") as file:
+                head = file.read(_HEADER.size + 4096)
+            note = _decode_note(head)
         except FileNotFoundError:  # removed by another process since the listing
             continue
-        entries.append(CacheEntry(path, match["name"], match["arch"], stat.st_size, stat.st_mtime))
+        except OSError:
+            note = "(unreadable)"
+        entries.append(CacheEntry(path, match["name"], note, stat.st_size, stat.st_mtime))
     return entries
+
+
+def _decode_note(head: bytes) -> str:
+    if len(head) < _HEADER.size:
+        return "(corrupt)"
+    magic, version, _key, note_length, _length, _digest = _HEADER.unpack_from(head)
+    if magic != MAGIC or version != FORMAT:
+        return "(other format)"
+    return head[_HEADER.size : _HEADER.size + note_length].decode(errors="replace")
 
 
 def clear() -> int:

@@ -1,20 +1,24 @@
 """`attngen emit` prints the CUDA source, plan or resource report of a pattern; `attngen cache` lists or clears
-the kernel cache. Exit status: 0 ok, 1 compile failure, 2 bad input.
+the kernel cache. Exit status: 0 ok, 1 compile failure, 2 bad input, 141 output pipe closed early (as if killed by
+SIGPIPE: `attngen emit ... | head -1` prints no traceback).
 
 Pattern expressions are evaluated by walking Python's AST against a whitelist (constructor calls, constants,
-& | ~), never by eval(), so a command-line argument cannot run code."""
+& | ~), never by eval(), so a command-line argument cannot run code.
+
+This module imports nothing heavy at module level: attngen.cache, attngen.compile, torch and the pattern DSL are
+imported by the commands that use them, so `attngen --help` and `attngen cache ...` cost little more than
+importing the attngen package (while attngen/__init__.py imports torch eagerly, that import is most of it)."""
 
 from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from attngen import cache
-from attngen.compile import check_arch, device_arch
 from attngen.errors import AttngenError, InputError
 
 _HELP_ALLOWED = "constructor calls, int/float/str constants, keyword arguments, & | ~, unary - and parentheses"
@@ -148,6 +152,7 @@ def _emit(args: argparse.Namespace) -> int:
     import torch  # only `emit` needs torch; `attngen cache ...` stays quick without it
 
     import attngen
+    from attngen.compile import check_arch
 
     arch = check_arch(args.arch) if args.arch else _local_arch(torch)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -155,37 +160,81 @@ def _emit(args: argparse.Namespace) -> int:
     if args.plan:
         print(kern.plan)
     elif args.resources:
-        for entry, resources in kern.backward_resources if args.backward else kern.resources:
-            print(f"# {entry}\n{resources}")
+        print(resource_report(kern, backward=args.backward))
     else:
         print(kern.backward_source if args.backward else kern.source)
     return 0
 
 
+def resource_report(kern: Any, *, backward: bool = False) -> str:
+    """What `emit --resources` prints: per entry ptxas's registers, static shared memory, spills and stack, the
+    dynamic shared memory the plan launches it with, then ptxas's performance notes on the binary."""
+    binary = kern.backward_binary if backward else kern.forward_binary
+    lines = []
+    for entry, resources in binary.resources:
+        lines.append(f"# {entry}")
+        for line in str(resources).splitlines():
+            lines.append(line)
+            if line.startswith("shared_bytes:"):  # ptxas counts static shared memory only
+                lines.append(f"dynamic_shared_bytes: {dynamic_shared_bytes(kern.kernel_plan, entry)}")
+    notes = binary.performance_notes
+    lines += [f"performance notes: {'' if notes else 'none'}".rstrip(), *(f"  {note}" for note in notes)]
+    return "\n".join(lines)
+
+
+# The plan's tiles each kernel entry launches with (their `smem_bytes` is its dynamic shared memory, as launched);
+# the first attribute the plan has is used: the dK/dV tiles are `plan.dkdv`, `plan.bwd` in plans from before that
+# name. The backward preprocess kernel uses no dynamic shared memory.
+_ENTRY_TILES = {
+    "attngen_fwd": ("fwd",),
+    "attngen_bwd_preprocess": (),
+    "attngen_bwd_dkdv": ("dkdv", "bwd"),
+    "attngen_bwd_dq": ("dq",),
+}
+
+
+def dynamic_shared_bytes(plan: Any, entry: str) -> int | str:
+    """Bytes of dynamic shared memory kernel `entry` of `plan` launches with; "unknown" for an entry not above."""
+    if entry not in _ENTRY_TILES:
+        return "unknown"
+    for name in _ENTRY_TILES[entry]:
+        tiles = getattr(plan, name, None)
+        if tiles is not None:
+            return tiles.smem_bytes
+    return 0
+
+
 def _local_arch(torch: Any) -> str:
+    from attngen.compile import device_arch
+
     if not torch.cuda.is_available():
         raise InputError("no CUDA GPU found; pass --arch (e.g. --arch sm_90) to emit kernels for another machine")
     return device_arch(torch.cuda.current_device())
 
 
 def _cache_list(args: argparse.Namespace) -> int:
+    from attngen import cache
+
     directory = cache.cache_dir()
     if directory is None:
-        print("cache: memory only (the cache directory is not writable)")
+        print("cache: memory only (no usable cache directory)")
         return 0
     entries = cache.list_entries()
     count = f"{len(entries)} kernel{'s' if len(entries) != 1 else ''}"
     print(f"cache: {directory} ({count}, {_size(sum(e.size for e in entries))})")
     if entries:
+        # An entry's name ends in its arch (e.g. fwd_..._sm_90a); its note says what it was compiled for.
         width = max(len("name"), *(len(e.name) for e in entries))
-        print(f"{'name':<{width}}  {'arch':<7}  {'size':>9}  age")
+        print(f"{'name':<{width}}  {'size':>9}  {'age':>4}  made for")
         now = time.time()
         for e in entries:
-            print(f"{e.name:<{width}}  {e.arch:<7}  {_size(e.size):>9}  {_age(now - e.mtime)}")
+            print(f"{e.name:<{width}}  {_size(e.size):>9}  {_age(now - e.mtime):>4}  {e.note}".rstrip())
     return 0
 
 
 def _cache_clear(args: argparse.Namespace) -> int:
+    from attngen import cache
+
     removed = cache.clear()
     print(f"removed {removed} cached kernel{'s' if removed != 1 else ''} from {cache.cache_dir() or 'memory'}")
     return 0
@@ -217,7 +266,11 @@ def _parser() -> argparse.ArgumentParser:
     emit.add_argument("--arch", help="target such as sm_80 or sm_90a (default: the local GPU)")
     emit.add_argument("--backward", action="store_true", help="the backward kernels instead of the forward one")
     shown = emit.add_mutually_exclusive_group()
-    shown.add_argument("--resources", action="store_true", help="registers, shared memory and spills per kernel")
+    shown.add_argument(
+        "--resources",
+        action="store_true",
+        help="registers, static and dynamic shared memory, spills per kernel, and ptxas's performance notes",
+    )
     shown.add_argument("--plan", action="store_true", help="the kernel plan instead of the source")
     emit.set_defaults(run=_emit)
 
@@ -232,10 +285,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `attngen` command; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's own flush at exit
+        return status
     except AttngenError as exc:
         print(f"attngen: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, InputError) else 1
+    except BrokenPipeError:
+        # The reader stopped early (`attngen emit ... | head -1`): stop quietly with SIGPIPE's status. Output still
+        # buffered would fail again when the interpreter flushes stdout at exit, so stdout goes to devnull (the
+        # recipe of Python's signal module documentation).
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):  # a stdout without a file descriptor (a test's capture)
+            pass
+        return 141
 
 
 if __name__ == "__main__":

@@ -3,13 +3,16 @@
 NVRTC runs in-process through CuPy, so no CUDA toolkit is needed: rendered sources include no header, so NVRTC
 needs nothing beside itself. A failed compile raises CompileError carrying the full log and a path to the exact
 source text that failed.
-`compile_cached` goes through cache.py; `load_function` turns a Binary into a launchable CuPy Function."""
+`compile_cached` goes through cache.py, a byte store: encoding a Binary (and its cache key) belongs here.
+`load_function` turns a Binary into a launchable CuPy Function."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import re
+import struct
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -17,6 +20,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from attngen import cache
+from attngen._version import __version__
 from attngen.errors import AttngenError, InputError
 from attngen.render import KernelSource
 
@@ -29,6 +34,13 @@ BASE_OPTIONS = ("-std=c++17", "--ptxas-options=-v")
 DEFAULT_DYNAMIC_SHARED_LIMIT = 48 * 1024
 
 _ARCH = re.compile(r"sm_(\d+)(a?)")
+# The kernels use cp.async, ldmatrix and bf16 mma.sync, which need compute capability 8.0.
+MIN_COMPUTE_CAPABILITY = 80
+TOO_OLD = "attngen needs an NVIDIA GPU of compute capability sm_80 or newer (Ampere, Ada, Hopper, Blackwell)"
+NO_CUPY = (
+    "attngen compiles and launches kernels through CuPy, which is not installed; install it with "
+    'pip install "attngen[cuda13]" (or "attngen[cuda12]" for a CUDA 12 driver)'
+)
 
 
 @dataclass(frozen=True)
@@ -68,9 +80,13 @@ class Binary:
 
     @property
     def performance_notes(self) -> tuple[str, ...]:
-        """What ptxas says it had to give up (wgmma serialised or waited for, setmaxnreg ignored): empty for a
-        kernel that compiled as written."""
-        return tuple(line.split(":", 1)[1].strip() for line in self.log.splitlines() if _PERFORMANCE_NOTE.search(line))
+        """What ptxas says it had to give up (wgmma serialised, setmaxnreg ignored): empty for a kernel that
+        compiled as written. Informational notes that cost nothing (see `_BENIGN_NOTE`) are left out."""
+        return tuple(
+            line.split(":", 1)[1].strip()
+            for line in self.log.splitlines()
+            if _PERFORMANCE_NOTE.search(line) and not _BENIGN_NOTE.search(line)
+        )
 
     def resources_of(self, entry: str) -> Resources:
         for name, resources in self.resources:
@@ -104,13 +120,20 @@ def check_arch(arch: str) -> str:
             f"arch must look like 'sm_80', 'sm_90', 'sm_90a' or 'sm_120' (sm_ + compute capability digits, "
             f"optionally 'a'); got {arch!r}"
         )
+    if int(_ARCH.fullmatch(arch)[1]) < MIN_COMPUTE_CAPABILITY:
+        raise InputError(f"{TOO_OLD}; got arch={arch!r}")
     return arch
 
 
 @functools.cache
 def nvrtc_version() -> tuple[int, int]:
     """(major, minor) of the NVRTC library CuPy loads."""
-    from cupy.cuda import nvrtc  # importing CuPy costs ~0.4 s, so only code that needs NVRTC pays it
+    try:
+        from cupy.cuda import nvrtc  # importing CuPy costs ~0.4 s, so only code that needs NVRTC pays it
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "cupy":
+            raise
+        raise AttngenError(NO_CUPY) from exc
 
     major, minor = nvrtc.getVersion()
     return int(major), int(minor)
@@ -118,7 +141,12 @@ def nvrtc_version() -> tuple[int, int]:
 
 def nvrtc_compile(source: KernelSource) -> Binary:
     """Compile `source` for `source.arch` to a cubin and read each entry's registers, shared memory and spills."""
-    from cupy.cuda import nvrtc
+    try:
+        from cupy.cuda import nvrtc
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "cupy":
+            raise
+        raise AttngenError(NO_CUPY) from exc
 
     arch = check_arch(source.arch)
     supported = nvrtc.getSupportedArchs()
@@ -157,6 +185,16 @@ def nvrtc_compile(source: KernelSource) -> Binary:
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 _PERFORMANCE_NOTE = re.compile(r"\(C75\d\d\)")  # ptxas's notes on wgmma pipelining and register hand-over
+# The one C75xx note that reports no loss. The ptxas inside NVRTC 13.0 (13.0.88, the version the CUDA 13 torch
+# wheels pin; CUDA 12.8's ptxas too) prints "(C7519) warpgroup.arrive is injected in around line N by compiler to
+# allow use of registers in GMMA in function '...'" at wgmmas that read their A operand from registers (the
+# sm_90a kernels' P·V and backward products): ptxas adds the warpgroup.arrive (wgmma.fence) such a wgmma needs
+# after its registers were written, and the wgmmas stay asynchronous. NVRTC 13.5 no longer contains the message,
+# and kernels from 13.0 and 13.5 ran at the same speed on an H200. Lost performance is worded "Potential
+# Performance Loss: wgmma.mma_async instructions are serialized ..." (C7510, C7511, C7515, ...) or "Potential
+# Performance Loss: 'setmaxnreg' ignored ..." (C7504, C7507, C7508) and stays a note, as does any C75xx line not
+# matched below. Both the code and the wording must match, so a renumbered or reworded note is reported.
+_BENIGN_NOTE = re.compile(r"\(C7519\) warpgroup\.arrive is injected in around line \d+ by compiler")
 _PROPERTIES = re.compile(r"Function properties for (\S+)")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGISTERS = re.compile(r"Used (\d+) registers")
@@ -198,18 +236,71 @@ def _save(source: KernelSource) -> Path | None:
     return path
 
 
-def compile_cached(source: KernelSource) -> Binary:
-    """`nvrtc_compile(source)` through the memory + disk cache; a hit involves no NVRTC compile."""
-    from attngen import cache  # cache.py is built on this module's types, so it is imported at call time
+def compile_cached(source: KernelSource, note: str = "") -> Binary:
+    """`nvrtc_compile(source)` through the kernel cache (a hit involves no NVRTC compile); `note` says what made
+    the kernel (shown by `attngen cache list`)."""
+    data = cache.fetch(f"{source.name}_{source.arch}", cache_key(source), lambda: encode(nvrtc_compile(source)), note)
+    return decode(data)
 
-    return cache.fetch(source, nvrtc_compile)
+
+@functools.cache
+def attngen_version() -> str:
+    """Installed distribution version, or the source tree's when attngen runs uninstalled."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("attngen")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
+
+
+def cache_key(source: KernelSource) -> str:
+    """Hex sha256 naming the Binary that `source` compiles to with this NVRTC and this attngen."""
+    parts = [
+        FORMAT,
+        source.code,
+        list(source.entries),
+        list(source.options),
+        source.arch,
+        list(BASE_OPTIONS),
+        list(nvrtc_version()),
+        attngen_version(),
+    ]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+FORMAT = 1  # bump when `encode`'s layout changes
+_JSON_LENGTH = struct.Struct("<I")
+
+
+def encode(binary: Binary) -> bytes:
+    """A Binary as bytes: the length of a JSON header (arch, resources, log), the header, then the cubin."""
+    header = {
+        "arch": binary.arch,
+        "resources": [[entry, {f.name: getattr(r, f.name) for f in fields(r)}] for entry, r in binary.resources],
+        "log": binary.log,
+    }
+    text = json.dumps(header).encode()
+    return _JSON_LENGTH.pack(len(text)) + text + binary.cubin
+
+
+def decode(data: bytes) -> Binary:
+    """The Binary that `encode` wrote (the cache has checked the bytes' checksum)."""
+    (length,) = _JSON_LENGTH.unpack_from(data)
+    end = _JSON_LENGTH.size + length
+    header = json.loads(data[_JSON_LENGTH.size : end])
+    resources = tuple((entry, Resources(**values)) for entry, values in header["resources"])
+    return Binary(cubin=bytes(data[end:]), arch=header["arch"], resources=resources, log=header["log"])
 
 
 def device_arch(device_index: int) -> str:
-    """The sm_XY target of CUDA device `device_index`, e.g. "sm_90" for an H100."""
+    """The sm_XY target of CUDA device `device_index`, e.g. "sm_90" for an H100; InputError below sm_80."""
     import torch  # kept out of module import so that `attngen cache ...` stays quick
 
     major, minor = torch.cuda.get_device_capability(device_index)
+    if major * 10 + minor < MIN_COMPUTE_CAPABILITY:
+        name = torch.cuda.get_device_name(device_index)
+        raise InputError(f"{TOO_OLD}; CUDA device {device_index} ({name}) is sm_{major}{minor}")
     return f"sm_{major}{minor}"
 
 
@@ -227,7 +318,12 @@ def ensure_dynamic_shared(function: Function, nbytes: int) -> None:
 
 @functools.cache  # once per (function, size): launches pay no driver call after the first
 def _raise_dynamic_shared(function_ptr: int, nbytes: int) -> None:
-    from cupy.cuda import driver
+    try:
+        from cupy.cuda import driver
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "cupy":
+            raise
+        raise AttngenError(NO_CUPY) from exc
 
     attribute = driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
     # Reading the current cap first means the cap is raised once and never lowered by a smaller launch.
@@ -242,9 +338,14 @@ def _function(cubin: bytes, arch: str, entry: str, device_index: int) -> Functio
 
 @functools.cache
 def _module(cubin: bytes, arch: str, device_index: int) -> Module:
-    from cupy.cuda import Device, function
+    try:
+        from cupy.cuda import Device, function
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "cupy":
+            raise
+        raise AttngenError(NO_CUPY) from exc
 
-    device = device_arch(device_index)
+    device = device_arch(device_index)  # InputError for a GPU older than sm_80
     if not _runs_on(arch, device):
         raise AttngenError(
             f"kernel compiled for {arch} cannot run on CUDA device {device_index} ({device}); compile for {device}"

@@ -10,3 +10,7 @@ class AttngenError(Exception):
 
 class InputError(AttngenError, ValueError):
     """A value supplied by the user is invalid; the message says which and what is accepted."""
+
+
+class CacheWarning(UserWarning):
+    """The disk cache could not be used as intended (unwritable, corrupt entry); attngen carried on."""

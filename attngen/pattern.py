@@ -1,13 +1,18 @@
 """Stage 1: the pattern DSL. A Pattern says which query position q may attend to which key position k.
 
 Patterns are immutable, hashable expression trees: leaves (affine predicates over q, k, Sq, Sk; block layouts;
-documents; key padding) combined with `&`, `|` and `~`. A pattern prints as the expression that built it and can
-produce its dense reference mask (`reference.py` is the oracle built on that)."""
+documents; key padding; selection rules) combined with `&`, `|` and `~`. A pattern prints as the expression that
+built it and defines its dense mask here (`reference.py` builds the attention oracle on that). A pattern's
+*structure* (`Pattern.structure`) is what kernels are compiled for: the same tree with every data-carrying leaf (a
+block layout's grid) replaced by a numbered slot, so new layouts of the same shape of pattern reuse one kernel."""
 
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
+import math
+import operator
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -19,27 +24,11 @@ from .errors import InputError
 # Positions are integers: q (query index), k (key index); Sq, Sk are the sequence lengths.
 q, k, Sq, Sk = sp.symbols("q k Sq Sk", integer=True)
 SYMBOLS = {"q": q, "k": k, "Sq": Sq, "Sk": Sk}
-
-
-# Interning: equal patterns share one short string key, which is how the custom op (whose arguments can only be
-# tensors and plain values) names a pattern.
-_INTERNED: dict[Pattern, str] = {}
-_KEYS: dict[str, Pattern] = {}
-
-
-def by_key(key: str) -> Pattern:
-    """The pattern interned under `key` (see `Pattern.key`)."""
-    return _KEYS[key]
+Sq_, Sk_ = Sq, Sk  # the symbols, for code whose arguments shadow the names
 
 
 class Pattern:
     """Base of every pattern node. Subclasses are frozen dataclasses."""
-
-    def __post_init__(self) -> None:
-        # A plain string naming this pattern, readable by torch.compile without tracing into the pattern.
-        key = _INTERNED.setdefault(self, f"p{len(_INTERNED)}")
-        _KEYS.setdefault(key, self)
-        object.__setattr__(self, "key", key)
 
     def __and__(self, other: Pattern) -> Pattern:
         return And(_flatten(And, (self, _check(other))))
@@ -48,26 +37,49 @@ class Pattern:
         return Or(_flatten(Or, (self, _check(other))))
 
     def __invert__(self) -> Pattern:
+        if any(isinstance(leaf, Selector) for leaf in self.leaves()):
+            raise InputError(
+                f"~ cannot apply to {self!r}: a selection rule keeps keys by their scores, and its complement is "
+                "not supported; write `A & rule` to let the rule choose among the keys A allows"
+            )
         return self.part if isinstance(self, Not) else Not(self)
 
     def leaves(self) -> tuple[Pattern, ...]:
         return (self,)
 
     def mask(self, Sq: int, Sk: int, **runtime) -> torch.Tensor:
-        """Dense bool mask broadcastable to [B, H, Sq, Sk] (see `reference.mask`)."""
-        from .reference import mask
-
-        return mask(self, Sq, Sk, **runtime)
+        """Dense bool mask broadcastable to [B, H, Sq, Sk]: the positions this pattern allows. Takes the call-time
+        tensors (`document_ids=`, `key_lengths=`) and `device=`. Selection rules are score-dependent: their
+        positions are given by `attngen.reference`, not here."""
+        Sq, Sk = _int("Sq", Sq), _int("Sk", Sk)
+        return dense_mask(self, Sq, Sk, **runtime)
 
     def draw(self, Sq: int, Sk: int, *, cells: int = 64, **runtime) -> str:
-        """The mask (batch 0, head 0) as text: █ all kept, ▒ some, · none (see `reference.draw`)."""
-        from .reference import draw
+        """The mask (batch 0, head 0) as text, at most `cells` characters a side: █ all kept, ▒ some, · none."""
+        Sq, Sk, cells = _int("Sq", Sq, 1), _int("Sk", Sk, 1), _int("cells", cells, 1)
+        kept = dense_mask(self, Sq, Sk, **runtime)[0, 0].float()
+        kept = torch.nn.functional.adaptive_avg_pool2d(kept[None], (min(cells, Sq), min(cells, Sk)))[0]
+        return "\n".join("".join("█" if f == 1 else "·" if f == 0 else "▒" for f in row) for row in kept.tolist())
 
-        return draw(self, Sq, Sk, cells=cells, **runtime)
+    def structure(self) -> Pattern:
+        """This pattern with every block layout replaced by a `LayoutSlot` (numbered by first appearance; equal
+        layouts share a slot): what a kernel depends on. `layouts()` lists the replaced layouts in slot order."""
+        return self._structure
+
+    @cached_property
+    def _structure(self) -> Pattern:  # computed once per pattern object: attention() asks on every call
+        return self._restructure({})
+
+    def layouts(self) -> tuple[BlockLayout, ...]:
+        """The distinct block layouts of this pattern, in slot order (see `structure`)."""
+        return tuple(dict.fromkeys(leaf for leaf in self.leaves() if isinstance(leaf, BlockLayout)))
+
+    def _restructure(self, slots: dict) -> Pattern:
+        return self
 
     @property
     def runtime_inputs(self) -> frozenset[str]:
-        """Names of the call-time tensors this pattern reads (`document_ids`, `key_lengths`)."""
+        """Names of the call-time tensors this pattern reads (`document_ids`, `key_lengths`, a rule's inputs)."""
         return frozenset(n for leaf in self.leaves() for n in leaf._inputs)
 
     _inputs: tuple[str, ...] = ()
@@ -98,6 +110,9 @@ class And(Pattern):
     def leaves(self):
         return tuple(leaf for p in self.parts for leaf in p.leaves())
 
+    def _restructure(self, slots):
+        return And(tuple(p._restructure(slots) for p in self.parts))
+
     def __repr__(self):
         return " & ".join(p._paren(3) for p in self.parts)
 
@@ -110,6 +125,9 @@ class Or(Pattern):
     def leaves(self):
         return tuple(leaf for p in self.parts for leaf in p.leaves())
 
+    def _restructure(self, slots):
+        return Or(tuple(p._restructure(slots) for p in self.parts))
+
     def __repr__(self):
         return " | ".join(p._paren(2) for p in self.parts)
 
@@ -120,6 +138,9 @@ class Not(Pattern):
 
     def leaves(self):
         return self.part.leaves()
+
+    def _restructure(self, slots):
+        return Not(self.part._restructure(slots))
 
     def __repr__(self):
         return f"~{self.part._paren(3)}"
@@ -160,10 +181,55 @@ class BlockLayout(Pattern):
         t = torch.frombuffer(bytearray(self.data), dtype=torch.uint8).view(self.shape)
         return t if self.per_head else t.unsqueeze(0)
 
+    def _restructure(self, slots):
+        if self not in slots:
+            slots[self] = LayoutSlot(len(slots), self.block_size, self.per_head)
+        return slots[self]
+
     def __repr__(self):
         dims = "x".join(map(str, self.shape))
         density = sum(self.data) / max(1, len(self.data))
         return f"block_layout(<{dims} {density:.0%} {self.digest[:8]}>, {self.block_size})"
+
+
+@dataclass(frozen=True, repr=False)
+class LayoutSlot(Pattern):
+    """Structure of a block layout: its place among the pattern's layouts and its block size. Kernels read the
+    grid itself at run time (`layout{index}` arguments), so one kernel serves every grid."""
+
+    index: int
+    block_size: int
+    per_head: bool
+
+    def __repr__(self):
+        heads = "per head, " if self.per_head else ""
+        return f"block_layout(<layout {self.index}: {heads}run-time grid>, {self.block_size})"
+
+
+@dataclass(frozen=True, repr=False)
+class Selector(Pattern):
+    """Base of the selection rules: leaves that keep keys by their scores (or by data computed at call time), among
+    the keys the rest of the pattern allows. Supported compositions: a rule alone (among all keys) and `A & rule`
+    with a rule-free A (`attngen.select.split_selection`). A rule's module under `attngen/select/` subclasses this
+    and implements the four methods below; its template under `templates/select/` implements the kernel hook."""
+
+    def selection(self):
+        """The frozen `attngen.select.Selection` this rule plans into (knobs, template, run-time arguments)."""
+        raise NotImplementedError(f"{type(self).__name__} must define selection()")
+
+    def reference_keep(self, scores: torch.Tensor, allowed: torch.Tensor, **runtime) -> torch.Tensor:
+        """The rule's exact semantics: bool [B, H, Sq, Sk] of the keys it keeps, given fp32/fp64 scores
+        s = scale·QKᵀ [B, H, Sq, Sk] and the positions the rest of the pattern allows (broadcastable)."""
+        raise NotImplementedError(f"{type(self).__name__} must define reference_keep()")
+
+    def prepare(self, q: torch.Tensor, k: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, ...]:
+        """Call-time pre-passes on the GPU (a scorer, hashing, sorting, ...): the tensors the kernels read, in the
+        order of the rule's run-time arguments. `inputs` holds the call-time tensors named in `_inputs`."""
+        return ()
+
+    def bind(self, tensors: tuple[torch.Tensor, ...]) -> list:
+        """Kernel argument values (numpy scalars) for the rule's run-time arguments, from `prepare`'s tensors."""
+        return []
 
 
 @dataclass(frozen=True, repr=False)
@@ -189,9 +255,20 @@ class KeyPadding(Pattern):
 # ----------------------------------------------------------------------------------------- constructors
 
 
-def _int(name: str, value: object, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+# Sequence positions are 32-bit ints in the kernels: a size or offset up to 2**30 keeps every position ± offset
+# within them (q + right, k - left, ...) and covers any sequence that fits in GPU memory.
+MAX_INT = 2**30
+
+
+def _int(name: str, value: object, minimum: int = 0, maximum: int = MAX_INT) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        # A huge int is described, not printed (repr() refuses ints of more than 4300 digits).
+        huge = isinstance(value, int) and value.bit_length() > 128
+        shown = f"an integer of {value.bit_length()} bits" if huge else repr(value)
+        raise InputError(
+            f"{name} must be an integer from {minimum} to {maximum} (2**30; positions are 32-bit integers in the "
+            f"kernels), got {shown}"
+        )
     return value
 
 
@@ -260,6 +337,11 @@ def block_layout(layout: torch.Tensor, block_size: int) -> Pattern:
     bs = _int("block_size", block_size, 1)
     if not isinstance(layout, torch.Tensor) or layout.dim() not in (2, 3):
         raise InputError("layout must be a 2-d [q_blocks, k_blocks] or 3-d [heads, q_blocks, k_blocks] tensor")
+    if layout.dtype != torch.bool:
+        raise InputError(f"layout must be a torch.bool tensor (True = the blocks see each other), got {layout.dtype}")
+    if layout.is_meta or layout.numel() == 0:
+        got = f"{layout.device} {tuple(layout.shape)}"
+        raise InputError(f"layout must hold data with at least one block a side, got {got}")
     data = layout.detach().to("cpu", torch.bool).contiguous().to(torch.uint8).numpy().tobytes()
     return BlockLayout(data, tuple(layout.shape), bs, hashlib.sha256(data).hexdigest())
 
@@ -303,6 +385,13 @@ def _parse_predicate(text: str) -> sp.Basic:
 
     def conv(n: ast.AST) -> sp.Basic:
         if isinstance(n, ast.Constant) and type(n.value) is int:
+            if n.value > MAX_INT:  # literals are never negative: -5 parses as unary minus on 5
+                digits = str(n.value)
+                shown = digits if len(digits) <= 24 else f"{digits[:12]}... ({len(digits)} digits)"
+                raise InputError(
+                    f"predicate {text!r}: the integer {shown} is too large; integers from 0 to 2**30 = {MAX_INT} "
+                    "are accepted (positions are 32-bit integers in the kernels)"
+                )
             return sp.Integer(n.value)
         if isinstance(n, ast.Name) and n.id in SYMBOLS:
             return SYMBOLS[n.id]
@@ -327,6 +416,106 @@ def _parse_predicate(text: str) -> sp.Basic:
         )
 
     return conv(tree)
+
+
+# ------------------------------------------------------------------------------------------ dense semantics
+
+
+def document_ids_pair(document_ids, Sq: int, Sk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise `document_ids` (one [B, S] / [S] tensor when Sq == Sk, or a (query, key) pair) to [B', S]."""
+    if isinstance(document_ids, (tuple, list)):
+        if len(document_ids) != 2:
+            raise InputError(f"document_ids as a pair must be (query_ids, key_ids), got {len(document_ids)} items")
+        qd, kd = document_ids
+    else:
+        if Sq != Sk:
+            raise InputError("with Sq != Sk pass document_ids=(query_ids, key_ids)")
+        qd = kd = document_ids
+    for name, d in (("query", qd), ("key", kd)):
+        if not isinstance(d, torch.Tensor) or d.dim() not in (1, 2):
+            raise InputError(f"document ids ({name}) must be a [B, S] or [S] integer tensor, got {d!r:.60}")
+    qd, kd = (d if d.dim() == 2 else d.unsqueeze(0) for d in (qd, kd))
+    if qd.shape[-1] != Sq or kd.shape[-1] != Sk:
+        raise InputError(f"document ids must have lengths Sq={Sq} and Sk={Sk}, got {qd.shape[-1]} and {kd.shape[-1]}")
+    return qd, kd
+
+
+_REL = {sp.Lt: operator.lt, sp.Le: operator.le, sp.Gt: operator.gt, sp.Ge: operator.ge, sp.Eq: operator.eq}
+
+
+def _evaluate(e: sp.Basic, env: dict) -> torch.Tensor | bool | int | float:
+    """Evaluate a sympy affine predicate on integer tensors (q as a column, k as a row)."""
+    if e is sp.true or e is sp.false:
+        return bool(e)
+    if isinstance(e, sp.Symbol):
+        return env[e]
+    if isinstance(e, sp.Integer):
+        return int(e)
+    if isinstance(e, sp.Rational):
+        return float(e)
+    if isinstance(e, sp.Add):
+        return sum((_evaluate(a, env) for a in e.args[1:]), _evaluate(e.args[0], env))
+    if isinstance(e, sp.Mul):
+        return functools.reduce(operator.mul, (_evaluate(a, env) for a in e.args))
+    if isinstance(e, (sp.Ne, *_REL)):
+        # Compare lhs - rhs with 0 after scaling it to integer coefficients: exact, where fractional coefficients
+        # would round in floating point.
+        diff = sp.expand(e.lhs - e.rhs)
+        diff = sp.expand(diff * math.lcm(*(sp.Rational(c).q for c in sp.Poly(diff, *SYMBOLS.values()).coeffs())))
+        value = _evaluate(diff, env)
+        return value != 0 if isinstance(e, sp.Ne) else next(op for rel, op in _REL.items() if isinstance(e, rel))(
+            value, 0
+        )
+    if isinstance(e, sp.Not):
+        return ~torch.as_tensor(_evaluate(e.args[0], env))
+    if isinstance(e, (sp.And, sp.Or)):
+        parts = [torch.as_tensor(_evaluate(a, env)) for a in e.args]
+        return functools.reduce(operator.and_ if isinstance(e, sp.And) else operator.or_, parts)
+    raise InputError(f"cannot evaluate {e}")
+
+
+def dense_mask(
+    pat: Pattern,
+    Sq: int,
+    Sk: int,
+    *,
+    document_ids=None,
+    key_lengths: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    **_,
+) -> torch.Tensor:
+    """Dense bool mask [B', H', Sq, Sk] of the positions `pat` allows (B', H' are 1 unless the pattern depends on
+    batch or head). A selection rule allows every position here: it chooses among them by score (`reference`)."""
+    sub = functools.partial(
+        dense_mask, Sq=Sq, Sk=Sk, document_ids=document_ids, key_lengths=key_lengths, device=device
+    )
+    if isinstance(pat, (And, Or)):
+        return functools.reduce(operator.and_ if isinstance(pat, And) else operator.or_, map(sub, pat.parts))
+    if isinstance(pat, Not):
+        return ~sub(pat.part)
+    qi = torch.arange(Sq, device=device).view(Sq, 1)
+    kj = torch.arange(Sk, device=device).view(1, Sk)
+    if isinstance(pat, Affine):
+        m = torch.as_tensor(_evaluate(pat.expr, {q: qi, k: kj, Sq_: Sq, Sk_: Sk}), device=device)
+        return m.expand(Sq, Sk).view(1, 1, Sq, Sk)
+    if isinstance(pat, Selector):
+        return torch.ones(1, 1, Sq, Sk, dtype=torch.bool, device=device)
+    if isinstance(pat, BlockLayout):
+        lay = pat.tensor().to(device).bool()
+        nq, nk = math.ceil(Sq / pat.block_size), math.ceil(Sk / pat.block_size)
+        if lay.shape[-2] < nq or lay.shape[-1] < nk:
+            raise InputError(f"layout {tuple(lay.shape)} does not cover {nq}x{nk} blocks of {pat.block_size}")
+        return lay[:, qi // pat.block_size, kj // pat.block_size].unsqueeze(0)
+    if isinstance(pat, Documents):
+        if document_ids is None:
+            raise InputError("the pattern uses documents(): pass document_ids=")
+        qd, kd = document_ids_pair(document_ids, Sq, Sk)
+        return (qd.to(device)[:, :, None] == kd.to(device)[:, None, :]).unsqueeze(1)
+    if isinstance(pat, KeyPadding):
+        if key_lengths is None:
+            raise InputError("the pattern uses key_padding(): pass key_lengths=")
+        return (kj < key_lengths.to(device).view(-1, 1, 1)).view(-1, 1, 1, Sk)
+    raise InputError(f"{pat!r} has no dense mask (a pattern's structure has none: use the pattern itself)")
 
 
 # Names the CLI's safe parser may call.

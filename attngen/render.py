@@ -1,7 +1,9 @@
 """Stage 3: KernelPlan -> KernelSource, one self-contained CUDA file rendered from templates/ with Jinja.
 
 StrictUndefined everywhere: a misspelt template variable is an error, never an empty string. The rendered
-text compiles on its own (only CUDA's own headers are #included)."""
+text compiles on its own: it includes no header at all. Templates see the plan (`plan`), the tilings of its three
+kernels (`fwd`, `dkdv`, `dq`) and the row statistics' launch shape (`pre_rows`, `pre_threads`); a plan's selection
+rule is the template `plan.select.template`, which the kernel templates import."""
 
 from __future__ import annotations
 
@@ -10,8 +12,11 @@ from dataclasses import dataclass
 
 import jinja2
 
-from ._resources import templates_dir
-from .plan import PREPROCESS_ROWS, PREPROCESS_THREADS, KernelPlan
+from ._resources import cache_dir, templates_dir
+from .plan import KernelPlan
+
+PREPROCESS_THREADS = 128
+PREPROCESS_ROWS = 64  # rows of O / dO per preprocess block
 
 
 @dataclass(frozen=True)
@@ -30,8 +35,6 @@ class KernelSource:
 
 @functools.cache
 def _env() -> jinja2.Environment:
-    from .cache import cache_dir  # cache.py builds on this module's types
-
     # Jinja's own bytecode cache keeps the compiled templates beside the kernels (keyed by template source), so a
     # new process that finds its kernels cached does not parse the templates either.
     directory = cache_dir()
@@ -52,8 +55,8 @@ def _render(template: str, plan: KernelPlan, name: str, entries: tuple[str, ...]
         .get_template(template)
         .render(
             plan=plan,
-            tiles=plan.fwd,
-            bwd=plan.bwd,
+            fwd=plan.fwd,
+            dkdv=plan.dkdv,
             dq=plan.dq,
             pre_rows=PREPROCESS_ROWS,
             pre_threads=PREPROCESS_THREADS,
@@ -71,7 +74,7 @@ def render_forward(plan: KernelPlan) -> KernelSource:
 
 def render_backward(plan: KernelPlan) -> KernelSource:
     """The backward kernels of `plan`: row statistics, dK/dV, dQ; TMA + wgmma (sm_90a) or mma.sync."""
-    if plan.bwd.wgmma:
+    if plan.dkdv.wgmma:
         return _render("attn_bwd_sm90.cu.j2", plan, "bwd", BACKWARD_ENTRIES, "sm_90a")
     return _render("attn_bwd.cu.j2", plan, "bwd", BACKWARD_ENTRIES, plan.arch)
 

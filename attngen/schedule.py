@@ -1,27 +1,26 @@
-"""Stage 2b: KernelPlan tiles + sequence lengths (+ call-time tensors) -> Schedule: which tiles a kernel visits.
+"""Call-time stage: a plan's tiles + sequence lengths + run-time tensors -> Schedule: which tiles a kernel visits.
 
 Every (query tile, key tile) pair is EMPTY (skipped), PARTIAL (mask evaluated per element) or FULL (no mask).
-Affine leaves are classified exactly per atom by interval arithmetic on tile corners (a linear form takes its
-extremes at corners), on the host; layouts, documents and key lengths are classified on the tensors' device
-at tile granularity, so nothing S x S is ever built. Leaves combine by Kleene logic (& = min, | = max,
-~ = 2 - x), which may call a tile PARTIAL that is really full or empty, never the reverse."""
+Affine leaves are classified exactly per atom by interval arithmetic on tile corners (`affine.classes`), on the
+host; layouts, documents and key lengths are classified on the tensors' device at tile granularity, so nothing
+S x S is ever built. Leaves combine by Kleene logic (& = min, | = max, ~ = 2 - x), which may call a tile PARTIAL
+that is really full or empty, never the reverse. Schedules are built from a pattern's structure (`LayoutSlot`
+leaves read their grids from the run-time tensors), so they need nothing the custom op does not carry."""
 
 from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
-import sympy as sp
 import torch
 
+from . import affine
 from . import pattern as P
+from .affine import EMPTY, FULL, PARTIAL
 from .errors import InputError
-from .plan import linear_atom
-from .reference import document_ids_pair
-
-EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,40 +42,6 @@ class Schedule:
 # ----------------------------------------------------------------------------------------- classification
 
 
-def _bounds(n: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    lo = np.arange(0, n, block, dtype=np.int64)
-    return lo, np.minimum(lo + block - 1, n - 1)
-
-
-def _affine_classes(e: sp.Basic, ql, qh, kl, kh, Sq: int, Sk: int) -> np.ndarray:
-    if e is sp.true or e is sp.false:
-        return np.full((ql.size, kl.size), FULL if e is sp.true else EMPTY, np.int8)
-    if isinstance(e, (sp.And, sp.Or)):
-        parts = [_affine_classes(a, ql, qh, kl, kh, Sq, Sk) for a in e.args]
-        return functools.reduce(np.minimum if isinstance(e, sp.And) else np.maximum, parts)
-    if isinstance(e, sp.Not):
-        return (FULL - _affine_classes(e.args[0], ql, qh, kl, kh, Sq, Sk)).astype(np.int8)
-    a = linear_atom(e)
-    cq, ck, csq, csk = a.coef
-    const = a.const + csq * Sq + csk * Sk
-    lo = const + np.minimum(cq * ql, cq * qh)[:, None] + np.minimum(ck * kl, ck * kh)[None, :]
-    hi = const + np.maximum(cq * ql, cq * qh)[:, None] + np.maximum(ck * kl, ck * kh)[None, :]
-    if a.op == "ge":
-        out = np.where(lo >= 0, FULL, np.where(hi < 0, EMPTY, PARTIAL))
-    else:
-        out = np.where((lo == 0) & (hi == 0), FULL, np.where((lo > 0) | (hi < 0), EMPTY, PARTIAL))
-        out = FULL - out if a.op == "ne" else out
-    return out.astype(np.int8)
-
-
-@functools.lru_cache(maxsize=256)
-def affine_classes(expr: sp.Basic, bm: int, bn: int, Sq: int, Sk: int) -> np.ndarray:
-    """[Tq, Tk] classes of an affine predicate (clipped to the sequence ends)."""
-    ql, qh = _bounds(Sq, bm)
-    kl, kh = _bounds(Sk, bn)
-    return _affine_classes(expr, ql, qh, kl, kh, Sq, Sk)
-
-
 def _range_classes(q_min, q_max, k_min, k_max, all_same) -> torch.Tensor:
     """Classes of `value(q) == value(k)` from per-tile min/max of the values."""
     disjoint = (q_max[..., :, None] < k_min[..., None, :]) | (k_max[..., None, :] < q_min[..., :, None])
@@ -94,17 +59,13 @@ def _tile_min_max(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
     return t.amin(-1), t.amax(-1)
 
 
-def _layout_classes(leaf: P.BlockLayout, bm: int, bn: int, Sq: int, Sk: int, device) -> torch.Tensor:
-    lay = layout_on(leaf, device).to(torch.int32)  # [LH, nbq, nbk]
-    bs = leaf.block_size
-    nq, nk = math.ceil(Sq / bs), math.ceil(Sk / bs)
-    if lay.shape[-2] < nq or lay.shape[-1] < nk:
-        raise InputError(
-            f"block layout {tuple(lay.shape[-2:])} does not cover {nq}x{nk} blocks of {bs} for Sq={Sq}, Sk={Sk}"
-        )
-    csum = torch.nn.functional.pad(lay.cumsum(-1).cumsum(-2), (1, 0, 1, 0))  # [LH, nbq+1, nbk+1]
-    ql, qh = (torch.as_tensor(b // bs, device=device) for b in _bounds(Sq, bm))
-    kl, kh = (torch.as_tensor(b // bs, device=device) for b in _bounds(Sk, bn))
+def _layout_classes(lay: torch.Tensor, bs: int, bm: int, bn: int, Sq: int, Sk: int) -> torch.Tensor:
+    """Classes of a [LH, nbq, nbk] uint8 grid of `bs`-blocks: a tile is full (empty) when every block it touches
+    is kept (dropped), counted with a 2-d prefix sum."""
+    device = lay.device
+    csum = torch.nn.functional.pad(lay.to(torch.int32).cumsum(-1).cumsum(-2), (1, 0, 1, 0))  # [LH, nbq+1, nbk+1]
+    ql, qh = (torch.as_tensor(b // bs, device=device) for b in affine.tile_bounds(Sq, bm))
+    kl, kh = (torch.as_tensor(b // bs, device=device) for b in affine.tile_bounds(Sk, bn))
     r0, r1, c0, c1 = ql[:, None], qh[:, None] + 1, kl[None, :], kh[None, :] + 1
     ones = csum[:, r1, c1] - csum[:, r0, c1] - csum[:, r1, c0] + csum[:, r0, c0]
     area = (r1 - r0) * (c1 - c0)
@@ -112,30 +73,26 @@ def _layout_classes(leaf: P.BlockLayout, bm: int, bn: int, Sq: int, Sk: int, dev
     return cls.to(torch.int8).unsqueeze(0)
 
 
-@functools.lru_cache(maxsize=64)
-def layout_on(leaf: P.BlockLayout, device: torch.device | str) -> torch.Tensor:
-    """The layout as a uint8 [LH, nbq, nbk] tensor on `device`, uploaded once."""
-    return leaf.tensor().to(device)
-
-
-def tile_classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime: dict) -> torch.Tensor:
-    """int8 [LB, LH, Tq, Tk] classes of `pat` (LB, LH are 1 unless the pattern depends on batch / head)."""
+def tile_classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime) -> torch.Tensor:
+    """int8 [LB, LH, Tq, Tk] classes of a positional structure (LB, LH are 1 unless the pattern depends on batch
+    or head). `runtime` is the call's `prepare.Prepared` (layouts, document ids, key lengths), or None when the
+    pattern reads none."""
+    sub = functools.partial(tile_classes, bm=bm, bn=bn, Sq=Sq, Sk=Sk, device=device, runtime=runtime)
     if isinstance(pat, (P.And, P.Or)):
-        parts = [tile_classes(p, bm, bn, Sq, Sk, device, runtime) for p in pat.parts]
-        return functools.reduce(torch.minimum if isinstance(pat, P.And) else torch.maximum, parts)
+        return functools.reduce(torch.minimum if isinstance(pat, P.And) else torch.maximum, map(sub, pat.parts))
     if isinstance(pat, P.Not):
-        return FULL - tile_classes(pat.part, bm, bn, Sq, Sk, device, runtime)
+        return FULL - sub(pat.part)
     if isinstance(pat, P.Affine):
-        return torch.from_numpy(affine_classes(pat.expr, bm, bn, Sq, Sk)).to(device)[None, None]
-    if isinstance(pat, P.BlockLayout):
-        return _layout_classes(pat, bm, bn, Sq, Sk, device)
+        return torch.from_numpy(affine.classes(pat.expr, bm, bn, Sq, Sk)).to(device)[None, None]
+    if isinstance(pat, P.LayoutSlot):
+        return _layout_classes(runtime.layouts[pat.index], pat.block_size, bm, bn, Sq, Sk)
     if isinstance(pat, P.KeyPadding):
-        kl, kh = (torch.as_tensor(b, device=device) for b in _bounds(Sk, bn))
-        n = runtime["key_lengths"].view(-1, 1).to(device)
+        kl, kh = (torch.as_tensor(b, device=device) for b in affine.tile_bounds(Sk, bn))
+        n = runtime.key_lengths.view(-1, 1)
         cls = torch.where(kh < n, FULL, torch.where(kl >= n, EMPTY, PARTIAL))
         return cls.to(torch.int8)[:, None, None, :]
     if isinstance(pat, P.Documents):
-        qd, kd = document_ids_pair(runtime["document_ids"], Sq, Sk)
+        qd, kd = runtime.document_ids
         (qmin, qmax), (kmin, kmax) = _tile_min_max(qd, bm), _tile_min_max(kd, bn)
         cls = _range_classes(qmin, qmax, kmin, kmax, (qmin == qmax, kmin == kmax))
         return cls[:, None]
@@ -154,7 +111,7 @@ def _compress(cls: torch.Tensor) -> Schedule:
     return Schedule(tiles.contiguous(), counts.contiguous(), cls.shape[-2], cls.shape[-1])
 
 
-def classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime: dict) -> torch.Tensor:
+def classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime=None) -> torch.Tensor:
     """Tile classes including the sequence end: a key tile running past Sk is at most PARTIAL."""
     cls = tile_classes(pat, bm, bn, Sq, Sk, device, runtime)
     cls = cls.expand(*cls.shape[:2], math.ceil(Sq / bm), math.ceil(Sk / bn)).clone()
@@ -163,17 +120,42 @@ def classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime:
     return cls
 
 
-def build(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime: dict, transpose=False) -> Schedule:
-    """Schedule over query tiles (or over key tiles with `transpose`, for the dK/dV kernel)."""
-    if not pat.runtime_inputs:
+def build(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime=None, transpose=False) -> Schedule:
+    """Schedule of a positional structure over query tiles (or over key tiles with `transpose`, for the dK/dV
+    kernel). Patterns that read no run-time tensor are cached per shape; those whose only run-time tensors are
+    layout grids are cached on the grid tensor (so a layout reused across calls is classified once)."""
+    if not pat.runtime_inputs and not (runtime is not None and runtime.layouts):
         return _static(pat, bm, bn, Sq, Sk, str(device), transpose)
+    key = (pat, bm, bn, Sq, Sk, transpose)
+    store = None
+    if not pat.runtime_inputs:
+        first, rest = runtime.layouts[0], runtime.layouts[1:]
+        store = _schedules_of(first)
+        key += (rest,)
+        if key in store:
+            return store[key]
     cls = classes(pat, bm, bn, Sq, Sk, device, runtime)
-    return _compress(cls.transpose(-1, -2) if transpose else cls)
+    sched = _compress(cls.transpose(-1, -2) if transpose else cls)
+    if store is not None:
+        store[key] = sched
+    return sched
+
+
+# id of a layout grid tensor (the device copy its pattern leaf owns) -> {shape key: Schedule}; dropped with the grid.
+_ON_LAYOUT: dict[int, dict] = {}
+
+
+def _schedules_of(grid: torch.Tensor) -> dict:
+    store = _ON_LAYOUT.get(id(grid))
+    if store is None:
+        store = _ON_LAYOUT[id(grid)] = {}
+        weakref.finalize(grid, _ON_LAYOUT.pop, id(grid), None)
+    return store
 
 
 @functools.lru_cache(maxsize=128)
 def _static(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device: str, transpose: bool) -> Schedule:
-    cls = classes(pat, bm, bn, Sq, Sk, device, {})
+    cls = classes(pat, bm, bn, Sq, Sk, device, None)
     return _compress(cls.transpose(-1, -2) if transpose else cls)
 
 
@@ -189,23 +171,34 @@ def _draw(cls: np.ndarray, limit: int = 64) -> list[str]:
 
 
 def explain(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int) -> str:
-    """Tile maps (█ full, ▒ partial, · empty) of the pattern and of each of its leaves, and the totals."""
+    """Tile maps (█ full, ▒ partial, · empty) of a positional pattern and of each of its leaves, and the totals."""
     if pat.runtime_inputs:
         names = ", ".join(sorted(pat.runtime_inputs))
         return f"  schedule  built per call on the GPU from {names}; affine and layout parts fixed per length"
-    cls = classes(pat, bm, bn, Sq, Sk, "cpu", {})
+    structure = pat.structure()
+    grids = _Grids(tuple(leaf.tensor() for leaf in pat.layouts()))
+    cls = classes(structure, bm, bn, Sq, Sk, "cpu", grids)
     n = [(cls == c).sum().item() for c in (FULL, PARTIAL, EMPTY)]
     lines = [
         f"  schedule  Sq={Sq}, Sk={Sk}: {cls.shape[-2]} query tiles x {cls.shape[-1]} key tiles of "
         f"{bm}x{bn}: {n[0]} full (no mask), {n[1]} partial (mask per element), {n[2]} empty (skipped)"
     ]
     lines += _draw(cls[0, 0].numpy())
-    leaves = list(dict.fromkeys(pat.leaves()))
+    leaves = list(dict.fromkeys(zip(pat.leaves(), structure.leaves())))
     if len(leaves) > 1 or Sk % bn:
         lines.append("  why       each leaf on its own (& takes the lower class, | the higher, ~ swaps):")
-        for leaf in leaves:
+        for leaf, slot in leaves:
             lines.append(f"  {leaf!r}")
-            lines += _draw(tile_classes(leaf, bm, bn, Sq, Sk, "cpu", {})[0, 0].numpy())
+            lines += _draw(tile_classes(slot, bm, bn, Sq, Sk, "cpu", grids)[0, 0].numpy())
         if Sk % bn:
             lines.append(f"  the last key tile runs past Sk={Sk}, so it is at most partial")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Grids:
+    """The run-time tensors of a pattern that reads layouts only (what `explain` classifies with)."""
+
+    layouts: tuple[torch.Tensor, ...]
+    document_ids = None
+    key_lengths = None

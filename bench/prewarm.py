@@ -15,16 +15,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 def build(job):
     from dataclasses import replace
 
-    from attngen import plan
-    from attngen.launch import Kernel, get_kernel
+    from attngen import kernel, plan, tiling
 
     pattern, head_dim, dtype, arch, mma_sync = job
     if mma_sync:  # the mma.sync family on a Hopper GPU, as test_mma_sync_family_on_hopper plans it
         p = plan.make_plan(pattern, head_dim=head_dim, dtype=dtype, arch=arch)
         d = head_dim
-        kern = Kernel(replace(p, fwd=plan.forward_tiles(d), bwd=plan.backward_tiles(d), dq=plan.dq_tiles(d)))
+        p = replace(p, fwd=tiling.forward_tiles(d), dkdv=tiling.dkdv_tiles(d), dq=tiling.dq_tiles(d))
+        kern = kernel.Compiled(p)
     else:
-        kern = get_kernel(pattern, head_dim, dtype, arch)
+        kern = kernel.compiled(pattern.structure(), head_dim, dtype, arch)
     kern.backward_binary  # noqa: B018 - compiles and caches the backward kernels
     return repr(pattern), head_dim, dtype
 

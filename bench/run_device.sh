@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: the GPU tests, then the benchmark; full logs and JSON under $OUT.
-#   bash bench/run_device.sh [--quick]
+#   bash bench/run_device.sh [--quick] [--baseline DIR]
+# --baseline DIR also benchmarks the attngen package found in DIR (e.g. `git archive` of an earlier commit) in the
+# same call, with its own kernel cache, and prints both runs side by side (bench/compare.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+BASELINE="" QUICK=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --baseline) BASELINE=$(cd "$2" && pwd); shift 2 ;;
+    --quick) QUICK=--quick; shift ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
 if [ -d .whl ]; then  # packages the GPU image lacks, carried as wheels
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
@@ -12,5 +22,12 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=cs
 python3 -c "import torch, cupy; print('torch', torch.__version__, 'cupy', cupy.__version__)"
 python3 bench/prewarm.py sm_90 2>&1 | tail -n 3
 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 40
-python3 bench/bench_attention.py --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log"
+python3 bench/bench_attention.py --out "$OUT/bench.json" $QUICK 2>&1 | tee "$OUT/bench.log"
+if [ -n "$BASELINE" ]; then
+  echo "== baseline: $BASELINE"
+  (cd "$BASELINE" && PYTHONPATH=$BASELINE:${PYTHONPATH#"$PWD:"} ATTNGEN_CACHE_DIR=/tmp/attngen-cache-baseline \
+    python3 "$OLDPWD/bench/bench_attention.py" --out "$OUT/bench_baseline.json" $QUICK 2>&1 | tee "$OUT/bench_baseline.log")
+  echo "== before (baseline) vs after (this tree)"
+  python3 bench/compare.py "$OUT/bench_baseline.json" "$OUT/bench.json"
+fi
 echo "== tests: $(tail -n 1 "$OUT/gpu_tests.log")"

@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 import attngen as ag
-from attngen import launch, plan, reference
+from attngen import kernel, reference, tiling
 
 B, H = 4, 16
 hopper = torch.cuda.get_device_capability() == (9, 0)
@@ -21,12 +21,11 @@ for spec in sys.argv[1:]:
     d, cfg = spec.split(":")
     d, values = int(d), tuple(map(int, cfg.split(",")))
     if hopper:
-        plan.WGMMA_FORWARD_CONFIGS[d] = values
+        tiling.WGMMA_FORWARD_CONFIGS[d] = values
     else:
         bn, warps, mt, qr = values
-        plan.FORWARD_CONFIGS[d] = (bn, warps, mt, bool(qr))
-    launch.get_kernel.cache_clear()
-    launch._kernel_for.cache_clear()
+        tiling.FORWARD_CONFIGS[d] = (bn, warps, mt, bool(qr))
+    kernel.compiled.cache_clear()
     q, k, v = (torch.randn(2, 4, 777, d, device="cuda", dtype=torch.float16) for _ in range(3))
     pat = ag.causal() & ag.sliding_window(300) | ag.global_tokens(16)
     err = (ag.attention(q, k, v, pat).double() - reference.attention(q, k, v, pat)[0]).norm().item()

@@ -1,5 +1,5 @@
-"""The kernel cache: keys, memory and disk hits without NVRTC, repair of damaged entries, memory-only fallback,
-one artifact from racing processes, listing and clearing, and a fast hit from a fresh process."""
+"""The kernel cache: keys, memory and disk hits without NVRTC, repair of damaged entries, read-only and memory-only
+directories, one artifact from racing processes, listing and clearing, and a fast hit from a fresh process."""
 
 import importlib
 import multiprocessing
@@ -38,6 +38,10 @@ def cache_dir(tmp_path, monkeypatch):
     return directory
 
 
+def cache_key(src: KernelSource) -> str:
+    return compile_module.cache_key(src)
+
+
 @pytest.fixture
 def builds(monkeypatch):
     """Counts real NVRTC compiles made through compile_cached."""
@@ -57,32 +61,58 @@ def entry_files(directory: Path) -> list[Path]:
 
 
 def test_key_depends_on_everything_that_changes_the_cubin():
-    base = cache.cache_key(source())
-    assert cache.cache_key(source()) == base
+    base = cache_key(source())
+    assert cache_key(source()) == base
     variants = [
         source(CODE.replace("a * x[i]", "x[i] * a")),
         source(options=("-lineinfo",)),
         source(arch="sm_90"),
         source(entries=("axpy", "other")),
     ]
-    keys = {cache.cache_key(v) for v in variants}
+    keys = {cache_key(v) for v in variants}
     assert base not in keys and len(keys) == len(variants)
 
 
 def test_name_does_not_change_key():
-    assert cache.cache_key(source(name="renamed")) == cache.cache_key(source())
+    assert cache_key(source(name="renamed")) == cache_key(source())
 
 
 def test_hits_do_not_compile(cache_dir, builds, monkeypatch):
     first = compile_module.compile_cached(source())
     assert len(builds) == 1
-    assert compile_module.compile_cached(source()) is first  # memory hit
+    assert compile_module.compile_cached(source()) == first and len(builds) == 1  # memory hit
     monkeypatch.setattr(cache, "_memory", {})  # as a new process would start
     from_disk = compile_module.compile_cached(source())
     assert len(builds) == 1
-    assert from_disk == first and from_disk is not first
+    assert from_disk == first
     (path,) = entry_files(cache_dir)
-    assert path.name == f"axpy_sm_80-{cache.cache_key(source())[:20]}.bin"
+    assert path.name == f"axpy_sm_80-{cache_key(source())[:20]}.bin"
+
+
+def test_store_knows_no_compiler_types(cache_dir):
+    """The cache is a byte store: any bytes under a key, a note beside them, no decoding of its own."""
+    key = "ab" * 32
+    assert cache.fetch("blob", key, lambda: b"\x00payload", note="what made it") == b"\x00payload"
+    cache._memory.clear()
+    assert cache.fetch("blob", key, lambda: pytest.fail("rebuilt a stored entry")) == b"\x00payload"
+    (entry,) = cache.list_entries()
+    assert (entry.name, entry.note) == ("blob", "what made it")
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        cache.fetch("blob", "not-a-key", lambda: b"")
+    source_text = Path(cache.__file__).read_text()
+    assert "attngen.compile" not in source_text and "Binary" not in source_text
+
+
+def test_read_only_directory_is_still_read(cache_dir, builds, monkeypatch):
+    """A prewarmed cache on a read-only mount (a container image, a shared file system) serves its kernels."""
+    first = compile_module.compile_cached(source())
+    assert len(builds) == 1
+    monkeypatch.setattr(cache, "_memory", {})
+    monkeypatch.setattr(cache, "writable", lambda directory: False)  # as on a read-only mount, even for root
+    assert compile_module.compile_cached(source()) == first and len(builds) == 1
+    other = compile_module.compile_cached(source(arch="sm_90"))  # a miss is built and kept in memory only
+    assert len(builds) == 2 and len(entry_files(cache_dir)) == 1
+    assert compile_module.compile_cached(source(arch="sm_90")) == other and len(builds) == 2
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "foreign"])
@@ -118,7 +148,7 @@ def test_unwritable_directory_falls_back_to_memory(tmp_path, builds, monkeypatch
     with pytest.warns(cache.CacheWarning, match=str(blocker / "cache")):
         first = compile_module.compile_cached(source())
     assert cache.cache_dir() is None
-    assert compile_module.compile_cached(source()) is first
+    assert compile_module.compile_cached(source()) == first
     assert len(builds) == 1
     assert cache.list_entries() == [] and cache.clear() == 0
 
@@ -165,7 +195,7 @@ def test_list_and_clear(cache_dir):
     compile_module.compile_cached(source())
     compile_module.compile_cached(source(arch="sm_90"))
     entries = cache.list_entries()
-    assert [(e.name, e.arch) for e in entries] == [("axpy", "sm_80"), ("axpy", "sm_90")]
+    assert [e.name for e in entries] == ["axpy_sm_80", "axpy_sm_90"]
     assert all(e.size == e.path.stat().st_size > 0 and e.path.parent == cache_dir for e in entries)
     assert cache.cache_dir() == cache_dir
     assert cache.clear() == 2

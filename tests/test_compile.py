@@ -134,9 +134,16 @@ def test_cubin_compatibility(arch, device, runs):
     assert compile_module._runs_on(arch, device) is runs
 
 
-def test_nvrtc_version_is_major_minor():
-    major, minor = compile_module.nvrtc_version()
-    assert major >= 12 and minor >= 0
+def test_nvrtc_version_is_the_loaded_library_and_keys_the_cache(monkeypatch):
+    from cupy.cuda import nvrtc
+
+    from attngen.render import KernelSource
+
+    assert compile_module.nvrtc_version() == tuple(int(x) for x in nvrtc.getVersion())
+    src = KernelSource(name="k", code='extern "C" __global__ void k() {}', entries=("k",), arch="sm_80")
+    key = compile_module.cache_key(src)
+    monkeypatch.setattr(compile_module, "nvrtc_version", lambda: (99, 1))  # another NVRTC, another cubin
+    assert compile_module.cache_key(src) != key
 
 
 def _has_gpu() -> bool:

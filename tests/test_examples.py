@@ -70,7 +70,7 @@ def test_inspect_emitted_cuda_prints_plan_resources_and_source():
     [
         ("01_declare_and_run.py", "KernelPlan for causal() & sliding_window(1024) | global_tokens(16)"),
         ("03_runtime_masks.py", "KernelPlan for documents() & causal() & key_padding()"),
-        ("04_train_tiny_lm.py", ""),
+        ("04_train_tiny_lm.py", "04_train_tiny_lm needs a CUDA GPU to train"),
     ],
 )
 def test_gpu_examples_explain_themselves_without_a_gpu(script, shows):

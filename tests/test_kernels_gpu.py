@@ -1,7 +1,7 @@
 """GPU: every static pattern's forward and backward kernels against reference.py on fresh random inputs.
 
-Outputs are poisoned (the allocator's free blocks are filled with NaN) before every launch, so an element the
-kernel forgets to write fails the comparison. Skipped cleanly without a CUDA GPU."""
+Outputs are poisoned (ATTNGEN_POISON_OUTPUTS=1: every output and gradient is filled with NaN before the kernels
+run), so an element a kernel forgets to write fails the comparison. Skipped cleanly without a CUDA GPU."""
 
 import math
 import zlib
@@ -16,6 +16,11 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setenv("ATTNGEN_POISON_OUTPUTS", "1")
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # ||out - ref|| / ||ref||: fp16 keeps 11 significant bits, bf16 8; P is rounded to the input dtype before P V.
@@ -66,12 +71,6 @@ def _runtime(pat: ag.Pattern, B: int, Sq: int, Sk: int, gen: torch.Generator) ->
     return rt
 
 
-def _poison(*shapes_dtypes) -> None:
-    """Fill the caching allocator's free blocks of these sizes with NaN so new outputs start as NaN."""
-    keep = [torch.full(s, float("nan"), dtype=d, device="cuda") for s, d in shapes_dtypes for _ in range(2)]
-    del keep
-
-
 def _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, gen, requires_grad=False):
     mk = lambda *s: torch.randn(*s, generator=gen).to("cuda", dtype).requires_grad_(requires_grad)
     return mk(B, Hq, Sq, D), mk(B, Hkv, Sk, D), mk(B, Hkv, Sk, D)
@@ -96,7 +95,6 @@ def test_forward(name, dtype, D):
     for Sq, Sk in LENGTHS + UNEVEN:
         q, k, v = _inputs(B, Hq, Hkv, Sq, Sk, D, DTYPES[dtype], gen)
         rt = _runtime(pat, B, Sq, Sk, gen)
-        _poison(((B, Hq, Sq, D), q.dtype), ((B, Hq, Sq), torch.float32))
         out, lse = ag.attention(q, k, v, pat, return_lse=True, **rt)
         ref, ref_lse = _reference(q, k, v, pat, rt)
         where = f"{name} {dtype} D={D} Sq={Sq} Sk={Sk}"
@@ -128,6 +126,15 @@ def _grads(out_fn, q, k, v, dout):
     return torch.autograd.grad(out, (q, k, v), dout)
 
 
+def _check_grads(got, ref, dtype: str, where: str) -> None:
+    for label, g, r in zip("qkv", got, ref):
+        assert torch.isfinite(g).all(), f"d{label} not finite: {where}"
+        if r.abs().max() == 0:  # e.g. one key per row: dS = P (dP - delta) is 0 up to rounding
+            assert g.abs().max() < 1e-4, f"d{label} must vanish: {where}"
+        else:
+            assert _rel(g, r) < BWD_TOL[dtype], f"d{label} error {_rel(g, r):.2e}: {where}"
+
+
 BWD_LENGTHS = [(1, 1), (17, 17), (128, 128), (127, 1000), (1000, 127), (1000, 1000), (2049, 2049)]
 
 
@@ -141,16 +148,9 @@ def test_backward(name, dtype, D):
         q, k, v = _inputs(B, Hq, Hkv, Sq, Sk, D, DTYPES[dtype], gen, requires_grad=True)
         rt = _runtime(pat, B, Sq, Sk, gen)
         dout = torch.randn(B, Hq, Sq, D, generator=gen).to("cuda", q.dtype)
-        _poison(((B, Hq, Sq, D), q.dtype), ((B, Hkv, Sk, D), q.dtype))
         got = _grads(lambda q, k, v: ag.attention(q, k, v, pat, **rt), q, k, v, dout)
         ref = _grads(lambda q, k, v: reference.attention(q, k, v, pat, dtype=torch.float32, **rt)[0], q, k, v, dout)
-        where = f"{name} {dtype} D={D} Sq={Sq} Sk={Sk}"
-        for label, g, r in zip("qkv", got, ref):
-            assert torch.isfinite(g).all(), f"d{label} not finite: {where}"
-            if r.abs().max() == 0:  # e.g. one key per row: dS = P (dP - delta) is 0 up to rounding
-                assert g.abs().max() < 1e-4, f"d{label} must vanish: {where}"
-            else:
-                assert _rel(g, r) < BWD_TOL[dtype], f"d{label} error {_rel(g, r):.2e}: {where}"
+        _check_grads(got, ref, dtype, f"{name} {dtype} D={D} Sq={Sq} Sk={Sk}")
 
 
 def test_backward_deterministic():
@@ -218,15 +218,6 @@ def test_checkpointing():
     )
 
 
-def _check_grads(got, ref, dtype: str, where: str) -> None:
-    for label, g, r in zip("qkv", got, ref):
-        assert torch.isfinite(g).all(), f"d{label} not finite: {where}"
-        if r.abs().max() == 0:
-            assert g.abs().max() < 1e-4, f"d{label} must vanish: {where}"
-        else:
-            assert _rel(g, r) < BWD_TOL[dtype], f"d{label} error {_rel(g, r):.2e}: {where}"
-
-
 SOME_PATTERNS = ["causal", "window_or_global", "layout_per_head", "documents_causal", "key_padding"]
 SOME_LENGTHS = [(1, 1), (127, 1000), (1000, 127), (777, 777)]
 
@@ -243,7 +234,6 @@ def test_other_head_dims(dtype, D):
             q, k, v = _inputs(B, Hq, Hkv, Sq, Sk, D, DTYPES[dtype], gen, requires_grad=True)
             rt = _runtime(pat, B, Sq, Sk, gen)
             dout = torch.randn(B, Hq, Sq, D, generator=gen).to("cuda", q.dtype)
-            _poison(((B, Hq, Sq, D), q.dtype), ((B, Hkv, Sk, D), q.dtype))
             where = f"{name} {dtype} D={D} Sq={Sq} Sk={Sk}"
             out = ag.attention(q, k, v, pat, **rt)
             ref = reference.attention(q, k, v, pat, dtype=torch.float32, **rt)[0]
@@ -262,29 +252,48 @@ def test_mma_sync_family_on_hopper(dtype, D):
     mma.sync tilings, compiled for sm_90 and launched directly."""
     from dataclasses import replace
 
-    from attngen import launch, plan
+    from attngen import bind, kernel, plan, prepare, tiling
 
     gen = torch.Generator().manual_seed(D + len(dtype))
     B, Hq, Hkv = 2, 8, 2  # the per-head layout has 8 heads
     for name in SOME_PATTERNS:
         pat = PATTERNS[name]
         p = plan.make_plan(pat, head_dim=D, dtype=dtype, arch="sm_90")
-        p = replace(p, fwd=plan.forward_tiles(D), bwd=plan.backward_tiles(D), dq=plan.dq_tiles(D))
-        kern = launch.Kernel(p)
-        assert not kern.forward_binary.arch.endswith("a") and "mma.sync" in kern.backward_source
+        p = replace(p, fwd=tiling.forward_tiles(D), dkdv=tiling.dkdv_tiles(D), dq=tiling.dq_tiles(D))
+        kern = kernel.Compiled(p)
+        assert not kern.forward_binary.arch.endswith("a") and "mma.sync" in kern.backward_source.code
         for Sq, Sk in SOME_LENGTHS:
             q, k, v = _inputs(B, Hq, Hkv, Sq, Sk, D, DTYPES[dtype], gen, requires_grad=True)
             rt = _runtime(pat, B, Sq, Sk, gen)
-            rt_k = launch._runtime(pat, B, Sq, Sk, q.device, rt.get("document_ids"), rt.get("key_lengths"))
+            prep = prepare.prepare(pat, kern.plan, q, k, {"document_ids": None, "key_lengths": None, **rt})
             dout = torch.randn(B, Hq, Sq, D, generator=gen).to("cuda", q.dtype)
-            _poison(((B, Hq, Sq, D), q.dtype), ((B, Hkv, Sk, D), q.dtype), ((B, Hq, Sq), torch.float32))
             where = f"mma.sync {name} {dtype} D={D} Sq={Sq} Sk={Sk}"
             scale = D**-0.5
-            out, lse = launch.forward(kern, q.detach(), k.detach(), v.detach(), scale, rt_k)
+            out, lse = bind.forward(kern, q.detach(), k.detach(), v.detach(), scale, prep)
             ref, ref_lse = reference.attention(q, k, v, pat, dtype=torch.float32, **rt)
             empty = torch.isinf(ref_lse)
             assert torch.isfinite(out).all() and (out[empty] == 0).all(), f"output: {where}"
             assert torch.equal(torch.isinf(lse), empty), f"LSE -inf exactly on empty rows: {where}"
             assert _rel(out, ref) < FWD_TOL[dtype], f"output error {_rel(out, ref):.2e}: {where}"
-            got = launch.backward(kern, dout, q.detach(), k.detach(), v.detach(), out, lse, None, scale, rt_k)
+            got = bind.backward(kern, dout, q.detach(), k.detach(), v.detach(), out, lse, None, scale, prep)
             _check_grads(got, torch.autograd.grad(ref, (q, k, v), dout), dtype, where)
+
+
+def test_layouts_are_run_time_data():
+    """Patterns that differ only in their layout grids share one compiled kernel, and each call runs with its own
+    grid (a layout built per training step compiles once and is never confused with the previous one)."""
+    from attngen.kernel import compiled
+
+    gen = torch.Generator().manual_seed(13)
+    B, H, S, D = 1, 4, 1000, 64
+    before = compiled.cache_info().misses
+    for density in (0.2, 0.5, 0.8):
+        pat = ag.block_layout(torch.rand(H, 16, 16, generator=gen) < density, 64) & ag.causal()
+        q, k, v = _inputs(B, H, H, S, S, D, torch.float16, gen, requires_grad=True)
+        out = ag.attention(q, k, v, pat)
+        ref = reference.attention(q, k, v, pat, dtype=torch.float32)[0]
+        assert _rel(out, ref) < FWD_TOL["fp16"], f"density {density}"
+        dout = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), dout)
+        _check_grads(got, torch.autograd.grad(ref, (q, k, v), dout), "fp16", f"layout density {density}")
+    assert compiled.cache_info().misses - before <= 1

@@ -10,8 +10,9 @@ import torch
 from cupy.cuda.function import CPointer
 
 import attngen as ag
-from attngen import launch, tensormap
+from attngen import bind, launch, prepare, tensormap
 from attngen.errors import InputError
+from attngen.op import structure_name
 
 C_TYPES = {np.uint64: r"\*", np.int64: r"long long", np.int32: r"int", np.float32: r"float", CPointer: r"TensorMap"}
 
@@ -24,10 +25,10 @@ def _signature(code: str, entry: str) -> list[str]:
 @pytest.fixture
 def launches(monkeypatch):
     calls = []
-    monkeypatch.setattr(launch, "_launch", lambda binary, entry, *rest: calls.append((binary, entry, *rest)))
+    monkeypatch.setattr(bind, "_launch", lambda binary, entry, *rest: calls.append((binary, entry, *rest)))
     # Encoding a tensor map needs the CUDA driver; here it is enough to see which tensors and boxes are mapped.
     monkeypatch.setattr(tensormap, "tensor_map", lambda spec: SimpleNamespace(arg=CPointer(0), spec=spec))
-    monkeypatch.setattr(launch, "_sm_count", lambda device_index: SMS)
+    monkeypatch.setattr(bind, "_sm_count", lambda device_index: SMS)
     return calls
 
 
@@ -46,20 +47,25 @@ def test_arguments_match_kernel_signatures(pat, arch, launches):
     kern = ag.compile(pat, head_dim=64, dtype=torch.float16, arch=arch)
     B, Hq, Hkv, Sq, Sk, D = 2, 2, 1, 200, 150, 64
     q, k, v = torch.randn(B, Hq, Sq, D).half(), torch.randn(B, Hkv, Sk, D).half(), torch.randn(B, Hkv, Sk, D).half()
-    rt = {}
+    rt = {"document_ids": None, "key_lengths": None}
     if pat.runtime_inputs:
         rt = {
             "document_ids": (torch.zeros(B, Sq, dtype=torch.int32), torch.zeros(B, Sk, dtype=torch.int32)),
             "key_lengths": torch.tensor([100, 150], dtype=torch.int32),
         }
-    out, lse = launch.forward(kern, q, k, v, 0.125, rt)
-    launch.backward(kern, torch.randn_like(out), q, k, v, out, lse, None, 0.125, rt)
+    prep = prepare.prepare(pat, kern.kernel_plan, q, k, rt)
+    # The list the custom op carries round-trips to the same run-time tensors.
+    again = prepare.Prepared.from_tensors(kern.kernel_plan, prep.tensors())
+    assert [t.data_ptr() for t in again.tensors()] == [t.data_ptr() for t in prep.tensors()]
+    assert len(prep.tensors()) == len(pat.layouts()) + 3 * bool(pat.runtime_inputs)
+    out, lse = bind.forward(kern.compiled, q, k, v, 0.125, again)
+    bind.backward(kern.compiled, torch.randn_like(out), q, k, v, out, lse, None, 0.125, again)
     plan = kern.kernel_plan
     q_tiles = -(-Sq // plan.fwd.block_m)
     fwd_grid = (min(q_tiles * Hq * B, SMS), 1, 1) if plan.fwd.wgmma else (q_tiles, Hq, B)  # persistent on sm_90
     expect = {
         "attngen_fwd": (fwd_grid, 32 * plan.fwd.warps, plan.fwd.smem_bytes),
-        "attngen_bwd_dkdv": ((-(-Sk // plan.bwd.block_n), Hkv, B), 32 * plan.bwd.warps, plan.bwd.smem_bytes),
+        "attngen_bwd_dkdv": ((-(-Sk // plan.dkdv.block_n), Hkv, B), 32 * plan.dkdv.warps, plan.dkdv.smem_bytes),
         "attngen_bwd_dq": ((-(-Sq // plan.dq.block_m), Hq, B), 32 * plan.dq.warps, plan.dq.smem_bytes),
     }
     assert [c[1] for c in launches] == ["attngen_fwd", "attngen_bwd_preprocess", "attngen_bwd_dkdv", "attngen_bwd_dq"]
@@ -87,12 +93,22 @@ def test_bad_inputs_raise_clear_errors():
         launch._check(torch.randn(1, 3, 8, 64).half(), q, q)
     with pytest.raises(InputError, match="last"):
         launch._check(q.transpose(-1, -2), q, q)
+    def prep(pat, **inputs):
+        plan = ag.compile(pat, head_dim=64, arch="sm_80").kernel_plan
+        return prepare.prepare(pat, plan, q, q, {"document_ids": None, "key_lengths": None, **inputs})
+
     with pytest.raises(InputError, match="needs document_ids"):
-        launch._runtime(ag.documents(), 1, 8, 8, "cpu", None, None)
+        prep(ag.documents())
     with pytest.raises(InputError, match="does not use it"):
-        launch._runtime(ag.causal(), 1, 8, 8, "cpu", None, torch.tensor([3]))
+        prep(ag.causal(), key_lengths=torch.tensor([3]))
     with pytest.raises(InputError, match="key_lengths"):
-        launch._runtime(ag.key_padding(), 2, 8, 8, "cpu", None, torch.tensor([3.0, 1.0]))
+        prep(ag.key_padding(), key_lengths=torch.tensor([3.0, 1.0]))
+    with pytest.raises(InputError, match="does not use it"):
+        prep(ag.causal(), bias=torch.zeros(3))  # an unknown call-time input is named, never ignored
+    with pytest.raises(InputError, match="does not cover"):
+        prep(ag.block_layout(torch.ones(1, 1, dtype=torch.bool), 4))  # 8 rows need 2 blocks of 4
+    with pytest.raises(InputError, match="heads"):
+        prep(ag.block_layout(torch.ones(3, 2, 2, dtype=torch.bool), 4))  # 3 layout heads for 2 query heads
     with pytest.raises(InputError, match="head_dim"):
         ag.compile(ag.causal(), head_dim=80, arch="sm_90")
     with pytest.raises(InputError, match="dtype"):
@@ -102,9 +118,9 @@ def test_bad_inputs_raise_clear_errors():
 def test_misaligned_rows_are_copied_aligned_views_are_not():
     base = torch.randn(2, 16, 3, 72, dtype=torch.float16)
     view = base[..., :64].transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D']: strides multiple of 8
-    assert launch._aligned(view) is view
+    assert bind.aligned(view) is view
     odd = torch.randn(2, 3, 16, 65, dtype=torch.float16)[..., 1:]  # rows start 2 bytes in
-    fixed = launch._aligned(odd)
+    fixed = bind.aligned(odd)
     assert fixed is not odd and torch.equal(fixed, odd) and fixed.data_ptr() % 16 == 0
 
 
@@ -113,9 +129,10 @@ def test_custom_op_fake_implementations():
     pat = ag.causal() & ag.sliding_window(64)
     q = torch.empty(2, 8, 100, 64, dtype=torch.bfloat16, device="meta")
     k = v = torch.empty(2, 2, 70, 64, dtype=torch.bfloat16, device="meta")
-    out, lse = torch.ops.attngen.attention(q, k, v, pat.key, 0.125, None, None, None)
+    name = structure_name(pat.structure())
+    out, lse = torch.ops.attngen.attention(q, k, v, name, 0.125, [])
     assert (out.shape, out.dtype, lse.shape, lse.dtype) == (q.shape, q.dtype, (2, 8, 100), torch.float32)
-    dq, dk, dv = torch.ops.attngen.attention_backward(out, lse, q, k, v, out, lse, pat.key, 0.125, None, None, None)
+    dq, dk, dv = torch.ops.attngen.attention_backward(out, lse, q, k, v, out, lse, name, 0.125, [])
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
     assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16
 
@@ -126,9 +143,9 @@ def test_tensor_map_describes_strided_views():
     s = tensormap.spec(t, 128)
     assert (s.dims, s.strides, s.box_rows, s.dtype) == ((64, 100, 3, 2), (128, 100 * 128, 3 * 100 * 128), 128, t.dtype)
     view = torch.empty(2, 100, 3, 64, dtype=torch.float16).transpose(1, 2)
-    assert launch._aligned(view) is view
+    assert bind.aligned(view) is view
     assert tensormap.spec(view, 64).strides == (3 * 128, 128, 100 * 3 * 128)
     one = torch.empty(1, 1, 5, 64, dtype=torch.float16)  # extent-1 dimensions still get a valid stride
     assert all(st % 16 == 0 and st > 0 for st in tensormap.spec(one, 64).strides)
     broadcast = torch.empty(2, 1, 10, 64, dtype=torch.float16).expand(2, 4, 10, 64)
-    assert launch._aligned(broadcast) is not broadcast  # a stride-0 head dimension is materialised
+    assert bind.aligned(broadcast) is not broadcast  # a stride-0 head dimension is materialised

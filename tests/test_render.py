@@ -1,14 +1,18 @@
 """Render: templates are strict, every forward specialization the planner emits compiles with NVRTC for sm_80
 and sm_90 with zero spills and no stack, and the rendered source is self-contained."""
 
-import jinja2
 import pytest
 import torch
 
 import attngen as ag
 from attngen import render
-from attngen.launch import get_kernel
+from attngen.kernel import compiled
 from attngen.plan import HEAD_DIMS, make_plan
+from attngen.prepare import Prepared
+
+
+def get_kernel(pattern, head_dim, dtype, arch):
+    return ag.compile(pattern, head_dim=head_dim, dtype=dtype, arch=arch)
 
 # One pattern per kind of mask code the planner can lower: none, affine, layout (per head), call-time inputs,
 # and a heavy mixture (the one that pushes the fast tiling over the register budget).
@@ -52,10 +56,12 @@ def test_tiles_line_up_with_layout_blocks():
 
     for bs, rows in ((64, 64), (128, 128), (256, 128)):
         layout = torch.rand(4096 // bs, 4096 // bs, generator=torch.Generator().manual_seed(bs)) < 0.3
-        plan = make_plan(ag.block_layout(layout, bs), head_dim=64, dtype="fp16", arch="sm_90")
-        assert plan.fwd.block_m == plan.dq.block_m == plan.bwd.block_n == rows  # rows of a block: queries / keys
-        for t in (plan.fwd, plan.bwd, plan.dq):
-            assert not (classes(plan.pattern, t.block_m, t.block_n, 4096, 4096, "cpu", {}) == PARTIAL).any(), (bs, t)
+        pattern = ag.block_layout(layout, bs)
+        plan = make_plan(pattern, head_dim=64, dtype="fp16", arch="sm_90")
+        assert plan.fwd.block_m == plan.dq.block_m == plan.dkdv.block_n == rows  # rows of a block: queries / keys
+        grids = Prepared(layouts=(pattern.tensor(),))
+        for t in (plan.fwd, plan.dkdv, plan.dq):
+            assert not (classes(plan.positions, t.block_m, t.block_n, 4096, 4096, "cpu", grids) == PARTIAL).any(), t
 
 
 def test_tile_height_follows_the_tile_map():
@@ -103,13 +109,17 @@ def test_runtime_arguments_follow_the_plan():
         assert f"{a.ctype} {a.name}" in signature
 
 
-def test_templates_are_strict(monkeypatch):
-    env = render._env()
-    assert env.undefined is jinja2.StrictUndefined
-    with pytest.raises(jinja2.UndefinedError):
-        env.from_string("{{ plan.no_such_field }}").render(
-            plan=make_plan(ag.full(), head_dim=64, dtype="fp16", arch="sm_90")
-        )
+def test_new_layouts_reuse_the_compiled_kernels():
+    """Kernels depend on a pattern's structure, never on its data: another grid of the same shape of pattern (a
+    layout built per training step, say) renders the same source and compiles nothing new."""
+    gen = torch.Generator().manual_seed(1)
+    grids = [torch.rand(3, 16, 16, generator=gen) < p for p in (0.2, 0.5, 0.9)]
+    kernels = [ag.compile(ag.block_layout(g, 64) & ag.causal(), head_dim=64, arch="sm_90") for g in grids]
+    assert len({id(kern.compiled) for kern in kernels}) == 1
+    assert kernels[0].source == kernels[2].source and "0.2" not in kernels[0].source
+    assert compiled.cache_info().currsize >= 1
+    assert "layout 0: per head, run-time grid" in kernels[0].source  # the structure, printed in the header
+    assert [k.pattern for k in kernels] != [kernels[0].pattern] * 3  # each Kernel keeps its own grid to run with
 
 
 def test_plan_is_readable():

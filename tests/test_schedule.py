@@ -10,6 +10,8 @@ import torch
 
 import attngen as ag
 from attngen import schedule
+from attngen.pattern import document_ids_pair
+from attngen.prepare import Prepared
 from attngen.schedule import EMPTY, FULL, PARTIAL
 
 q, k, Sq, Sk = ag.q, ag.k, ag.Sq, ag.Sk
@@ -26,10 +28,21 @@ def _truth(mask: torch.Tensor, bm: int, bn: int) -> tuple[torch.Tensor, torch.Te
     return every.amin((3, 5)).bool(), some.amax((3, 5)).bool()
 
 
+def prepared(pat, Sq_: int, Sk_: int, runtime: dict) -> Prepared:
+    """The run-time tensors of `pat` on the CPU, as `prepare` hands them to the scheduler."""
+    docs = runtime.get("document_ids")
+    lengths = runtime.get("key_lengths")
+    return Prepared(
+        layouts=tuple(leaf.tensor() for leaf in pat.layouts()),
+        document_ids=None if docs is None else document_ids_pair(docs, Sq_, Sk_),
+        key_lengths=None if lengths is None else lengths.to(torch.int32),
+    )
+
+
 def _check(pat, bm, bn, Sq_, Sk_, runtime=None, exact=False):
     runtime = runtime or {}
     mask = pat.mask(Sq_, Sk_, **runtime)
-    cls = schedule.tile_classes(pat, bm, bn, Sq_, Sk_, "cpu", runtime)
+    cls = schedule.tile_classes(pat.structure(), bm, bn, Sq_, Sk_, "cpu", prepared(pat, Sq_, Sk_, runtime))
     every, some = _truth(mask, bm, bn)
     cls, every, some = torch.broadcast_tensors(cls, every, some)
     assert not ((cls == FULL) & ~every).any(), f"{pat!r}: a tile called full has a masked element"
@@ -107,8 +120,8 @@ def test_layouts_documents_key_padding():
 
 def test_schedule_lists_nonempty_tiles_in_order():
     pat = ag.causal() & ag.sliding_window(100)
-    s = schedule.build(pat, 64, 32, 300, 300, "cpu", {})
-    cls = schedule.classes(pat, 64, 32, 300, 300, "cpu", {})[0, 0]
+    s = schedule.build(pat, 64, 32, 300, 300, "cpu")
+    cls = schedule.classes(pat, 64, 32, 300, 300, "cpu")[0, 0]
     for row in range(cls.shape[0]):
         n = int(s.counts[0, 0, row])
         tiles = s.tiles[0, 0, row, :n]
@@ -119,13 +132,13 @@ def test_schedule_lists_nonempty_tiles_in_order():
 
 
 def test_last_key_tile_is_never_full():
-    cls = schedule.classes(ag.full(), 64, 64, 100, 100, "cpu", {})
+    cls = schedule.classes(ag.full(), 64, 64, 100, 100, "cpu")
     assert cls[0, 0, :, -1].eq(PARTIAL).all() and cls[0, 0, :, 0].eq(FULL).all()
-    assert schedule.classes(ag.full(), 64, 64, 100, 128, "cpu", {})[0, 0].eq(FULL).all()
+    assert schedule.classes(ag.full(), 64, 64, 100, 128, "cpu")[0, 0].eq(FULL).all()
 
 
 def test_transposed_schedule_walks_query_tiles():
-    s = schedule.build(ag.causal(), 64, 32, 200, 200, "cpu", {}, transpose=True)
+    s = schedule.build(ag.causal(), 64, 32, 200, 200, "cpu", transpose=True)
     # key tile 0 is seen by every query tile; the last key tile only by the last query tile
     assert s.counts[0, 0, 0] == math.ceil(200 / 64) and s.counts[0, 0, -1] == 1
 
@@ -133,4 +146,24 @@ def test_transposed_schedule_walks_query_tiles():
 def test_explain_draws_tiles_and_reasons():
     text = schedule.explain(ag.causal() & ag.sliding_window(300), 128, 64, 1000, 1000)
     assert "full (no mask)" in text and "sliding_window(300)" in text and "█" in text and "·" in text
-    assert "call" in schedule.explain(ag.documents(), 128, 64, 100, 100)
+    assert "built per call on the GPU from document_ids" in schedule.explain(ag.documents(), 128, 64, 100, 100)
+
+
+def test_layout_schedules_are_cached_on_the_grid_not_the_pattern():
+    """A layout's schedule is reused while its grid lives and is rebuilt for another grid of the same structure."""
+    import gc
+    import weakref
+
+    a = ag.block_layout(torch.eye(4, dtype=torch.bool), 64)
+    b = ag.block_layout(~torch.eye(4, dtype=torch.bool), 64)
+    assert a.structure() == b.structure()
+    first = schedule.build(a.structure(), 64, 64, 256, 256, "cpu", prepared(a, 256, 256, {}))
+    grid = prepared(a, 256, 256, {})
+    once = schedule.build(a.structure(), 64, 64, 256, 256, "cpu", grid)
+    assert schedule.build(a.structure(), 64, 64, 256, 256, "cpu", grid) is once
+    other = schedule.build(b.structure(), 64, 64, 256, 256, "cpu", prepared(b, 256, 256, {}))
+    assert torch.equal(first.counts, once.counts) and first.counts.sum() == 4 and other.counts.sum() == 12
+    alive = weakref.ref(grid.layouts[0])
+    del grid, once
+    gc.collect()
+    assert alive() is None  # the cache keeps no grid alive

@@ -1,0 +1,167 @@
+"""Call-time stage, last: torch tensors + a Prepared + schedules -> kernel arguments in the plan's ABI order, and
+launches on torch's current stream (docs/design.md, "Kernel ABI" and "Backward ABI"). One function per direction
+serves both kernel families: they differ only in their fixed argument prefix (tensor maps or pointers)."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import numpy as np
+import torch
+
+from . import schedule, tensormap
+from .compile import Binary, ensure_dynamic_shared, load_function
+from .kernel import Compiled
+from .plan import KernelPlan
+from .prepare import Prepared
+from .render import PREPROCESS_ROWS, PREPROCESS_THREADS
+from .select import split_selection
+
+_u64, _i64, _i32, _f32 = np.uint64, np.int64, np.int32, np.float32
+LOG2E = 1.4426950408889634
+BACKWARD_ROW_PAD = 128  # sm_90a backward: row statistics padded to a multiple of every query tile
+
+
+def _poisoned(t: torch.Tensor) -> torch.Tensor:
+    """With ATTNGEN_POISON_OUTPUTS=1 (tests), outputs start as NaN, so an element a kernel fails to write shows."""
+    if os.environ.get("ATTNGEN_POISON_OUTPUTS") == "1" and t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
+
+
+@functools.lru_cache(maxsize=16)
+def _stream(ptr: int, device_index: int):
+    import cupy
+
+    return cupy.cuda.ExternalStream(ptr, device_index)
+
+
+def _launch(binary: Binary, entry: str, grid, threads: int, smem: int, args: list, device: torch.device) -> None:
+    fn = load_function(binary, entry, device.index)
+    ensure_dynamic_shared(fn, smem)
+    stream = _stream(torch.cuda.current_stream(device).cuda_stream, device.index)
+    fn(grid, (threads,), args, shared_mem=smem, stream=stream)
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """16-byte aligned rows are what cp.async and TMA need; any such strides are used as they are, others copied
+    (as are broadcast dimensions, stride 0, which a tensor map cannot describe)."""
+    ok = t.data_ptr() % 16 == 0 and all(s % 8 == 0 and (s or n == 1) for s, n in zip(t.stride()[:-1], t.shape))
+    return t if ok else t.clone(memory_format=torch.contiguous_format)
+
+
+def _strides(t: torch.Tensor) -> list:
+    return [_i64(s) for s in t.stride()[:3]]
+
+
+def runtime_values(plan: KernelPlan, prep: Prepared) -> list:
+    """Values of the plan's run-time arguments, in order (position leaves, then the rule's)."""
+    values = []
+    for lay in prep.layouts:
+        head_stride = lay.shape[1] * lay.shape[2] if lay.shape[0] > 1 else 0  # 0: one grid for every head
+        values += [_u64(lay.data_ptr()), _i64(head_stride), _i32(lay.shape[2])]
+    if prep.document_ids is not None:
+        for ids in prep.document_ids:
+            values += [_u64(ids.data_ptr()), _i64(ids.shape[1] if ids.shape[0] > 1 else 0)]
+    if prep.key_lengths is not None:
+        values.append(_u64(prep.key_lengths.data_ptr()))
+    _, rule = split_selection(plan.pattern)
+    if rule is not None:
+        values += rule.bind(prep.rule)
+    if len(values) != len(plan.runtime_args):  # the plan's declaration and this binding must agree
+        raise AssertionError(f"bound {len(values)} run-time values for {len(plan.runtime_args)} arguments")
+    return values
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _maps(boxes) -> list:
+    """TMA tensor-map arguments for (tensor, box rows) pairs."""
+    return [tensormap.tensor_map(tensormap.spec(t, rows)).arg for t, rows in boxes]
+
+
+def _sched_args(s: schedule.Schedule) -> list:
+    sb, sh = s.strides
+    return [_u64(s.tiles.data_ptr()), _u64(s.counts.data_ptr()), _i64(sb), _i64(sh), _i32(s.cap)]
+
+
+def forward(kern: Compiled, q, k, v, scale: float, prep: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
+    plan, t = kern.plan, kern.plan.fwd
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    out = _poisoned(q.new_empty(B, Hq, Sq, D))
+    lse = _poisoned(q.new_empty(B, Hq, Sq, dtype=torch.float32))
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    if Sk == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    q, k, v = map(aligned, (q, k, v))
+    sched = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, q.device, prep)
+    if t.wgmma:  # tensor maps: Q tiles of BLOCK_M rows, K/V of BLOCK_N, O stored 64 rows per warpgroup
+        # Persistent blocks, one per SM, claim (query tile, head, batch) items from a counter past the first.
+        grid = (min(math.ceil(Sq / t.block_m) * Hq * B, _sm_count(q.device.index)), 1, 1)
+        next_item = torch.zeros(1, dtype=torch.int32, device=q.device)
+        args = [*_maps(((q, t.block_m), (k, t.block_n), (v, t.block_n), (out, 64))), _u64(lse.data_ptr())]
+        args += [_u64(next_item.data_ptr()), _i32(B)]
+    else:
+        args = [_u64(x.data_ptr()) for x in (q, k, v, out, lse)]
+        args += _strides(q) + _strides(k) + _strides(v) + _strides(out)
+        grid = (math.ceil(Sq / t.block_m), Hq, B)
+    args += [_i32(Hq), _i32(Hq // Hkv), _i32(Sq), _i32(Sk), _f32(scale * LOG2E)]
+    args += _sched_args(sched) + runtime_values(plan, prep)
+    _launch(kern.forward_binary, "attngen_fwd", grid, 32 * t.warps, t.smem_bytes, args, q.device)
+    return out, lse
+
+
+def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: Prepared):
+    binary = kern.backward_binary  # compiles on first use, and settles the backward tilings
+    plan = kern.plan
+    B, Hq, Sq, _D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    dq, dk, dv = (_poisoned(x.new_empty(x.shape)) for x in (q, k, v))
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    dout, q, k, v, out = map(aligned, (dout, q, k, v, out))
+    dev, wgmma = q.device, plan.dkdv.wgmma
+    # Row statistics: Δ, and for the sm_90a kernels the LSE in the log2 domain, rows padded to whole tiles.
+    Sq_pad = -(-Sq // BACKWARD_ROW_PAD) * BACKWARD_ROW_PAD if wgmma else Sq
+    delta = q.new_empty(B, Hq, Sq_pad, dtype=torch.float32)
+    lse2 = torch.empty_like(delta) if wgmma else None
+    pre = [_u64(x.data_ptr() if x is not None else 0) for x in (out, dout, lse, delta, lse2)]
+    pre += _strides(out) + _strides(dout) + [_i32(Hq), _i32(Sq), _i32(Sq_pad)]
+    grid = (math.ceil(Sq_pad / PREPROCESS_ROWS), Hq, B)
+    _launch(binary, "attngen_bwd_preprocess", grid, PREPROCESS_THREADS, 0, pre, dev)
+    if dlse is not None:  # d lse / d s = P, which folds into dS = P * (dP - (delta - dlse))
+        delta[..., :Sq] -= dlse
+    scalars = [_i32(Hq), _i32(Hq // Hkv), _i32(Sq), _i32(Sk)]
+    scalars += [_i32(Sq_pad)] if wgmma else []
+    scalars += [_f32(scale), _f32(scale * LOG2E)]
+    extra = runtime_values(plan, prep)
+
+    t = plan.dkdv
+    sched_t = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, dev, prep, transpose=True)
+    if wgmma:
+        boxes = ((q, t.block_m), (k, t.block_n), (v, t.block_n), (dout, t.block_m), (dk, 64), (dv, 64))
+        args = [*_maps(boxes), _u64(lse2.data_ptr()), _u64(delta.data_ptr())]
+    else:
+        args = [_u64(x.data_ptr()) for x in (q, k, v, dout, lse, delta, dk, dv)]
+        args += [s for x in (q, k, v, dout, dk, dv) for s in _strides(x)]
+    args += scalars + _sched_args(sched_t) + extra
+    _launch(binary, "attngen_bwd_dkdv", (math.ceil(Sk / t.block_n), Hkv, B), 32 * t.warps, t.smem_bytes, args, dev)
+
+    t = plan.dq
+    sched_q = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, dev, prep)
+    if wgmma:
+        boxes = ((q, t.block_m), (k, t.block_n), (v, t.block_n), (dout, t.block_m), (dq, 64))
+        args = [*_maps(boxes), _u64(lse2.data_ptr()), _u64(delta.data_ptr())]
+    else:
+        args = [_u64(x.data_ptr()) for x in (q, k, v, dout, lse, delta, dq)]
+        args += [s for x in (q, k, v, dout, dq) for s in _strides(x)]
+    args += scalars + _sched_args(sched_q) + extra
+    _launch(binary, "attngen_bwd_dq", (math.ceil(Sq / t.block_m), Hq, B), 32 * t.warps, t.smem_bytes, args, dev)
+    return dq, dk, dv

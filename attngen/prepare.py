@@ -1,0 +1,110 @@
+"""Call-time stage, before scheduling: check and normalise the run-time tensors a call needs, and run a selection
+rule's pre-passes. -> Prepared, the tensors the kernels read beyond q, k, v, in the plan's argument order.
+
+A `Prepared` travels through the custom op as one list of tensors (`tensors()` / `from_tensors`), so the op's
+signature does not grow with each rule: block-layout grids (uint8 [LH, nbq, nbk], one per layout slot), document
+ids (int32 [B', Sq], [B', Sk]), key lengths (int32 [B]), then whatever the rule's `prepare` returns."""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from . import pattern as P
+from .errors import InputError
+from .plan import KernelPlan
+from .select import split_selection
+
+CALL_INPUTS = ("document_ids", "key_lengths")  # call-time tensors of the position leaves
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    layouts: tuple[torch.Tensor, ...] = ()
+    document_ids: tuple[torch.Tensor, torch.Tensor] | None = None
+    key_lengths: torch.Tensor | None = None
+    rule: tuple[torch.Tensor, ...] = ()  # the selection rule's tensors, in its run-time argument order
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor, in ABI order."""
+        docs = list(self.document_ids or ())
+        lengths = [] if self.key_lengths is None else [self.key_lengths]
+        return [*self.layouts, *docs, *lengths, *self.rule]
+
+    @staticmethod
+    def from_tensors(plan: KernelPlan, tensors: list[torch.Tensor]) -> Prepared:
+        """The inverse of `tensors()` for a call of `plan`."""
+        rest = list(tensors)
+        layouts = tuple(rest[: len(plan.layouts)])
+        del rest[: len(plan.layouts)]
+        inputs = plan.positions.runtime_inputs
+        docs = (rest.pop(0), rest.pop(0)) if "document_ids" in inputs else None
+        lengths = rest.pop(0) if "key_lengths" in inputs else None
+        return Prepared(layouts, docs, lengths, tuple(rest))
+
+
+def prepare(pattern: P.Pattern, plan: KernelPlan, q: torch.Tensor, k: torch.Tensor, inputs: dict) -> Prepared:
+    """Check the call-time `inputs` against what `pattern` needs and bring them to the kernels' device and types."""
+    B, Hq, Sq, _ = q.shape
+    Sk, device = k.shape[2], q.device
+    positions, rule = split_selection(pattern)
+    need = set(positions.runtime_inputs) | set(rule.runtime_inputs if rule is not None else ())
+    for name, value in inputs.items():
+        if value is None and name in need:
+            raise InputError(f"pattern {pattern!r} needs {name}=")
+        if value is not None and name not in need:
+            accepted = ", ".join(sorted(need)) or "none"
+            raise InputError(f"{name}= was given but pattern {pattern!r} does not use it (it takes: {accepted})")
+    missing = need - {n for n, v in inputs.items() if v is not None}
+    if missing:
+        raise InputError(f"pattern {pattern!r} needs {', '.join(f'{n}=' for n in sorted(missing))}")
+
+    layouts = tuple(_layout(leaf, device, Hq, Sq, Sk) for leaf in pattern.layouts())
+    docs = _documents(inputs["document_ids"], B, Sq, Sk, device) if "document_ids" in need else None
+    lengths = _key_lengths(inputs["key_lengths"], B, device) if "key_lengths" in need else None
+    extra = rule.prepare(q, k, {n: inputs[n] for n in rule.runtime_inputs}) if rule is not None else ()
+    return Prepared(layouts, docs, lengths, tuple(extra))
+
+
+# Block layout leaf -> {device: its grid there}: each grid is uploaded once and lives as long as its pattern.
+_UPLOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _layout(leaf: P.BlockLayout, device: torch.device, Hq: int, Sq: int, Sk: int) -> torch.Tensor:
+    grids = _UPLOADED.setdefault(leaf, {})
+    if device not in grids:
+        grids[device] = leaf.tensor().to(device)
+    lay = grids[device]
+    bs = leaf.block_size
+    nq, nk = math.ceil(Sq / bs), math.ceil(Sk / bs)
+    if lay.shape[1] < nq or lay.shape[2] < nk:
+        raise InputError(
+            f"block layout {tuple(lay.shape[1:])} does not cover {nq}x{nk} blocks of {bs} for Sq={Sq}, Sk={Sk}"
+        )
+    if lay.shape[0] not in (1, Hq):
+        raise InputError(f"a per-head block layout has {lay.shape[0]} heads; the query has {Hq}")
+    return lay
+
+
+def _documents(document_ids, B: int, Sq: int, Sk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    qd, kd = P.document_ids_pair(document_ids, Sq, Sk)
+    for t in (qd, kd):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.shape[0] not in (1, B):
+            raise InputError(f"document ids must be integer tensors [{B}, S] or [S], got {t.dtype} {tuple(t.shape)}")
+    return qd.to(device, torch.int32).contiguous(), kd.to(device, torch.int32).contiguous()
+
+
+def _key_lengths(key_lengths, B: int, device) -> torch.Tensor:
+    if (
+        not isinstance(key_lengths, torch.Tensor)
+        or key_lengths.dtype.is_floating_point
+        or key_lengths.dtype == torch.bool
+        or tuple(key_lengths.shape) != (B,)
+    ):
+        is_tensor = isinstance(key_lengths, torch.Tensor)
+        got = f"{key_lengths.dtype} {tuple(key_lengths.shape)}" if is_tensor else key_lengths
+        raise InputError(f"key_lengths must be an integer tensor of shape [{B}], got {got!r:.80}")
+    return key_lengths.to(device, torch.int32).contiguous()

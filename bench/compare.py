@@ -1,0 +1,31 @@
+"""Compare two benchmark runs (JSON from bench_attention.py) case by case: attngen's time in each, their ratio,
+and each run's ratios against the baselines. Prints a table; used by run_device.sh --baseline.
+
+python bench/compare.py before.json after.json"""
+
+import json
+import sys
+
+
+def load(path: str) -> dict:
+    with open(path) as f:
+        return {row["case"]: row for row in json.load(f)["rows"]}
+
+
+def main(before_path: str, after_path: str) -> None:
+    before, after = load(before_path), load(after_path)
+    print(f"{'case':44s} {'before ms':>10s} {'after ms':>10s} {'after/before':>12s}   ratios before -> after")
+    for case, new in after.items():
+        old = before.get(case)
+        if old is None:
+            print(f"{case:44s} {'-':>10s} {new['attngen_ms']:10.3f}")
+            continue
+        change = new["attngen_ms"] / old["attngen_ms"]
+        ratios = "  ".join(
+            f"{k} {old['ratios'].get(k, float('nan')):.2f}->{v:.2f}" for k, v in sorted(new["ratios"].items())
+        )
+        print(f"{case:44s} {old['attngen_ms']:10.3f} {new['attngen_ms']:10.3f} {change:12.3f}   {ratios}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
