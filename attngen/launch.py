@@ -11,7 +11,7 @@ import torch
 from .compile import Binary, device_arch
 from .errors import InputError
 from .kernel import Compiled, compiled
-from .op import attention_op, structure_name
+from .op import attention as attention_fn
 from .pattern import Pattern, full
 from .plan import KernelPlan, normalize_dtype
 from .prepare import prepare
@@ -141,10 +141,10 @@ def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict):
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not (scale > 0 and math.isfinite(scale)):
         raise InputError(f"scale must be a positive finite number, got {scale}")
-    structure = pattern.structure()
-    kern = compiled(structure, D, _dtype_name(q.dtype), device_arch(q.device.index))
-    prep = prepare(pattern, kern.plan, q, k, inputs)
-    out, lse = attention_op(q, k, v, structure_name(structure), scale, prep.tensors())
+    # Under torch.compile this runs at trace time: only tensor work and constants (the pattern's key); planning
+    # and compiling happen inside the custom op, on its first call.
+    prep = prepare(pattern, q, k, inputs)
+    out, lse = attention_fn(q, k, v, pattern.key, scale, prep.tensors())
     return (out, lse) if return_lse else out
 
 

@@ -1,36 +1,37 @@
-"""The torch.library custom ops `attngen::attention` and `attngen::attention_backward`, with fake implementations
-and registered autograd, so attention traces under torch.compile(fullgraph=True) and differentiates with respect
-to q, k, v and the LSE output. A pattern reaches the ops as the name of its structure (a plain string, which Dynamo
-passes through without tracing into the pattern) and its run-time tensors as one list in ABI order."""
+"""Attention as an autograd function in two forms: the torch.library custom ops `attngen::attention` and
+`attngen::attention_backward` (fake implementations, registered autograd), which torch.compile(fullgraph=True)
+traces, and for eager calls a plain `torch.autograd.Function` over the same forward and backward, which skips the
+dispatcher's per-call work. Both differentiate with respect to q, k, v and the LSE output. A pattern reaches them
+as the name of its structure (`Pattern.key`, a plain string that Dynamo passes through without tracing into the
+pattern) and its run-time tensors as one list in ABI order (`prepare.Prepared`)."""
 
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 
 from .bind import backward, forward
 from .compile import device_arch
 from .kernel import Compiled, compiled
-from .pattern import Pattern
+from .pattern import by_key
 from .prepare import Prepared
 
-# Structure <-> name. Structures carry no tensor data (layouts are slots), so this grows with the number of
-# distinct pattern shapes a program uses, never with the data it feeds them.
-_NAMES: dict[Pattern, str] = {}
-_STRUCTURES: dict[str, Pattern] = {}
 
-
-def structure_name(structure: Pattern) -> str:
-    """A short string naming `structure` in the custom ops' arguments."""
-    name = _NAMES.get(structure)
-    if name is None:
-        name = _NAMES.setdefault(structure, f"s{len(_NAMES)}")
-        _STRUCTURES[name] = structure
-    return name
+def _device_of(q: torch.Tensor):
+    """Launch on q's device (the caller's current device may be another one)."""
+    return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
 
 
 def _compiled_for(name: str, q: torch.Tensor) -> Compiled:
     dtype = "fp16" if q.dtype == torch.float16 else "bf16"
-    return compiled(_STRUCTURES[name], q.shape[-1], dtype, device_arch(q.device.index))
+    return compiled(by_key(name), q.shape[-1], dtype, _arch(q.device.index))
+
+
+@functools.cache
+def _arch(device_index: int | None) -> str:
+    return device_arch(device_index)
 
 
 @torch.library.custom_op("attngen::attention", mutates_args=())
@@ -38,7 +39,7 @@ def attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, structure: str, scale: float, tensors: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     kern = _compiled_for(structure, q)
-    with torch.cuda.device(q.device):
+    with _device_of(q):
         return forward(kern, q, k, v, scale, Prepared.from_tensors(kern.plan, tensors))
 
 
@@ -62,7 +63,7 @@ def attention_backward_op(
     tensors: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kern = _compiled_for(structure, q)
-    with torch.cuda.device(q.device):
+    with _device_of(q):
         return backward(kern, dout, q, k, v, out, lse, dlse, scale, Prepared.from_tensors(kern.plan, tensors))
 
 
@@ -81,7 +82,42 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
     dq, dk, dv = attention_backward_op(dout, dlse, q, k, v, out, lse, ctx.structure, ctx.scale, tensors)
-    return dq, dk, dv, None, None, None
+    # Layouts, ids and a rule's tensors get no gradient; the list's gradient has the list's structure.
+    return dq, dk, dv, None, None, [None] * len(tensors)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Attention(torch.autograd.Function):
+    """The eager form: the same kernels and saved tensors as the custom op, without the dispatcher."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, structure, scale, *tensors):
+        kern = _compiled_for(structure, q)
+        with _device_of(q):
+            out, lse = forward(kern, q, k, v, scale, Prepared.from_tensors(kern.plan, list(tensors)))
+        ctx.save_for_backward(q, k, v, out, lse, *tensors)
+        ctx.structure, ctx.scale = structure, scale
+        ctx.set_materialize_grads(False)  # an unused LSE (or output) needs no zero-filled gradient
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *tensors = ctx.saved_tensors
+        if dout is None:  # only the LSE was used
+            dout = torch.zeros_like(out)
+        kern = _compiled_for(ctx.structure, q)
+        with _device_of(q):
+            prep = Prepared.from_tensors(kern.plan, tensors)
+            dq, dk, dv = backward(kern, dout, q, k, v, out, lse, dlse, ctx.scale, prep)
+        return dq, dk, dv, None, None, *([None] * len(tensors))
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, structure: str, scale: float, tensors: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): the custom op while torch.compile traces, the autograd function otherwise."""
+    if torch.compiler.is_compiling():
+        return attention_op(q, k, v, structure, scale, tensors)
+    return _Attention.apply(q, k, v, structure, scale, *tensors)

@@ -27,8 +27,31 @@ SYMBOLS = {"q": q, "k": k, "Sq": Sq, "Sk": Sk}
 Sq_, Sk_ = Sq, Sk  # the symbols, for code whose arguments shadow the names
 
 
+# Structures are named by short strings, which is how the custom op (whose arguments can only be tensors and plain
+# values) and torch.compile (which reads `pattern.key` as a constant) refer to them. Only structures are named, and
+# they carry no tensor data, so this grows with the number of distinct shapes of pattern a program uses.
+_NAMES: dict[Pattern, str] = {}
+_STRUCTURES: dict[str, Pattern] = {}
+
+
+def by_key(key: str) -> Pattern:
+    """The structure named `key` (see `Pattern.key`)."""
+    return _STRUCTURES[key]
+
+
 class Pattern:
     """Base of every pattern node. Subclasses are frozen dataclasses."""
+
+    def __post_init__(self) -> None:
+        # The structure and its name are computed once, when the pattern is built (outside any compiled region):
+        # attention() reads them on every call, and under torch.compile they are plain constants.
+        structure = self._restructure({})
+        name = _NAMES.get(structure)
+        if name is None:
+            name = _NAMES.setdefault(structure, f"s{len(_NAMES)}")
+            _STRUCTURES[name] = structure
+        object.__setattr__(self, "_structure", structure)
+        object.__setattr__(self, "key", name)
 
     def __and__(self, other: Pattern) -> Pattern:
         return And(_flatten(And, (self, _check(other))))
@@ -66,15 +89,12 @@ class Pattern:
         layouts share a slot): what a kernel depends on. `layouts()` lists the replaced layouts in slot order."""
         return self._structure
 
-    @cached_property
-    def _structure(self) -> Pattern:  # computed once per pattern object: attention() asks on every call
-        return self._restructure({})
-
     def layouts(self) -> tuple[BlockLayout, ...]:
         """The distinct block layouts of this pattern, in slot order (see `structure`)."""
         return tuple(dict.fromkeys(leaf for leaf in self.leaves() if isinstance(leaf, BlockLayout)))
 
     def _restructure(self, slots: dict) -> Pattern:
+        """This node with layouts replaced by slots (numbered in `slots`); itself when it holds no layout."""
         return self
 
     @property
@@ -111,7 +131,8 @@ class And(Pattern):
         return tuple(leaf for p in self.parts for leaf in p.leaves())
 
     def _restructure(self, slots):
-        return And(tuple(p._restructure(slots) for p in self.parts))
+        parts = tuple(p._restructure(slots) for p in self.parts)
+        return self if all(a is b for a, b in zip(parts, self.parts)) else And(parts)
 
     def __repr__(self):
         return " & ".join(p._paren(3) for p in self.parts)
@@ -126,7 +147,8 @@ class Or(Pattern):
         return tuple(leaf for p in self.parts for leaf in p.leaves())
 
     def _restructure(self, slots):
-        return Or(tuple(p._restructure(slots) for p in self.parts))
+        parts = tuple(p._restructure(slots) for p in self.parts)
+        return self if all(a is b for a, b in zip(parts, self.parts)) else Or(parts)
 
     def __repr__(self):
         return " | ".join(p._paren(2) for p in self.parts)
@@ -140,7 +162,8 @@ class Not(Pattern):
         return self.part.leaves()
 
     def _restructure(self, slots):
-        return Not(self.part._restructure(slots))
+        part = self.part._restructure(slots)
+        return self if part is self.part else Not(part)
 
     def __repr__(self):
         return f"~{self.part._paren(3)}"
@@ -172,14 +195,15 @@ class BlockLayout(Pattern):
     shape: tuple[int, ...]  # (nbq, nbk) or (H, nbq, nbk)
     block_size: int
     digest: str = field(compare=False)
+    grid: torch.Tensor = field(compare=False, repr=False)  # the same bytes as uint8 [H or 1, nbq, nbk] on the CPU
 
     @property
     def per_head(self) -> bool:
         return len(self.shape) == 3
 
     def tensor(self) -> torch.Tensor:
-        t = torch.frombuffer(bytearray(self.data), dtype=torch.uint8).view(self.shape)
-        return t if self.per_head else t.unsqueeze(0)
+        """The grid, uint8 [H or 1, nbq, nbk] on the CPU (what kernels read as `layout{n}`)."""
+        return self.grid
 
     def _restructure(self, slots):
         if self not in slots:
@@ -343,7 +367,9 @@ def block_layout(layout: torch.Tensor, block_size: int) -> Pattern:
         got = f"{layout.device} {tuple(layout.shape)}"
         raise InputError(f"layout must hold data with at least one block a side, got {got}")
     data = layout.detach().to("cpu", torch.bool).contiguous().to(torch.uint8).numpy().tobytes()
-    return BlockLayout(data, tuple(layout.shape), bs, hashlib.sha256(data).hexdigest())
+    grid = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(layout.shape)
+    grid = grid if layout.dim() == 3 else grid.unsqueeze(0)
+    return BlockLayout(data, tuple(layout.shape), bs, hashlib.sha256(data).hexdigest(), grid)
 
 
 def predicate(expr: str | sp.Basic) -> Pattern:

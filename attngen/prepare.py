@@ -46,8 +46,9 @@ class Prepared:
         return Prepared(layouts, docs, lengths, tuple(rest))
 
 
-def prepare(pattern: P.Pattern, plan: KernelPlan, q: torch.Tensor, k: torch.Tensor, inputs: dict) -> Prepared:
-    """Check the call-time `inputs` against what `pattern` needs and bring them to the kernels' device and types."""
+def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict) -> Prepared:
+    """Check the call-time `inputs` against what `pattern` needs and bring them to the kernels' device and types.
+    Traceable by torch.compile: tensor work and checks on constants only."""
     B, Hq, Sq, _ = q.shape
     Sk, device = k.shape[2], q.device
     positions, rule = split_selection(pattern)
@@ -74,10 +75,13 @@ _UPLOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _layout(leaf: P.BlockLayout, device: torch.device, Hq: int, Sq: int, Sk: int) -> torch.Tensor:
-    grids = _UPLOADED.setdefault(leaf, {})
-    if device not in grids:
-        grids[device] = leaf.tensor().to(device)
-    lay = grids[device]
+    if torch.compiler.is_compiling():
+        lay = leaf.tensor().to(device)  # the compiled graph copies it (the grid is a constant of the graph)
+    else:
+        grids = _UPLOADED.setdefault(leaf, {})
+        if device not in grids:
+            grids[device] = leaf.tensor().to(device)
+        lay = grids[device]
     bs = leaf.block_size
     nq, nk = math.ceil(Sq / bs), math.ceil(Sk / bs)
     if lay.shape[1] < nq or lay.shape[2] < nk:

@@ -265,7 +265,7 @@ def test_mma_sync_family_on_hopper(dtype, D):
         for Sq, Sk in SOME_LENGTHS:
             q, k, v = _inputs(B, Hq, Hkv, Sq, Sk, D, DTYPES[dtype], gen, requires_grad=True)
             rt = _runtime(pat, B, Sq, Sk, gen)
-            prep = prepare.prepare(pat, kern.plan, q, k, {"document_ids": None, "key_lengths": None, **rt})
+            prep = prepare.prepare(pat, q, k, {"document_ids": None, "key_lengths": None, **rt})
             dout = torch.randn(B, Hq, Sq, D, generator=gen).to("cuda", q.dtype)
             where = f"mma.sync {name} {dtype} D={D} Sq={Sq} Sk={Sk}"
             scale = D**-0.5

@@ -12,7 +12,6 @@ from cupy.cuda.function import CPointer
 import attngen as ag
 from attngen import bind, launch, prepare, tensormap
 from attngen.errors import InputError
-from attngen.op import structure_name
 
 C_TYPES = {np.uint64: r"\*", np.int64: r"long long", np.int32: r"int", np.float32: r"float", CPointer: r"TensorMap"}
 
@@ -53,7 +52,7 @@ def test_arguments_match_kernel_signatures(pat, arch, launches):
             "document_ids": (torch.zeros(B, Sq, dtype=torch.int32), torch.zeros(B, Sk, dtype=torch.int32)),
             "key_lengths": torch.tensor([100, 150], dtype=torch.int32),
         }
-    prep = prepare.prepare(pat, kern.kernel_plan, q, k, rt)
+    prep = prepare.prepare(pat, q, k, rt)
     # The list the custom op carries round-trips to the same run-time tensors.
     again = prepare.Prepared.from_tensors(kern.kernel_plan, prep.tensors())
     assert [t.data_ptr() for t in again.tensors()] == [t.data_ptr() for t in prep.tensors()]
@@ -94,8 +93,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(InputError, match="last"):
         launch._check(q.transpose(-1, -2), q, q)
     def prep(pat, **inputs):
-        plan = ag.compile(pat, head_dim=64, arch="sm_80").kernel_plan
-        return prepare.prepare(pat, plan, q, q, {"document_ids": None, "key_lengths": None, **inputs})
+        return prepare.prepare(pat, q, q, {"document_ids": None, "key_lengths": None, **inputs})
 
     with pytest.raises(InputError, match="needs document_ids"):
         prep(ag.documents())
@@ -129,7 +127,7 @@ def test_custom_op_fake_implementations():
     pat = ag.causal() & ag.sliding_window(64)
     q = torch.empty(2, 8, 100, 64, dtype=torch.bfloat16, device="meta")
     k = v = torch.empty(2, 2, 70, 64, dtype=torch.bfloat16, device="meta")
-    name = structure_name(pat.structure())
+    name = pat.key
     out, lse = torch.ops.attngen.attention(q, k, v, name, 0.125, [])
     assert (out.shape, out.dtype, lse.shape, lse.dtype) == (q.shape, q.dtype, (2, 8, 100), torch.float32)
     dq, dk, dv = torch.ops.attngen.attention_backward(out, lse, q, k, v, out, lse, name, 0.125, [])
@@ -149,3 +147,66 @@ def test_tensor_map_describes_strided_views():
     assert all(st % 16 == 0 and st > 0 for st in tensormap.spec(one, 64).strides)
     broadcast = torch.empty(2, 1, 10, 64, dtype=torch.float16).expand(2, 4, 10, 64)
     assert bind.aligned(broadcast) is not broadcast  # a stride-0 head dimension is materialised
+
+
+@pytest.fixture
+def cpu_kernels(monkeypatch):
+    """The custom op with its kernels replaced by the reference (forward) and a recognisable stand-in (backward),
+    so that the op's plumbing runs on the CPU. Records the run-time tensors each direction received."""
+    from attngen import op, reference
+
+    seen = {}
+
+    def forward(kern, q, k, v, scale, prep):
+        seen["forward"] = [t.data_ptr() for t in prep.tensors()]
+        # The kernels read the grids and ids from `prep`; the reference needs the user's pattern, set by the test.
+        return reference.attention(q, k, v, seen["pattern"], scale=scale, dtype=torch.float32, **seen["inputs"])
+
+    def backward(kern, dout, q, k, v, out, lse, dlse, scale, prep):
+        seen["backward"] = [t.data_ptr() for t in prep.tensors()]
+        return tuple(g * 2 for g in (q, k, v))  # what the kernels would return, here easy to recognise
+
+    compiled = lambda name, q: ag.compile(seen["pattern"], head_dim=64, arch="sm_80").compiled
+    monkeypatch.setattr(op, "_compiled_for", compiled)
+    monkeypatch.setattr(op, "forward", forward)
+    monkeypatch.setattr(op, "backward", backward)
+    return seen
+
+
+LAYOUT_DOCS = ag.block_layout(torch.tensor([[True, False], [True, True]]), 4) & ag.documents()
+
+
+@pytest.mark.parametrize("form", ["custom_op", "eager"])
+@pytest.mark.parametrize("uses", ["out", "lse", "both"])
+def test_autograd_carries_the_tensor_list(cpu_kernels, form, uses):
+    """Gradients reach q, k, v through both forms of the op (the custom op torch.compile traces, the autograd
+    function eager calls take), also when only the LSE or only the output is used, and the backward gets the same
+    run-time tensors the forward did."""
+    from attngen import op
+
+    ids = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])
+    cpu_kernels.update(pattern=LAYOUT_DOCS, inputs={"document_ids": ids})
+    q, k, v = (torch.randn(1, 2, 8, 64, requires_grad=True) for _ in range(3))
+    prep = prepare.prepare(LAYOUT_DOCS, q, k, {"document_ids": ids, "key_lengths": None})
+    assert len(prep.tensors()) == 3  # the layout grid, query ids, key ids
+    run = op.attention_op if form == "custom_op" else lambda *a: op._Attention.apply(*a[:5], *a[5])
+    out, lse = run(q, k, v, LAYOUT_DOCS.key, 0.125, prep.tensors())
+    loss = {"out": out.sum(), "lse": lse.sum(), "both": out.sum() + lse.sum()}[uses]
+    grads = torch.autograd.grad(loss, (q, k, v))
+    assert all(torch.equal(g, 2 * t) for g, t in zip(grads, (q, k, v)))
+    assert cpu_kernels["forward"] == cpu_kernels["backward"] == [t.data_ptr() for t in prep.tensors()]
+
+
+def test_attention_traces_as_one_graph(cpu_kernels):
+    """Under torch.compile(fullgraph=True) the call-time half (checks, run-time tensors) traces without a break: no
+    planning or compiling at trace time, the pattern enters the graph as its key and its grids as constants."""
+    ids = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])
+    cpu_kernels.update(pattern=LAYOUT_DOCS, inputs={"document_ids": ids})
+    q, k, v = (torch.randn(1, 2, 8, 64) for _ in range(3))
+
+    def fn(q, k, v, ids):
+        return launch._call(LAYOUT_DOCS, q, k, v, None, False, {"document_ids": ids, "key_lengths": None})
+
+    eager = fn(q, k, v, ids)
+    traced = torch.compile(fn, fullgraph=True, backend="eager")(q, k, v, ids)
+    assert torch.allclose(traced, eager)

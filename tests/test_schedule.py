@@ -158,7 +158,7 @@ def test_layout_schedules_are_cached_on_the_grid_not_the_pattern():
     b = ag.block_layout(~torch.eye(4, dtype=torch.bool), 64)
     assert a.structure() == b.structure()
     first = schedule.build(a.structure(), 64, 64, 256, 256, "cpu", prepared(a, 256, 256, {}))
-    grid = prepared(a, 256, 256, {})
+    grid = Prepared(layouts=(a.tensor().clone(),))  # a device copy, as prepare makes, owned by this test
     once = schedule.build(a.structure(), 64, 64, 256, 256, "cpu", grid)
     assert schedule.build(a.structure(), 64, 64, 256, 256, "cpu", grid) is once
     other = schedule.build(b.structure(), 64, 64, 256, 256, "cpu", prepared(b, 256, 256, {}))
