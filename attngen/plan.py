@@ -168,7 +168,7 @@ def forward_tilings(
         most = tiling.WGMMA_FORWARD_CONFIGS[d][0]
         fast = [tiling.wgmma_forward_tiles(d, block_sizes, c) for c in (most, *range(most - 1, 1, -1))]
         if not branch_free:
-            fast = [tiling.with_guarded_mask(t) for t in fast]
+            fast = [replace(tiling.with_guarded_mask(t), coords_per_tile=True) for t in fast]
         if pattern is not None and len(fast) > 1 and all(isinstance(leaf, P.Affine) for leaf in pattern.leaves()):
             shares = {t: _partial_share(pattern, t) for t in fast}
             fast.sort(key=lambda t: (shares[t] > PARTIAL_SHARE, shares[t] if shares[t] > PARTIAL_SHARE else 0))

@@ -33,6 +33,10 @@ class Tiles:
     q_buffers: int = 1  # sm_90a forward: Q tiles in flight (persistent blocks load the next item's during this one)
     mask_unroll: int = 4  # partial tiles: mask elements evaluated per unrolled step (>= a thread's share: fully)
     split: bool = False  # mma.sync dK/dV: two sweeps (dK, then dV) instead of both accumulators at once
+    # sm_90a forward: each tile's (query, key) coordinates made afresh rather than from a per-item value. With a mask
+    # that loads run-time tensors, the per-item value held across the tile loop made ptxas schedule the loop worse
+    # (+12% forward time on the H200 for a block layout).
+    coords_per_tile: bool = False
 
     @property
     def wgmma(self) -> bool:
@@ -43,7 +47,7 @@ class Tiles:
         smem = f"{self.smem_bytes / 1024:.0f} KiB shared memory"
         mask = f"mask unrolled x{self.mask_unroll}"
         if self.wgmma:
-            ring = f"{self.stages}-stage ring"
+            ring = f"{self.stages}-stage ring" + (", coordinates per tile" if self.coords_per_tile else "")
             return f"{size}, {self.consumers} wgmma warpgroups + a TMA producer, {ring}, {mask}, {smem}"
         regs = ", operands in registers" if self.operands_in_regs else ""
         split = ", dK and dV in two sweeps" if self.split else ""

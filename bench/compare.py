@@ -1,7 +1,9 @@
 """Compare two benchmark runs (JSON from bench_attention.py) case by case: attngen's time in each, their ratio,
-and each run's ratios against the baselines. Prints a table; used by run_device.sh --baseline.
+and each run's ratios against the baselines. Prints a table; used by run_device.sh --baseline. With --markdown,
+one run as the table of docs/performance.md.
 
-python bench/compare.py before.json after.json"""
+python bench/compare.py before.json after.json
+python bench/compare.py --markdown run.json"""
 
 import json
 import sys
@@ -27,5 +29,19 @@ def main(before_path: str, after_path: str) -> None:
         print(f"{case:44s} {old['attngen_ms']:10.3f} {new['attngen_ms']:10.3f} {change:12.3f}   {ratios}")
 
 
+NAMES = {"sdpa_flash": "FA2", "sdpa_cudnn": "cuDNN", "flex": "Flex"}
+
+
+def markdown(path: str) -> None:
+    print("| case | attngen | others (ms) | ratio |\n|---|---|---|---|")
+    for case, row in load(path).items():
+        others = ", ".join(f"{NAMES.get(k, k)} {v:.3g}" for k, v in row["others_ms"].items() if v is not None)
+        ratios = ", ".join(f"{NAMES.get(k, k)} {v:.2f}×" for k, v in row["ratios"].items())
+        print(f"| {case} | {row['attngen_ms']:.3g} ms ({row['attngen_tflops']:.0f} TF) | {others} | {ratios} |")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if sys.argv[1] == "--markdown":
+        markdown(sys.argv[2])
+    else:
+        main(*sys.argv[1:3])

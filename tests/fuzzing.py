@@ -1,0 +1,406 @@
+"""Seeded, reproducible attention fuzz cases: one generator for the CPU checks (tests/test_fuzz.py: planning,
+scheduling, mask lowering, a few compiles) and the GPU run (bench/fuzz_gpu.py: kernels against attngen.reference).
+
+`case(seed)` is a pure function of `seed` (Python's `random.Random` and a CPU `torch.Generator`, nothing global):
+a random pattern composed from every constructor with & | ~ (depth <= 3), shapes (batch, GQA heads, odd and
+tile-boundary lengths, Sq != Sk), head dim, dtype, input storage (strided views), scale, return_lse, backward, and
+the run-time inputs the pattern reads (document ids as [S] / [B, S] / a pair, key lengths incl. 0 and Sk). Every
+case is valid input: the API must accept it and the kernels must match the reference. `Case.repro()` is the one
+command line that runs it again on a GPU.
+
+Consecutive seeds share a pattern *recipe*, head dim, dtype and kernel variant (`GROUP` of them: the tree, its
+constants, layout block sizes), so that a GPU run compiles a quarter as many kernels; each seed draws its own
+shapes, layout grids, run-time tensors and inputs. Importable without pytest and without a GPU."""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+import random
+from dataclasses import dataclass, field
+
+import sympy as sp
+import torch
+
+import attngen as ag
+from attngen import pattern as P
+
+GROUP = 4  # consecutive seeds sharing a pattern recipe, head dim, dtype and variant (so, compiled kernels)
+HEAD_DIMS = (32, 64, 96, 128, 256)
+HEAD_DIM_WEIGHTS = (1, 4, 1, 4, 1)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+BLOCK_SIZES = (16, 32, 64, 128, 96)
+# Lengths at and beside every tile edge the kernels use (BLOCK_M 64 / 128 / 192, BLOCK_N 64 / 128).
+EDGE_LENGTHS = (1, 2, 3, 15, 16, 17, 63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257, 383, 384, 385, 511, 512)
+LONG_LENGTHS = (767, 768, 769, 1023, 1024, 1025, 1151, 1152, 1153, 1535, 1536, 1537, 2047, 2048, 2049, 2999, 3000)
+MAX_LONG = 3073
+# The reference materialises B * Hq * Sq * Sk scores (and, with backward, a few more of them): capped per case.
+MAX_SCORES = 1 << 24
+MAX_INPUT = 1 << 23  # B * H * S * D elements of one input tensor
+LONG_SHARE = 0.12  # cases with a length above 512
+STORAGES = ("contiguous", "bshd", "sliced", "misaligned", "expand")
+STORAGE_WEIGHTS = (10, 4, 3, 1, 2)
+VARIANTS = ("auto", "mma_sync")  # mma_sync: the mma.sync tilings forced (on sm_90, where auto takes wgmma)
+REPRO = "python bench/fuzz_gpu.py --seed {seed} --cases 1"
+
+
+@dataclass
+class Case:
+    seed: int
+    pattern: ag.Pattern
+    B: int
+    Hq: int
+    Hkv: int
+    Sq: int
+    Sk: int
+    head_dim: int
+    dtype: str  # "fp16" | "bf16"
+    storage: str  # one of STORAGES: how q, k, v are laid out in memory
+    scale: float | None
+    return_lse: bool
+    backward: bool
+    variant: str  # one of VARIANTS
+    document_ids: object = None  # [S] / [B or 1, S] tensor, or a (query, key) pair
+    key_lengths: torch.Tensor | None = None
+    layouts: dict = field(default_factory=dict)  # BlockLayout leaf -> the bool grid it was built from
+    notes: tuple[str, ...] = ()  # what was drawn, for coverage checks: "doc:pair", "keylen:0", ...
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def family(self) -> str:
+        """The kinds of leaf the pattern reads: affine, layout, documents, key_padding (joined by +)."""
+        kinds = {
+            P.Affine: "affine",
+            P.BlockLayout: "layout",
+            P.Documents: "documents",
+            P.KeyPadding: "key_padding",
+        }
+        return "+".join(sorted({kinds.get(type(leaf), type(leaf).__name__) for leaf in self.pattern.leaves()}))
+
+    @property
+    def scores(self) -> int:
+        return self.B * self.Hq * self.Sq * self.Sk
+
+    def repro(self) -> str:
+        """The one command line that runs this case again on a GPU."""
+        return REPRO.format(seed=self.seed)
+
+    def describe(self) -> str:
+        scale = "default" if self.scale is None else f"{self.scale:.6g}"
+        extra = []
+        if self.document_ids is not None:
+            ids = self.document_ids if isinstance(self.document_ids, (tuple, list)) else (self.document_ids,)
+            extra.append("document_ids " + " / ".join(f"{tuple(t.shape)} {t.dtype}" for t in ids))
+        if self.key_lengths is not None:
+            extra.append(f"key_lengths {self.key_lengths.tolist()}")
+        return (
+            f"seed={self.seed} pattern={self.pattern!r} B={self.B} Hq={self.Hq} Hkv={self.Hkv} Sq={self.Sq} "
+            f"Sk={self.Sk} D={self.head_dim} {self.dtype} storage={self.storage} scale={scale} "
+            f"return_lse={self.return_lse} backward={self.backward} variant={self.variant}"
+            + "".join(f" {e}" for e in extra)
+        )
+
+    def runtime(self, device: torch.device | str = "cpu") -> dict:
+        """The call-time keyword arguments (`document_ids=`, `key_lengths=`) on `device`."""
+        rt: dict = {}
+        if self.document_ids is not None:
+            ids = self.document_ids
+            rt["document_ids"] = tuple(t.to(device) for t in ids) if isinstance(ids, tuple) else ids.to(device)
+        if self.key_lengths is not None:
+            rt["key_lengths"] = self.key_lengths.to(device)
+        return rt
+
+    def inputs(self, device: torch.device | str, requires_grad: bool = False):
+        """(q, k, v, dout, dlse) on `device`, drawn from the seed on the CPU (the same values on every machine).
+        q, k, v are laid out as `storage` says; with `requires_grad` they are views of leaves that require grad."""
+        gen = torch.Generator().manual_seed(self.seed * 7919 + 17)
+        q = self._tensor(gen, self.Hq, self.Sq, device, requires_grad, query=True)
+        k = self._tensor(gen, self.Hkv, self.Sk, device, requires_grad)
+        v = self._tensor(gen, self.Hkv, self.Sk, device, requires_grad)
+        dout = torch.randn(self.B, self.Hq, self.Sq, self.head_dim, generator=gen).to(device, self.torch_dtype)
+        dlse = torch.randn(self.B, self.Hq, self.Sq, generator=gen).to(device)
+        return q, k, v, dout, dlse
+
+    def _tensor(self, gen, H: int, S: int, device, requires_grad: bool, query: bool = False) -> torch.Tensor:
+        B, D = self.B, self.head_dim
+        storage = "bshd" if self.storage == "expand" and query else self.storage
+        shape = {
+            "contiguous": (B, H, S, D),
+            "bshd": (B, S, H, D),
+            "sliced": (B, H, S, D + 8),
+            "misaligned": (B, H, S, D + 1),
+            "expand": (1, H, S, D),
+        }[storage]
+        base = torch.randn(shape, generator=gen).to(device, self.torch_dtype).requires_grad_(requires_grad)
+        if storage == "bshd":
+            return base.transpose(1, 2)
+        if storage == "sliced":
+            return base[..., :D]  # rows 16-byte aligned: used as they are
+        if storage == "misaligned":
+            return base[..., 1:]  # rows start 2 bytes in: copied before the kernels run
+        if storage == "expand":
+            return base.expand(B, H, S, D)  # batch stride 0
+        return base
+
+
+# ----------------------------------------------------------------------------------------------- patterns
+
+_OPS = ("<", "<=", ">", ">=", "==", "!=")
+_NAMES = {"q": ag.q, "k": ag.k, "Sq": ag.Sq, "Sk": ag.Sk}
+
+
+def _const(g: random.Random, hi: int = 300) -> int:
+    return g.choice([0, 1, 2, g.randint(0, 20), g.randint(0, 70), g.randint(0, hi), g.randint(0, 3 * hi)])
+
+
+def _term(g: random.Random) -> str:
+    pieces = []
+    for _ in range(g.randint(1, 3)):
+        r = g.random()
+        if r < 0.45:
+            pieces.append(g.choice(["q", "k", "q", "k", "Sq", "Sk"]))
+        elif r < 0.65:
+            pieces.append(f"{g.choice([2, 3, -1, -2])}*{g.choice(['q', 'k', 'Sk', 'Sq'])}")
+        elif r < 0.75:
+            pieces.append("(Sk - Sq)")
+        else:
+            pieces.append(str(_const(g)))
+    text = pieces[0]
+    for p in pieces[1:]:
+        text += g.choice([" + ", " - "]) + p
+    return f"-({text})" if g.random() < 0.08 else text
+
+
+def _sides(g: random.Random) -> tuple[str, str]:
+    """Mostly band-like comparisons (masks neither empty nor full), sometimes general affine terms."""
+    c = _const(g)
+    return g.choice(
+        [
+            ("k", f"q + {c}"),
+            ("k", f"q - {c}"),
+            ("q", str(c)),
+            ("k", str(c)),
+            ("k - q", str(c - 20)),
+            ("2*q", f"k + {c}"),
+            ("k", f"q + Sk - Sq - {c}"),
+            ("q + k", "Sk"),
+            ("3*k", f"2*q - {c}"),
+            ("k", f"Sk - {c}"),
+            ("q", f"Sq - {c}"),
+            ("Sk - k", f"Sq - q + {c}"),
+            ("k", "-1*q + 2*Sk - Sq"),
+            (_term(g), _term(g)),
+            (_term(g), _term(g)),
+        ]
+    )
+
+
+def _predicate_text(g: random.Random, depth: int) -> str:
+    if depth == 0 or g.random() < 0.5:
+        if g.random() < 0.25:  # chained, e.g. 0 <= k - q < 5
+            lo, hi = sorted(_const(g) - 10 for _ in range(2))
+            middle = g.choice(["k - q", "k", "q", "q - k + Sk - Sq", _term(g)])
+            return f"{lo} {g.choice(_OPS)} {middle} {g.choice(_OPS)} {hi}"
+        lhs, rhs = _sides(g)
+        return f"{lhs} {g.choice(_OPS)} {rhs}"
+    a, b = _predicate_text(g, depth - 1), _predicate_text(g, depth - 1)
+    return g.choice(["({}) and ({})", "({}) or ({})", "({}) & ({})", "({}) | ({})", "not ({})", "~({})"]).format(a, b)
+
+
+def _predicate_sympy(g: random.Random, depth: int) -> sp.Basic:
+    if depth == 0 or g.random() < 0.5:
+        lhs, rhs = (sp.sympify(t, locals=_NAMES) for t in _sides(g))
+        return g.choice((sp.Lt, sp.Le, sp.Gt, sp.Ge, sp.Eq, sp.Ne))(lhs, rhs)
+    a, b = _predicate_sympy(g, depth - 1), _predicate_sympy(g, depth - 1)
+    return g.choice([lambda: a & b, lambda: a | b, lambda: ~a, lambda: sp.Or(a, b), lambda: sp.Not(a)])()
+
+
+class _Builder:
+    """Draws a pattern: its recipe (tree, constants, block sizes) from the group's `g`, its data (layout grids)
+    from the case's `rng` / `gen`, so that every case of a group has the same structure."""
+
+    def __init__(self, g: random.Random, rng: random.Random, gen: torch.Generator, case: Case):
+        self.g, self.rng, self.gen, self.case = g, rng, gen, case
+        self.uses: set[str] = set()
+        self.made: list[ag.Pattern] = []  # layout leaves of this case, in recipe order
+
+    def leaf(self) -> ag.Pattern:
+        g = self.g
+        kind = g.choices(
+            ["full", "causal", "window", "local", "prefix", "global", "text", "sympy", "docs", "keylen", "layout"],
+            weights=[1, 3, 3, 2, 1, 1, 4, 2, 2, 2, 4],
+        )[0]
+        align = g.choice(["top_left", "bottom_right"])
+        if kind == "full":
+            return ag.full()
+        if kind == "causal":
+            return ag.causal(align=align)
+        if kind == "window":
+            return ag.sliding_window(max(1, _const(g)), align=align)
+        if kind == "local":
+            return ag.local(_const(g), _const(g))
+        if kind == "prefix":
+            return ag.prefix_lm(_const(g))
+        if kind == "global":
+            return ag.global_tokens(_const(g))
+        if kind == "text":
+            return ag.predicate(_predicate_text(g, 2))
+        if kind == "sympy":
+            return ag.predicate(_predicate_sympy(g, 2))
+        if kind == "docs":
+            self.uses.add("docs")
+            return ag.documents()
+        if kind == "keylen":
+            self.uses.add("keylen")
+            return ag.key_padding()
+        return self.layout()
+
+    def layout(self) -> ag.Pattern:
+        g, case = self.g, self.case
+        if self.made and g.random() < 0.25:  # the same layout again: one slot
+            return self.made[g.randrange(len(self.made))]
+        bs = g.choice(BLOCK_SIZES)
+        per_head = g.random() < 0.4
+        density = g.choice([0.0, 1.0, 0.2, 0.5, 0.8, 0.5])
+        # data: per case (the grid must cover this case's lengths and heads)
+        nbq = math.ceil(case.Sq / bs) + self.rng.choice([0, 0, 0, 1, 2])
+        nbk = math.ceil(case.Sk / bs) + self.rng.choice([0, 0, 0, 1, 2])
+        heads = (case.Hq,) if per_head else self.rng.choice([(), (), (1,)])
+        grid = torch.rand((*heads, nbq, nbk), generator=self.gen) < density
+        leaf = ag.block_layout(grid, bs)
+        case.layouts.setdefault(leaf, grid)
+        self.made.append(leaf)
+        return leaf
+
+    def tree(self, depth: int) -> ag.Pattern:
+        g = self.g
+        if depth == 0 or g.random() < 0.35:
+            return self.leaf()
+        r = g.random()
+        if r < 0.15:
+            return ~self.tree(depth - 1)
+        parts = [self.tree(depth - 1) for _ in range(g.choice([2, 2, 3]))]
+        return functools.reduce(operator.and_ if r < 0.6 else operator.or_, parts)
+
+
+# ------------------------------------------------------------------------------------------------- shapes
+
+
+def _length(rng: random.Random, long: bool) -> int:
+    if long:
+        return rng.choice(LONG_LENGTHS) if rng.random() < 0.6 else rng.randint(513, MAX_LONG)
+    r = rng.random()
+    if r < 0.45:
+        return rng.choice(EDGE_LENGTHS)
+    n = rng.randint(1, 512)
+    return n | 1 if r < 0.75 else n  # biased to odd
+
+
+def _shape(rng: random.Random, D: int) -> tuple[int, int, int, int, int]:
+    """(B, Hkv, group, Sq, Sk) within the size caps."""
+    long = rng.random() < LONG_SHARE
+    Sq = _length(rng, long and rng.random() < 0.7)
+    Sk = Sq if rng.random() < 0.35 else _length(rng, long)
+    if long and max(Sq, Sk) <= 512:  # one of the two at least is long
+        Sk = _length(rng, True)
+    B, Hkv, group = rng.randint(1, 3), rng.randint(1, 4), rng.choice([1, 1, 2, 3, 4])
+    while B * Hkv * group * Sq * Sk > MAX_SCORES or B * Hkv * group * max(Sq, Sk) * D > MAX_INPUT:
+        # shrink the largest of batch, kv heads, group; lengths are kept as drawn
+        if B >= max(Hkv, group) and B > 1:
+            B -= 1
+        elif Hkv >= group and Hkv > 1:
+            Hkv -= 1
+        elif group > 1:
+            group -= 1
+        else:
+            break
+    return B, Hkv, group, Sq, Sk
+
+
+def _doc_ids(rng: random.Random, gen: torch.Generator, rows: int, S: int) -> torch.Tensor:
+    shape = (rows, S) if rows else (S,)
+    r = rng.random()
+    if r < 0.6:  # sorted segments, as packed sequences
+        starts = torch.rand(shape, generator=gen) < rng.choice([0.005, 0.02, 0.1, 0.3])
+        ids = starts.to(torch.int64).cumsum(-1)
+    elif r < 0.9:
+        ids = torch.randint(0, rng.choice([1, 2, 4]), shape, generator=gen)
+    else:  # negative and large ids are ids too
+        ids = torch.randint(-3, 3, shape, generator=gen) * rng.choice([1, 1000003])
+    return ids.to(rng.choice([torch.int64, torch.int32]))
+
+
+def _document_ids(rng: random.Random, gen: torch.Generator, B: int, Sq: int, Sk: int) -> tuple[object, str]:
+    form = rng.choice(["1d", "2d", "2d1", "pair"]) if Sq == Sk else "pair"
+    if form == "pair":
+        rows_q, rows_k = (rng.choice([0, B, 1]) for _ in range(2))
+        return (_doc_ids(rng, gen, rows_q, Sq), _doc_ids(rng, gen, rows_k, Sk)), "doc:pair"
+    rows = {"1d": 0, "2d": B, "2d1": 1}[form]
+    return _doc_ids(rng, gen, rows, Sq), f"doc:{form}"
+
+
+def _key_lengths(rng: random.Random, B: int, Sk: int) -> tuple[torch.Tensor, tuple[str, ...]]:
+    choices = [0, Sk, rng.randint(0, Sk), rng.randint(Sk // 2, Sk), rng.randint(0, Sk), Sk + rng.randint(1, 9)]
+    lengths = [rng.choice(choices) for _ in range(B)]
+    notes = tuple(f"keylen:{n}" for n, hit in (("0", 0 in lengths), ("Sk", Sk in lengths)) if hit)
+    notes += ("keylen:>Sk",) if any(n > Sk for n in lengths) else ()
+    return torch.tensor(lengths, dtype=rng.choice([torch.int32, torch.int64])), notes
+
+
+# ------------------------------------------------------------------------------------------------ the case
+
+
+@functools.lru_cache(maxsize=512)
+def case(seed: int) -> Case:
+    """The fuzz case of `seed` (cached: treat it as read-only)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    g = random.Random(f"attngen-fuzz-group-{seed // GROUP}")  # recipe, head dim, dtype, variant
+    rng = random.Random(f"attngen-fuzz-case-{seed}")  # shapes, data, inputs
+    gen = torch.Generator().manual_seed(seed)
+    D = g.choices(HEAD_DIMS, weights=HEAD_DIM_WEIGHTS)[0]
+    dtype = g.choice(list(DTYPES))
+    variant = "mma_sync" if g.random() < 0.15 else "auto"
+    depth = g.randint(1, 3)
+    B, Hkv, group, Sq, Sk = _shape(rng, D)
+    storage = rng.choices(STORAGES, weights=STORAGE_WEIGHTS)[0]
+    if storage == "expand" and B == 1:
+        storage = "contiguous"
+    r = rng.random()
+    scale = None if r < 0.7 else rng.choice([rng.uniform(0.01, 0.3), 1.0 / D, 0.5 / math.sqrt(D), 0.25])
+    c = Case(
+        seed=seed,
+        pattern=ag.full(),
+        B=B,
+        Hq=Hkv * group,
+        Hkv=Hkv,
+        Sq=Sq,
+        Sk=Sk,
+        head_dim=D,
+        dtype=dtype,
+        storage=storage,
+        scale=scale,
+        return_lse=rng.random() < 0.6,
+        backward=rng.random() < 0.35,
+        variant=variant,
+    )
+    builder = _Builder(g, rng, gen, c)
+    c.pattern = builder.tree(depth)
+    notes: list[str] = []
+    if "docs" in builder.uses:
+        c.document_ids, note = _document_ids(rng, gen, B, Sq, Sk)
+        notes.append(note)
+    if "keylen" in builder.uses:
+        c.key_lengths, more = _key_lengths(rng, B, Sk)
+        notes += more
+    c.notes = tuple(notes)
+    return c
+
+
+def cases(first: int, count: int):
+    """Cases first .. first + count - 1."""
+    return (case(s) for s in range(first, first + count))

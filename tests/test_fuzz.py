@@ -1,0 +1,272 @@
+"""Fuzz cases (tests/fuzzing.py) through every stage that runs without a GPU: planning for sm_80 and sm_90, the
+call-time checks of `prepare` (every generated case is valid input), tile classification and schedules against
+brute force from the dense reference mask, and the emitted C mask against the reference (tests/test_lower.py's
+translator); a small fixed sample of plans is rendered and compiled (no spills after the planner's fallback).
+
+The same cases run on a GPU with `python bench/fuzz_gpu.py`; a failure here prints the line that runs its case
+there."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from fuzzing import BLOCK_SIZES, HEAD_DIMS, MAX_INPUT, MAX_SCORES, STORAGES, case
+from test_lower import Case as LowerCase
+from test_lower import check as check_lowering
+from test_schedule import _truth
+
+import attngen as ag
+from attngen import kernel, prepare, schedule, tiling
+from attngen.plan import make_plan
+from attngen.schedule import EMPTY, FULL, PARTIAL
+
+SEEDS = range(300)
+ARCHS = ("sm_80", "sm_90")
+# Brute force builds the dense mask (and the translator a few tensors of its size): cases above this many
+# elements are planned and prepared but not brute-forced (most cases are far below it).
+BRUTE_FORCE_LIMIT = 1 << 21
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tensors here are small: torch's thread pool only adds overhead (and stalls on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _where(c) -> str:
+    return f"{c.describe()}\n  reproduce on a GPU: {c.repro()}"
+
+
+def _plans(c) -> dict:
+    return {arch: make_plan(c.pattern, head_dim=c.head_dim, dtype=c.torch_dtype, arch=arch) for arch in ARCHS}
+
+
+def _prepared(c) -> prepare.Prepared:
+    """`prepare` on CPU stand-ins for q and k (it reads their shapes and device only)."""
+    q = torch.empty(1, dtype=c.torch_dtype).expand(c.B, c.Hq, c.Sq, c.head_dim)
+    k = torch.empty(1, dtype=c.torch_dtype).expand(c.B, c.Hkv, c.Sk, c.head_dim)
+    return prepare.prepare(c.pattern, q, k, {"document_ids": None, "key_lengths": None, **c.runtime()})
+
+
+def _mask_elements(c) -> int:
+    inputs = c.pattern.runtime_inputs
+    per_head = any(grid.dim() == 3 and grid.shape[0] > 1 for grid in c.layouts.values())
+    return (c.B if inputs else 1) * (c.Hq if per_head or inputs else 1) * (c.Sq + 5) * (c.Sk + 5)
+
+
+def _check_tiles(c, structure, mask, bm: int, bn: int, prep, transpose: bool) -> None:
+    """Classes and the schedule of bm x bn tiles against brute force from the dense mask."""
+    cls = schedule.classes(structure, bm, bn, c.Sq, c.Sk, "cpu", prep)
+    assert cls.shape[-2:] == (math.ceil(c.Sq / bm), math.ceil(c.Sk / bn)), _where(c)
+    every, some = _truth(mask, bm, bn)
+    wide, every, some = torch.broadcast_tensors(cls, every, some)
+    bad_full = ((wide == FULL) & ~every).nonzero()
+    assert not len(bad_full), f"{bm}x{bn} tile {bad_full[0].tolist()} called FULL drops an element\n{_where(c)}"
+    bad_empty = ((wide == EMPTY) & some).nonzero()
+    assert not len(bad_empty), f"{bm}x{bn} tile {bad_empty[0].tolist()} called EMPTY keeps an element\n{_where(c)}"
+    sched = schedule.build(structure, bm, bn, c.Sq, c.Sk, "cpu", prep, transpose=transpose)
+    visit = cls.transpose(-1, -2) if transpose else cls
+    assert torch.equal(sched.counts, (visit > EMPTY).sum(-1, dtype=torch.int32)), f"{bm}x{bn} counts\n{_where(c)}"
+    tiles = sched.tiles
+    n = tiles.shape[-1]
+    listed = torch.arange(n) < sched.counts.unsqueeze(-1)
+    order = torch.argsort((visit == EMPTY).to(torch.int8), dim=-1, stable=True)
+    expect = (order.to(torch.int32) << 1) | (torch.gather(visit, -1, order) == PARTIAL).to(torch.int32)
+    assert torch.equal(tiles[listed], expect[listed]), f"{bm}x{bn} schedule tiles\n{_where(c)}"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_case_plans_schedules_and_lowers(seed):
+    c = case(seed)
+    plans = _plans(c)
+    structure = c.pattern.structure()
+    for arch, plan in plans.items():
+        assert plan.pattern == structure, _where(c)
+        assert {a.name for a in plan.runtime_args} >= {f"layout{n}" for n in range(len(c.pattern.layouts()))}
+        for t in (plan.fwd, plan.dkdv, plan.dq):
+            assert t.smem_bytes <= tiling.SMEM_LIMIT, f"{arch} {t}: {t.smem_bytes} bytes of shared memory"
+        if arch == "sm_80":
+            assert not (plan.fwd.wgmma or plan.dkdv.wgmma or plan.dq.wgmma), f"{arch} got wgmma\n{_where(c)}"
+        else:
+            assert plan.fwd.wgmma == (c.head_dim in tiling.WGMMA_FORWARD_CONFIGS), _where(c)
+    assert plans["sm_80"].keep_c == plans["sm_90"].keep_c, _where(c)
+    prep = _prepared(c)  # valid input: prepare accepts it
+    assert len(prep.layouts) == len(c.pattern.layouts())
+    if _mask_elements(c) > BRUTE_FORCE_LIMIT:
+        return
+    mask = c.pattern.mask(c.Sq, c.Sk, **c.runtime())
+    tilings = {(t.block_m, t.block_n, name == "dkdv") for p in plans.values() for name in ("fwd", "dkdv", "dq")
+               for t in [p.tiles_of(name)]}  # fmt: skip
+    for bm, bn, transpose in sorted(tilings):
+        _check_tiles(c, plans["sm_90"].positions, mask, bm, bn, prep, transpose)
+    lower = LowerCase(seed, c.pattern, c.Sq, c.Sk, B=c.B, H=c.Hq, layouts=dict(c.layouts))
+    lower.document_ids, lower.key_lengths = c.document_ids, c.key_lengths
+    try:
+        check_lowering(lower, plans["sm_90"])
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n  reproduce on a GPU: {c.repro()}") from None
+
+
+def test_generator_is_reproducible():
+    a, b = case.__wrapped__(123), case.__wrapped__(123)
+    assert a.describe() == b.describe() and repr(a.pattern) == repr(b.pattern)
+    assert all(torch.equal(x, y) for x, y in zip(a.inputs("cpu")[:3], b.inputs("cpu")[:3]))
+    assert a.repro() == "python bench/fuzz_gpu.py --seed 123 --cases 1"
+
+
+def test_generator_covers_every_kind():
+    """Over the CI seeds: every constructor and operator, both aligns, == / != / chained predicates and Sq / Sk
+    terms, shared and per-head layouts of every block size, every document-id form, key lengths 0 and Sk, every
+    head dim, dtype, storage and variant, Sq != Sk, edge and long lengths; and every case within the size caps."""
+    seen: set[str] = set()
+    small = 0
+    words = ("causal", "sliding_window", "local", "prefix_lm", "global_tokens", "predicate", "documents",
+             "key_padding", "block_layout", "full", "~", "|", "&", "bottom_right", "==", "!=", "Eq(", "Ne(",
+             "Sk - Sq", " and ", " or ", "not ")  # fmt: skip
+    for seed in SEEDS:
+        c = case(seed)
+        text = repr(c.pattern)
+        seen |= {w for w in words if w in text}
+        seen |= {w for w in ("Sq", "Sk") if w in text.replace("Sk - Sq", "")}
+        seen |= {"chained"} if any(text.count(op) >= 2 for op in ("<", ">")) else set()
+        seen |= set(c.notes)
+        seen |= {f"D{c.head_dim}", c.dtype, c.storage, c.variant}
+        seen |= {"return_lse"} if c.return_lse else set()
+        seen |= {"backward"} if c.backward else set()
+        seen |= {"scale"} if c.scale is not None else set()
+        seen |= {"Sq != Sk"} if c.Sq != c.Sk else set()
+        seen |= {"long"} if max(c.Sq, c.Sk) > 512 else set()
+        seen |= {"length 1"} if 1 in (c.Sq, c.Sk) else set()
+        seen |= {"GQA"} if c.Hq > c.Hkv else set()
+        seen |= {"tile edge"} if {c.Sq, c.Sk} & {63, 65, 127, 129, 191, 193} else set()
+        for leaf, grid in c.layouts.items():
+            seen.add(f"bs{leaf.block_size}")
+            seen.add("per-head layout" if grid.dim() == 3 and grid.shape[0] > 1 else "shared layout")
+        assert c.scores <= MAX_SCORES and c.B * c.Hq * max(c.Sq, c.Sk) * c.head_dim <= MAX_INPUT, _where(c)
+        assert 1 <= c.B <= 3 and 1 <= c.Hkv <= 4 and c.Hq % c.Hkv == 0 and c.Hq // c.Hkv <= 4, _where(c)
+        small += max(c.Sq, c.Sk) <= 512 and _mask_elements(c) <= BRUTE_FORCE_LIMIT
+    expect = {*words, "Sq", "Sk", "chained", "doc:1d", "doc:2d", "doc:2d1", "doc:pair", "keylen:0", "keylen:Sk"}
+    expect |= {f"D{d}" for d in HEAD_DIMS} | {"fp16", "bf16", *STORAGES, "auto", "mma_sync"}
+    expect |= {"return_lse", "backward", "scale", "Sq != Sk", "long", "length 1", "GQA", "tile edge"}
+    expect |= {f"bs{bs}" for bs in BLOCK_SIZES} | {"per-head layout", "shared layout"}
+    assert expect <= seen, f"never generated: {sorted(expect - seen)}"
+    assert small >= 0.8 * len(SEEDS), f"only {small} of {len(SEEDS)} cases are small enough to brute-force"
+
+
+def _first(predicate) -> int:
+    return next(s for s in SEEDS if predicate(case(s)))
+
+
+# A fixed sample of distinct plans, rendered and compiled: the kernel families (wgmma and mma.sync forward and
+# backward, head dims 256 and 96), both mask forms (branch-free affine, guarded loads).
+COMPILE_SAMPLE = [
+    ("sm_90", lambda c: c.head_dim == 256 and c.family == "affine"),
+    ("sm_90", lambda c: c.head_dim == 128 and "layout" in c.family and "documents" in c.family),
+    ("sm_90", lambda c: c.head_dim == 64 and c.family == "affine" and repr(c.pattern).count("(") >= 6),
+    ("sm_80", lambda c: c.head_dim == 96 and "key_padding" in c.family),
+    ("sm_80", lambda c: c.head_dim == 128 and c.family == "affine"),
+    ("sm_80", lambda c: c.head_dim == 32 and c.dtype == "bf16"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,which", COMPILE_SAMPLE, ids=[f"{a}-{n}" for n, (a, _) in enumerate(COMPILE_SAMPLE)])
+def test_sample_compiles_without_spills(arch, which):
+    c = case(_first(which))
+    plan = make_plan(c.pattern, head_dim=c.head_dim, dtype=c.torch_dtype, arch=arch)
+    plan, _, fwd = kernel.build_forward(plan)
+    plan, _, bwd = kernel.build_backward(plan)
+    for binary in (fwd, bwd):
+        for entry, res in binary.resources:
+            assert (res.spill_stores, res.spill_loads) == (0, 0), f"{arch} {entry} spills: {res}\n{_where(c)}"
+
+
+def test_every_generated_pattern_is_a_pattern():
+    """Seeds past the CI range generate too (the GPU run takes a thousand or more)."""
+    for seed in (1000, 4321, 99_999):
+        c = case(seed)
+        assert isinstance(c.pattern, ag.Pattern) and c.repro().endswith(f"--seed {seed} --cases 1")
+
+
+# ------------------------------------------------------------------------------- bench/fuzz_gpu.py without a GPU
+
+
+@pytest.fixture
+def fuzz_gpu(monkeypatch):
+    """bench/fuzz_gpu.py imported here (it sets ATTNGEN_POISON_OUTPUTS=1; restored afterwards)."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("ATTNGEN_POISON_OUTPUTS", "0")
+    path = Path(__file__).resolve().parents[1] / "bench" / "fuzz_gpu.py"
+    spec = importlib.util.spec_from_file_location("fuzz_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert os.environ["ATTNGEN_POISON_OUTPUTS"] == "1"
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    return module
+
+
+def _stand_in(perturb=None):
+    """attngen.attention computed by the reference in float32 and rounded to the input dtype (a kernel's
+    precision), optionally perturbed: what the GPU script's checks are tested on."""
+    from attngen import reference
+
+    def attention(q, k, v, pattern=None, *, scale=None, return_lse=False, **runtime):
+        out, lse = reference.attention(q, k, v, pattern, scale=scale, dtype=torch.float32, **runtime)
+        out, lse = out.to(q.dtype), lse.float()
+        if perturb is not None:
+            out, lse = perturb(out, lse)
+        return (out, lse) if return_lse else out
+
+    return attention
+
+
+def _small_seeds(n: int, **want) -> list[int]:
+    picked = []
+    for s in SEEDS:
+        c = case(s)
+        if c.scores <= 1 << 17 and c.variant == "auto" and all(getattr(c, a) == v for a, v in want.items()):
+            picked.append(s)
+    return picked[:n]
+
+
+def test_gpu_script_checks_pass_a_correct_kernel(fuzz_gpu, monkeypatch):
+    """The GPU script's run and checks, on the CPU with the reference standing in for the kernels."""
+    monkeypatch.setattr(ag, "attention", _stand_in())
+    tol = fuzz_gpu.tolerances()
+    seeds = _small_seeds(3, backward=True, return_lse=True) + _small_seeds(3, backward=True, return_lse=False)
+    seeds += _small_seeds(3, backward=False)
+    assert len(seeds) == 9
+    for seed in seeds:
+        c = case(seed)
+        assert fuzz_gpu.run_case(c, torch.device("cpu"), "sm_90", tol) == [], _where(c)
+
+
+def test_gpu_script_checks_catch_wrong_results(fuzz_gpu, monkeypatch):
+    tol = fuzz_gpu.tolerances()
+    [seed] = _small_seeds(1, backward=True, return_lse=True)
+    c = case(seed)
+    wrong = {
+        "output error": lambda out, lse: (out * 1.05, lse),
+        "non-finite output": lambda out, lse: (out.masked_fill(torch.rand(out.shape) < 0.01, float("nan")), lse),
+        "LSE": lambda out, lse: (out, lse + 0.01),
+        "backward: dq error": lambda out, lse: (out + (0.1 * out - (0.1 * out).detach()), lse),  # gradient x 1.1
+    }
+    for expect, perturb in wrong.items():
+        monkeypatch.setattr(ag, "attention", _stand_in(perturb))
+        errors = fuzz_gpu.run_case(c, torch.device("cpu"), "sm_90", tol)
+        assert any(expect in e for e in errors), f"{expect}: {errors}"
+
+
+def test_gpu_script_dry_run(fuzz_gpu, capsys):
+    assert fuzz_gpu.main(["--seed", "40", "--cases", "3", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split("  #")[0] for line in out[:3]] == [case(s).repro() for s in (40, 41, 42)]
+    assert out[-1].startswith("3 cases, ")
