@@ -64,12 +64,17 @@ def lower_c(e: sp.Basic, ops: tuple[str, str]) -> str:
         return joint.join(f"({lower_c(a, ops)})" for a in e.args)
     if isinstance(e, sp.Not):
         return f"!({lower_c(e.args[0], ops)})"
-    sides = (sp.Poly(sp.expand(side), *_SYMS) for side in (e.lhs, e.rhs))
-    if all(c.is_integer for poly in sides for c in poly.coeffs()):  # as written: integer arithmetic in C
-        return ccode(e)
     a = linear_atom(e)
-    lin = " + ".join(f"{c}*{s}" for c, s in zip(a.coef, ("q", "k", "Sq", "Sk")) if c) or "0"
-    return f"{lin} + {a.const} {dict(ge='>=', eq='==', ne='!=')[a.op]} 0"
+    # Positions are 32-bit ints below 2**31: a coefficient beyond ±1 (or a constant beyond 2**30) could overflow int
+    # arithmetic, so such an atom is evaluated in 64 bits.
+    wide = any(abs(c) > 1 for c in a.coef) or abs(a.const) > 2**30
+    sides = (sp.Poly(sp.expand(side), *_SYMS) for side in (e.lhs, e.rhs))
+    if not wide and all(c.is_integer for poly in sides for c in poly.coeffs()):  # as written: int arithmetic in C
+        return ccode(e)
+    suffix = "LL" if wide else ""
+    terms = [f"{c}{suffix}*{s}" for c, s in zip(a.coef, ("q", "k", "Sq", "Sk")) if c]
+    terms += [f"{a.const}{suffix}"] if a.const or not terms else []
+    return f"{' + '.join(terms)} {dict(ge='>=', eq='==', ne='!=')[a.op]} 0"
 
 
 # ---------------------------------------------------------------------------------------- tile classification

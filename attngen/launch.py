@@ -4,6 +4,7 @@ compiled kernels of a pattern, with its plan, emitted CUDA and resource reports)
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -138,7 +139,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict):
     D = q.shape[-1]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)):
+        raise InputError(f"scale must be a positive finite real number, got {type(scale).__name__} {scale!r:.60}")
+    try:
+        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    except OverflowError:
+        raise InputError("scale must be a positive finite number, got an integer too large for a float") from None
     if not (scale > 0 and math.isfinite(scale)):
         raise InputError(f"scale must be a positive finite number, got {scale}")
     # Under torch.compile this runs at trace time: only tensor work and constants (the pattern's key); planning
@@ -186,8 +192,8 @@ def compile(
     """Plan, render and compile `pattern`'s kernels; `arch` defaults to the current GPU's (give it without one)."""
     if not isinstance(pattern, Pattern):
         raise InputError(f"pattern must be an attngen pattern, got {type(pattern).__name__}")
-    if head_dim not in HEAD_DIMS:
-        raise InputError(f"head_dim {head_dim} is not supported; supported: {HEAD_DIMS}")
+    if type(head_dim) is not int or head_dim not in HEAD_DIMS:
+        raise InputError(f"head_dim {head_dim!r} is not supported; supported: {HEAD_DIMS} (an int)")
     if arch is None:
         if not torch.cuda.is_available():
             raise InputError("no CUDA GPU here: pass arch= (e.g. 'sm_90') to compile without one")

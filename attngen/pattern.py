@@ -392,9 +392,25 @@ def _check_affine(e: sp.Basic) -> None:
         return
     if not isinstance(e, (sp.Lt, sp.Le, sp.Gt, sp.Ge, sp.Eq, sp.Ne)):
         raise InputError(f"predicate must be built from comparisons with & | ~, got {e}")
+    for side in (e.lhs, e.rhs):
+        if not isinstance(side, sp.Expr) or _is_truth(side):
+            raise InputError(f"predicate comparisons compare numbers; {e} compares {side}")
     diff = sp.expand(e.lhs - e.rhs)
     if not diff.is_polynomial(*SYMBOLS.values()) or sp.Poly(diff, *SYMBOLS.values()).total_degree() > 1:
         raise InputError(f"predicate comparisons must be affine in q, k, Sq, Sk; {e} is not")
+    for c in sp.Poly(diff, *SYMBOLS.values()).coeffs():
+        if not c.is_Rational or max(abs(c.p), c.q) > MAX_INT:
+            raise InputError(
+                f"predicate coefficients must be integers or fractions of integers up to 2**30 = {MAX_INT} "
+                f"(positions are 32-bit integers in the kernels); {e} has {c}"
+            )
+
+
+def _is_truth(e: sp.Basic) -> bool:
+    """Whether `e` is a truth value (a comparison or a combination of them), not a number. (A sympy Symbol counts as
+    both, so the test names the truth-valued kinds.)"""
+    truth_kinds = (sp.logic.boolalg.BooleanFunction, sp.logic.boolalg.BooleanAtom, sp.core.relational.Relational)
+    return isinstance(e, truth_kinds)
 
 
 _PRED_OPS = {ast.Lt: sp.Lt, ast.LtE: sp.Le, ast.Gt: sp.Gt, ast.GtE: sp.Ge, ast.Eq: sp.Eq, ast.NotEq: sp.Ne}
@@ -409,6 +425,18 @@ def _parse_predicate(text: str) -> sp.Basic:
     except SyntaxError as e:
         raise InputError(f"cannot parse predicate {text!r}: {e.msg}") from None
 
+    def number(n: ast.AST) -> sp.Expr:  # an operand of + - * and of comparisons
+        value = conv(n)
+        if _is_truth(value):
+            raise InputError(f"predicate {text!r}: {ast.unparse(n)!r} is a truth value where a number is expected")
+        return value
+
+    def truth(n: ast.AST) -> sp.Basic:  # an operand of & | ~ and/or/not
+        value = conv(n)
+        if not _is_truth(value):
+            raise InputError(f"predicate {text!r}: {ast.unparse(n)!r} is a number where a comparison is expected")
+        return value
+
     def conv(n: ast.AST) -> sp.Basic:
         if isinstance(n, ast.Constant) and type(n.value) is int:
             if n.value > MAX_INT:  # literals are never negative: -5 parses as unary minus on 5
@@ -422,17 +450,17 @@ def _parse_predicate(text: str) -> sp.Basic:
         if isinstance(n, ast.Name) and n.id in SYMBOLS:
             return SYMBOLS[n.id]
         if isinstance(n, ast.BinOp) and type(n.op) in _ARITH:
-            return _ARITH[type(n.op)](conv(n.left), conv(n.right))
+            return _ARITH[type(n.op)](number(n.left), number(n.right))
         if isinstance(n, ast.BinOp) and type(n.op) in _BOOL:
-            return _BOOL[type(n.op)](conv(n.left), conv(n.right))
+            return _BOOL[type(n.op)](truth(n.left), truth(n.right))
         if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
-            return -conv(n.operand)
+            return -number(n.operand)
         if isinstance(n, ast.UnaryOp) and isinstance(n.op, (ast.Invert, ast.Not)):
-            return sp.Not(conv(n.operand))
+            return sp.Not(truth(n.operand))
         if isinstance(n, ast.BoolOp):
-            return (sp.And if isinstance(n.op, ast.And) else sp.Or)(*map(conv, n.values))
+            return (sp.And if isinstance(n.op, ast.And) else sp.Or)(*map(truth, n.values))
         if isinstance(n, ast.Compare):
-            terms = [conv(n.left), *map(conv, n.comparators)]
+            terms = [number(n.left), *map(number, n.comparators)]
             if not all(type(o) in _PRED_OPS for o in n.ops):
                 raise InputError(f"predicate {text!r}: only < <= > >= == != comparisons are allowed")
             return sp.And(*(_PRED_OPS[type(o)](a, b) for o, a, b in zip(n.ops, terms, terms[1:])))

@@ -189,7 +189,7 @@ def normalize_dtype(dtype: object) -> str:
 
     names = {torch.float16: "fp16", "fp16": "fp16", "float16": "fp16"}
     names |= {torch.bfloat16: "bf16", "bf16": "bf16", "bfloat16": "bf16"}
-    if dtype not in names:
+    if not isinstance(dtype, (torch.dtype, str)) or dtype not in names:
         raise InputError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype!r}")
     return names[dtype]
 
@@ -209,8 +209,8 @@ def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str) ->
     """Plan the forward and backward kernels of `pattern`'s structure for one dtype, head dim and arch."""
     if not isinstance(pattern, P.Pattern):
         raise InputError(f"expected an attngen pattern, got {type(pattern).__name__}")
-    if head_dim not in HEAD_DIMS:
-        raise InputError(f"head_dim {head_dim} is not supported; supported: {HEAD_DIMS}")
+    if type(head_dim) is not int or head_dim not in HEAD_DIMS:
+        raise InputError(f"head_dim {head_dim!r} is not supported; supported: {HEAD_DIMS} (an int)")
     structure = pattern.structure()
     positions = split_selection(structure)[0]
     select = selection_of(structure)

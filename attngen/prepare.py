@@ -93,22 +93,36 @@ def _layout(leaf: P.BlockLayout, device: torch.device, Hq: int, Sq: int, Sk: int
     return lay
 
 
+def _int32(t: torch.Tensor, what: str) -> torch.Tensor:
+    """`t` as int32 on its device; refuses meta tensors and values int32 cannot hold (which would silently wrap:
+    two documents becoming one). Checking int64 values costs a device-to-host sync; int32 input needs none."""
+    if t.is_meta:
+        raise InputError(f"{what} must hold data (a CPU or CUDA tensor), got a meta tensor")
+    if t.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8) or torch.compiler.is_compiling():
+        return t.to(torch.int32)
+    narrow = t.to(torch.int32)
+    if t.numel() and not torch.equal(narrow.to(t.dtype), t):
+        raise InputError(f"{what} must fit in int32 (from -2**31 to 2**31 - 1); got values beyond that")
+    return narrow
+
+
 def _documents(document_ids, B: int, Sq: int, Sk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     qd, kd = P.document_ids_pair(document_ids, Sq, Sk)
     for t in (qd, kd):
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.shape[0] not in (1, B):
             raise InputError(f"document ids must be integer tensors [{B}, S] or [S], got {t.dtype} {tuple(t.shape)}")
-    return qd.to(device, torch.int32).contiguous(), kd.to(device, torch.int32).contiguous()
+    return tuple(_int32(t, "document ids").to(device).contiguous() for t in (qd, kd))
 
 
 def _key_lengths(key_lengths, B: int, device) -> torch.Tensor:
     if (
         not isinstance(key_lengths, torch.Tensor)
         or key_lengths.dtype.is_floating_point
+        or key_lengths.dtype.is_complex
         or key_lengths.dtype == torch.bool
         or tuple(key_lengths.shape) != (B,)
     ):
         is_tensor = isinstance(key_lengths, torch.Tensor)
         got = f"{key_lengths.dtype} {tuple(key_lengths.shape)}" if is_tensor else key_lengths
         raise InputError(f"key_lengths must be an integer tensor of shape [{B}], got {got!r:.80}")
-    return key_lengths.to(device, torch.int32).contiguous()
+    return _int32(key_lengths, "key_lengths").to(device).contiguous()

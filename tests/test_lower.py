@@ -68,7 +68,7 @@ class CEvalError(ValueError):
 _TOKEN = re.compile(
     r"(?P<ws>\s+)"
     r"|(?P<float>\d+\.\d*(?:[eE][-+]?\d+)?)"
-    r"|(?P<int>\d+)"
+    r"|(?P<int>\d+(?:LL)?)"  # LL: a 64-bit literal (the translator computes in 64 bits throughout)
     r"|(?P<name>[A-Za-z_]\w*)"
     r"|(?P<op>&&|\|\||<=|>=|==|!=|[-+*/<>!&|()\[\]])"
 )
@@ -88,7 +88,7 @@ def tokenize(text: str) -> list[tuple[str, str, int]]:
         kind, tok, end = m.lastgroup, m.group(), m.end()
         if kind in ("int", "float") and end < len(text) and (text[end].isalnum() or text[end] in "_."):
             raise CExprError(f"unsupported numeric literal at {pos} in {text!r}")
-        if kind == "int" and len(tok) > 1 and tok[0] == "0":
+        if kind == "int" and len(tok.removesuffix("LL")) > 1 and tok[0] == "0":
             raise CExprError(f"octal literal {tok!r} at {pos} in {text!r}")
         if kind != "ws":
             out.append((kind, tok, pos))
@@ -140,7 +140,7 @@ class _Parser:
         kind, tok, _ = self._peek()
         if kind == "int":
             self.i += 1
-            return ("int", int(tok))
+            return ("int", int(tok.removesuffix("LL")))
         if kind == "float":
             self.i += 1
             return ("float", float(tok))
@@ -699,7 +699,7 @@ def test_layouts_numbered_by_first_appearance_and_shared():
         "1.5f < q",
         "0x10 < q",
         "010 < q",
-        "10LL < q",
+        "10UL < q",  # only the LL suffix (64-bit literals, for wide affine atoms) is emitted
         "(q < k",
         "q < k)",
         "q <",
