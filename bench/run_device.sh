@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: the GPU tests, then the benchmark; full logs and JSON under $OUT.
+# One call on the GPU machine: the GPU tests, the pattern fuzzer (1000 seeded cases), then the benchmark; full
+# logs and JSON under $OUT.
 #   bash bench/run_device.sh [--quick] [--baseline DIR]
 # --baseline DIR also benchmarks the attngen package found in DIR (e.g. `git archive` of an earlier commit) in the
 # same call, with its own kernel cache, and prints both runs side by side (bench/compare.py).
@@ -22,6 +23,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=cs
 python3 -c "import torch, cupy; print('torch', torch.__version__, 'cupy', cupy.__version__)"
 python3 bench/prewarm.py sm_90 2>&1 | tail -n 3
 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 40
+python3 bench/fuzz_gpu.py --cases 1000 --seed 0 --out "$OUT" 2>&1 | tee "$OUT/fuzz.log" | tail -n 12
 python3 bench/bench_attention.py --out "$OUT/bench.json" $QUICK 2>&1 | tee "$OUT/bench.log"
 if [ -n "$BASELINE" ]; then
   echo "== baseline: $BASELINE"
@@ -31,3 +33,4 @@ if [ -n "$BASELINE" ]; then
   python3 bench/compare.py "$OUT/bench_baseline.json" "$OUT/bench.json"
 fi
 echo "== tests: $(tail -n 1 "$OUT/gpu_tests.log")"
+echo "== fuzz: $(grep -m1 '^all ' "$OUT/fuzz.log")"
