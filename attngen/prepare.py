@@ -18,8 +18,6 @@ from .errors import InputError
 from .plan import KernelPlan
 from .select import split_selection
 
-CALL_INPUTS = ("document_ids", "key_lengths")  # call-time tensors of the position leaves
-
 
 @dataclass(frozen=True, eq=False)
 class Prepared:

@@ -63,11 +63,8 @@ def _no_kernels():
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """The tensors here are small: torch's thread pool only adds overhead (see conftest.py)."""
 
 
 def _past_device_check(q, k, v, pattern=None, **kwargs):

@@ -31,12 +31,8 @@ BRUTE_FORCE_LIMIT = 1 << 21
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are small: torch's thread pool only adds overhead (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """The tensors here are small: torch's thread pool only adds overhead (see conftest.py)."""
 
 
 def _where(c) -> str:

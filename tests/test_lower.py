@@ -42,12 +42,8 @@ RATIONAL_SEEDS = range(40)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are small: torch's thread pool only adds overhead (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """The tensors here are small: torch's thread pool only adds overhead (see conftest.py)."""
 
 
 def plan_of(pattern):
