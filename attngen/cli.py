@@ -1,13 +1,15 @@
-"""`attngen emit` prints the CUDA source, plan or resource report of a pattern; `attngen cache` lists or clears
-the kernel cache. Exit status: 0 ok, 1 compile failure, 2 bad input, 141 output pipe closed early (as if killed by
-SIGPIPE: `attngen emit ... | head -1` prints no traceback).
+"""`attngen emit` prints the CUDA source, plan or resource report of a pattern; `attngen draw` draws its mask (as
+text, or as a picture with --out); `attngen prewarm` compiles patterns' kernels into the cache ahead of time;
+`attngen cache` lists or clears the kernel cache. Exit status: 0 ok, 1 compile failure, 2 bad input, 130
+interrupted, 141 output pipe closed early (as if killed by SIGPIPE: `attngen emit ... | head -1` prints no
+traceback).
 
 Pattern expressions are evaluated by walking Python's AST against a whitelist (constructor calls, constants,
 & | ~), never by eval(), so a command-line argument cannot run code.
 
-This module imports nothing heavy at module level: attngen.cache, attngen.compile, torch and the pattern DSL are
-imported by the commands that use them, so `attngen --help` and `attngen cache ...` cost little more than
-importing the attngen package (while attngen/__init__.py imports torch eagerly, that import is most of it)."""
+This module imports nothing heavy at module level: attngen.cache, attngen.compile, torch, the pattern DSL, tqdm
+and matplotlib are imported by the commands that use them, so `attngen --help` and `attngen cache ...` cost little
+more than importing the attngen package (while attngen/__init__.py imports torch eagerly, that import is most of it)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from attngen.errors import AttngenError, InputError
 
@@ -204,11 +206,173 @@ def dynamic_shared_bytes(plan: Any, entry: str) -> int | str:
     return 0
 
 
+def _draw(args: argparse.Namespace) -> int:
+    pattern = parse_pattern(args.pattern)
+    sq, sk = args.sq, args.sq if args.sk is None else args.sk
+    runtime = _draw_inputs(pattern, sq, sk, args)
+    cells = {} if args.cells is None else {"cells": args.cells}
+    if args.out is None:
+        print(pattern.draw(sq, sk, **cells, **runtime))
+        return 0
+    pattern.plot(sq, sk, args.out, **cells, **runtime)
+    print(f"wrote {args.out}: the {sq} x {sk} mask of {pattern!r}")
+    return 0
+
+
+def _draw_inputs(pattern: Any, sq: int, sk: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The call-time tensors `draw` passes to the pattern, from --documents and --key-length."""
+    import torch
+
+    needed = pattern.runtime_inputs
+    runtime: dict[str, Any] = {}
+    if "document_ids" in needed:
+        if not args.documents:
+            raise InputError("the pattern uses documents(): give the document lengths, e.g. --documents 300 200 524")
+        if sq != sk or sum(args.documents) != sk or min(args.documents) < 1:
+            raise InputError(
+                f"--documents takes positive lengths adding up to the sequence length (with --sq equal to --sk); "
+                f"got {args.documents} for {sq} x {sk}"
+            )
+        runtime["document_ids"] = torch.repeat_interleave(
+            torch.arange(len(args.documents)), torch.tensor(args.documents)
+        )
+    if "key_lengths" in needed:
+        if args.key_length is None:
+            raise InputError("the pattern uses key_padding(): give the number of real keys, e.g. --key-length 700")
+        runtime["key_lengths"] = torch.tensor([args.key_length])
+    given = {"--documents": ("document_ids", args.documents), "--key-length": ("key_lengths", args.key_length)}
+    unused = [flag for flag, (name, value) in given.items() if value is not None and name not in needed]
+    if unused:
+        raise InputError(f"{' and '.join(unused)} given, but {pattern!r} does not use it")
+    return runtime
+
+
+def _prewarm(args: argparse.Namespace) -> int:
+    """Compile every combination of the given patterns, head dims, dtypes and archs into the kernel cache."""
+    for text in args.patterns:
+        parse_pattern(text)  # a bad expression stops everything before any process starts
+    from attngen.compile import check_arch
+    from attngen.tiling import HEAD_DIMS
+
+    for head_dim in args.head_dim:
+        if head_dim not in HEAD_DIMS:
+            raise InputError(f"head dim {head_dim} is not supported; supported: {', '.join(map(str, HEAD_DIMS))}")
+    if args.arch:
+        archs = [check_arch(arch) for arch in args.arch]
+    else:
+        import torch
+
+        archs = [_local_arch(torch)]
+    if args.jobs is not None and args.jobs < 1:
+        raise InputError(f"--jobs must be at least 1, got {args.jobs}")
+    todo = [
+        PrewarmJob(text, head_dim, dtype, arch, args.backward)
+        for text in dict.fromkeys(args.patterns)
+        for head_dim in dict.fromkeys(args.head_dim)
+        for dtype in dict.fromkeys(args.dtype)
+        for arch in dict.fromkeys(archs)
+    ]
+    workers = min(args.jobs or os.cpu_count() or 1, len(todo))
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    compiled, failures = 0, []
+    with tqdm(total=len(todo), desc="prewarm", unit="set", file=sys.stderr, disable=None) as bar:
+        for job, compiles, error in _run_jobs(todo, workers):
+            compiled += compiles > 0 and error is None
+            if error is not None:
+                failures.append((job, error))
+                bar.write(f"attngen: error: {job}: {error}", file=sys.stderr)
+            bar.update()
+    seconds = time.perf_counter() - start
+    from attngen import cache
+
+    what = "forward + backward" if args.backward else "forward"
+    cached = len(todo) - compiled - len(failures)
+    failed = f", {len(failures)} failed" if failures else ""
+    where = cache.cache_dir() or "memory only"
+    print(
+        f"prewarm: {len(todo)} kernel set{'s' if len(todo) != 1 else ''} ({what}): {compiled} compiled, "
+        f"{cached} already cached{failed}, in {seconds:.1f} s (cache: {where})"
+    )
+    return 1 if failures else 0
+
+
+class PrewarmJob(NamedTuple):
+    """One combination `prewarm` compiles (sent to a worker process as is: plain values, the pattern as text)."""
+
+    pattern: str
+    head_dim: int
+    dtype: str
+    arch: str
+    backward: bool
+
+    def __str__(self) -> str:
+        backward = ", backward" if self.backward else ""
+        return f"{self.pattern} (head dim {self.head_dim}, {self.dtype}, {self.arch}{backward})"
+
+
+def _run_jobs(todo: list[PrewarmJob], workers: int):
+    """(job, NVRTC compiles it made, error message or None) per job as each finishes: in this process when one
+    worker is asked for, else in a pool of `workers` spawned processes (NVRTC compiles one file per process)."""
+    if workers <= 1:
+        for job in todo:
+            yield (job, *_prewarm_one(job))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = {pool.submit(_prewarm_one, job): job for job in todo}
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except BrokenProcessPool as exc:  # a worker killed (out of memory, a signal): no result to report
+                raise AttngenError(f"a prewarm process died while compiling {futures[future]}: {exc}") from None
+            yield (futures[future], *result)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on an error or Ctrl-C, nothing more starts
+
+
+def _prewarm_one(job: PrewarmJob) -> tuple[int, str | None]:
+    """Compile one combination's kernels through the cache; (NVRTC compiles made, error message or None). Errors
+    come back as text: a CompileError does not survive pickling between processes."""
+    import importlib
+
+    import torch
+
+    import attngen
+
+    compile_module = importlib.import_module("attngen.compile")  # `attngen.compile` the attribute is a function
+    text, head_dim, dtype, arch, backward = job
+    compiles = 0
+    nvrtc_compile = compile_module.nvrtc_compile
+
+    def counted(source: Any) -> Any:  # the cache calls NVRTC only on a miss: counting calls counts misses
+        nonlocal compiles
+        compiles += 1
+        return nvrtc_compile(source)
+
+    compile_module.nvrtc_compile = counted
+    try:
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        kern = attngen.compile(parse_pattern(text), head_dim=head_dim, dtype=torch_dtype, arch=arch)
+        if backward:
+            kern.backward_binary  # noqa: B018 - compiles and caches the backward kernels
+    except AttngenError as exc:
+        return compiles, str(exc)
+    finally:
+        compile_module.nvrtc_compile = nvrtc_compile
+    return compiles, None
+
+
 def _local_arch(torch: Any) -> str:
     from attngen.compile import device_arch
 
     if not torch.cuda.is_available():
-        raise InputError("no CUDA GPU found; pass --arch (e.g. --arch sm_90) to emit kernels for another machine")
+        raise InputError("no CUDA GPU found; pass --arch (e.g. --arch sm_90) to build kernels for another machine")
     return device_arch(torch.cuda.current_device())
 
 
@@ -274,6 +438,40 @@ def _parser() -> argparse.ArgumentParser:
     shown.add_argument("--plan", action="store_true", help="the kernel plan instead of the source")
     emit.set_defaults(run=_emit)
 
+    draw = commands.add_parser(
+        "draw",
+        help="draw a pattern's mask: as text (█ kept, ▒ partly kept, · dropped), or as a picture with --out",
+        description="Draw a pattern's mask, queries down and keys across: as text (█ kept, ▒ partly kept, · dropped), "
+        'or with --out as an image (PNG, SVG, PDF, by the suffix; needs pip install "attngen[plot]").',
+    )
+    draw.add_argument("pattern", help='pattern expression, e.g. "causal() & sliding_window(256) | global_tokens(16)"')
+    draw.add_argument("--sq", type=int, required=True, help="query length")
+    draw.add_argument("--sk", type=int, help="key length (default: the query length)")
+    draw.add_argument("--out", help="save a picture here (e.g. mask.png) instead of printing text")
+    draw.add_argument(
+        "--cells", type=int, help="at most this many cells a side (default: 64 as text, 256 as a picture)"
+    )
+    draw.add_argument(
+        "--documents", type=int, nargs="+", metavar="LENGTH", help="document lengths, for patterns using documents()"
+    )
+    draw.add_argument("--key-length", type=int, help="number of real keys, for patterns using key_padding()")
+    draw.set_defaults(run=_draw)
+
+    prewarm = commands.add_parser(
+        "prewarm",
+        help="compile patterns' kernels into the cache ahead of time (every head dim, dtype and arch given)",
+        description="Compile every combination of the given patterns, head dims, dtypes and archs into the kernel "
+        "cache, in parallel processes, so that programs find their kernels compiled (a container image, a cluster's "
+        "shared cache directory).",
+    )
+    prewarm.add_argument("patterns", nargs="+", metavar="pattern", help='pattern expressions, e.g. "causal()"')
+    prewarm.add_argument("--head-dim", type=int, nargs="+", required=True, help="one or more head dims")
+    prewarm.add_argument("--dtype", choices=("bf16", "fp16"), nargs="+", required=True, help="one or more dtypes")
+    prewarm.add_argument("--arch", nargs="+", help="one or more targets such as sm_80 sm_90 (default: the local GPU)")
+    prewarm.add_argument("--backward", action="store_true", help="the backward kernels too (for training)")
+    prewarm.add_argument("--jobs", type=int, help="processes compiling at once (default: one per CPU core)")
+    prewarm.set_defaults(run=_prewarm)
+
     cache_parser = commands.add_parser("cache", help="inspect the compiled-kernel cache")
     cache_commands = cache_parser.add_subparsers(required=True, metavar="action")
     cache_commands.add_parser("list", help="list cached kernels").set_defaults(run=_cache_list)
@@ -291,6 +489,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AttngenError as exc:
         print(f"attngen: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, InputError) else 1
+    except KeyboardInterrupt:
+        print("attngen: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # The reader stopped early (`attngen emit ... | head -1`): stop quietly with SIGPIPE's status. Output still
         # buffered would fail again when the interpreter flushes stdout at exit, so stdout goes to devnull (the

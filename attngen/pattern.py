@@ -84,6 +84,16 @@ class Pattern:
         kept = torch.nn.functional.adaptive_avg_pool2d(kept[None], (min(cells, Sq), min(cells, Sk)))[0]
         return "\n".join("".join("█" if f == 1 else "·" if f == 0 else "▒" for f in row) for row in kept.tolist())
 
+    def plot(self, Sq: int, Sk: int, path=None, *, cells: int = 256, batch: int = 0, head: int = 0, **runtime):
+        """The mask of `batch`, `head` as a matplotlib Figure (queries down, keys across, titled with this pattern),
+        saved to `path` when given; larger masks are shrunk to `cells` cells a side. Takes `draw`'s call-time
+        tensors. Needs matplotlib: `pip install "attngen[plot]"`."""
+        from .plot import plot_mask  # matplotlib is optional: loaded only to draw
+
+        Sq, Sk = _int("Sq", Sq, 1), _int("Sk", Sk, 1)
+        mask = dense_mask(self, Sq, Sk, **runtime)
+        return plot_mask(mask, repr(self), path, cells=cells, batch=batch, head=head)
+
     def structure(self) -> Pattern:
         """This pattern with every block layout replaced by a `LayoutSlot` (numbered by first appearance; equal
         layouts share a slot): what a kernel depends on. `layouts()` lists the replaced layouts in slot order."""

@@ -2,7 +2,9 @@
 refuses; `emit` exits 2 on a refused expression or a pre-sm_80 arch; `cache list` and `cache clear` work on a given
 directory; `emit --resources` shows each kernel's planned dynamic shared memory and ptxas's performance notes; a
 closed output pipe ends the command quietly (status 141); `--help` and `cache ...` import no torch, sympy, jinja2,
-CuPy or numpy of their own."""
+CuPy, numpy, tqdm or matplotlib of their own. `draw` prints the text drawing or saves a picture; `prewarm` fills
+the cache (in this process or a pool of processes), finds it full on a second run, reports compile failures with
+status 1 and refuses bad input with status 2 before compiling anything."""
 
 import importlib
 import os
@@ -140,6 +142,137 @@ def test_cache_list_and_clear(tmp_path, monkeypatch, capsys):
     assert f"cache: {tmp_path} (0 kernels, " in capsys.readouterr().out
 
 
+# ------------------------------------------------------------------------------------------------------ draw
+
+
+def test_draw_prints_the_text_drawing(capsys):
+    import attngen as ag
+
+    assert cli.main(["draw", "causal() & sliding_window(8) | global_tokens(2)", "--sq", "24", "--sk", "30"]) == 0
+    expected = (ag.causal() & ag.sliding_window(8) | ag.global_tokens(2)).draw(24, 30)
+    assert capsys.readouterr().out == expected + "\n"
+    assert cli.main(["draw", "causal()", "--sq", "1000", "--cells", "10"]) == 0
+    assert capsys.readouterr().out == ag.causal().draw(1000, 1000, cells=10) + "\n"
+
+
+def test_draw_takes_document_lengths_and_key_lengths(capsys):
+    import attngen as ag
+
+    assert cli.main(["draw", "documents() & causal()", "--sq", "12", "--documents", "5", "7"]) == 0
+    ids = torch.tensor([0] * 5 + [1] * 7)
+    assert capsys.readouterr().out == (ag.documents() & ag.causal()).draw(12, 12, document_ids=ids) + "\n"
+    assert cli.main(["draw", "key_padding()", "--sq", "4", "--sk", "9", "--key-length", "6"]) == 0
+    assert capsys.readouterr().out == "██████···\n" * 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["documents()", "--sq", "12"], "give the document lengths, e.g. --documents"),
+        (["documents()", "--sq", "12", "--documents", "5", "6"], "adding up to the sequence length"),
+        (["key_padding()", "--sq", "12"], "--key-length"),
+        (["causal()", "--sq", "12", "--key-length", "3"], "--key-length given, but causal() does not use it"),
+        (["causal()", "--sq", "0"], "Sq"),
+        (["causal() & 3", "--sq", "12"], "constant 3 where a pattern is expected"),
+        (["causal()", "--sq", "12", "--cells", "0"], "cells"),
+    ],
+)
+def test_draw_refuses_bad_input_with_status_2(argv, message, capsys):
+    assert cli.main(["draw", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attngen: error: ") and message in err
+
+
+def test_draw_out_saves_a_picture(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+
+    path = tmp_path / "mask.png"
+    assert cli.main(["draw", "causal() & sliding_window(256)", "--sq", "1024", "--out", str(path)]) == 0
+    assert capsys.readouterr().out == f"wrote {path}: the 1024 x 1024 mask of causal() & sliding_window(256)\n"
+    height, width, _ = matplotlib.image.imread(path).shape
+    assert (width, height) == (520, 620)  # plot.py's figure for a square mask, at 100 dpi
+
+
+def test_draw_out_without_matplotlib_names_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert cli.main(["draw", "causal()", "--sq", "8", "--out", str(tmp_path / "mask.png")]) == 2
+    assert 'pip install "attngen[plot]"' in capsys.readouterr().err
+    assert not (tmp_path / "mask.png").exists()
+
+
+# --------------------------------------------------------------------------------------------------- prewarm
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    """A fresh cache directory, and nothing compiled in this process's memory (kernels are cached per process by
+    structure too), so that a compile really happens."""
+    from attngen import kernel
+
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cache, "_memory", {})
+    kernel.compiled.cache_clear()
+    return tmp_path
+
+
+PREWARM = ["prewarm", "local(1, 2)", "--head-dim", "32", "--dtype", "fp16", "bf16", "--arch", "sm_80"]
+
+
+@pytest.mark.slow
+def test_prewarm_fills_the_cache_and_then_finds_it(empty_cache, capsys):
+    assert cli.main([*PREWARM, "--backward", "--jobs", "1"]) == 0  # in this process
+    out = capsys.readouterr().out
+    assert re.fullmatch(
+        rf"prewarm: 2 kernel sets \(forward \+ backward\): 2 compiled, 0 already cached, in \d+\.\d s "
+        rf"\(cache: {re.escape(str(empty_cache))}\)\n",
+        out,
+    ), out
+    names = {e.name for e in cache.list_entries()}
+    for dtype in ("fp16", "bf16"):  # a forward and a backward kernel file per dtype
+        assert any(n.startswith("fwd_") and f"_{dtype}_hd32_sm_80" in n for n in names), names
+        assert any(n.startswith("bwd_") and f"_{dtype}_hd32_sm_80" in n for n in names), names
+    listed = {e.note for e in cache.list_entries()}
+    assert "local(1, 2) | fp16 head_dim 32 sm_80" in listed
+
+    # Two spawned processes, which start with empty memory: everything comes from the disk cache.
+    assert cli.main([*PREWARM, "--backward", "--jobs", "2"]) == 0
+    assert ": 0 compiled, 2 already cached, in " in capsys.readouterr().out
+    assert {e.name for e in cache.list_entries()} == names
+
+
+def test_prewarm_reports_compile_failures_with_status_1(empty_cache, monkeypatch, capsys):
+    def fail(source):
+        raise compile_module.CompileError("NVRTC refused it", "error: made up for the test", None)
+
+    monkeypatch.setattr(compile_module, "nvrtc_compile", fail)
+    assert cli.main([*PREWARM, "--jobs", "1"]) == 1
+    captured = capsys.readouterr()
+    assert ": 0 compiled, 0 already cached, 2 failed, in " in captured.out
+    assert "attngen: error: local(1, 2) (head dim 32, fp16, sm_80): NVRTC refused it" in captured.err
+    assert compile_module.nvrtc_compile is fail  # prewarm's counting wrapper is gone again
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["causal()", "causal().__class__", "--head-dim", "64"], "attribute access"),
+        (["causal(", "--head-dim", "64"], "is not valid"),
+        (["causal()", "--head-dim", "64", "48"], "head dim 48 is not supported"),
+        (["causal()", "--head-dim", "64", "--jobs", "0"], "--jobs must be at least 1"),
+        (["causal()", "--head-dim", "64", "--arch", "sm_80", "sm_75"], "sm_80 or newer"),
+        (["causal()", "--head-dim", "64", "--arch", "hopper"], "arch must look like"),
+    ],
+)
+def test_prewarm_refuses_bad_input_with_status_2(argv, message, empty_cache, capsys):
+    argv = [*argv, "--dtype", "fp16"] + ([] if "--arch" in argv else ["--arch", "sm_80"])
+    assert cli.main(["prewarm", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("attngen: error: ") and message in captured.err
+    assert captured.out == ""
+    assert not cache.list_entries()  # nothing was compiled
+
+
 # ------------------------------------------------------------------------------------------ emit --resources
 
 
@@ -227,7 +360,7 @@ def test_closed_pipe_exits_quietly(argv, tmp_path):
 # ------------------------------------------------------------------------------------------ light imports
 
 
-HEAVY = ("torch", "sympy", "jinja2", "cupy", "numpy")
+HEAVY = ("torch", "sympy", "jinja2", "cupy", "numpy", "tqdm", "matplotlib")
 LIGHT_SCRIPT = """
 import sys, types
 # The attngen package without its __init__.py's eager imports (torch through attngen.launch): what the CLI costs
@@ -236,7 +369,7 @@ package = types.ModuleType("attngen")
 package.__path__ = [sys.argv[1]]
 sys.modules["attngen"] = package
 from attngen import cli
-for argv in (["--help"], ["cache", "list"], ["cache", "clear"]):
+for argv in (["--help"], ["draw", "--help"], ["prewarm", "--help"], ["cache", "list"], ["cache", "clear"]):
     try:
         status = cli.main(argv)
     except SystemExit as exc:
