@@ -17,7 +17,6 @@ from .kernel import Compiled
 from .plan import KernelPlan
 from .prepare import Prepared
 from .render import PREPROCESS_ROWS, PREPROCESS_THREADS
-from .select import split_selection
 
 _u64, _i64, _i32, _f32 = np.uint64, np.int64, np.int32, np.float32
 LOG2E = 1.4426950408889634
@@ -67,9 +66,8 @@ def runtime_values(plan: KernelPlan, prep: Prepared) -> list:
             values += [_u64(ids.data_ptr()), _i64(ids.shape[1] if ids.shape[0] > 1 else 0)]
     if prep.key_lengths is not None:
         values.append(_u64(prep.key_lengths.data_ptr()))
-    _, rule = split_selection(plan.pattern)
-    if rule is not None:
-        values += rule.bind(prep.rule)
+    if plan.rule is not None:
+        values += plan.rule.bind(prep.rule)
     if len(values) != len(plan.runtime_args):  # the plan's declaration and this binding must agree
         raise AssertionError(f"bound {len(values)} run-time values for {len(plan.runtime_args)} arguments")
     return values
@@ -101,7 +99,7 @@ def forward(kern: Compiled, q, k, v, scale: float, prep: Prepared) -> tuple[torc
     if Sk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     q, k, v = map(aligned, (q, k, v))
-    sched = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, q.device, prep)
+    sched = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, q.device, prep, rule=plan.rule)
     if t.wgmma:  # tensor maps: Q tiles of BLOCK_M rows, K/V of BLOCK_N, O stored 64 rows per warpgroup
         # Persistent blocks, one per SM, claim (query tile, head, batch) items from a counter past the first.
         grid = (min(math.ceil(Sq / t.block_m) * Hq * B, _sm_count(q.device.index)), 1, 1)
@@ -144,7 +142,7 @@ def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: 
     extra = runtime_values(plan, prep)
 
     t = plan.dkdv
-    sched_t = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, dev, prep, transpose=True)
+    sched_t = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, dev, prep, transpose=True, rule=plan.rule)
     if wgmma:
         boxes = ((q, t.block_m), (k, t.block_n), (v, t.block_n), (dout, t.block_m), (dk, 64), (dv, 64))
         args = [*_maps(boxes), _u64(lse2.data_ptr()), _u64(delta.data_ptr())]
@@ -155,7 +153,7 @@ def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: 
     _launch(binary, "attngen_bwd_dkdv", (math.ceil(Sk / t.block_n), Hkv, B), 32 * t.warps, t.smem_bytes, args, dev)
 
     t = plan.dq
-    sched_q = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, dev, prep)
+    sched_q = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, dev, prep, rule=plan.rule)
     if wgmma:
         boxes = ((q, t.block_m), (k, t.block_n), (v, t.block_n), (dout, t.block_m), (dq, 64))
         args = [*_maps(boxes), _u64(lse2.data_ptr()), _u64(delta.data_ptr())]

@@ -265,6 +265,12 @@ class Selector(Pattern):
         """Kernel argument values (numpy scalars) for the rule's run-time arguments, from `prepare`'s tensors."""
         return []
 
+    def tile_keep(self, bm: int, bn: int, Sq: int, Sk: int, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """The rule's share of the schedule, built on the GPU from `prepare`'s tensors: bool [LB, LH, Tq, Tk] of the
+        bm x bn tiles (query tiles down, key tiles across; LB, LH 1 or the batch / query heads) in which it may keep
+        a key, or None where it may keep keys anywhere. Tiles it rules out are never visited by any kernel."""
+        return None
+
 
 @dataclass(frozen=True, repr=False)
 class Documents(Pattern):

@@ -66,6 +66,11 @@ class KernelPlan:
         """The positional part of the structure (the rule removed): what the mask and the schedule are built from."""
         return split_selection(self.pattern)[0]
 
+    @functools.cached_property
+    def rule(self) -> P.Selector | None:
+        """The selection rule of the structure (its `Selection` is `select`), or None."""
+        return split_selection(self.pattern)[1]
+
     def tiles_of(self, kernel: str) -> Tiles:
         """The tiling of kernel "fwd", "dkdv" or "dq"."""
         return {"fwd": self.fwd, "dkdv": self.dkdv, "dq": self.dq}[kernel]

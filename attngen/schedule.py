@@ -120,10 +120,17 @@ def classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime=
     return cls
 
 
-def build(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime=None, transpose=False) -> Schedule:
+def build(
+    pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime=None, transpose=False, rule=None
+) -> Schedule:
     """Schedule of a positional structure over query tiles (or over key tiles with `transpose`, for the dK/dV
-    kernel). Patterns that read no run-time tensor are cached per shape; those whose only run-time tensors are
-    layout grids are cached on the grid tensor (so a layout reused across calls is classified once)."""
+    kernel), without the tiles a selection `rule` rules out (`Selector.tile_keep`). Patterns that read no run-time
+    tensor are cached per shape; those whose only run-time tensors are layout grids are cached on the grid tensor
+    (so a layout reused across calls is classified once); a rule's share is built per call."""
+    keep = None if rule is None else rule.tile_keep(bm, bn, Sq, Sk, runtime.rule)
+    if keep is not None:
+        cls = torch.where(keep.to(device), classes(pat, bm, bn, Sq, Sk, device, runtime), EMPTY).to(torch.int8)
+        return _compress(cls.transpose(-1, -2) if transpose else cls)
     if not pat.runtime_inputs and not (runtime is not None and runtime.layouts):
         return _static(pat, bm, bn, Sq, Sk, str(device), transpose)
     key = (pat, bm, bn, Sq, Sk, transpose)

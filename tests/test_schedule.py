@@ -167,3 +167,32 @@ def test_layout_schedules_are_cached_on_the_grid_not_the_pattern():
     del grid, once
     gc.collect()
     assert alive() is None  # the cache keeps no grid alive
+
+
+def test_a_rule_removes_tiles_from_the_schedule():
+    """A selection rule's share of the schedule (`Selector.tile_keep`, built at call time from its tensors): tiles
+    it rules out are never listed, for the forward-shaped and the transposed (dK/dV) schedule alike."""
+    from dataclasses import dataclass
+
+    from attngen.pattern import Selector
+
+    @dataclass(frozen=True, repr=False)
+    class EvenKeyTiles(Selector):  # a stand-in rule: keys only in even key tiles
+        def tile_keep(self, bm, bn, Sq, Sk, tensors):
+            (flag,) = tensors
+            tk = math.ceil(Sk / bn)
+            return (torch.arange(tk) % 2 == 0).expand(1, 1, math.ceil(Sq / bm), tk) & flag
+
+    rule, pat = EvenKeyTiles(), ag.causal()
+    run = Prepared(rule=(torch.tensor(True),))
+    s = schedule.build(pat, 64, 32, 300, 300, "cpu", run, rule=rule)
+    full = schedule.build(pat, 64, 32, 300, 300, "cpu")
+    for row in range(s.rows):
+        listed = s.tiles[0, 0, row, : s.counts[0, 0, row]] >> 1
+        expect = full.tiles[0, 0, row, : full.counts[0, 0, row]] >> 1
+        assert torch.equal(listed, expect[expect % 2 == 0])
+    t = schedule.build(pat, 64, 32, 300, 300, "cpu", run, transpose=True, rule=rule)
+    assert all(int(t.counts[0, 0, kt]) == 0 for kt in range(1, t.rows, 2))  # odd key tiles: no query tile
+    assert int(t.counts[0, 0, 0]) == math.ceil(300 / 64)
+    none = schedule.build(pat, 64, 32, 300, 300, "cpu", Prepared(rule=(torch.tensor(False),)), rule=rule)
+    assert int(none.counts.sum()) == 0
