@@ -10,7 +10,7 @@ from dataclasses import replace
 from .compile import Binary, Resources, compile_cached
 from .pattern import Pattern
 from .plan import KernelPlan, make_plan, next_tiling
-from .render import BACKWARD_ENTRIES, KernelSource, render_backward, render_forward
+from .render import KernelSource, render_backward, render_forward
 
 BACKWARD_KERNELS = {"attngen_bwd_dkdv": "dkdv", "attngen_bwd_dq": "dq"}
 
@@ -73,5 +73,3 @@ def compiled(structure: Pattern, head_dim: int, dtype: str, arch: str) -> Compil
     """The kernels of a pattern structure (see `Pattern.structure`): one compile per structure, never per data."""
     return Compiled(make_plan(structure, head_dim=head_dim, dtype=dtype, arch=arch))
 
-
-__all__ = ["BACKWARD_ENTRIES", "Compiled", "build_backward", "build_forward", "compiled", "spills"]
