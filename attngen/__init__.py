@@ -2,49 +2,53 @@
 
 pat = attngen.causal() & attngen.sliding_window(1024) | attngen.global_tokens(16)
 out = attngen.attention(q, k, v, pat)
-kern = attngen.compile(pat, head_dim=64, dtype=torch.bfloat16, arch="sm_90")"""
+kern = attngen.compile(pat, head_dim=64, dtype=torch.bfloat16, arch="sm_90")
+
+The public names load on first use (PEP 562), so `import attngen` and the CLI's cache commands do not import torch,
+sympy or CuPy until something needs them."""
+
+from __future__ import annotations
+
+import importlib
 
 from ._version import __version__
 from .errors import AttngenError, InputError
-from .launch import Kernel, attention, compile
-from .pattern import (
-    Pattern,
-    Sk,
-    Sq,
-    block_layout,
-    causal,
-    documents,
-    full,
-    global_tokens,
-    k,
-    key_padding,
-    local,
-    predicate,
-    prefix_lm,
-    q,
-    sliding_window,
-)
 
-__all__ = [
-    "AttngenError",
-    "InputError",
-    "Kernel",
-    "Pattern",
-    "Sk",
-    "Sq",
-    "__version__",
-    "attention",
-    "block_layout",
-    "causal",
-    "compile",
-    "documents",
-    "full",
-    "global_tokens",
-    "k",
-    "key_padding",
-    "local",
-    "predicate",
-    "prefix_lm",
-    "q",
-    "sliding_window",
-]
+# public name -> the module that defines it
+_LAZY = {name: ".launch" for name in ("Kernel", "attention", "compile")}
+_LAZY |= {
+    name: ".pattern"
+    for name in (
+        "Pattern",
+        "Sk",
+        "Sq",
+        "block_layout",
+        "causal",
+        "documents",
+        "full",
+        "global_tokens",
+        "k",
+        "key_padding",
+        "local",
+        "predicate",
+        "prefix_lm",
+        "q",
+        "sliding_window",
+    )
+}
+
+__all__ = ["AttngenError", "InputError", "__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'attngen' has no attribute {name!r}")
+    # Everything at once: the first use of any public name (building a pattern, usually) binds them all, so that code
+    # traced later by torch.compile finds plain attributes.
+    for public, module in _LAZY.items():
+        globals()[public] = getattr(importlib.import_module(module, __name__), public)
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from . import schedule, tensormap
-from .compile import Binary, ensure_dynamic_shared, load_function
 from .kernel import Compiled
+from .nvrtc import Binary, ensure_dynamic_shared, load_function
 from .plan import KernelPlan
 from .prepare import Prepared
 from .render import PREPROCESS_ROWS, PREPROCESS_THREADS

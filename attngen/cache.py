@@ -1,5 +1,5 @@
 """A content-addressed byte store on disk and in memory: `fetch(name, key, build)` returns the bytes stored under
-`key`, building and publishing them on a miss. It knows nothing of what the bytes are (compile.py encodes and
+`key`, building and publishing them on a miss. It knows nothing of what the bytes are (nvrtc.py encodes and
 decodes compiled kernels), the way Triton's runtime cache stores opaque files by key.
 
 Disk entries carry a header (magic, format, their full key, a short note, payload length, sha256 of the payload),

@@ -7,7 +7,7 @@ traceback).
 Pattern expressions are evaluated by walking Python's AST against a whitelist (constructor calls, constants,
 & | ~), never by eval(), so a command-line argument cannot run code.
 
-This module imports nothing heavy at module level: attngen.cache, attngen.compile, torch, the pattern DSL, tqdm
+This module imports nothing heavy at module level: attngen.cache, attngen.nvrtc, torch, the pattern DSL, tqdm
 and matplotlib are imported by the commands that use them, so `attngen --help` and `attngen cache ...` cost little
 more than importing the attngen package (while attngen/__init__.py imports torch eagerly, that import is most of it)."""
 
@@ -154,7 +154,7 @@ def _emit(args: argparse.Namespace) -> int:
     import torch  # only `emit` needs torch; `attngen cache ...` stays quick without it
 
     import attngen
-    from attngen.compile import check_arch
+    from attngen.nvrtc import check_arch
 
     arch = check_arch(args.arch) if args.arch else _local_arch(torch)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -251,7 +251,7 @@ def _prewarm(args: argparse.Namespace) -> int:
     """Compile every combination of the given patterns, head dims, dtypes and archs into the kernel cache."""
     for text in args.patterns:
         parse_pattern(text)  # a bad expression stops everything before any process starts
-    from attngen.compile import check_arch
+    from attngen.nvrtc import check_arch
     from attngen.tiling import HEAD_DIMS
 
     for head_dim in args.head_dim:
@@ -345,7 +345,7 @@ def _prewarm_one(job: PrewarmJob) -> tuple[int, str | None]:
 
     import attngen
 
-    compile_module = importlib.import_module("attngen.compile")  # `attngen.compile` the attribute is a function
+    compile_module = importlib.import_module("attngen.nvrtc")
     text, head_dim, dtype, arch, backward = job
     compiles = 0
     nvrtc_compile = compile_module.nvrtc_compile
@@ -369,7 +369,7 @@ def _prewarm_one(job: PrewarmJob) -> tuple[int, str | None]:
 
 
 def _local_arch(torch: Any) -> str:
-    from attngen.compile import device_arch
+    from attngen.nvrtc import device_arch
 
     if not torch.cuda.is_available():
         raise InputError("no CUDA GPU found; pass --arch (e.g. --arch sm_90) to build kernels for another machine")

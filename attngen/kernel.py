@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 from dataclasses import replace
 
-from .compile import Binary, Resources, compile_cached
+from .nvrtc import Binary, Resources, compile_cached
 from .pattern import Pattern
 from .plan import KernelPlan, make_plan, next_tiling
 from .render import KernelSource, render_backward, render_forward

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .compile import Binary, device_arch
 from .errors import InputError
 from .kernel import Compiled, compiled
+from .nvrtc import Binary, device_arch
 from .op import attention as attention_fn
 from .pattern import Pattern, full
 from .plan import KernelPlan, normalize_dtype

@@ -13,8 +13,8 @@ import functools
 import torch
 
 from .bind import backward, forward
-from .compile import device_arch
 from .kernel import Compiled, compiled
+from .nvrtc import device_arch
 from .pattern import by_key
 from .prepare import Prepared
 

@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return dry_run(todo, args.arch or "sm_90")
 
-    from attngen.compile import device_arch
+    from attngen.nvrtc import device_arch
 
     if not torch.cuda.is_available():
         print("no CUDA GPU: run on a GPU machine, or pass --dry-run", file=sys.stderr)

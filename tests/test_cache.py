@@ -15,7 +15,7 @@ import pytest
 from attngen import cache
 from attngen.render import KernelSource
 
-compile_module = importlib.import_module("attngen.compile")
+compile_module = importlib.import_module("attngen.nvrtc")
 
 CODE = r"""
 extern "C" __global__ void axpy(float a, const float* x, float* y, int n) {
@@ -100,7 +100,7 @@ def test_store_knows_no_compiler_types(cache_dir):
     with pytest.raises(ValueError, match="64 lowercase hex"):
         cache.fetch("blob", "not-a-key", lambda: b"")
     source_text = Path(cache.__file__).read_text()
-    assert "attngen.compile" not in source_text and "Binary" not in source_text
+    assert "attngen.nvrtc" not in source_text and "Binary" not in source_text
 
 
 def test_read_only_directory_is_still_read(cache_dir, builds, monkeypatch):
@@ -158,7 +158,7 @@ def _race(directory: str, marker: str, start, results) -> None:
     import time
 
     os.environ["ATTNGEN_CACHE_DIR"] = directory
-    compile_module = importlib.import_module("attngen.compile")
+    compile_module = importlib.import_module("attngen.nvrtc")
     real = compile_module.nvrtc_compile
 
     def slow_counting_build(source):
@@ -211,7 +211,7 @@ def test_hit_in_a_new_process_is_fast_and_never_compiles(cache_dir):
         import cupy
         import attngen.cache
         from attngen.render import KernelSource
-        compile_module = importlib.import_module("attngen.compile")
+        compile_module = importlib.import_module("attngen.nvrtc")
         def refuse(source):
             raise AssertionError("cache hit compiled")
         compile_module.nvrtc_compile = refuse

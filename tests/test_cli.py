@@ -22,7 +22,7 @@ from attngen import cache, cli
 from attngen.errors import InputError
 from attngen.render import KernelSource
 
-compile_module = importlib.import_module("attngen.compile")
+compile_module = importlib.import_module("attngen.nvrtc")
 ROOT = Path(__file__).resolve().parents[1]
 
 

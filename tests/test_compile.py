@@ -9,8 +9,7 @@ import pytest
 from attngen.errors import AttngenError, InputError
 from attngen.render import KernelSource
 
-# `attngen.compile` may be rebound to the package's compile() function, so fetch the module itself.
-compile_module = importlib.import_module("attngen.compile")
+compile_module = importlib.import_module("attngen.nvrtc")
 
 SCALE = r"""
 // fp16 / bf16 elements as bits with PTX conversions, as attngen's kernels do: no header needed.

@@ -14,7 +14,7 @@ import attngen as ag
 from attngen.errors import AttngenError, InputError
 from attngen.render import KernelSource
 
-compile_module = importlib.import_module("attngen.compile")  # `attngen.compile` is also the package's function
+compile_module = importlib.import_module("attngen.nvrtc")
 ROOT = Path(__file__).resolve().parents[1]
 TOO_OLD = "attngen needs an NVIDIA GPU of compute capability sm_80 or newer (Ampere, Ada, Hopper, Blackwell)"
 
