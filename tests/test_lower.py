@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import pytest
 import sympy as sp
 import torch
+from fuzzing import _predicate_sympy, _predicate_text  # the shared predicate generator
+from fuzzing import _term as _term_text
 
 import attngen as ag
 from attngen.plan import make_plan
@@ -373,7 +375,6 @@ def check(case: Case, plan=None, text: str | None = None, expected: torch.Tensor
 # ------------------------------------------------------------------------------------ random patterns
 
 
-_OPS = ("<", "<=", ">", ">=", "==", "!=")
 _EDGE_LENGTHS = (1, 2, 3, 63, 64, 65, 127, 128, 129, 255, 256, 299, 300)
 
 
@@ -385,79 +386,12 @@ def _small(rng: random.Random, hi: int = 320, lo: int = 0) -> int:
     return rng.choice([lo, lo + 1, rng.randint(lo, hi), rng.randint(lo, 20)])
 
 
-def _term_text(rng: random.Random) -> str:
-    """A general affine term: symbols, coefficients like 2*q or -1*k, (Sk - Sq), constants."""
-    pieces = []
-    for _ in range(rng.randint(1, 3)):
-        r = rng.random()
-        if r < 0.45:
-            pieces.append(rng.choice(["q", "k", "q", "k", "Sq", "Sk"]))
-        elif r < 0.65:
-            pieces.append(f"{rng.choice([2, 3, -1, -2])}*{rng.choice(['q', 'k', 'Sk'])}")
-        elif r < 0.75:
-            pieces.append("(Sk - Sq)")
-        else:
-            pieces.append(str(_small(rng, 300)))
-    text = pieces[0]
-    for p in pieces[1:]:
-        text += rng.choice([" + ", " - "]) + p
-    return f"-({text})" if rng.random() < 0.08 else text
-
-
-def _sides(rng: random.Random) -> tuple[str, str]:
-    """Two sides of a comparison: mostly band-like shapes (whose masks are neither empty nor full), sometimes
-    general terms."""
-    c = _small(rng, 300)
-    return rng.choice(
-        [
-            ("k", f"q + {c}"),
-            ("k", f"q - {c}"),
-            ("q", str(c)),
-            ("k", str(c)),
-            ("k - q", str(c - 20)),
-            ("2*q", f"k + {c}"),
-            ("k", f"q + Sk - Sq - {c}"),
-            ("q + k", "Sk"),
-            ("3*k", f"2*q - {c}"),
-            ("k", f"Sk - {c}"),
-            ("q", f"Sq - {c}"),
-            ("Sk - k", f"Sq - q + {c}"),
-            ("k", "-1*q + 2*Sk - Sq"),
-            (_term_text(rng), _term_text(rng)),
-            (_term_text(rng), _term_text(rng)),
-        ]
-    )
-
-
-def _predicate_text(rng: random.Random, depth: int) -> str:
-    if depth == 0 or rng.random() < 0.5:
-        if rng.random() < 0.2:  # chained, e.g. 0 <= k - q < 5
-            lo, hi = sorted(_small(rng, 300) - 10 for _ in range(2))
-            middle = rng.choice(["k - q", "k", "q", "q - k + Sk - Sq", _term_text(rng)])
-            return f"{lo} {rng.choice(_OPS)} {middle} {rng.choice(_OPS)} {hi}"
-        lhs, rhs = _sides(rng)
-        return f"{lhs} {rng.choice(_OPS)} {rhs}"
-    a, b = _predicate_text(rng, depth - 1), _predicate_text(rng, depth - 1)
-    return rng.choice(["({}) and ({})", "({}) or ({})", "({}) & ({})", "({}) | ({})", "not ({})", "~({})"]).format(a, b)
-
-
 _SYMPY_REL = (sp.Lt, sp.Le, sp.Gt, sp.Ge, sp.Eq, sp.Ne)
 _SYMPY_NAMES = {"q": ag.q, "k": ag.k, "Sq": ag.Sq, "Sk": ag.Sk}
 
 
 def _term_sympy(rng: random.Random) -> sp.Expr:
     return sp.sympify(_term_text(rng), locals=_SYMPY_NAMES)
-
-
-def _predicate_sympy(rng: random.Random, depth: int) -> sp.Basic:
-    """Sympy expressions over ag.q, ag.k, ag.Sq, ag.Sk, combined with sympy's & | ~ and And / Or / Not."""
-    if depth == 0 or rng.random() < 0.5:
-        lhs, rhs = (sp.sympify(t, locals=_SYMPY_NAMES) for t in _sides(rng))
-        return rng.choice(_SYMPY_REL)(lhs, rhs)
-    a, b = _predicate_sympy(rng, depth - 1), _predicate_sympy(rng, depth - 1)
-    return rng.choice(
-        [lambda: a & b, lambda: a | b, lambda: ~a, lambda: sp.And(a, b), lambda: sp.Or(a, b), lambda: sp.Not(a)]
-    )()
 
 
 def _align(rng: random.Random) -> str:
