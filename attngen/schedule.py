@@ -63,7 +63,7 @@ def _layout_classes(lay: torch.Tensor, bs: int, bm: int, bn: int, Sq: int, Sk: i
     """Classes of a [LH, nbq, nbk] uint8 grid of `bs`-blocks: a tile is full (empty) when every block it touches
     is kept (dropped), counted with a 2-d prefix sum."""
     device = lay.device
-    csum = torch.nn.functional.pad(lay.to(torch.int32).cumsum(-1).cumsum(-2), (1, 0, 1, 0))  # [LH, nbq+1, nbk+1]
+    csum = torch.nn.functional.pad(lay.to(torch.int64).cumsum(-1).cumsum(-2), (1, 0, 1, 0))  # [LH, nbq+1, nbk+1]
     ql, qh = (torch.as_tensor(b // bs, device=device) for b in affine.tile_bounds(Sq, bm))
     kl, kh = (torch.as_tensor(b // bs, device=device) for b in affine.tile_bounds(Sk, bn))
     r0, r1, c0, c1 = ql[:, None], qh[:, None] + 1, kl[None, :], kh[None, :] + 1

@@ -11,6 +11,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --baseline) BASELINE=$(cd "$2" && pwd); shift 2 ;;
     --quick) QUICK=--quick; shift ;;
+    --sanitize) SANITIZE=1; shift ;;  # optional: also run bench/sanitize.py (compute-sanitizer, ~tens of minutes)
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -31,6 +32,9 @@ if [ -n "$BASELINE" ]; then
     python3 "$OLDPWD/bench/bench_attention.py" --out "$OUT/bench_baseline.json" $QUICK 2>&1 | tee "$OUT/bench_baseline.log")
   echo "== before (baseline) vs after (this tree)"
   python3 bench/compare.py "$OUT/bench_baseline.json" "$OUT/bench.json"
+fi
+if [ -n "${SANITIZE:-}" ]; then  # optional step, only with --sanitize
+  python3 bench/sanitize.py --out "$OUT/sanitize" 2>&1 | tee "$OUT/sanitize.log" | tail -n 25
 fi
 echo "== tests: $(tail -n 1 "$OUT/gpu_tests.log")"
 echo "== fuzz: $(grep -m1 '^all ' "$OUT/fuzz.log")"
