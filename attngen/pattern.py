@@ -19,11 +19,10 @@ from functools import cached_property
 import sympy as sp
 import torch
 
+from . import affine
 from .errors import InputError
+from .symbols import SYMBOLS, Sk, Sq, k, q  # positions are integers: query q, key k; Sq, Sk the lengths
 
-# Positions are integers: q (query index), k (key index); Sq, Sk are the sequence lengths.
-q, k, Sq, Sk = sp.symbols("q k Sq Sk", integer=True)
-SYMBOLS = {"q": q, "k": k, "Sq": Sq, "Sk": Sk}
 Sq_, Sk_ = Sq, Sk  # the symbols, for code whose arguments shadow the names
 
 
@@ -412,6 +411,21 @@ def _check_affine(e: sp.Basic) -> None:
         if not isinstance(side, sp.Expr) or _is_truth(side):
             raise InputError(f"predicate comparisons compare numbers; {e} compares {side}")
     diff = sp.expand(e.lhs - e.rhs)
+    if diff.atoms(sp.floor, sp.ceiling, sp.Mod):  # // and % by positive integer constants of affine operands
+        try:
+            atom = affine.modular_atom(e)
+        except (ValueError, sp.PolynomialError) as err:
+            raise InputError(
+                f"predicate comparisons must be affine in q, k, Sq, Sk and floor(x / c) / Mod(x, c) terms of affine "
+                f"x with integer c from 1 to 2**30; {e}: {err}"
+            ) from None
+        big = [c for c in (*atom.coef, atom.const, *(m for m, _ in atom.terms)) if abs(c) > MAX_INT]
+        if big:
+            raise InputError(
+                f"predicate coefficients must be integers or fractions of integers up to 2**30 = {MAX_INT} "
+                f"(positions are 32-bit integers in the kernels); {e} has {big[0]}"
+            )
+        return
     if not diff.is_polynomial(*SYMBOLS.values()) or sp.Poly(diff, *SYMBOLS.values()).total_degree() > 1:
         raise InputError(f"predicate comparisons must be affine in q, k, Sq, Sk; {e} is not")
     for c in sp.Poly(diff, *SYMBOLS.values()).coeffs():
@@ -435,7 +449,8 @@ _BOOL = {ast.BitAnd: sp.And, ast.BitOr: sp.Or}
 
 
 def _parse_predicate(text: str) -> sp.Basic:
-    """Parse without eval: numbers, q k Sq Sk, + - *, comparisons (chained too), & | ~ and/or/not."""
+    """Parse without eval: numbers, q k Sq Sk, + - *, // % by positive integer constants, comparisons (chained
+    too), & | ~ and/or/not."""
     try:
         tree = ast.parse(text, mode="eval").body
     except SyntaxError as e:
@@ -467,6 +482,21 @@ def _parse_predicate(text: str) -> sp.Basic:
             return SYMBOLS[n.id]
         if isinstance(n, ast.BinOp) and type(n.op) in _ARITH:
             return _ARITH[type(n.op)](number(n.left), number(n.right))
+        if isinstance(n, ast.BinOp) and isinstance(n.op, (ast.FloorDiv, ast.Mod)):
+            x, c, sym = number(n.left), number(n.right), "//" if isinstance(n.op, ast.FloorDiv) else "%"
+            if not (isinstance(c, sp.Integer) and c > 0):
+                raise InputError(
+                    f"predicate {text!r}: {ast.unparse(n)!r} must divide by a positive integer constant "
+                    f"(x {sym} c with c from 1 to 2**30), got {ast.unparse(n.right)!r}"
+                )
+            if x.atoms(sp.floor, sp.ceiling, sp.Mod):
+                raise InputError(f"predicate {text!r}: {ast.unparse(n)!r}: nested // and % are not supported")
+            return sp.floor(x / c) if sym == "//" else sp.Mod(x, c)
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div):
+            raise InputError(
+                f"predicate {text!r}: true division {ast.unparse(n)!r} is not allowed (positions are integers); "
+                "use // or % by a positive integer constant"
+            )
         if isinstance(n, ast.BinOp) and type(n.op) in _BOOL:
             return _BOOL[type(n.op)](truth(n.left), truth(n.right))
         if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
@@ -482,7 +512,7 @@ def _parse_predicate(text: str) -> sp.Basic:
             return sp.And(*(_PRED_OPS[type(o)](a, b) for o, a, b in zip(n.ops, terms, terms[1:])))
         raise InputError(
             f"predicate {text!r}: {ast.unparse(n)!r} is not allowed "
-            "(use integers, q, k, Sq, Sk, + - *, comparisons, & | ~)"
+            "(use integers, q, k, Sq, Sk, + - *, // and % by constants, comparisons, & | ~)"
         )
 
     return conv(tree)
@@ -523,6 +553,15 @@ def _evaluate(e: sp.Basic, env: dict) -> torch.Tensor | bool | int | float:
         return int(e)
     if isinstance(e, sp.Rational):
         return float(e)
+    if isinstance(e, (sp.floor, sp.ceiling, sp.Mod)):
+        # Python's floor division and modulo (in [0, c)) on exact integers: x is integer affine, c a constant.
+        sign, t = affine.modular_term(e)
+        x = _evaluate(sp.Add(t.const, *(c * s for c, s in zip(t.coef, SYMBOLS.values()))), env)
+        if isinstance(x, torch.Tensor):
+            v = torch.div(x, t.div, rounding_mode="floor") if t.kind == "floor" else torch.remainder(x, t.div)
+        else:
+            v = x // t.div if t.kind == "floor" else x % t.div
+        return sign * v
     if isinstance(e, sp.Add):
         return sum((_evaluate(a, env) for a in e.args[1:]), _evaluate(e.args[0], env))
     if isinstance(e, sp.Mul):
@@ -531,7 +570,8 @@ def _evaluate(e: sp.Basic, env: dict) -> torch.Tensor | bool | int | float:
         # Compare lhs - rhs with 0 after scaling it to integer coefficients: exact, where fractional coefficients
         # would round in floating point.
         diff = sp.expand(e.lhs - e.rhs)
-        diff = sp.expand(diff * math.lcm(*(sp.Rational(c).q for c in sp.Poly(diff, *SYMBOLS.values()).coeffs())))
+        gens = (*SYMBOLS.values(), *sorted(diff.atoms(sp.floor, sp.ceiling, sp.Mod), key=sp.default_sort_key))
+        diff = sp.expand(diff * math.lcm(*(sp.Rational(c).q for c in sp.Poly(diff, *gens).coeffs())), deep=False)
         value = _evaluate(diff, env)
         return value != 0 if isinstance(e, sp.Ne) else next(op for rel, op in _REL.items() if isinstance(e, rel))(
             value, 0

@@ -368,7 +368,7 @@ def test_bad_layouts(defect, bs):
 
 
 BAD_PREDICATES = [
-    "q*k < 3", "k*k >= q", "k < 1.5", "k / 2 < q", "k // 2 < q", "k % 2 == 0", "x < 3", "k < n", "abs(k) < q",
+    "q*k < 3", "k*k >= q", "k < 1.5", "k / 2 < q", "k // 0 < q", "k % q == 0", "x < 3", "k < n", "abs(k) < q",
     "k**2 < q", "k <", "", "k", "3", "True", "k + 1", "k < 99999999999", "k in (1, 2)", "k is q", "lambda: 1",
     "k < q if q else k", "[k < q]", "k < 'a'", "k < None", "f(k) < q", "q.real < k", "k < q; q < k",
 ]  # fmt: skip

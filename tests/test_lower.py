@@ -68,12 +68,12 @@ _TOKEN = re.compile(
     r"|(?P<float>\d+\.\d*(?:[eE][-+]?\d+)?)"
     r"|(?P<int>\d+(?:LL)?)"  # LL: a 64-bit literal (the translator computes in 64 bits throughout)
     r"|(?P<name>[A-Za-z_]\w*)"
-    r"|(?P<op>&&|\|\||<=|>=|==|!=|[-+*/<>!&|()\[\]])"
+    r"|(?P<op>&&|\|\||<=|>=|==|!=|[-+*/%<>!&|()\[\]])"
 )
 
 # C binary operators of the subset, by precedence (higher binds tighter); all left-associative.
 _BINARY = {"||": 1, "&&": 2, "|": 3, "&": 4, "==": 5, "!=": 5, "<": 6, "<=": 6, ">": 6, ">=": 6}
-_BINARY |= {"+": 7, "-": 7, "*": 8, "/": 8}
+_BINARY |= {"+": 7, "-": 7, "*": 8, "/": 8, "%": 8}
 _COMPARE = {"<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge, "==": torch.eq, "!=": torch.ne}
 
 
@@ -174,7 +174,7 @@ def parse_c(text: str, kinds: dict[str, str]):
 def _hazards(node, out: set) -> bool:
     """Collect the ids of the nodes that may be undefined in C (a load, an integer division) in `out`."""
     kids = [n for n in node[1:] if isinstance(n, tuple)]
-    hazard = node[0] == "load" or (node[0] == "bin" and node[1] == "/")
+    hazard = node[0] == "load" or (node[0] == "bin" and node[1] in ("/", "%"))
     hazard = any([_hazards(n, out) for n in kids]) or hazard
     if hazard:
         out.add(id(node))
@@ -240,6 +240,12 @@ def _eval(node, env: dict, active: torch.Tensor, hazards: set) -> torch.Tensor:
         if bool(((b == 0) & active).any()):
             raise CEvalError("integer division by zero")
         return torch.div(a, torch.where(b == 0, 1, b), rounding_mode="trunc")  # C: truncate toward zero
+    if op == "%":
+        if a.dtype.is_floating_point:
+            raise CExprError("% on a floating-point operand")
+        if bool(((b == 0) & active).any()):
+            raise CEvalError("integer remainder by zero")
+        return torch.fmod(a, torch.where(b == 0, 1, b))  # C: the sign of the dividend (a == (a / b) * b + a % b)
     return {"+": operator.add, "-": operator.sub, "*": operator.mul}[op](a, b)
 
 
@@ -619,7 +625,7 @@ def test_layouts_numbered_by_first_appearance_and_shared():
 @pytest.mark.parametrize(
     "text",
     [
-        "q % 2",
+        "q % 2.0",  # % is in the subset now (lowered // and %), but not on doubles
         "q ? k : 0",
         "~q",
         "q << 1",
