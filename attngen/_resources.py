@@ -6,6 +6,8 @@ the top-level folders there); a source checkout or editable install reads the to
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 from pathlib import Path
 
 from attngen.errors import AttngenError, CacheWarning
@@ -37,8 +39,6 @@ def _data_dir(installed: str, checkout: str) -> Path:
 def cache_dir() -> Path | None:
     """$ATTNGEN_CACHE_DIR or the user cache dir, created if missing; None (after one warning) when it neither
     exists nor can be created. A directory that exists but cannot be written is still returned: it is read."""
-    import os
-
     return _existing_dir(os.environ.get("ATTNGEN_CACHE_DIR") or _user_cache_dir())
 
 
@@ -50,8 +50,6 @@ def _user_cache_dir() -> str:
 
 @functools.cache
 def _existing_dir(path: str) -> Path | None:
-    import warnings
-
     directory = Path(path).expanduser()
     try:
         directory.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, replace
 
+import sympy as sp
+
 from . import affine, tiling
 from . import pattern as P
 from .abi import POINTER, RuntimeArg
@@ -153,8 +155,6 @@ def _partial_share(pattern: P.Pattern, tiles: Tiles) -> float:
 
 def _affine_expr(pat: P.Pattern):
     """The sympy expression of a pattern made of affine leaves only."""
-    import sympy as sp
-
     if isinstance(pat, P.Affine):
         return pat.expr
     if isinstance(pat, P.Not):
