@@ -16,6 +16,7 @@ from .errors import AttngenError, InputError
 
 # public name -> the module that defines it
 _LAZY = {name: ".launch" for name in ("Kernel", "attention", "compile")}
+_LAZY |= {"nm": ".select.nm"}
 _LAZY |= {
     name: ".pattern"
     for name in (

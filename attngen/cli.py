@@ -73,7 +73,10 @@ def parse_pattern(text: str, constructors: Mapping[str, Callable[..., Any]] | No
     except (RecursionError, MemoryError):  # CPython's parser reports deep nesting as either
         raise InputError("pattern expression is nested too deeply") from None
     if constructors is None:
-        from attngen.pattern import CONSTRUCTORS as constructors
+        from attngen.pattern import CONSTRUCTORS
+        from attngen.select.nm import nm
+
+        constructors = {**CONSTRUCTORS, "nm": nm}
     try:
         return _Evaluator(text, constructors).pattern(tree.body)
     except RecursionError:

@@ -41,7 +41,11 @@ def jobs(arch: str):
     out += [(p, d, t, arch, False) for p in some for d in (32, 96, 256) for t in dtypes]
     out += [(p, d, t, arch, True) for p in some for d in (64, 128) for t in dtypes]
     layout = ag.block_layout(torch.rand(128, 128) < 0.25, 128)  # the benchmark's kind of layout (same code)
-    return [*out, (layout, 64, "fp16", arch, False)]
+    out.append((layout, 64, "fp16", arch, False))
+    # N:M, as the N:M tests and benchmark use it (bench/nm_check.py compiles its own set in parallel)
+    nms = [ag.nm(2, 4), ag.nm(1, 2), ag.causal() & ag.nm(2, 4), ag.full()]
+    out += [(p, d, t, arch, False) for p in nms for d in (64, 128) for t in dtypes]
+    return out
 
 
 if __name__ == "__main__":

@@ -243,8 +243,9 @@ HAZARDS = re.compile(r"RACECHECK SUMMARY:\s*(\d+) hazards? displayed \((\d+) err
 def verdict(rc: int, log: str) -> tuple[bool, str]:
     """(clean, cell text) from a child's exit status and the sanitizer's output."""
     m = SUMMARY.findall(log)
-    errors = int(m[-1]) if m else None
     hz = HAZARDS.findall(log)
+    # memcheck, synccheck and initcheck end with an ERROR SUMMARY; racecheck with a RACECHECK SUMMARY instead
+    errors = int(m[-1]) if m else int(hz[-1][1]) if hz else None
     warn = f" +{hz[-1][2]}w" if hz and int(hz[-1][2]) else ""  # racecheck warnings (--racecheck-report all)
     if errors:
         return False, f"{errors} errors{warn}"
@@ -255,6 +256,27 @@ def verdict(rc: int, log: str) -> tuple[bool, str]:
     if rc in (124, -9) or rc is None:
         return False, "timeout"
     return False, f"crash({rc})"
+
+
+REPORT_START = re.compile(r"^=+ +(Error|Warning|Invalid|Uninitialized|Barrier|Race|Program hit)")
+
+
+def first_reports(log: str, limit: int = 3, lines: int = 8) -> str:
+    """The first `limit` distinct reports of a sanitizer log (their first lines, host backtraces left out): the
+    part worth reading when the full logs are too many to bring back."""
+    out, seen, block = [], set(), None
+    for line in log.splitlines():
+        if REPORT_START.match(line):
+            block = [line]
+        elif block is not None and len(block) < lines and "Host Frame" not in line:
+            block.append(line)
+        if (block is not None and len(block) == lines) or (block and line.strip("= ") == ""):
+            key = "\n".join(b.split(" by thread")[0] for b in block[:3])
+            if key not in seen and len(seen) < limit:
+                seen.add(key)
+                out.append("\n".join(block))
+            block = None
+    return "\n".join(out) + ("\n" if out else "(no report found; see the log)\n")
 
 
 def sanitizer_command(tool: str, case_id: str, extra: list[str]) -> list[str]:
@@ -352,6 +374,12 @@ def main() -> int:
     for c in cases:
         print(c.id.ljust(width) + "  " + "  ".join(results[t, c.id][1].ljust(w) for t, w in zip(args.tools, cols)))
     bad = sum(not results[j][0] for j in jobs)
+    findings = [
+        f"== {tool} {cid}: {results[tool, cid][1]}\n{first_reports((out / f'{tool}__{cid}.log').read_text())}"
+        for tool, cid in jobs
+        if not results[tool, cid][0]
+    ]
+    (out / "findings.txt").write_text("\n".join(findings) or "all clean\n")
     print(f"{'all clean' if not bad else f'{bad} of {len(jobs)} not clean'}; logs in {out} "
           f"({time.time() - start:.0f}s)")  # fmt: skip
     return 1 if bad else 0

@@ -25,6 +25,10 @@ class Selection:
     sparse_pv: bool = False  # P·V runs on sparse tensor cores (the rule keeps a fixed share of every key group)
     runtime_args: tuple[RuntimeArg, ...] = ()  # appended to the pattern's run-time arguments
 
+    def param(self, name: str) -> object:
+        """The value of parameter `name` (templates read their rule's parameters this way)."""
+        return dict(self.params)[name]
+
     def __str__(self) -> str:
         if self.rule == "none":
             return "none (every allowed key is kept)"
