@@ -83,6 +83,15 @@ def _maps(boxes) -> list:
     return [tensormap.tensor_map(tensormap.spec(t, rows)).arg for t, rows in boxes]
 
 
+def _key_groups_map(k: torch.Tensor, block_n: int):
+    """K's map for the sparse P·V forward (tensormap.key_groups_spec): contiguous, keys padded with zeros to a
+    multiple of 16 (a copy only where K is not already so; the padded keys are masked like any key past Sk)."""
+    pad = -k.shape[2] % 16
+    if pad or not k.is_contiguous():
+        k = torch.nn.functional.pad(k, (0, 0, 0, pad)).contiguous()
+    return tensormap.tensor_map(tensormap.key_groups_spec(k, block_n)).arg, k
+
+
 def _sched_args(s: schedule.Schedule) -> list:
     sb, sh = s.strides
     return [_u64(s.tiles.data_ptr()), _u64(s.counts.data_ptr()), _i64(sb), _i64(sh), _i32(s.cap)]
@@ -104,7 +113,12 @@ def forward(kern: Compiled, q, k, v, scale: float, prep: Prepared) -> tuple[torc
         # Persistent blocks, one per SM, claim (query tile, head, batch) items from a counter past the first.
         grid = (min(math.ceil(Sq / t.block_m) * Hq * B, _sm_count(q.device.index)), 1, 1)
         next_item = torch.zeros(1, dtype=torch.int32, device=q.device)
-        args = [*_maps(((q, t.block_m), (k, t.block_n), (v, t.block_n), (out, 64))), _u64(lse.data_ptr())]
+        if plan.select.sparse_pv:  # K through its 5-d map, in the key order of the sparse P·V fragments
+            k_map, k = _key_groups_map(k, t.block_n)
+            maps = [*_maps(((q, t.block_m),)), k_map, *_maps(((v, t.block_n), (out, 64)))]
+        else:
+            maps = _maps(((q, t.block_m), (k, t.block_n), (v, t.block_n), (out, 64)))
+        args = [*maps, _u64(lse.data_ptr())]
         args += [_u64(next_item.data_ptr()), _i32(B)]
     else:
         args = [_u64(x.data_ptr()) for x in (q, k, v, out, lse)]

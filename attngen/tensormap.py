@@ -1,4 +1,5 @@
-"""TMA tensor maps for the sm_90a kernels: a torch tensor [B, H, S, D] as the driver's 4-d CUtensorMap.
+"""TMA tensor maps for the sm_90a kernels: a torch tensor [B, H, S, D] as the driver's 4-d CUtensorMap (5-d for the
+keys of the sparse P·V forward, `key_groups_spec`).
 
 The map views the tensor innermost first, (D, S, H, B), with its own strides (any 16-byte multiples, so [B, S, H, D]
 storage works without a copy), and copies boxes of 64 head-dim columns x `rows` rows, 128-byte swizzled, which is
@@ -23,13 +24,14 @@ _MAP_BYTES, _MAP_ALIGN = 128, 64
 
 @dataclass(frozen=True)
 class TensorMapSpec:
-    """Everything a tensor map encodes: address, dtype, sizes and byte strides innermost first, box rows."""
+    """Everything a tensor map encodes: address, dtype, sizes innermost first, the byte strides of every dimension
+    but the first, and the box copied (elements per dimension)."""
 
     address: int
     dtype: torch.dtype
-    dims: tuple[int, int, int, int]  # (D, S, H, B)
-    strides: tuple[int, int, int]  # bytes between rows, heads, batches
-    box_rows: int
+    dims: tuple[int, ...]  # (D, S, H, B), or see `key_groups_spec`
+    strides: tuple[int, ...]  # bytes, dimensions 1.. (rows, heads, batches)
+    box: tuple[int, ...]
 
 
 def spec(t: torch.Tensor, box_rows: int) -> TensorMapSpec:
@@ -38,7 +40,23 @@ def spec(t: torch.Tensor, box_rows: int) -> TensorMapSpec:
     size = t.element_size()
     # A dimension of extent 1 is never stepped over, but the driver still wants a 16-byte multiple there.
     strides = tuple(st * size if n > 1 else 16 for st, n in zip(t.stride()[2::-1], (S, H, B)))
-    return TensorMapSpec(t.data_ptr(), t.dtype, (D, S, H, B), strides, box_rows)
+    return TensorMapSpec(t.data_ptr(), t.dtype, (D, S, H, B), strides, (BOX_COLS, box_rows, 1, 1))
+
+
+def key_groups_spec(t: torch.Tensor, block_n: int) -> TensorMapSpec:
+    """The 5-d map of a contiguous [B, H, S, D] tensor with S a multiple of 16 that the sparse P·V forward reads K
+    through: key 16 h + 4 t + r of (batch, head) is element (d, r, t, h, batch · H + head). A box of (64, 2, 4,
+    block_n / 16, 1) at r = 2 j copies the keys 16 h + 4 t + 2 j + e (h over the tile, then t, then e) as
+    block_n / 2 consecutive rows: two boxes lay a tile out in the order the kernel's fragments want
+    (templates/_sparse_pv.cuh.j2)."""
+    B, H, S, D = t.shape
+    if not t.is_contiguous() or S % 16:
+        raise AttngenError(f"key_groups_spec needs a contiguous tensor with S a multiple of 16, got {tuple(t.shape)}")
+    row = D * t.element_size()
+    dims = (D, 4, 4, S // 16, B * H)
+    return TensorMapSpec(
+        t.data_ptr(), t.dtype, dims, (row, 4 * row, 16 * row, S * row), (BOX_COLS, 2, 4, block_n // 16, 1)
+    )
 
 
 class TensorMap:
@@ -79,12 +97,13 @@ def _driver() -> ctypes.CDLL:
 
 def _encode(s: TensorMapSpec, address: int) -> None:
     lib = _driver()
-    dims = (ctypes.c_uint64 * 4)(*s.dims)
-    strides = (ctypes.c_uint64 * 3)(*s.strides)
-    box = (ctypes.c_uint32 * 4)(BOX_COLS, s.box_rows, 1, 1)
-    ones = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
+    rank = len(s.dims)
+    dims = (ctypes.c_uint64 * rank)(*s.dims)
+    strides = (ctypes.c_uint64 * (rank - 1))(*s.strides)
+    box = (ctypes.c_uint32 * rank)(*s.box)
+    ones = (ctypes.c_uint32 * rank)(*[1] * rank)
     status = lib.cuTensorMapEncodeTiled(
-        address, _DTYPES[s.dtype], 4, s.address, dims, strides, box, ones, 0, _SWIZZLE_128B, _L2_PROMOTION_256B, 0
+        address, _DTYPES[s.dtype], rank, s.address, dims, strides, box, ones, 0, _SWIZZLE_128B, _L2_PROMOTION_256B, 0
     )
     if status:
         name = ctypes.c_char_p()

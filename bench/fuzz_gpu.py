@@ -9,7 +9,9 @@ asks for it (-inf exactly on empty rows, close elsewhere) and, for cases flagged
 gradient when the case returns the LSE) below BWD_TOL; tolerances are tests/test_kernels_gpu.py's. The reference
 runs in float64 when small, float32 otherwise. Outputs are poisoned (ATTNGEN_POISON_OUTPUTS=1: NaN before the
 kernels run), so an element a kernel never writes shows. Cases of variant "mma_sync" run the mma.sync kernels on
-a Hopper GPU too (the plan's tilings replaced, launched through attngen.bind). Every exception is a failure: the
+a Hopper GPU too (the plan's tilings replaced, launched through attngen.bind). Cases with a selection rule
+(`A & nm(2, 4)`, ...) draw q and k from the generator's grid, where the kernels' fp32 scores and the reference's
+order the keys alike, so they are compared exactly as the others are. Every exception is a failure: the
 generator makes valid input only.
 
 Kernels are compiled first, in parallel (--jobs processes, into the disk cache), so the run itself only loads
@@ -197,6 +199,8 @@ def run_case(c: fuzzing.Case, device: torch.device, arch: str, tol: tuple[dict, 
 
 
 def _labels(c: fuzzing.Case, arch: str) -> dict[str, str]:
+    from attngen.select import split_selection
+
     try:
         p = compiled_for(c, arch).plan
         kernels = f"fwd {'wgmma' if p.fwd.wgmma else 'mma.sync'}"
@@ -208,6 +212,7 @@ def _labels(c: fuzzing.Case, arch: str) -> dict[str, str]:
         "dtype": c.dtype,
         "pattern family": c.family,
         "kernel family": kernels,
+        "selection rule": repr(rule) if (rule := split_selection(c.pattern)[1]) else "none",
     }
 
 
@@ -216,7 +221,7 @@ def summary(rows: list[tuple[dict, bool]]) -> str:
     total = len(rows)
     failed = sum(not ok for _, ok in rows)
     lines.append(f"{'all':32} {total:>7} {total - failed:>7} {failed:>7}")
-    for key in ("head_dim", "dtype", "kernel family", "pattern family"):
+    for key in ("head_dim", "dtype", "kernel family", "selection rule", "pattern family"):
         lines.append(f"by {key}:")
         counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
         for labels, ok in rows:

@@ -2,11 +2,15 @@
 scheduling, mask lowering, a few compiles) and the GPU run (bench/fuzz_gpu.py: kernels against attngen.reference).
 
 `case(seed)` is a pure function of `seed` (Python's `random.Random` and a CPU `torch.Generator`, nothing global):
-a random pattern composed from every constructor with & | ~ (depth <= 3), shapes (batch, GQA heads, odd and
-tile-boundary lengths, Sq != Sk), head dim, dtype, input storage (strided views), scale, return_lse, backward, and
-the run-time inputs the pattern reads (document ids as [S] / [B, S] / a pair, key lengths incl. 0 and Sk). Every
-case is valid input: the API must accept it and the kernels must match the reference. `Case.repro()` is the one
-command line that runs it again on a GPU.
+a random pattern composed from every constructor with & | ~ (depth <= 3), in some groups of cases with a selection
+rule on top (`A & nm(2, 4)`, `A & nm(1, 2)`), shapes (batch, GQA heads, odd and tile-boundary lengths, Sq != Sk),
+head dim, dtype, input storage (strided views), scale, return_lse, backward, and the run-time inputs the pattern
+reads (document ids as [S] / [B, S] / a pair, key lengths incl. 0 and Sk). Every case is valid input: the API must
+accept it and the kernels must match the reference. A rule chooses keys by their scores, and a near-tie could go
+either way between a kernel's fp32 scores and the reference's; so the cases with a rule draw q and k from a grid
+of quarters (`GRID`), where every dot product is exact in fp32 and float64 alike: the scores are ordered alike,
+exact ties go to the lower key index in both, and the comparison stays exact. `Case.repro()` is the one command
+line that runs it again on a GPU.
 
 Consecutive seeds share a pattern *recipe*, head dim, dtype and kernel variant (`GROUP` of them: the tree, its
 constants, layout block sizes), so that a GPU run compiles a quarter as many kernels; each seed draws its own
@@ -25,6 +29,7 @@ import torch
 
 import attngen as ag
 from attngen import pattern as P
+from attngen.select.nm import NM
 
 GROUP = 4  # consecutive seeds sharing a pattern recipe, head dim, dtype and variant (so, compiled kernels)
 HEAD_DIMS = (32, 64, 96, 128, 256)
@@ -43,6 +48,9 @@ STORAGES = ("contiguous", "bshd", "sliced", "misaligned", "expand")
 STORAGE_WEIGHTS = (10, 4, 3, 1, 2)
 VARIANTS = ("auto", "mma_sync")  # mma_sync: the mma.sync tilings forced (on sm_90, where auto takes wgmma)
 REPRO = "python bench/fuzz_gpu.py --seed {seed} --cases 1"
+RULE_SHARE = 0.2  # groups whose pattern is `A & rule`
+RULES = ((2, 4), (1, 2))  # nm(n, m)
+GRID = 4  # cases with a rule draw q and k from {-1, -3/4, ..., 1}: 16-bit exact, exact scores
 
 
 @dataclass
@@ -78,8 +86,14 @@ class Case:
             P.BlockLayout: "layout",
             P.Documents: "documents",
             P.KeyPadding: "key_padding",
+            NM: "nm",
         }
         return "+".join(sorted({kinds.get(type(leaf), type(leaf).__name__) for leaf in self.pattern.leaves()}))
+
+    @property
+    def selects(self) -> bool:
+        """Whether the pattern has a selection rule (its q and k are then drawn from the grid)."""
+        return any(isinstance(leaf, P.Selector) for leaf in self.pattern.leaves())
 
     @property
     def scores(self) -> int:
@@ -116,16 +130,17 @@ class Case:
 
     def inputs(self, device: torch.device | str, requires_grad: bool = False):
         """(q, k, v, dout, dlse) on `device`, drawn from the seed on the CPU (the same values on every machine).
-        q, k, v are laid out as `storage` says; with `requires_grad` they are views of leaves that require grad."""
+        q, k, v are laid out as `storage` says; with `requires_grad` they are views of leaves that require grad.
+        With a selection rule, q and k lie on the grid (see the module's docstring)."""
         gen = torch.Generator().manual_seed(self.seed * 7919 + 17)
-        q = self._tensor(gen, self.Hq, self.Sq, device, requires_grad, query=True)
-        k = self._tensor(gen, self.Hkv, self.Sk, device, requires_grad)
+        q = self._tensor(gen, self.Hq, self.Sq, device, requires_grad, query=True, grid=self.selects)
+        k = self._tensor(gen, self.Hkv, self.Sk, device, requires_grad, grid=self.selects)
         v = self._tensor(gen, self.Hkv, self.Sk, device, requires_grad)
         dout = torch.randn(self.B, self.Hq, self.Sq, self.head_dim, generator=gen).to(device, self.torch_dtype)
         dlse = torch.randn(self.B, self.Hq, self.Sq, generator=gen).to(device)
         return q, k, v, dout, dlse
 
-    def _tensor(self, gen, H: int, S: int, device, requires_grad: bool, query: bool = False) -> torch.Tensor:
+    def _tensor(self, gen, H: int, S: int, device, requires_grad: bool, query: bool = False, grid: bool = False):
         B, D = self.B, self.head_dim
         storage = "bshd" if self.storage == "expand" and query else self.storage
         shape = {
@@ -135,7 +150,10 @@ class Case:
             "misaligned": (B, H, S, D + 1),
             "expand": (1, H, S, D),
         }[storage]
-        base = torch.randn(shape, generator=gen).to(device, self.torch_dtype).requires_grad_(requires_grad)
+        values = (
+            torch.randint(-GRID, GRID + 1, shape, generator=gen) / GRID if grid else torch.randn(shape, generator=gen)
+        )
+        base = values.to(device, self.torch_dtype).requires_grad_(requires_grad)
         if storage == "bshd":
             return base.transpose(1, 2)
         if storage == "sliced":
@@ -351,6 +369,13 @@ def _key_lengths(rng: random.Random, B: int, Sk: int) -> tuple[torch.Tensor, tup
     return torch.tensor(lengths, dtype=rng.choice([torch.int32, torch.int64])), notes
 
 
+def _rule(seed: int) -> NM | None:
+    """The selection rule of the seed's group, or None. Drawn from a generator of its own: a group's positional
+    recipe is the same with or without a rule."""
+    g = random.Random(f"attngen-fuzz-rule-{seed // GROUP}")
+    return ag.nm(*g.choice(RULES)) if g.random() < RULE_SHARE else None
+
+
 # ------------------------------------------------------------------------------------------------ the case
 
 
@@ -390,6 +415,8 @@ def case(seed: int) -> Case:
     )
     builder = _Builder(g, rng, gen, c)
     c.pattern = builder.tree(depth)
+    if (rule := _rule(seed)) is not None:
+        c.pattern = c.pattern & rule
     notes: list[str] = []
     if "docs" in builder.uses:
         c.document_ids, note = _document_ids(rng, gen, B, Sq, Sk)

@@ -41,7 +41,7 @@ def positions(n: int = S) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_catalogue_has_the_named_patterns():
     names = {f.stem for f in FILES}
-    expected = {"longformer", "bigbird", "streaming_llm", "document_causal", "prefix_lm", "dilated_blocks"}
+    expected = {"longformer", "bigbird", "streaming_llm", "document_causal", "prefix_lm", "dilated_blocks", "dfss"}
     assert expected <= names
 
 
@@ -167,3 +167,18 @@ def test_chunked_causal_restarts_at_each_chunk():
     q, k = positions()
     assert torch.equal(m, (k <= q) & (q // 64 == k // 64))
     assert not m[64, 63] and m[127, 64]
+
+
+def test_dfss_keeps_two_of_every_four_allowed_keys():
+    dfss = load("dfss")
+    assert dfss.pattern() == attngen.causal() & attngen.nm(2, 4)
+    assert dfss.pattern(causal=False) == attngen.nm(2, 4)
+    assert dfss.pattern(1, 2) == attngen.causal() & attngen.nm(1, 2)
+    q, k = positions(64)
+    groups = lambda m: m.view(64, 16, 4).sum(-1)
+    kept = dfss.kept(dfss.pattern(), 64)
+    assert not (kept & (k > q)).any()  # never a future key
+    assert torch.equal(groups(kept), groups((k <= q).expand(64, 64)).clamp(max=2))
+    encoder = dfss.kept(dfss.pattern(causal=False), 64)
+    assert (groups(encoder) == 2).all()
+    assert not torch.equal(encoder, dfss.kept(dfss.pattern(causal=False), 64, seed=1))  # the scores choose

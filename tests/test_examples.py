@@ -2,7 +2,7 @@
 
 On the CPU: 02 prints the plan, the resource report and CUDA source and writes the full sources; the GPU
 examples, with the GPU hidden, explain that they need one, still show the plan, and exit 0. With a GPU (marker
-`gpu`): 01, 03 and 04 run for real and pass their own checks against the reference and SDPA."""
+`gpu`): 01, 03, 04 and 05 run for real and pass their own checks against the reference, SDPA and dense attention."""
 
 import os
 import re
@@ -71,6 +71,7 @@ def test_inspect_emitted_cuda_prints_plan_resources_and_source():
         ("01_declare_and_run.py", "KernelPlan for causal() & sliding_window(1024) | global_tokens(16)"),
         ("03_runtime_masks.py", "KernelPlan for documents() & causal() & key_padding()"),
         ("04_train_tiny_lm.py", "04_train_tiny_lm needs a CUDA GPU to train"),
+        ("05_train_nm_attention.py", "05_train_nm_attention needs a CUDA GPU to train"),
     ],
 )
 def test_gpu_examples_explain_themselves_without_a_gpu(script, shows):
@@ -90,8 +91,13 @@ def test_gpu_examples_explain_themselves_without_a_gpu(script, shows):
             ("--steps", "60"),
             r"over 60 steps: [0-9.]+ .*\nPASS: attngen causal tracks SDPA causal",
         ),
+        (
+            "05_train_nm_attention.py",
+            ("--steps", "60", "--finetune", "20", "--tolerance", "0.3"),
+            r"fine-tuned \(evaluation batches\): [+-][0-9.]+ .*\nPASS: 2:4 attention trains",
+        ),
     ],
-    ids=["01", "03", "04"],
+    ids=["01", "03", "04", "05"],
 )
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from fuzzing import BLOCK_SIZES, HEAD_DIMS, MAX_INPUT, MAX_SCORES, STORAGES, case
+from fuzzing import BLOCK_SIZES, GRID, HEAD_DIMS, MAX_INPUT, MAX_SCORES, STORAGES, case
 from test_lower import Case as LowerCase
 from test_lower import check as check_lowering
 from test_schedule import _truth
@@ -124,7 +124,7 @@ def test_generator_covers_every_kind():
     small = 0
     words = ("causal", "sliding_window", "local", "prefix_lm", "global_tokens", "predicate", "documents",
              "key_padding", "block_layout", "full", "~", "|", "&", "bottom_right", "==", "!=", "Eq(", "Ne(",
-             "Sk - Sq", " and ", " or ", "not ")  # fmt: skip
+             "Sk - Sq", " and ", " or ", "not ", "nm(2, 4)", "nm(1, 2)")  # fmt: skip
     for seed in SEEDS:
         c = case(seed)
         text = repr(c.pattern)
@@ -140,6 +140,7 @@ def test_generator_covers_every_kind():
         seen |= {"long"} if max(c.Sq, c.Sk) > 512 else set()
         seen |= {"length 1"} if 1 in (c.Sq, c.Sk) else set()
         seen |= {"GQA"} if c.Hq > c.Hkv else set()
+        seen |= {f"rule {c.variant}", "rule backward" if c.backward else "rule forward"} if c.selects else set()
         seen |= {"tile edge"} if {c.Sq, c.Sk} & {63, 65, 127, 129, 191, 193} else set()
         for leaf, grid in c.layouts.items():
             seen.add(f"bs{leaf.block_size}")
@@ -150,6 +151,7 @@ def test_generator_covers_every_kind():
     expect = {*words, "Sq", "Sk", "chained", "doc:1d", "doc:2d", "doc:2d1", "doc:pair", "keylen:0", "keylen:Sk"}
     expect |= {f"D{d}" for d in HEAD_DIMS} | {"fp16", "bf16", *STORAGES, "auto", "mma_sync"}
     expect |= {"return_lse", "backward", "scale", "Sq != Sk", "long", "length 1", "GQA", "tile edge"}
+    expect |= {"rule auto", "rule mma_sync", "rule backward", "rule forward"}
     expect |= {f"bs{bs}" for bs in BLOCK_SIZES} | {"per-head layout", "shared layout"}
     assert expect <= seen, f"never generated: {sorted(expect - seen)}"
     assert small >= 0.8 * len(SEEDS), f"only {small} of {len(SEEDS)} cases are small enough to brute-force"
@@ -168,6 +170,9 @@ COMPILE_SAMPLE = [
     ("sm_80", lambda c: c.head_dim == 96 and "key_padding" in c.family),
     ("sm_80", lambda c: c.head_dim == 128 and c.family == "affine"),
     ("sm_80", lambda c: c.head_dim == 32 and c.dtype == "bf16"),
+    ("sm_90", lambda c: c.selects and c.head_dim in (64, 128)),  # sparse P·V: wgmma.sp
+    ("sm_90", lambda c: c.selects and c.head_dim == 96),  # sparse P·V: mma.sp
+    ("sm_80", lambda c: c.selects and "layout" in c.family),
 ]
 
 
@@ -181,6 +186,32 @@ def test_sample_compiles_without_spills(arch, which):
     for binary in (fwd, bwd):
         for entry, res in binary.resources:
             assert (res.spill_stores, res.spill_loads) == (0, 0), f"{arch} {entry} spills: {res}\n{_where(c)}"
+
+
+def test_rule_cases_draw_exact_scores():
+    """Cases with a selection rule draw q and k from the grid, where fp32 and float64 scores choose alike (so the
+    GPU run compares kernels with the reference exactly); the other cases keep normal inputs."""
+    from attngen.select import split_selection
+
+    with_rule = [s for s in SEEDS if case(s).selects][:6]
+    assert with_rule, "no case with a selection rule"
+    for seed in with_rule:
+        c = case(seed)
+        q, k, v, _, _ = c.inputs("cpu")
+        assert torch.equal(q * GRID, (q * GRID).round()) and torch.equal(k * GRID, (k * GRID).round()), _where(c)
+        assert q.abs().max() <= 1 and not torch.equal(v * GRID, (v * GRID).round()), _where(c)
+        positions, rule = split_selection(c.pattern)
+        allowed = positions.mask(c.Sq, c.Sk, **c.runtime())
+        scale = c.scale or c.head_dim**-0.5
+        kk = k.repeat_interleave(c.Hq // c.Hkv, dim=1)
+        keep = [
+            rule.reference_keep((q.to(t) @ kk.to(t).transpose(-1, -2)) * scale, allowed)
+            for t in (torch.float32, torch.float64)
+        ]
+        assert torch.equal(*keep), _where(c)
+    plain = next(case(s) for s in SEEDS if not case(s).selects)
+    q = plain.inputs("cpu")[0]
+    assert not torch.equal(q * GRID, (q * GRID).round())
 
 
 def test_every_generated_pattern_is_a_pattern():
@@ -239,7 +270,8 @@ def test_gpu_script_checks_pass_a_correct_kernel(fuzz_gpu, monkeypatch):
     tol = fuzz_gpu.tolerances()
     seeds = _small_seeds(3, backward=True, return_lse=True) + _small_seeds(3, backward=True, return_lse=False)
     seeds += _small_seeds(3, backward=False)
-    assert len(seeds) == 9
+    seeds += _small_seeds(1, selects=True, backward=True) + _small_seeds(1, selects=True, backward=False)
+    assert len(seeds) == 11
     for seed in seeds:
         c = case(seed)
         assert fuzz_gpu.run_case(c, torch.device("cpu"), "sm_90", tol) == [], _where(c)

@@ -92,6 +92,7 @@ def test_bad_inputs_raise_clear_errors():
         launch._check(torch.randn(1, 3, 8, 64).half(), q, q)
     with pytest.raises(InputError, match="last"):
         launch._check(q.transpose(-1, -2), q, q)
+
     def prep(pat, **inputs):
         return prepare.prepare(pat, q, q, {"document_ids": None, "key_lengths": None, **inputs})
 
@@ -139,7 +140,12 @@ def test_tensor_map_describes_strided_views():
     """[B, H, S, D] tensors map innermost first with byte strides; [B, S, H, D] storage needs no copy."""
     t = torch.empty(2, 3, 100, 64, dtype=torch.bfloat16)
     s = tensormap.spec(t, 128)
-    assert (s.dims, s.strides, s.box_rows, s.dtype) == ((64, 100, 3, 2), (128, 100 * 128, 3 * 100 * 128), 128, t.dtype)
+    assert (s.dims, s.strides, s.box, s.dtype) == (
+        (64, 100, 3, 2),
+        (128, 100 * 128, 3 * 100 * 128),
+        (64, 128, 1, 1),
+        t.dtype,
+    )
     view = torch.empty(2, 100, 3, 64, dtype=torch.float16).transpose(1, 2)
     assert bind.aligned(view) is view
     assert tensormap.spec(view, 64).strides == (3 * 128, 128, 100 * 3 * 128)
@@ -147,6 +153,22 @@ def test_tensor_map_describes_strided_views():
     assert all(st % 16 == 0 and st > 0 for st in tensormap.spec(one, 64).strides)
     broadcast = torch.empty(2, 1, 10, 64, dtype=torch.float16).expand(2, 4, 10, 64)
     assert bind.aligned(broadcast) is not broadcast  # a stride-0 head dimension is materialised
+
+
+def test_key_groups_map_addresses_the_permuted_key_order():
+    """The sparse P·V forward's 5-d key map: element (d, r, t, h, bh) is key 16 h + 4 t + r of head bh, and a box at
+    r = 2 j copies, in order, the keys 16 h + 4 t + 2 j + e (h, then t, then e): what the kernel's fragments want."""
+    t = torch.arange(2 * 3 * 48 * 64, dtype=torch.float16).view(2, 3, 48, 64)
+    s = tensormap.key_groups_spec(t, 128)
+    assert s.dims == (64, 4, 4, 3, 6) and s.box == (64, 2, 4, 8, 1)
+    row = 64 * 2
+    assert s.strides == (row, 4 * row, 16 * row, 48 * row)
+    flat = t.view(-1, 64)
+    for bh, h, tt, r in ((0, 0, 0, 0), (4, 2, 3, 3), (5, 1, 2, 1)):
+        offset = r * s.strides[0] + tt * s.strides[1] + h * s.strides[2] + bh * s.strides[3]
+        assert torch.equal(flat[offset // row], t[bh // 3, bh % 3, 16 * h + 4 * tt + r])
+    with pytest.raises(Exception, match="multiple of 16"):
+        tensormap.key_groups_spec(torch.empty(1, 1, 40, 64, dtype=torch.float16), 128)
 
 
 @pytest.fixture

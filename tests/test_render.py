@@ -14,6 +14,7 @@ from attngen.prepare import Prepared
 def get_kernel(pattern, head_dim, dtype, arch):
     return ag.compile(pattern, head_dim=head_dim, dtype=dtype, arch=arch)
 
+
 # One pattern per kind of mask code the planner can lower: none, affine, layout (per head), call-time inputs,
 # and a heavy mixture (the one that pushes the fast tiling over the register budget).
 MASKS = {
