@@ -72,4 +72,3 @@ def _compile(plan: KernelPlan, render) -> tuple[KernelSource, Binary]:
 def compiled(structure: Pattern, head_dim: int, dtype: str, arch: str) -> Compiled:
     """The kernels of a pattern structure (see `Pattern.structure`): one compile per structure, never per data."""
     return Compiled(make_plan(structure, head_dim=head_dim, dtype=dtype, arch=arch))
-

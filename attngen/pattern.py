@@ -573,8 +573,8 @@ def _evaluate(e: sp.Basic, env: dict) -> torch.Tensor | bool | int | float:
         gens = (*SYMBOLS.values(), *sorted(diff.atoms(sp.floor, sp.ceiling, sp.Mod), key=sp.default_sort_key))
         diff = sp.expand(diff * math.lcm(*(sp.Rational(c).q for c in sp.Poly(diff, *gens).coeffs())), deep=False)
         value = _evaluate(diff, env)
-        return value != 0 if isinstance(e, sp.Ne) else next(op for rel, op in _REL.items() if isinstance(e, rel))(
-            value, 0
+        return (
+            value != 0 if isinstance(e, sp.Ne) else next(op for rel, op in _REL.items() if isinstance(e, rel))(value, 0)
         )
     if isinstance(e, sp.Not):
         return ~torch.as_tensor(_evaluate(e.args[0], env))
@@ -596,9 +596,7 @@ def dense_mask(
 ) -> torch.Tensor:
     """Dense bool mask [B', H', Sq, Sk] of the positions `pat` allows (B', H' are 1 unless the pattern depends on
     batch or head). A selection rule allows every position here: it chooses among them by score (`reference`)."""
-    sub = functools.partial(
-        dense_mask, Sq=Sq, Sk=Sk, document_ids=document_ids, key_lengths=key_lengths, device=device
-    )
+    sub = functools.partial(dense_mask, Sq=Sq, Sk=Sk, document_ids=document_ids, key_lengths=key_lengths, device=device)
     if isinstance(pat, (And, Or)):
         return functools.reduce(operator.and_ if isinstance(pat, And) else operator.or_, map(sub, pat.parts))
     if isinstance(pat, Not):

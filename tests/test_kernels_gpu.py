@@ -22,6 +22,7 @@ pytestmark = [
 def poison_outputs(monkeypatch):
     monkeypatch.setenv("ATTNGEN_POISON_OUTPUTS", "1")
 
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # ||out - ref|| / ||ref||: fp16 keeps 11 significant bits, bf16 8; P is rounded to the input dtype before P V.
 FWD_TOL = {"fp16": 2e-3, "bf16": 1.2e-2}
