@@ -38,10 +38,15 @@ _LAZY |= {
     )
 }
 
-__all__ = ["AttngenError", "InputError", "__version__", *sorted(_LAZY)]
+__all__ = ["AttngenError", "InputError", "__version__", *sorted(_LAZY), "distributed"]
+
+
+_SUBMODULES = ("distributed",)  # attngen.distributed: context parallelism over torch.distributed
 
 
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name not in _LAZY:
         raise AttributeError(f"module 'attngen' has no attribute {name!r}")
     # Everything at once: the first use of any public name (building a pattern, usually) binds them all, so that code
@@ -52,4 +57,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))

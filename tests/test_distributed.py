@@ -1,0 +1,159 @@
+"""Context parallelism on the CPU: the block plan (who computes what, who talks to whom) and, in several processes
+with the gloo back end, the exchanges, the LSE merge and the backward's shares against single-process reference
+attention on the whole sequence. The kernels of one block are replaced by the float64 reference (the block's
+forward, and its backward given the merged output and LSE: exactly what the kernels compute), so everything around
+them runs as it does on GPUs."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import attngen as ag
+from attngen import distributed as D
+from attngen import reference
+from attngen.errors import InputError
+from attngen.pattern import dense_mask
+from attngen.select import split_selection
+
+# ------------------------------------------------------------------------------------------------------- plans
+
+
+def test_causal_plan_contiguous_and_zigzag():
+    p = D.plan(ag.causal(), 4, 64, "contiguous")
+    assert [p.needs(r) for r in range(4)] == [(), (0,), (0, 1), (0, 1, 2)]
+    assert [len(b) for b in p.blocks] == [1, 2, 3, 4]  # unbalanced
+    z = D.plan(ag.causal(), 4, 64, "zigzag")
+    assert len({len(b) for b in z.blocks}) == 1  # zigzag: every rank computes 2·world + 1 blocks
+    assert all(len(b) == 9 for b in z.blocks)
+    assert all(b.owner == r for r, blocks in enumerate(z.blocks) for b in blocks[:2])  # local keys first
+
+
+def test_sliding_window_talks_to_neighbours_only():
+    for world in (2, 4, 8):
+        p = D.plan(ag.sliding_window(32), world, 64, "contiguous")
+        assert [p.needs(r) for r in range(world)] == [()] + [(r - 1,) for r in range(1, world)]
+        assert [p.users(r) for r in range(world)] == [(r + 1,) for r in range(world - 1)] + [()]
+
+
+def test_blocks_carry_the_pattern_moved_to_them():
+    """Each block's pattern, on the block's own positions, is the whole sequence's mask there; blocks left out
+    are empty."""
+    pat = ag.sliding_window(20) | ag.global_tokens(3)
+    world, shard_len = 3, 32
+    S = world * shard_len
+    whole = dense_mask(pat, S, S)[0, 0]
+    for layout in D.LAYOUTS:
+        p = D.plan(pat, world, shard_len, layout)
+        L = p.chunk
+        covered = torch.zeros(S, S, dtype=torch.bool)
+        for rank, blocks in enumerate(p.blocks):
+            for bl in blocks:
+                a = D.chunks_of(layout, world, rank)[bl.q_slot]
+                b = D.chunks_of(layout, world, bl.owner)[bl.k_slot]
+                got = dense_mask(bl.pattern, L, L)[0, 0]
+                assert torch.equal(got, whole[a * L : (a + 1) * L, b * L : (b + 1) * L])
+                covered[a * L : (a + 1) * L, b * L : (b + 1) * L] = True
+        assert not (whole & ~covered).any()
+
+
+def test_plan_refuses_what_it_cannot_split():
+    with pytest.raises(InputError, match="affine patterns"):
+        D.plan(ag.documents() & ag.causal(), 2, 64)
+    with pytest.raises(InputError, match="multiple of 4"):
+        D.plan(ag.causal() & ag.nm(2, 4), 2, 30)
+    with pytest.raises(InputError, match="layout"):
+        D.plan(ag.causal(), 2, 64, "striped")
+    with pytest.raises(InputError, match="init_process_group"):
+        D.attention(*(torch.randn(1, 1, 8, 64) for _ in range(3)), ag.causal())
+
+
+def test_shard_and_unshard_are_inverse():
+    x = torch.arange(2 * 3 * 48 * 2).view(2, 3, 48, 2)
+    for layout in D.LAYOUTS:
+        for world in (1, 2, 3):
+            shards = [D.shard(x, world, r, layout) for r in range(world)]
+            assert all(s.shape[2] == 48 // world for s in shards)
+            assert torch.equal(D.unshard(shards, layout), x)
+    assert torch.equal(D.shard(x, 2, 1, "zigzag")[:, :, :12], x[:, :, 12:24])
+    assert torch.equal(D.shard(x, 2, 1, "zigzag")[:, :, 12:], x[:, :, 24:36])
+
+
+# ------------------------------------------------------------------------------ several processes, gloo back end
+
+
+def ref_block_forward(q, k, v, pat, scale):
+    return reference.attention(q, k, v, pat, scale=scale, dtype=torch.float64)
+
+
+def ref_block_backward(dout, q, k, v, out, lse, pat, scale):
+    """What the backward kernels compute for one block: P = exp(s - lse) over the kept keys, Δ = rowsum(dO ∘ O)."""
+    g = q.shape[1] // k.shape[1]
+    kf, vf = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = scale * q @ kf.transpose(-1, -2)
+    positions, rule = split_selection(pat)
+    allowed = dense_mask(positions, q.shape[2], k.shape[2])
+    if rule is not None:
+        allowed = allowed & rule.reference_keep(s, allowed)
+    lse = lse.unsqueeze(-1)
+    p = torch.where(allowed & torch.isfinite(lse), torch.exp(s - torch.where(torch.isinf(lse), 0, lse)), 0.0)
+    ds = p * (dout @ vf.transpose(-1, -2) - (dout * out).sum(-1, keepdim=True))
+    dq = scale * ds @ kf
+    dk = (scale * ds.transpose(-1, -2) @ q).unflatten(1, (-1, g)).sum(2)
+    dv = (p.transpose(-1, -2) @ dout).unflatten(1, (-1, g)).sum(2)
+    return dq, dk, dv
+
+
+PATTERNS = {
+    "causal": ag.causal(),
+    "window": ag.sliding_window(24),
+    "window_global": ag.causal() & ag.sliding_window(20) | ag.global_tokens(5),
+    "full": ag.full(),
+    "causal_nm": ag.causal() & ag.nm(2, 4),
+}
+
+
+def _worker(rank, world, port, cases):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    D._block_forward, D._block_backward = ref_block_forward, ref_block_backward
+    try:
+        for name, layout in cases:
+            pat = PATTERNS[name]
+            gen = torch.Generator().manual_seed(7)
+            B, Hq, Hkv, S, Dh = 2, 4, 2, 16 * 2 * world, 64
+            if name == "causal_nm":  # scores on a grid: exact ties, resolved by index in both computations
+                q, k = (torch.randint(-2, 3, (B, h, S, Dh), generator=gen).double() / 2 for h in (Hq, Hkv))
+            else:
+                q, k = (torch.randn(B, h, S, Dh, generator=gen, dtype=torch.float64) for h in (Hq, Hkv))
+            v = torch.randn(B, Hkv, S, Dh, generator=gen, dtype=torch.float64)
+            dout = torch.randn(B, Hq, S, Dh, generator=gen, dtype=torch.float64)
+            qs, ks, vs = (D.shard(t, world, rank, layout).requires_grad_() for t in (q, k, v))
+            out = D.attention(qs, ks, vs, pat, layout=layout)
+            grads = torch.autograd.grad(out, (qs, ks, vs), D.shard(dout, world, rank, layout))
+
+            qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
+            ref, _ = reference.attention(qf, kf, vf, pat, dtype=torch.float64)
+            want = torch.autograd.grad(ref, (qf, kf, vf), dout)
+            for what, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *want)):
+                b = D.shard(b.detach(), world, rank, layout)
+                assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), f"{name} {layout} world {world}: {what}"
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_context_parallel_matches_single_process_reference(world):
+    """Forward and gradients of every rank's shard against the whole sequence's reference, for causal (both
+    layouts), windows with global tokens, full and causal & nm(2, 4)."""
+    cases = [(name, layout) for name in PATTERNS for layout in D.LAYOUTS]
+    mp.spawn(_worker, args=(world, _free_port(), cases), nprocs=world, join=True)
