@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: the GPU tests, the pattern fuzzer (1000 seeded cases), then the benchmark; full
-# logs and JSON under $OUT.
+# One call on the GPU machine: the GPU tests, the pattern fuzzer (1000 seeded cases), the N:M check, then the
+# benchmarks (static patterns, N:M); full logs and JSON under $OUT.
 #   bash bench/run_device.sh [--quick] [--baseline DIR]
 # --baseline DIR also benchmarks the attngen package found in DIR (e.g. `git archive` of an earlier commit) in the
 # same call, with its own kernel cache, and prints both runs side by side (bench/compare.py).
@@ -25,7 +25,9 @@ python3 -c "import torch, cupy; print('torch', torch.__version__, 'cupy', cupy._
 python3 bench/prewarm.py sm_90 2>&1 | tail -n 3
 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 40
 python3 bench/fuzz_gpu.py --cases 1000 --seed 0 --out "$OUT" 2>&1 | tee "$OUT/fuzz.log" | tail -n 12
+python3 bench/nm_check.py $QUICK 2>&1 | tee "$OUT/nm_check.log" | grep -v '^ok' | tail -n 12
 python3 bench/bench_attention.py --out "$OUT/bench.json" $QUICK 2>&1 | tee "$OUT/bench.log"
+python3 bench/bench_nm.py --out "$OUT/bench_nm.json" $QUICK 2>&1 | tee "$OUT/bench_nm.log"
 if [ -n "$BASELINE" ]; then
   echo "== baseline: $BASELINE"
   (cd "$BASELINE" && PYTHONPATH=$BASELINE:${PYTHONPATH#"$PWD:"} ATTNGEN_CACHE_DIR=/tmp/attngen-cache-baseline \
@@ -34,7 +36,9 @@ if [ -n "$BASELINE" ]; then
   python3 bench/compare.py "$OUT/bench_baseline.json" "$OUT/bench.json"
 fi
 if [ -n "${SANITIZE:-}" ]; then  # optional step, only with --sanitize
-  python3 bench/sanitize.py --out "$OUT/sanitize" 2>&1 | tee "$OUT/sanitize.log" | tail -n 25
+  python3 bench/sanitize.py --jobs 12 --out "$OUT/sanitize" 2>&1 | tee "$OUT/sanitize.log" | tail -n 25
+  cp "$OUT/sanitize/findings.txt" "$OUT/" 2>/dev/null  # the first reports of what is not clean (logs stay behind)
 fi
 echo "== tests: $(tail -n 1 "$OUT/gpu_tests.log")"
 echo "== fuzz: $(grep -m1 '^all ' "$OUT/fuzz.log")"
+echo "== N:M: $(tail -n 1 "$OUT/nm_check.log")"
