@@ -31,7 +31,7 @@ def main() -> int:
     if "RANK" not in os.environ or not torch.cuda.is_available():
         world = 4
         p = ag.distributed.plan(pattern, world, args.seq // world, args.layout)
-        print("07_context_parallel runs under torchrun on CUDA GPUs, e.g.:")
+        print("07_context_parallel needs a CUDA GPU per rank, under torchrun, e.g.:")
         print("    torchrun --nproc-per-node 2 examples/07_context_parallel.py")
         print(f"The block plan for {pattern!r}, {world} ranks, {args.layout} layout, S={args.seq}:")
         for rank in range(world):

@@ -1,7 +1,11 @@
 """Keep test runs out of the user's kernel cache: one fresh cache directory per test session, removed at its end
-(unless ATTNGEN_CACHE_DIR was set: a prewarmed cache is the caller's to keep)."""
+(unless ATTNGEN_CACHE_DIR was set: a prewarmed cache is the caller's to keep). Shared fixtures: `one_torch_thread`,
+and `reference_kernels`, which runs `attngen.attention` end to end on the CPU with the kernels replaced by the
+reference (for code built on attngen, such as the integrations)."""
 
 import atexit
+import functools
+import operator
 import os
 import shutil
 import tempfile
@@ -23,3 +27,87 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """`attngen.attention` on CPU tensors, end to end, with the kernels replaced by the float32 reference: the checks,
+    `prepare`, the custom op (eager and traced) and its autograd run as they do on a GPU; the forward computes
+    `attngen.reference.attention` of the pattern rebuilt from the op's arguments (its structure, its layout grids,
+    document ids and key lengths), and the backward its exact gradient (a selection rule's choice held fixed, as in
+    the kernels). For tests of code built on attngen without a GPU. Records every call (pattern, run-time tensors,
+    shapes) in `calls`. Inputs must still be fp16 / bf16, as for the kernels."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from attngen import launch, op, reference
+    from attngen import pattern as P
+    from attngen.select import split_selection
+
+    calls = []
+    check = launch._check
+
+    def check_on_cpu(q, k, v):
+        try:
+            check(q, k, v)
+        except launch.InputError as e:
+            if "run on CUDA tensors" not in str(e):
+                raise
+
+    def compiled_for(name, q):
+        structure = P.by_key(name)
+        layouts = tuple(dict.fromkeys(leaf for leaf in structure.leaves() if isinstance(leaf, P.LayoutSlot)))
+        plan = SimpleNamespace(layouts=layouts, positions=split_selection(structure)[0])
+        return SimpleNamespace(plan=plan, name=name)
+
+    def rebuild(pat, grids):
+        if isinstance(pat, (P.And, P.Or)):
+            parts = [rebuild(p, grids) for p in pat.parts]
+            return functools.reduce(operator.and_ if isinstance(pat, P.And) else operator.or_, parts)
+        if isinstance(pat, P.Not):
+            return ~rebuild(pat.part, grids)
+        if isinstance(pat, P.LayoutSlot):
+            grid = grids[pat.index].bool()
+            return P.block_layout(grid if pat.per_head else grid[0], pat.block_size)
+        return pat
+
+    def reference_of(kern, q, k, v, scale, prep):
+        pat = rebuild(P.by_key(kern.name), prep.layouts)
+        inputs = {"document_ids": prep.document_ids, "key_lengths": prep.key_lengths}
+        return reference.attention(q, k, v, pat, scale=scale, dtype=torch.float32, **inputs), pat
+
+    def forward(kern, q, k, v, scale, prep):
+        (out, lse), pat = reference_of(kern, q, k, v, scale, prep)
+        calls.append(SimpleNamespace(pattern=pat, prep=prep, shapes=(tuple(q.shape), tuple(k.shape))))
+        return out.to(q.dtype), lse
+
+    def backward(kern, dout, q, k, v, out, lse, dlse, scale, prep):
+        # Written out (the custom op's implementation runs below autograd): the softmax backward over the kept keys,
+        # the choice of a selection rule held fixed, as the kernels do.
+        pat = rebuild(P.by_key(kern.name), prep.layouts)
+        inputs = {"document_ids": prep.document_ids, "key_lengths": prep.key_lengths}
+        Sq, Sk, groups = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]
+        qf, kf, vf = q.float(), k.float().repeat_interleave(groups, 1), v.float().repeat_interleave(groups, 1)
+        s = torch.einsum("bhqd,bhkd->bhqk", qf, kf) * scale
+        positions, rule = split_selection(pat)
+        kept = P.dense_mask(positions, Sq, Sk, device=q.device, **inputs)
+        if rule is not None:
+            kept = kept & rule.reference_keep(s, kept, q=q, k=k, **inputs)
+        s = s.masked_fill(~kept, float("-inf"))
+        lse = torch.logsumexp(s, -1, keepdim=True)
+        p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse))
+        do = dout.float()
+        ds = p * (do @ vf.transpose(-1, -2) - (do * (p @ vf)).sum(-1, keepdim=True))
+        if dlse is not None:
+            ds = ds + p * dlse.float().unsqueeze(-1)
+        dq = ds @ kf * scale
+        dk, dv = (ds.transpose(-1, -2) @ qf) * scale, p.transpose(-1, -2) @ do
+        dk, dv = (g.unflatten(1, (k.shape[1], groups)).sum(2) for g in (dk, dv))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+    monkeypatch.setattr(launch, "_check", check_on_cpu)
+    monkeypatch.setattr(op, "_compiled_for", compiled_for)
+    monkeypatch.setattr(op, "forward", forward)
+    monkeypatch.setattr(op, "backward", backward)
+    return SimpleNamespace(calls=calls)

@@ -2,8 +2,11 @@
 
 On the CPU: 02 prints the plan, the resource report and CUDA source and writes the full sources; the GPU
 examples, with the GPU hidden, explain that they need one, still show the plan, and exit 0. With a GPU (marker
-`gpu`): 01, 03, 04 and 05 run for real and pass their own checks against the reference, SDPA and dense attention."""
+`gpu`): 01, 03, 04, 05 and 06 run for real and pass their own checks against the reference, SDPA and dense
+attention (06, the transformers integration, when transformers is installed); 07 (context parallelism) runs
+under torchrun on several GPUs, by hand."""
 
+import importlib.util
 import os
 import re
 import shutil
@@ -15,6 +18,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 EXAMPLES = ROOT / "examples"
 
 
@@ -72,6 +76,12 @@ def test_inspect_emitted_cuda_prints_plan_resources_and_source():
         ("03_runtime_masks.py", "KernelPlan for documents() & causal() & key_padding()"),
         ("04_train_tiny_lm.py", "04_train_tiny_lm needs a CUDA GPU to train"),
         ("05_train_nm_attention.py", "05_train_nm_attention needs a CUDA GPU to train"),
+        pytest.param(
+            "06_transformers.py",
+            "layer 1: causal() & documents() & nm(2, 4)",
+            marks=pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers"),
+        ),
+        ("07_context_parallel.py", "rank 3: 9 blocks, keys from ranks (0, 1, 2)"),
     ],
 )
 def test_gpu_examples_explain_themselves_without_a_gpu(script, shows):
@@ -96,8 +106,14 @@ def test_gpu_examples_explain_themselves_without_a_gpu(script, shows):
             ("--steps", "60", "--finetune", "20", "--tolerance", "0.3"),
             r"fine-tuned \(evaluation batches\): [+-][0-9.]+ .*\nPASS: 2:4 attention trains",
         ),
+        pytest.param(
+            "06_transformers.py",
+            (),
+            r"PASS: attngen runs the model as SDPA does",
+            marks=pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers"),
+        ),
     ],
-    ids=["01", "03", "04", "05"],
+    ids=["01", "03", "04", "05", "06"],
 )
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,0 +1,1 @@
+"""Integrations of attngen with other libraries: `attngen.integrations.transformers` (Hugging Face transformers)."""
