@@ -17,9 +17,9 @@ through the LSE the kernels return. The backward exchanges K and V again, runs e
 merged output and LSE (which makes it that block's exact share of the gradient), and sends the dK, dV shares back
 to their owners, who add them in a fixed order: deterministic, like the single-GPU backward.
 
-Patterns: affine ones (causal, windows, local, prefix_lm, global_tokens, predicates) with & | ~, and `A & nm(n, m)`
-with chunks a multiple of m. Layouts, documents and key padding need their call-time data sliced per block and
-are refused for now."""
+Patterns: affine ones (causal, windows, local, prefix_lm, global_tokens, predicates), documents() and key_padding()
+(their call-time data given for the whole sequence, as on one GPU, and sliced per block) with & | ~, and
+`A & nm(n, m)` with chunks a multiple of m. Block layouts are refused for now."""
 
 from __future__ import annotations
 
@@ -73,6 +73,8 @@ class Block:
     q_slot: int  # which of the rank's own chunks holds the queries
     owner: int  # the rank holding the keys
     k_slot: int  # which of the owner's chunks
+    q_chunk: int  # the two chunks' places in the whole sequence
+    k_chunk: int
     pattern: P.Pattern
 
 
@@ -107,14 +109,17 @@ def plan(pattern: P.Pattern, world: int, shard_len: int, layout: str = "contiguo
     chunk = shard_len // n_own
     S = chunk * world * n_own
     positions, rule = split_selection(pattern)
-    if any(not isinstance(leaf, P.Affine) for leaf in positions.leaves()):
+    if any(not isinstance(leaf, (P.Affine, P.Documents, P.KeyPadding)) for leaf in positions.leaves()):
         raise InputError(
             f"{pattern!r}: context parallelism takes affine patterns (causal, windows, local, prefix_lm, "
-            "global_tokens, predicate) with & | ~, and `A & nm(n, m)`; layouts, documents and key padding not yet"
+            "global_tokens, predicate), documents() and key_padding() with & | ~, and `A & nm(n, m)`; block "
+            "layouts not yet"
         )
     if rule is not None and chunk % getattr(rule, "m", chunk + 1):
         raise InputError(f"{rule!r} needs chunks of a multiple of {rule.m} positions, got {chunk}")
-    classes = tile_classes(positions, chunk, chunk, S, S, "cpu", {})[0, 0]  # [chunks, chunks] of the whole sequence
+    # Blocks are classified on the chunk grid of the whole sequence by the affine part of the pattern (documents and
+    # key padding, call-time data, can only drop more keys: a block they empty is computed, and gives nothing).
+    classes = tile_classes(_affine_bound(positions), chunk, chunk, S, S, "cpu", {})[0, 0]
     where = {c: (r, i) for r in range(world) for i, c in enumerate(chunks_of(layout, world, r))}
     per_rank = []
     for rank in range(world):
@@ -124,30 +129,60 @@ def plan(pattern: P.Pattern, world: int, shard_len: int, layout: str = "contiguo
                 if classes[a, b] == EMPTY:
                     continue
                 owner, k_slot = where[b]
-                blocks.append(Block(q_slot, owner, k_slot, P.shifted(pattern, a * chunk, b * chunk, S, S)))
+                moved = P.shifted(pattern, a * chunk, b * chunk, S, S, sliced_data=True)
+                blocks.append(Block(q_slot, owner, k_slot, a, b, moved))
         # Local keys first (they need no transfer), then the owners in a fixed order.
         blocks.sort(key=lambda bl: (bl.owner != rank, bl.owner, bl.q_slot, bl.k_slot))
         per_rank.append(tuple(blocks))
     return Plan(world, chunk, layout, tuple(per_rank))
 
 
+def _affine_bound(pat: P.Pattern) -> P.Pattern:
+    """An affine pattern that allows every position `pat` allows (call-time leaves read as allowing everything where
+    that is sound, and a complement of them as allowing everything too)."""
+    if isinstance(pat, P.Affine):
+        return pat
+    if isinstance(pat, (P.And, P.Or)):
+        parts = tuple(_affine_bound(p) for p in pat.parts)
+        return P.And(parts) if isinstance(pat, P.And) else P.Or(parts)
+    if isinstance(pat, P.Not) and all(isinstance(leaf, P.Affine) for leaf in pat.leaves()):
+        return pat
+    return P.full()
+
+
+def _block_inputs(pattern: P.Pattern, bl: Block, chunk: int, document_ids, key_lengths) -> dict:
+    """The call-time tensors of one block: its query and key chunks' document ids, key lengths less the key chunk's
+    start (clipped to the chunk)."""
+    need = pattern.runtime_inputs
+    inputs = {"document_ids": None, "key_lengths": None}
+    if "document_ids" in need:
+        ids = document_ids
+        inputs["document_ids"] = (
+            ids[..., bl.q_chunk * chunk : (bl.q_chunk + 1) * chunk],
+            ids[..., bl.k_chunk * chunk : (bl.k_chunk + 1) * chunk],
+        )
+    if "key_lengths" in need:
+        inputs["key_lengths"] = (key_lengths - bl.k_chunk * chunk).clamp(0, chunk)
+    return inputs
+
+
 # ------------------------------------------------------------------------------------- the kernels of one block
 
 
-def _block_forward(q, k, v, pat: P.Pattern, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_forward(q, k, v, pat: P.Pattern, scale: float, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of one block with attngen's forward kernel."""
     from .launch import attention
 
-    return attention(q, k, v, pat, scale=scale, return_lse=True)
+    return attention(q, k, v, pat, scale=scale, return_lse=True, **inputs)
 
 
-def _block_backward(dout, q, k, v, out, lse, pat: P.Pattern, scale: float):
+def _block_backward(dout, q, k, v, out, lse, pat: P.Pattern, scale: float, inputs: dict):
     """(dq, dk, dv) of one block, given the merged output and LSE of its queries: P = exp(s - lse) and
     Δ = rowsum(dO ∘ O) are then those of the whole row, so these are the block's exact shares."""
     from . import op
     from .prepare import prepare
 
-    prep = prepare(pat, q, k, {"document_ids": None, "key_lengths": None})
+    prep = prepare(pat, q, k, inputs)
     with op._device_of(q):
         return op.backward(op._compiled_for(pat.key, q), dout, q, k, v, out, lse, None, scale, prep)
 
@@ -207,7 +242,7 @@ def _merge(out, lse, o, lse_o):
 
 class _ContextParallel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, p: Plan, scale: float, group):
+    def forward(ctx, q, k, v, p: Plan, scale: float, group, pattern, document_ids, key_lengths):
         rank = dist.get_rank(group)
         k, v = k.contiguous(), v.contiguous()
         kv = _exchange((k, v), p, rank, group)
@@ -218,18 +253,21 @@ class _ContextParallel(torch.autograd.Function):
             kk, vv = kv.get(bl.owner)
             rows = slice(bl.q_slot * p.chunk, (bl.q_slot + 1) * p.chunk)
             keys = slice(bl.k_slot * p.chunk, (bl.k_slot + 1) * p.chunk)
-            o, lse_o = _block_forward(q[:, :, rows], kk[:, :, keys], vv[:, :, keys], bl.pattern, scale)
+            inputs = _block_inputs(pattern, bl, p.chunk, document_ids, key_lengths)
+            o, lse_o = _block_forward(q[:, :, rows], kk[:, :, keys], vv[:, :, keys], bl.pattern, scale, inputs)
             out[:, :, rows], lse[:, :, rows] = _merge(out[:, :, rows], lse[:, :, rows], o, lse_o)
         kv.finish()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale, ctx.group = p, scale, group
+        ctx.inputs = (pattern, document_ids, key_lengths)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         p, scale, group = ctx.plan, ctx.scale, ctx.group
+        pattern, document_ids, key_lengths = ctx.inputs
         rank = dist.get_rank(group)
         dout = dout.contiguous()
         kv = _exchange((k, v), p, rank, group)
@@ -242,9 +280,10 @@ class _ContextParallel(torch.autograd.Function):
                 shares[bl.owner] = tuple(torch.zeros(k.shape, dtype=acc, device=k.device) for _ in "kv")
             rows = slice(bl.q_slot * p.chunk, (bl.q_slot + 1) * p.chunk)
             keys = slice(bl.k_slot * p.chunk, (bl.k_slot + 1) * p.chunk)
+            inputs = _block_inputs(pattern, bl, p.chunk, document_ids, key_lengths)
             gq, gk, gv = _block_backward(
                 dout[:, :, rows], q[:, :, rows], kk[:, :, keys], vv[:, :, keys], out[:, :, rows],
-                lse[:, :, rows].contiguous(), bl.pattern, scale,
+                lse[:, :, rows].contiguous(), bl.pattern, scale, inputs,
             )  # fmt: skip
             dq[:, :, rows] += gq
             shares[bl.owner][0][:, :, keys] += gk
@@ -260,7 +299,7 @@ class _ContextParallel(torch.autograd.Function):
             dk += sk
             dv += sv
         back.finish()
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def attention(
@@ -272,10 +311,14 @@ def attention(
     group=None,
     layout: str = "contiguous",
     scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over a sequence sharded across `group` (default: the world): this rank's q, k, v [B, H, S / world,
     D] hold the chunks `layout` ("contiguous" or "zigzag") assigns it; returns this rank's rows of the output, in
-    the same order. Differentiable with respect to q, k, v. Every rank calls it with the same pattern and shapes."""
+    the same order. Differentiable with respect to q, k, v. Every rank calls it with the same pattern and shapes.
+    `document_ids` ([B, S] or [S]) and `key_lengths` ([B]) describe the whole sequence, as for a single GPU (each
+    rank holds them whole: they are small); every block gets its slice."""
     if not dist.is_available() or not dist.is_initialized():
         raise InputError("attngen.distributed.attention needs torch.distributed initialised (init_process_group)")
     group = group if group is not None else dist.group.WORLD
@@ -288,5 +331,19 @@ def attention(
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
     p = plan(pattern, dist.get_world_size(group), q.shape[2], layout)
+    S = p.chunk * len(p.blocks) * len(chunks_of(layout, p.world, 0))
+    need = pattern.runtime_inputs
+    for name, value in (("document_ids", document_ids), ("key_lengths", key_lengths)):
+        if (value is None) == (name in need):
+            raise InputError(
+                f"{name}= is {'missing' if value is None else 'given'} but pattern {pattern!r} "
+                f"{'needs' if value is None else 'does not use'} it"
+            )
+    if document_ids is not None and (not isinstance(document_ids, torch.Tensor) or document_ids.shape[-1] != S):
+        raise InputError(f"document_ids must be a tensor [B, {S}] or [{S}] for the whole sequence of {S} positions")
+    if key_lengths is not None and (
+        not isinstance(key_lengths, torch.Tensor) or tuple(key_lengths.shape) != (q.shape[0],)
+    ):
+        raise InputError(f"key_lengths must be a tensor [{q.shape[0]}] of the whole sequence's key lengths")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _ContextParallel.apply(q, k, v, p, scale, group)
+    return _ContextParallel.apply(q, k, v, p, scale, group, pattern, document_ids, key_lengths)

@@ -626,27 +626,31 @@ def dense_mask(
     raise InputError(f"{pat!r} has no dense mask (a pattern's structure has none: use the pattern itself)")
 
 
-def shifted(pat: Pattern, dq: int, dk: int, Sq: int, Sk: int) -> Pattern:
+def shifted(pat: Pattern, dq: int, dk: int, Sq: int, Sk: int, *, sliced_data: bool = False) -> Pattern:
     """`pat` on one block of a longer sequence, as a pattern over the block's own positions: query q of the block is
     query q + dq of a sequence of Sq queries, key k is key k + dk of Sk keys (context parallelism runs a sequence
     as such blocks). Affine leaves (with & | ~) move with the block; a selection rule whose key groups the shift
-    keeps aligned (N:M with dk a multiple of m) stays as it is; other leaves (layouts, documents, key padding) are
-    refused with an InputError, as their call-time data would have to be sliced too."""
+    keeps aligned (N:M with dk a multiple of m) stays as it is; documents() and key_padding() stay as they are with
+    `sliced_data`, where the caller passes the block's slice of their call-time data (its query and key document
+    ids, key lengths less dk); other leaves (block layouts) are refused with an InputError."""
     if isinstance(pat, Affine):
         expr = pat.expr.subs({q: q + dq, k: k + dk, Sq_: Sq, Sk_: Sk}, simultaneous=True)
         return Affine(expr, f"{pat!r} at +({dq}, {dk}) of {Sq}x{Sk}")
     if isinstance(pat, (And, Or)):
-        parts = tuple(shifted(p, dq, dk, Sq, Sk) for p in pat.parts)
+        parts = tuple(shifted(p, dq, dk, Sq, Sk, sliced_data=sliced_data) for p in pat.parts)
         return And(parts) if isinstance(pat, And) else Or(parts)
     if isinstance(pat, Not):
-        return Not(shifted(pat.part, dq, dk, Sq, Sk))
+        return Not(shifted(pat.part, dq, dk, Sq, Sk, sliced_data=sliced_data))
+    if sliced_data and isinstance(pat, (Documents, KeyPadding)):
+        return pat
     m = getattr(pat, "m", None)  # a selection rule grouping keys by ⌊k / m⌋ (N:M)
     if isinstance(pat, Selector) and isinstance(m, int) and dk % m == 0:
         return pat
     raise InputError(
         f"{pat!r} cannot be moved to a block of a longer sequence (offsets {dq}, {dk}); supported: affine patterns "
-        "(causal, windows, local, prefix_lm, global_tokens, predicate) combined with & | ~, and nm(n, m) on blocks "
-        "that start at multiples of m"
+        "(causal, windows, local, prefix_lm, global_tokens, predicate) combined with & | ~, documents() and "
+        "key_padding() where their call-time data is sliced to the block, and nm(n, m) on blocks that start at "
+        "multiples of m"
     )
 
 

@@ -61,8 +61,8 @@ def test_blocks_carry_the_pattern_moved_to_them():
 
 
 def test_plan_refuses_what_it_cannot_split():
-    with pytest.raises(InputError, match="affine patterns"):
-        D.plan(ag.documents() & ag.causal(), 2, 64)
+    with pytest.raises(InputError, match="block layouts not yet"):
+        D.plan(ag.block_layout(torch.ones(4, 4, dtype=torch.bool), 32) & ag.causal(), 2, 64)
     with pytest.raises(InputError, match="multiple of 4"):
         D.plan(ag.causal() & ag.nm(2, 4), 2, 30)
     with pytest.raises(InputError, match="layout"):
@@ -85,17 +85,17 @@ def test_shard_and_unshard_are_inverse():
 # ------------------------------------------------------------------------------ several processes, gloo back end
 
 
-def ref_block_forward(q, k, v, pat, scale):
-    return reference.attention(q, k, v, pat, scale=scale, dtype=torch.float64)
+def ref_block_forward(q, k, v, pat, scale, inputs):
+    return reference.attention(q, k, v, pat, scale=scale, dtype=torch.float64, **inputs)
 
 
-def ref_block_backward(dout, q, k, v, out, lse, pat, scale):
+def ref_block_backward(dout, q, k, v, out, lse, pat, scale, inputs):
     """What the backward kernels compute for one block: P = exp(s - lse) over the kept keys, Δ = rowsum(dO ∘ O)."""
     g = q.shape[1] // k.shape[1]
     kf, vf = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     s = scale * q @ kf.transpose(-1, -2)
     positions, rule = split_selection(pat)
-    allowed = dense_mask(positions, q.shape[2], k.shape[2])
+    allowed = dense_mask(positions, q.shape[2], k.shape[2], **inputs)
     if rule is not None:
         allowed = allowed & rule.reference_keep(s, allowed)
     lse = lse.unsqueeze(-1)
@@ -113,6 +113,8 @@ PATTERNS = {
     "window_global": ag.causal() & ag.sliding_window(20) | ag.global_tokens(5),
     "full": ag.full(),
     "causal_nm": ag.causal() & ag.nm(2, 4),
+    "documents": ag.documents() & ag.causal(),  # packed sequences
+    "padding": ag.key_padding() | ag.global_tokens(3),
 }
 
 
@@ -131,12 +133,17 @@ def _worker(rank, world, port, cases):
                 q, k = (torch.randn(B, h, S, Dh, generator=gen, dtype=torch.float64) for h in (Hq, Hkv))
             v = torch.randn(B, Hkv, S, Dh, generator=gen, dtype=torch.float64)
             dout = torch.randn(B, Hq, S, Dh, generator=gen, dtype=torch.float64)
+            inputs = {}
+            if "document_ids" in pat.runtime_inputs:  # documents of random lengths, across chunk boundaries
+                inputs["document_ids"] = (torch.rand(B, S, generator=gen) < 0.08).cumsum(-1)
+            if "key_lengths" in pat.runtime_inputs:
+                inputs["key_lengths"] = torch.tensor([S - 5, S // 3])[:B]
             qs, ks, vs = (D.shard(t, world, rank, layout).requires_grad_() for t in (q, k, v))
-            out = D.attention(qs, ks, vs, pat, layout=layout)
+            out = D.attention(qs, ks, vs, pat, layout=layout, **inputs)
             grads = torch.autograd.grad(out, (qs, ks, vs), D.shard(dout, world, rank, layout))
 
             qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
-            ref, _ = reference.attention(qf, kf, vf, pat, dtype=torch.float64)
+            ref, _ = reference.attention(qf, kf, vf, pat, dtype=torch.float64, **inputs)
             want = torch.autograd.grad(ref, (qf, kf, vf), dout)
             for what, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *want)):
                 b = D.shard(b.detach(), world, rank, layout)
@@ -153,7 +160,7 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_context_parallel_matches_single_process_reference(world):
-    """Forward and gradients of every rank's shard against the whole sequence's reference, for causal (both
-    layouts), windows with global tokens, full and causal & nm(2, 4)."""
+    """Forward and gradients of every rank's shard against the whole sequence's reference, in both layouts, for
+    causal, windows with global tokens, full, causal & nm(2, 4), packed documents and key padding."""
     cases = [(name, layout) for name in PATTERNS for layout in D.LAYOUTS]
     mp.spawn(_worker, args=(world, _free_port(), cases), nprocs=world, join=True)
