@@ -194,8 +194,18 @@ def _term(g: random.Random) -> str:
 
 
 def _sides(g: random.Random) -> tuple[str, str]:
-    """Mostly band-like comparisons (masks neither empty nor full), sometimes general affine terms."""
+    """Mostly band-like comparisons (masks neither empty nor full), sometimes general affine terms, sometimes floor
+    division and remainders by constants (block-diagonal chunks, dilated windows, strided keys)."""
     c = _const(g)
+    if g.random() < 0.15:
+        return g.choice(
+            [
+                (f"q // {c % 61 + 4}", f"k // {c % 61 + 4}"),
+                (f"(q - k) % {c % 5 + 2}", "0"),
+                (f"k % {c % 7 + 2}", str(c % 3)),
+                (f"k // {c % 29 + 3}", f"q // {c % 29 + 3} - 1"),
+            ]
+        )
     return g.choice(
         [
             ("k", f"q + {c}"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -117,7 +118,7 @@ def test_generator_is_reproducible():
 
 
 def test_generator_covers_every_kind():
-    """Over the CI seeds: every constructor and operator, both aligns, == / != / chained predicates and Sq / Sk
+    """Over the CI seeds: every constructor and operator, both aligns, == / != / chained predicates, // and %, Sq / Sk
     terms, shared and per-head layouts of every block size, every document-id form, key lengths 0 and Sk, every
     head dim, dtype, storage and variant, Sq != Sk, edge and long lengths; and every case within the size caps."""
     seen: set[str] = set()
@@ -131,6 +132,8 @@ def test_generator_covers_every_kind():
         seen |= {w for w in words if w in text}
         seen |= {w for w in ("Sq", "Sk") if w in text.replace("Sk - Sq", "")}
         seen |= {"chained"} if any(text.count(op) >= 2 for op in ("<", ">")) else set()
+        seen |= {"floor division"} if re.search(r"predicate\([^)]*(//|floor)", text) else set()
+        seen |= {"remainder"} if re.search(r"predicate\([^)]*(%|Mod)", text) else set()
         seen |= set(c.notes)
         seen |= {f"D{c.head_dim}", c.dtype, c.storage, c.variant}
         seen |= {"return_lse"} if c.return_lse else set()
@@ -150,6 +153,7 @@ def test_generator_covers_every_kind():
         small += max(c.Sq, c.Sk) <= 512 and _mask_elements(c) <= BRUTE_FORCE_LIMIT
     expect = {*words, "Sq", "Sk", "chained", "doc:1d", "doc:2d", "doc:2d1", "doc:pair", "keylen:0", "keylen:Sk"}
     expect |= {f"D{d}" for d in HEAD_DIMS} | {"fp16", "bf16", *STORAGES, "auto", "mma_sync"}
+    expect |= {"floor division", "remainder"}
     expect |= {"return_lse", "backward", "scale", "Sq != Sk", "long", "length 1", "GQA", "tile edge"}
     expect |= {"rule auto", "rule mma_sync", "rule backward", "rule forward"}
     expect |= {f"bs{bs}" for bs in BLOCK_SIZES} | {"per-head layout", "shared layout"}
