@@ -345,5 +345,26 @@ def attention(
         not isinstance(key_lengths, torch.Tensor) or tuple(key_lengths.shape) != (q.shape[0],)
     ):
         raise InputError(f"key_lengths must be a tensor [{q.shape[0]}] of the whole sequence's key lengths")
+    if document_ids is not None:
+        p = skip_unrelated_documents(p, pattern, document_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _ContextParallel.apply(q, k, v, p, scale, group, pattern, document_ids, key_lengths)
+
+
+def skip_unrelated_documents(p: Plan, pattern: P.Pattern, document_ids: torch.Tensor) -> Plan:
+    """`p` without the blocks whose query and key chunks share no document, where the pattern requires a shared
+    one (`documents()` in its top-level &): each chunk's ids span [min, max] (per batch), and disjoint spans share
+    none. Decided from the whole sequence's ids, which every rank holds: every rank drops the same blocks, so the
+    exchanges still pair up. One host sync per call."""
+    from .select import split_selection
+
+    positions, _ = split_selection(pattern)
+    parts = positions.parts if isinstance(positions, P.And) else (positions,)
+    if not any(isinstance(part, P.Documents) for part in parts):
+        return p
+    ids = document_ids.reshape(-1, document_ids.shape[-1]).unflatten(-1, (-1, p.chunk))  # [B', chunks, chunk]
+    lo, hi = ids.amin(-1).cpu(), ids.amax(-1).cpu()  # [B', chunks]
+    # Chunks a and b may share a document only where their spans overlap, in some batch element.
+    meet = ((lo[:, :, None] <= hi[:, None, :]) & (lo[:, None, :] <= hi[:, :, None])).any(0)
+    blocks = tuple(tuple(bl for bl in rank if meet[bl.q_chunk, bl.k_chunk]) for rank in p.blocks)
+    return Plan(p.world, p.chunk, p.layout, blocks)

@@ -60,6 +60,20 @@ def test_blocks_carry_the_pattern_moved_to_them():
         assert not (whole & ~covered).any()
 
 
+def test_blocks_between_unrelated_documents_are_dropped():
+    """Packed documents: blocks whose query and key chunks share no document are neither computed nor exchanged."""
+    world, shard_len = 4, 16
+    ids = torch.arange(world * shard_len) // (2 * shard_len)  # documents of two chunks each
+    pat = ag.documents() & ag.causal()
+    p = D.skip_unrelated_documents(D.plan(pat, world, shard_len), pat, ids)
+    assert [p.needs(r) for r in range(world)] == [(), (0,), (), (2,)]
+    assert [len(b) for b in p.blocks] == [1, 2, 1, 2]
+    batched = torch.stack([ids, torch.zeros_like(ids)])  # one batch element is a single document: nothing dropped
+    assert D.skip_unrelated_documents(D.plan(pat, world, shard_len), pat, batched) == D.plan(pat, world, shard_len)
+    either = ag.documents() | ag.global_tokens(2)  # documents under |: a shared one is not required
+    assert D.skip_unrelated_documents(D.plan(either, world, shard_len), either, ids) == D.plan(either, world, shard_len)
+
+
 def test_plan_refuses_what_it_cannot_split():
     with pytest.raises(InputError, match="block layouts not yet"):
         D.plan(ag.block_layout(torch.ones(4, 4, dtype=torch.bool), 32) & ag.causal(), 2, 64)
