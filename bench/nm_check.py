@@ -61,12 +61,15 @@ def run(pat, q, k, v, dout, family, runtime):
     return (out, lse, *bind.backward(kern, dout, q, k, v, out, lse, None, scale, prep))
 
 
-def exact_case(name, pat, B, Hq, Hkv, Sq, Sk, D, dtype, family, runtime=None):
+def exact_case(name, pat, B, Hq, Hkv, Sq, Sk, D, dtype, family, runtime=None, strided=False):
     g = torch.Generator(device="cuda").manual_seed(zlib.crc32(name.encode()))
     runtime = runtime or {}
     grid = lambda *s: torch.randint(-2, 3, s, device="cuda", generator=g).to(dtype) / 2
     q, k = grid(B, Hq, Sq, D), grid(B, Hkv, Sk, D)
     v = torch.randn(B, Hkv, Sk, D, device="cuda", generator=g).to(dtype)
+    if strided:  # K and V stored [B, S, H, D], as models lay them out: the sparse forward copies K for its map
+        k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+        name += " strided"
     dout = torch.randn(B, Hq, Sq, D, device="cuda", generator=g).to(dtype)
     got = run(pat, q, k, v, dout, family, runtime)
     qc, kc, vc = (t.float().requires_grad_() for t in (q, k, v))
@@ -152,6 +155,7 @@ def main() -> int:
                     Sk = Sq
                     runtime = {"document_ids": (torch.arange(Sq) // 97).to(torch.int32).expand(B, Sq)}
                 exact_case(name, pat, B, 4, 2, Sq, Sk, D, dtype, family, runtime)
+        exact_case("nm24", PATTERNS["nm24"][0], 2, 4, 2, 200, 301, D, torch.float16, family, strided=True)
         for dtype in (torch.float16, torch.bfloat16):
             for pat in (ag.nm(2, 4), ag.nm(1, 2)):
                 consistency_case(pat, D, dtype, family)
