@@ -114,7 +114,7 @@ def forward(kern: Compiled, q, k, v, scale: float, prep: Prepared) -> tuple[torc
         grid = (min(math.ceil(Sq / t.block_m) * Hq * B, _sm_count(q.device.index)), 1, 1)
         next_item = torch.zeros(1, dtype=torch.int32, device=q.device)
         if plan.select.sparse_pv:  # K through its 5-d map, in the key order of the sparse P·V fragments
-            k_map, k = _key_groups_map(k, t.block_n)
+            k_map, k = _key_groups_map(k, t.block_n)  # k: what the map points at, kept alive past the launch
             maps = [*_maps(((q, t.block_m),)), k_map, *_maps(((v, t.block_n), (out, 64)))]
         else:
             maps = _maps(((q, t.block_m), (k, t.block_n), (v, t.block_n), (out, 64)))

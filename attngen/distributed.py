@@ -87,6 +87,11 @@ class Plan:
     layout: str
     blocks: tuple[tuple[Block, ...], ...]  # per rank, owners in increasing order, local keys first
 
+    @property
+    def length(self) -> int:
+        """Positions in the whole sequence."""
+        return self.chunk * self.world * len(chunks_of(self.layout, self.world, 0))
+
     def needs(self, rank: int) -> tuple[int, ...]:
         """The other ranks whose K and V `rank` receives, in the order it uses them."""
         return tuple(dict.fromkeys(b.owner for b in self.blocks[rank] if b.owner != rank))
@@ -226,10 +231,6 @@ def _exchange(tensors: tuple[torch.Tensor, ...], p: Plan, rank: int, group) -> _
     return _transfer({user: tensors for user in p.users(rank)}, recv, rank, tensors, group)
 
 
-def _slot(x: torch.Tensor, slot: int, chunk: int) -> torch.Tensor:
-    return x.narrow(2, slot * chunk, chunk)
-
-
 def _merge(out, lse, o, lse_o):
     """Fold a block's (o, lse_o) into the running (out, lse) of the same queries; rows with nothing kept stay 0 and
     -inf."""
@@ -331,7 +332,7 @@ def attention(
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
     p = plan(pattern, dist.get_world_size(group), q.shape[2], layout)
-    S = p.chunk * len(p.blocks) * len(chunks_of(layout, p.world, 0))
+    S = p.length
     need = pattern.runtime_inputs
     for name, value in (("document_ids", document_ids), ("key_lengths", key_lengths)):
         if (value is None) == (name in need):
