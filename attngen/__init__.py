@@ -16,7 +16,7 @@ from .errors import AttngenError, InputError
 
 # public name -> the module that defines it
 _LAZY = {name: ".launch" for name in ("Kernel", "attention", "compile")}
-_LAZY |= {"nm": ".select.nm"}
+_LAZY |= {"nm": ".select.nm", "lsh_buckets": ".hashing"}
 _LAZY |= {
     name: ".pattern"
     for name in (
@@ -24,13 +24,16 @@ _LAZY |= {
         "Sk",
         "Sq",
         "block_layout",
+        "buckets",
         "causal",
         "documents",
         "full",
         "global_tokens",
         "k",
+        "keep",
         "key_padding",
         "local",
+        "lsh",
         "predicate",
         "prefix_lm",
         "q",

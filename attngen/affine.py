@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import sympy as sp
+import torch
 from sympy.printing.c import ccode
 
 from .symbols import SYMBOLS
@@ -153,6 +154,7 @@ def linear_atom(rel: sp.Rel) -> LinearAtom:
 # C operators for & and |: short-circuit where a later operand may load memory that an earlier one guards,
 # bitwise (no branches, a select per element) where every operand is a comparison.
 GUARDED, BRANCH_FREE = (" && ", " || "), (" & ", " | ")
+POSITIONS = ("q", "k")  # the C variables of the query and key positions in `lower_c`'s text
 
 
 def lower_c(e: sp.Basic, ops: tuple[str, str]) -> str:
@@ -209,56 +211,79 @@ def tile_bounds(n: int, block: int) -> tuple[np.ndarray, np.ndarray]:
     return lo, np.minimum(lo + block - 1, n - 1)
 
 
-def _classes(e: sp.Basic, ql, qh, kl, kh, Sq: int, Sk: int) -> np.ndarray:
+def _classes(e: sp.Basic, ql, qh, kl, kh, Sq: int, Sk: int):
+    """Classes of `e` over boxes [ql, qh] x [kl, kh]: numpy arrays or torch tensors (int64) that broadcast to the
+    result's shape, e.g. query bounds [..., Tq, 1] and key bounds [..., 1, Tk]."""
+    xp = torch if isinstance(ql, torch.Tensor) else np
     if e is sp.true or e is sp.false:
-        return np.full((ql.size, kl.size), FULL if e is sp.true else EMPTY, np.int8)
+        shape = tuple(xp.broadcast_shapes(ql.shape, kl.shape))
+        value = FULL if e is sp.true else EMPTY
+        return (
+            torch.full(shape, value, dtype=torch.int8, device=ql.device)
+            if xp is torch
+            else np.full(shape, value, np.int8)
+        )
     if isinstance(e, (sp.And, sp.Or)):
         parts = [_classes(a, ql, qh, kl, kh, Sq, Sk) for a in e.args]
-        return functools.reduce(np.minimum if isinstance(e, sp.And) else np.maximum, parts)
+        return functools.reduce(xp.minimum if isinstance(e, sp.And) else xp.maximum, parts)
     if isinstance(e, sp.Not):
-        return (FULL - _classes(e.args[0], ql, qh, kl, kh, Sq, Sk)).astype(np.int8)
+        return _int8(FULL - _classes(e.args[0], ql, qh, kl, kh, Sq, Sk))
     if has_modular(e):
         m = modular_atom(e)
         return _classify(m, *_modular_range(m, ql, qh, kl, kh, Sq, Sk))
     a = linear_atom(e)
-    # A linear form takes its extremes over a tile at the tile's corners.
+    # A linear form takes its extremes over a box at the box's corners.
     return _classify(a, *_affine_range(a.coef, a.const, ql, qh, kl, kh, Sq, Sk))
 
 
-def _affine_range(coef, const, ql, qh, kl, kh, Sq: int, Sk: int) -> tuple[np.ndarray, np.ndarray]:
-    """[Tq, Tk] least and greatest values of an integer affine form over each tile: at the tile's corners."""
+def _int8(x):
+    return x.to(torch.int8) if isinstance(x, torch.Tensor) else x.astype(np.int8)
+
+
+def _affine_range(coef, const, ql, qh, kl, kh, Sq: int, Sk: int):
+    """Least and greatest values of an integer affine form over each box: at the box's corners."""
+    xp = torch if isinstance(ql, torch.Tensor) else np
     cq, ck, csq, csk = coef
     c = const + csq * Sq + csk * Sk
-    lo = c + np.minimum(cq * ql, cq * qh)[:, None] + np.minimum(ck * kl, ck * kh)[None, :]
-    hi = c + np.maximum(cq * ql, cq * qh)[:, None] + np.maximum(ck * kl, ck * kh)[None, :]
+    lo = c + xp.minimum(cq * ql, cq * qh) + xp.minimum(ck * kl, ck * kh)
+    hi = c + xp.maximum(cq * ql, cq * qh) + xp.maximum(ck * kl, ck * kh)
     return lo, hi
 
 
-def _modular_range(a: ModularAtom, ql, qh, kl, kh, Sq: int, Sk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sound bounds of the atom's left side over each tile, term by term (interval arithmetic): floor(x / d) is
-    monotone in x, so its extremes are those of x; x mod d is x - d·j where the tile's x stay in one block
+def _modular_range(a: ModularAtom, ql, qh, kl, kh, Sq: int, Sk: int):
+    """Sound bounds of the atom's left side over each box, term by term (interval arithmetic): floor(x / d) is
+    monotone in x, so its extremes are those of x; x mod d is x - d·j where the box's x stay in one block
     [d·j, d·j + d), and anywhere in [0, d) otherwise."""
+    xp = torch if isinstance(ql, torch.Tensor) else np
     lo, hi = _affine_range(a.coef, a.const, ql, qh, kl, kh, Sq, Sk)
     for m, t in a.terms:
         xl, xh = _affine_range(t.coef, t.const, ql, qh, kl, kh, Sq, Sk)
-        bl, bh = xl // t.div, xh // t.div  # numpy's // on integers is floor division
+        bl, bh = xl // t.div, xh // t.div  # floor division, for numpy and torch integers alike
         if t.kind == "floor":
             tl, th = bl, bh
         else:
             one = bl == bh
-            tl, th = np.where(one, xl - t.div * bl, 0), np.where(one, xh - t.div * bl, t.div - 1)
+            tl, th = xp.where(one, xl - t.div * bl, 0), xp.where(one, xh - t.div * bl, t.div - 1)
         lo, hi = (lo + m * tl, hi + m * th) if m > 0 else (lo + m * th, hi + m * tl)
     return lo, hi
 
 
-def _classify(a, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Classes of `L op 0` from bounds lo <= L <= hi on each tile (exact when the bounds are attained)."""
+def _classify(a, lo, hi):
+    """Classes of `L op 0` from bounds lo <= L <= hi on each box (exact when the bounds are attained)."""
+    xp = torch if isinstance(lo, torch.Tensor) else np
     if a.op == "ge":
-        out = np.where(lo >= 0, FULL, np.where(hi < 0, EMPTY, PARTIAL))
+        out = xp.where(lo >= 0, FULL, xp.where(hi < 0, EMPTY, PARTIAL))
     else:
-        out = np.where((lo == 0) & (hi == 0), FULL, np.where((lo > 0) | (hi < 0), EMPTY, PARTIAL))
+        out = xp.where((lo == 0) & (hi == 0), FULL, xp.where((lo > 0) | (hi < 0), EMPTY, PARTIAL))
         out = FULL - out if a.op == "ne" else out
-    return out.astype(np.int8)
+    return _int8(out)
+
+
+def box_classes(expr: sp.Basic, ql, qh, kl, kh, Sq: int, Sk: int) -> torch.Tensor:
+    """int8 classes of an affine predicate over boxes of positions given as int64 tensors: query bounds
+    [..., Tq, 1], key bounds [..., 1, Tk]. Sound for any set of pairs inside each box (a tile of reordered
+    tokens), exact per linear atom when every corner of the box is a pair of the set."""
+    return _classes(expr, ql, qh, kl, kh, Sq, Sk)
 
 
 @functools.lru_cache(maxsize=256)
@@ -268,4 +293,4 @@ def classes(expr: sp.Basic, bm: int, bn: int, Sq: int, Sk: int) -> np.ndarray:
     logic (which may call a tile PARTIAL that is really full or empty)."""
     ql, qh = tile_bounds(Sq, bm)
     kl, kh = tile_bounds(Sk, bn)
-    return _classes(expr, ql, qh, kl, kh, Sq, Sk)
+    return _classes(expr, ql[:, None], qh[:, None], kl[None, :], kh[None, :], Sq, Sk)

@@ -13,10 +13,10 @@ import torch
 
 from . import schedule, tensormap
 from .kernel import Compiled
-from .nvrtc import Binary, ensure_dynamic_shared, load_function
+from .nvrtc import Binary, compile_cached, device_arch, ensure_dynamic_shared, load_function
 from .plan import KernelPlan
 from .prepare import Prepared
-from .render import PREPROCESS_ROWS, PREPROCESS_THREADS
+from .render import PREPROCESS_ROWS, PREPROCESS_THREADS, render_gather_rows
 
 _u64, _i64, _i32, _f32 = np.uint64, np.int64, np.int32, np.float32
 LOG2E = 1.4426950408889634
@@ -66,6 +66,8 @@ def runtime_values(plan: KernelPlan, prep: Prepared) -> list:
             values += [_u64(ids.data_ptr()), _i64(ids.shape[1] if ids.shape[0] > 1 else 0)]
     if prep.key_lengths is not None:
         values.append(_u64(prep.key_lengths.data_ptr()))
+    if prep.route is not None:
+        values += [_u64(t.data_ptr()) for t in prep.route.kernel_tensors()]
     if plan.rule is not None:
         values += plan.rule.bind(prep.rule)
     if len(values) != len(plan.runtime_args):  # the plan's declaration and this binding must agree
@@ -177,3 +179,20 @@ def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: 
     args += scalars + _sched_args(sched_q) + extra
     _launch(binary, "attngen_bwd_dq", (math.ceil(Sq / t.block_m), Hq, B), 32 * t.warps, t.smem_bytes, args, dev)
     return dq, dk, dv
+
+
+@functools.cache
+def _gather_binary(device_index: int) -> Binary:
+    return compile_cached(render_gather_rows(device_arch(device_index)), "row gather of reordered calls")
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [N, W] (CUDA, contiguous, W · itemsize a multiple of 16 bytes) gathered by rows (int64 [M]) -> [M, W]:
+    a copy at memory bandwidth (torch's gathers read an index per element, or move rows in small pieces)."""
+    out = x.new_empty(rows.shape[0], x.shape[1])
+    vecs = x.shape[1] * x.element_size() // 16
+    if out.numel():
+        grid = (min(math.ceil(rows.shape[0] * vecs / 256), 8 * _sm_count(x.device.index)), 1, 1)
+        args = [_u64(x.data_ptr()), _u64(out.data_ptr()), _u64(rows.data_ptr()), _i64(rows.shape[0]), _i32(vecs)]
+        _launch(_gather_binary(x.device.index), "attngen_gather_rows", grid, 256, 0, args, x.device)
+    return out

@@ -223,8 +223,11 @@ def _draw(args: argparse.Namespace) -> int:
 
 
 def _draw_inputs(pattern: Any, sq: int, sk: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The call-time tensors `draw` passes to the pattern, from --documents and --key-length."""
+    """The call-time tensors `draw` passes to the pattern, from --documents, --key-length, --buckets and --keep (random
+    bucket ids and keep masks from --seed; lsh(n, seed=...) hashes random q and k)."""
     import torch
+
+    from attngen import pattern as P
 
     needed = pattern.runtime_inputs
     runtime: dict[str, Any] = {}
@@ -243,7 +246,21 @@ def _draw_inputs(pattern: Any, sq: int, sk: int, args: argparse.Namespace) -> di
         if args.key_length is None:
             raise InputError("the pattern uses key_padding(): give the number of real keys, e.g. --key-length 700")
         runtime["key_lengths"] = torch.tensor([args.key_length])
+    gen = torch.Generator().manual_seed(args.seed)
+    if "query_buckets" in needed:
+        if args.buckets is None or args.buckets < 1:
+            raise InputError("the pattern uses buckets(): give a number of random buckets, e.g. --buckets 4")
+        runtime["query_buckets"] = torch.randint(0, args.buckets, (1, 1, sq), generator=gen)
+        runtime["key_buckets"] = torch.randint(0, args.buckets, (1, 1, sk), generator=gen)
+    if "query_keep" in needed:
+        if args.keep is None or not 0 <= args.keep <= 1:
+            raise InputError("the pattern uses keep(): give the share of tokens kept at random, e.g. --keep 0.5")
+        runtime["query_keep"] = torch.rand(1, 1, sq, generator=gen) < args.keep
+        runtime["key_keep"] = torch.rand(1, 1, sk, generator=gen) < args.keep
+    if any(isinstance(leaf, P.LSH) for leaf in pattern.leaves()):  # hashes random q and k (head dim 64)
+        runtime["q"], runtime["k"] = (torch.randn(1, 1, n, 64, generator=gen) for n in (sq, sk))
     given = {"--documents": ("document_ids", args.documents), "--key-length": ("key_lengths", args.key_length)}
+    given |= {"--buckets": ("query_buckets", args.buckets), "--keep": ("query_keep", args.keep)}
     unused = [flag for flag, (name, value) in given.items() if value is not None and name not in needed]
     if unused:
         raise InputError(f"{' and '.join(unused)} given, but {pattern!r} does not use it")
@@ -458,6 +475,9 @@ def _parser() -> argparse.ArgumentParser:
         "--documents", type=int, nargs="+", metavar="LENGTH", help="document lengths, for patterns using documents()"
     )
     draw.add_argument("--key-length", type=int, help="number of real keys, for patterns using key_padding()")
+    draw.add_argument("--buckets", type=int, help="number of random buckets, for patterns using buckets()")
+    draw.add_argument("--keep", type=float, help="share of tokens kept at random, for patterns using keep()")
+    draw.add_argument("--seed", type=int, default=0, help="seed of the random buckets, keep masks and lsh inputs")
     draw.set_defaults(run=_draw)
 
     prewarm = commands.add_parser(

@@ -13,6 +13,7 @@ from .errors import InputError
 from .kernel import Compiled, compiled
 from .nvrtc import Binary, device_arch
 from .op import attention as attention_fn
+from .op import to_original, to_sorted
 from .pattern import Pattern, full
 from .plan import KernelPlan, normalize_dtype
 from .prepare import prepare
@@ -150,7 +151,15 @@ def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict):
     # Under torch.compile this runs at trace time: only tensor work and constants (the pattern's key); planning
     # and compiling happen inside the custom op, on its first call.
     prep = prepare(pattern, q, k, inputs)
-    out, lse = attention_fn(q, k, v, pattern.key, scale, prep.tensors())
+    if prep.permutation is None:
+        out, lse = attention_fn(q, k, v, pattern.key, scale, prep.tensors())
+        return (out, lse) if return_lse else out
+    # Buckets / keep masks: the kernels run on the tokens sorted by bucket (attngen.reorder), then back.
+    perm = prep.permutation
+    qs = to_sorted(q, perm.q_rows, perm.q_back)
+    ks, vs = (to_sorted(t, perm.k_rows, perm.k_back) for t in (k, v))
+    out, lse = attention_fn(qs, ks, vs, pattern.key, scale, prep.tensors())
+    out, lse = (to_original(t, perm.q_rows, perm.q_back) for t in (out, lse))
     return (out, lse) if return_lse else out
 
 
@@ -170,8 +179,10 @@ def attention(
 
     `pattern` defaults to `full()`. `scale` defaults to 1/sqrt(D). With `return_lse`, also the fp32 log-sum-exp
     [B,Hq,Sq] (-inf for rows with no allowed key, whose output is 0). `document_ids` ([B,S] / [S], or a
-    (query, key) pair when Sq != Sk) and `key_lengths` ([B]) feed `documents()` and `key_padding()`; a selection
-    rule's call-time tensors are passed by the names it documents. Differentiable in q, k, v."""
+    (query, key) pair when Sq != Sk) and `key_lengths` ([B]) feed `documents()` and `key_padding()`;
+    `query_buckets` / `key_buckets` ([B, Hq, Sq] / [B, Hkv, Sk] integers) feed `buckets()`, `query_keep` /
+    `key_keep` (bool, same shapes) feed `keep()`; a selection rule's call-time tensors are passed by the names it
+    documents. Differentiable in q, k, v."""
     _check(q, k, v)
     pattern = full() if pattern is None else pattern
     if not isinstance(pattern, Pattern):

@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from .bind import backward, forward
+from .bind import backward, forward, gather_rows
 from .kernel import Compiled, compiled
 from .nvrtc import device_arch
 from .pattern import by_key
@@ -121,3 +121,41 @@ def attention(
     if torch.compiler.is_compiling():
         return attention_op(q, k, v, structure, scale, tensors)
     return _Attention.apply(q, k, v, structure, scale, *tensors)
+
+
+# ------------------------------------------------------------------------------------------- reordered calls
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S] or [B, H, S, D] with its rows (flattened over B, H, S) gathered by `rows`."""
+    flat = x.reshape(rows.shape[0], -1)
+    if flat.is_cuda and (flat.shape[1] * flat.element_size()) % 16 == 0 and not torch.compiler.is_compiling():
+        with _device_of(flat):
+            return gather_rows(flat.contiguous(), rows).view(x.shape)
+    return flat.index_select(0, rows).view(x.shape)
+
+
+class _Gather(torch.autograd.Function):
+    """y = x with its rows gathered by a permutation; its gradient is gathered by the inverse permutation (a gather,
+    so nothing is accumulated: deterministic)."""
+
+    @staticmethod
+    def forward(ctx, x, rows, back):
+        ctx.save_for_backward(back)
+        ctx.set_materialize_grads(False)  # an unused output (the LSE, usually) needs no zero-filled gradient
+        return _take(x, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (back,) = ctx.saved_tensors
+        return (None if grad is None else _take(grad, back)), None, None
+
+
+def to_sorted(x: torch.Tensor, rows: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S(, D)] in the sorted order of a reordered call (`reorder.Permutation`), differentiably."""
+    return _Gather.apply(x, rows, back)
+
+
+def to_original(x: torch.Tensor, rows: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S(, D)] back in the original order, differentiably."""
+    return _Gather.apply(x, back, rows)

@@ -23,7 +23,7 @@ from . import affine
 from .errors import InputError
 from .symbols import SYMBOLS, Sk, Sq, k, q  # positions are integers: query q, key k; Sq, Sk the lengths
 
-Sq_, Sk_ = Sq, Sk  # the symbols, for code whose arguments shadow the names
+Sq_, Sk_, q_sym, k_sym = Sq, Sk, q, k  # the symbols, for code whose arguments shadow the names
 
 
 # Structures are named by short strings, which is how the custom op (whose arguments can only be tensors and plain
@@ -105,6 +105,11 @@ class Pattern:
     def _restructure(self, slots: dict) -> Pattern:
         """This node with layouts replaced by slots (numbered in `slots`); itself when it holds no layout."""
         return self
+
+    @property
+    def reorders(self) -> bool:
+        """Whether this pattern has buckets or keep masks, and so runs on its tokens sorted by bucket."""
+        return any(isinstance(leaf, REORDERING) for leaf in self.leaves())
 
     @property
     def runtime_inputs(self) -> frozenset[str]:
@@ -291,6 +296,72 @@ class KeyPadding(Pattern):
         return "key_padding()"
 
 
+@dataclass(frozen=True, repr=False)
+class Buckets(Pattern):
+    """q and k must share a bucket: query_buckets[b, h, q] == key_buckets[b, h // group, k] (ids given at call time,
+    any int32 values). A pattern with buckets or keep masks runs on its tokens sorted by bucket (`attngen.reorder`);
+    every other leaf still applies to the original positions."""
+
+    _inputs = ("query_buckets", "key_buckets")
+
+    def __repr__(self):
+        return "buckets()"
+
+
+@dataclass(frozen=True, repr=False)
+class LSH(Pattern):
+    """Buckets from q and k by angular LSH (`attngen.hashing.lsh_buckets`): computed per call, so its structure is
+    `buckets()` and one kernel serves every number of buckets and seed."""
+
+    n: int
+    seed: int | None
+
+    def _restructure(self, slots):
+        return Buckets()
+
+    def __repr__(self):
+        return f"lsh({self.n})" if self.seed is None else f"lsh({self.n}, seed={self.seed})"
+
+
+@dataclass(frozen=True, repr=False)
+class Keep(Pattern):
+    """Only kept queries and keys take part: query_keep[b, h, q] and key_keep[b, h // group, k] (bool, given at call
+    time). A dropped query's row has no key: its output is 0 and its LSE -inf."""
+
+    _inputs = ("query_keep", "key_keep")
+
+    def __repr__(self):
+        return "keep()"
+
+
+REORDERING = (Buckets, LSH, Keep)  # leaves whose patterns run on tokens sorted by bucket, dropped tokens last
+
+
+def linear_atoms(pat: Pattern) -> tuple[affine.LinearAtom, ...] | None:
+    """An affine leaf's predicate as the conjunction of linear atoms `L >= 0` / `L == 0` it is, or None when it is
+    not one (| ~ != // % in it)."""
+    if not isinstance(pat, Affine):
+        return None
+    expr = pat.expr
+    if expr is sp.true:
+        return ()
+    rels = expr.args if isinstance(expr, sp.And) else (expr,)
+    if not all(isinstance(r, sp.Rel) and not isinstance(r, sp.Ne) and not affine.has_modular(r) for r in rels):
+        return None
+    return tuple(affine.linear_atom(r) for r in rels)
+
+
+def keeps_key_ranges(pat: Pattern) -> bool:
+    """Whether, on its tokens sorted by (dropped, bucket, position), every query row of a reordering pattern keeps
+    one contiguous range of keys: the pattern is a conjunction of at most one bucket leaf, keep(), key_padding() and
+    affine leaves that are conjunctions of linear (in)equalities (causal, windows, local, "k < q", ...). Each of
+    those allows, per query, one interval of key positions, and the keys of one bucket are sorted by position."""
+    parts = pat.parts if isinstance(pat, And) else (pat,)
+    if not pat.reorders or sum(isinstance(p, (Buckets, LSH)) for p in set(parts)) > 1:
+        return False
+    return all(isinstance(p, (Buckets, LSH, Keep, KeyPadding)) or linear_atoms(p) is not None for p in parts)
+
+
 # ----------------------------------------------------------------------------------------- constructors
 
 
@@ -369,6 +440,30 @@ def documents() -> Pattern:
 def key_padding() -> Pattern:
     """Ignore keys at or past each batch's length; pass `key_lengths=` to `attention`."""
     return KeyPadding()
+
+
+def buckets() -> Pattern:
+    """Attend only within a bucket: pass `query_buckets=` [B, Hq, Sq] and `key_buckets=` [B, Hkv, Sk] (integers) to
+    `attention`. The rest of the pattern applies to the original positions (`causal() & buckets()`)."""
+    return Buckets()
+
+
+def lsh(n: int, seed: int | None = None) -> Pattern:
+    """Buckets by angular LSH of q and k (Sparse Flash Attention's hash): per KV head a D x n/2 standard-normal R,
+    bucket(x) = argmax([xR, -xR]); queries use their KV head's R. `seed=None` draws a fresh R on every call.
+    `attngen.lsh_buckets(q, k, n, seed)` returns the buckets it uses."""
+    n = _int("n", n, 2, 2**16)
+    if n % 2:
+        raise InputError(f"lsh(n): n must be even (n/2 random directions, each with its opposite), got {n}")
+    if seed is not None:
+        seed = _int("seed", seed, 0, 2**63 - 1)
+    return LSH(n, seed)
+
+
+def keep() -> Pattern:
+    """Drop queries and keys: pass `query_keep=` [B, Hq, Sq] and `key_keep=` [B, Hkv, Sk] (bool, True = kept) to
+    `attention`. Dropped keys are never attended; a dropped query outputs 0 (LSE -inf) and gets zero gradients."""
+    return Keep()
 
 
 def block_layout(layout: torch.Tensor, block_size: int) -> Pattern:
@@ -591,21 +686,40 @@ def dense_mask(
     *,
     document_ids=None,
     key_lengths: torch.Tensor | None = None,
+    query_buckets: torch.Tensor | None = None,
+    key_buckets: torch.Tensor | None = None,
+    query_keep: torch.Tensor | None = None,
+    key_keep: torch.Tensor | None = None,
+    q: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    order: tuple[torch.Tensor, torch.Tensor] | None = None,
     device: torch.device | str = "cpu",
     **_,
 ) -> torch.Tensor:
     """Dense bool mask [B', H', Sq, Sk] of the positions `pat` allows (B', H' are 1 unless the pattern depends on
-    batch or head). A selection rule allows every position here: it chooses among them by score (`reference`)."""
-    sub = functools.partial(dense_mask, Sq=Sq, Sk=Sk, document_ids=document_ids, key_lengths=key_lengths, device=device)
+    batch or head). A selection rule allows every position here: it chooses among them by score (`reference`).
+    Buckets and keep masks are compared as given ([B, Hq, S] for queries, [B, Hkv, S] for keys); `lsh` hashes `q`
+    and `k`. With `order` = (query positions [B, Hq, Sq], key positions [B, Hkv, Sk]), the mask of tokens in that
+    order: every leaf but buckets and keep masks reads the original position of each token (what the kernels of a
+    reordered call evaluate; `attngen.reorder`)."""
+    runtime = dict(document_ids=document_ids, key_lengths=key_lengths, query_buckets=query_buckets)
+    runtime |= dict(key_buckets=key_buckets, query_keep=query_keep, key_keep=key_keep, q=q, k=k, order=order)
+    sub = functools.partial(dense_mask, Sq=Sq, Sk=Sk, device=device, **runtime)
     if isinstance(pat, (And, Or)):
         return functools.reduce(operator.and_ if isinstance(pat, And) else operator.or_, map(sub, pat.parts))
     if isinstance(pat, Not):
         return ~sub(pat.part)
-    qi = torch.arange(Sq, device=device).view(Sq, 1)
-    kj = torch.arange(Sk, device=device).view(1, Sk)
+    if isinstance(pat, (Buckets, LSH, Keep)):
+        return _pairs(pat, device, **runtime)
+    if order is None:
+        qi = torch.arange(Sq, device=device).view(1, 1, Sq, 1)
+        kj = torch.arange(Sk, device=device).view(1, 1, 1, Sk)
+    else:  # original positions, [B, Hq, S, 1] and [B, Hq, 1, S] (a key head serves its group of query heads)
+        qo, ko = (t.to(device, torch.int64) for t in order)
+        qi, kj = qo[..., :, None], ko.repeat_interleave(qo.shape[1] // ko.shape[1], dim=1)[..., None, :]
     if isinstance(pat, Affine):
-        m = torch.as_tensor(_evaluate(pat.expr, {q: qi, k: kj, Sq_: Sq, Sk_: Sk}), device=device)
-        return m.expand(Sq, Sk).view(1, 1, Sq, Sk)
+        m = torch.as_tensor(_evaluate(pat.expr, {q_sym: qi, k_sym: kj, Sq_: Sq, Sk_: Sk}), device=device)
+        return m.expand(*torch.broadcast_shapes(qi.shape, kj.shape))
     if isinstance(pat, Selector):
         return torch.ones(1, 1, Sq, Sk, dtype=torch.bool, device=device)
     if isinstance(pat, BlockLayout):
@@ -613,17 +727,45 @@ def dense_mask(
         nq, nk = math.ceil(Sq / pat.block_size), math.ceil(Sk / pat.block_size)
         if lay.shape[-2] < nq or lay.shape[-1] < nk:
             raise InputError(f"layout {tuple(lay.shape)} does not cover {nq}x{nk} blocks of {pat.block_size}")
-        return lay[:, qi // pat.block_size, kj // pat.block_size].unsqueeze(0)
+        heads = torch.arange(lay.shape[0], device=device).view(1, -1, 1, 1)
+        return lay[heads, qi // pat.block_size, kj // pat.block_size]
     if isinstance(pat, Documents):
         if document_ids is None:
             raise InputError("the pattern uses documents(): pass document_ids=")
-        qd, kd = document_ids_pair(document_ids, Sq, Sk)
-        return (qd.to(device)[:, :, None] == kd.to(device)[:, None, :]).unsqueeze(1)
+        qd, kd = (d.to(device).unsqueeze(1) for d in document_ids_pair(document_ids, Sq, Sk))  # [B', 1, S]
+        if order is not None:
+            qd = torch.gather(qd.expand(qi.shape[0], qi.shape[1], Sq), 2, qi[..., 0])
+            kd = torch.gather(kd.expand(kj.shape[0], kj.shape[1], Sk), 2, kj[..., 0, :])
+        return qd[..., :, None] == kd[..., None, :]
     if isinstance(pat, KeyPadding):
         if key_lengths is None:
             raise InputError("the pattern uses key_padding(): pass key_lengths=")
-        return (kj < key_lengths.to(device).view(-1, 1, 1)).view(-1, 1, 1, Sk)
+        return kj < key_lengths.to(device).view(-1, 1, 1, 1)
     raise InputError(f"{pat!r} has no dense mask (a pattern's structure has none: use the pattern itself)")
+
+
+def _pairs(pat: Pattern, device, *, query_buckets, key_buckets, query_keep, key_keep, q, k, **_) -> torch.Tensor:
+    """[B, Hq, Sq, Sk]: the pairs of tokens a bucket or keep leaf allows, from per-token values given in the tokens'
+    order (query values per query head, key values per key head)."""
+    if isinstance(pat, LSH):
+        if pat.seed is None or q is None or k is None:
+            raise InputError(f"the mask of {pat!r} needs q=, k= and a seed (lsh(n, seed=...) hashes them)")
+        from .hashing import lsh_buckets  # imports this module
+
+        qv, kv = lsh_buckets(q, k, pat.n, pat.seed)
+    elif isinstance(pat, Buckets):
+        if query_buckets is None or key_buckets is None:
+            raise InputError("the pattern uses buckets(): pass query_buckets= and key_buckets=")
+        qv, kv = query_buckets, key_buckets
+    else:
+        if query_keep is None or key_keep is None:
+            raise InputError("the pattern uses keep(): pass query_keep= and key_keep=")
+        qv, kv = query_keep.bool(), key_keep.bool()
+    qv, kv = qv.to(device), kv.to(device)
+    kv = kv.repeat_interleave(qv.shape[1] // kv.shape[1], dim=1)
+    if isinstance(pat, Keep):
+        return qv[..., :, None] & kv[..., None, :]
+    return qv[..., :, None] == kv[..., None, :]
 
 
 def shifted(pat: Pattern, dq: int, dk: int, Sq: int, Sk: int, *, sliced_data: bool = False) -> Pattern:
@@ -667,5 +809,8 @@ CONSTRUCTORS = {
         documents,
         key_padding,
         predicate,
+        buckets,
+        lsh,
+        keep,
     )
 }

@@ -10,6 +10,7 @@ empty is a per-length question, answered by `schedule.py`."""
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, replace
 
 import sympy as sp
@@ -35,6 +36,7 @@ class KernelPlan:
     dq: Tiles  # dQ kernel: BLOCK_M queries per block, BLOCK_N keys per step (forward schedule shape)
     mask_c: str  # C boolean expression over b, h, q, k, Sq, Sk and the run-time arguments
     branch_free: bool  # the mask only compares positions (no loads): bitwise & | and a fully unrolled evaluation
+    row_ranges: bool  # sorted tokens (reordered) whose every row keeps one range of keys: the mask is that range
     select: Selection
     runtime_args: tuple[RuntimeArg, ...]  # the position leaves' arguments, then the rule's
     layouts: tuple[P.LayoutSlot, ...]  # the pattern's block layouts, in argument order
@@ -51,12 +53,20 @@ class KernelPlan:
         return self.mask_c == "true"
 
     @property
+    def reordered(self) -> bool:
+        """The kernels run on tokens sorted by bucket (`reorder.Route`); the mask reads their original positions."""
+        return self.pattern.reorders
+
+    @property
+    def cheap_mask(self) -> bool:
+        """The mask costs a compare or two per element and a load or two per row: evaluated fully unrolled."""
+        return self.branch_free or self.row_ranges
+
+    @property
     def keep_c(self) -> str:
         """Whether element (q, k) of a partial tile is kept: the mask, guarded so that positions past Sq or Sk are
         never kept and never index the run-time tensors."""
-        if self.branch_free:
-            return f"(q < Sq) & (k < Sk) & ({self.mask_c})"
-        return f"q < Sq && k < Sk && ({self.mask_c})"
+        return _keep_c(self.mask_c, self.branch_free, self.reordered, self.row_ranges)
 
     @property
     def block_sizes(self) -> tuple[int, ...]:
@@ -97,23 +107,46 @@ class KernelPlan:
 # --------------------------------------------------------------------------------------------- C lowering
 
 
-def _lower(pat: P.Pattern, ops: tuple[str, str]) -> str:
-    """C text of a positional pattern structure."""
+# A reordered call's kernels run on sorted tokens (`reorder.Route`): the mask reads each token's original position,
+# qo = q_order[...] and ko = k_order[...], where every leaf but buckets and keep masks sees it.
+_SORTED_ROW = ("((long long)b * Hq + h) * Sq", "((long long)b * (Hq / group) + h / group) * Sk")
+ORIGINAL = ("qo", "ko")
+
+
+def _lower(pat: P.Pattern, ops: tuple[str, str], at: tuple[str, str] = affine.POSITIONS) -> str:
+    """C text of a positional pattern structure, reading the query and key positions as the C variables `at`."""
+    qp, kp = at
     if isinstance(pat, (P.And, P.Or)):
         joint = ops[0] if isinstance(pat, P.And) else ops[1]
-        return joint.join(f"({_lower(p, ops)})" for p in pat.parts)
+        return joint.join(f"({_lower(p, ops, at)})" for p in pat.parts)
     if isinstance(pat, P.Not):
-        return f"!({_lower(pat.part, ops)})"
+        return f"!({_lower(pat.part, ops, at)})"
     if isinstance(pat, P.Affine):
-        return affine.lower_c(pat.expr, ops)
+        text = affine.lower_c(pat.expr, ops)  # in q, k, Sq, Sk: renamed as whole words (Sq, Sk stay)
+        return re.sub(r"\bk\b", kp, re.sub(r"\bq\b", qp, text))
     if isinstance(pat, P.Documents):
-        return "qdoc[b * qdoc_sb + q] == kdoc[b * kdoc_sb + k]"
+        return f"qdoc[b * qdoc_sb + {qp}] == kdoc[b * kdoc_sb + {kp}]"
     if isinstance(pat, P.KeyPadding):
-        return "k < key_len[b]"
+        return f"{kp} < key_len[b]"
     if isinstance(pat, P.LayoutSlot):
         n, bs = pat.index, pat.block_size
-        return f"layout{n}[h * layout{n}_sh + (q / {bs}) * layout{n}_nk + k / {bs}] != 0"
+        return f"layout{n}[h * layout{n}_sh + ({qp} / {bs}) * layout{n}_nk + {kp} / {bs}] != 0"
+    if isinstance(pat, P.Buckets):  # compared in sorted order
+        return f"qbucket[{_SORTED_ROW[0]} + q] == kbucket[{_SORTED_ROW[1]} + k]"
+    if isinstance(pat, P.Keep):
+        return f"qkeep[{_SORTED_ROW[0]} + q] != 0{ops[0]}kkeep[{_SORTED_ROW[1]} + k] != 0"
     raise InputError(f"unknown pattern node {pat!r}")
+
+
+def _keep_c(mask_c: str, branch_free: bool, reordered: bool, row_ranges: bool) -> str:
+    if row_ranges:  # needs no guard: rows past Sq read row Sq - 1's range (and are never stored), ranges end below Sk
+        return mask_c
+    if branch_free:
+        return f"(q < Sq) & (k < Sk) & ({mask_c})"
+    if reordered:
+        qo, ko = (f"{name}[{row} + {pos}]" for name, row, pos in zip(("q_order", "k_order"), _SORTED_ROW, "qk"))
+        return f"q < Sq && k < Sk && [&](int qo, int ko) -> bool {{ return {mask_c}; }}({qo}, {ko})"
+    return f"q < Sq && k < Sk && ({mask_c})"
 
 
 def _runtime_args(pat: P.Pattern, layouts: tuple[P.LayoutSlot, ...]) -> tuple[RuntimeArg, ...]:
@@ -133,6 +166,14 @@ def _runtime_args(pat: P.Pattern, layouts: tuple[P.LayoutSlot, ...]) -> tuple[Ru
         ]
     if "key_lengths" in pat.runtime_inputs:
         args.append(RuntimeArg("key_len", POINTER.format("int")))
+    if pat.reorders and P.keeps_key_ranges(pat):  # reorder.Route.kernel_tensors
+        args.append(RuntimeArg("qrange", POINTER.format("int2")))
+    elif pat.reorders:
+        names = ["q_order", "k_order"]
+        names += ["qbucket", "kbucket"] if "query_buckets" in pat.runtime_inputs else []
+        args += [RuntimeArg(n, POINTER.format("int")) for n in names]
+        if "query_keep" in pat.runtime_inputs:
+            args += [RuntimeArg(n, POINTER.format("unsigned char")) for n in ("qkeep", "kkeep")]
     return tuple(args)
 
 
@@ -163,16 +204,17 @@ def _affine_expr(pat: P.Pattern):
 
 
 def forward_tilings(
-    d: int, arch: str, pattern: P.Pattern | None = None, block_sizes: tuple[int, ...] = (), branch_free: bool = True
+    d: int, arch: str, pattern: P.Pattern | None = None, block_sizes: tuple[int, ...] = (), cheap_mask: bool = True
 ) -> tuple[Tiles, ...]:
     """The forward tilings to try, fastest first: the planner takes the first whose kernel does not spill. On
     sm_90, warpgroup counts from the head dim's down to 2; for an affine `pattern`, the tallest that leaves at most
-    PARTIAL_SHARE of its tiles partial comes first, or else the one that leaves the fewest."""
+    PARTIAL_SHARE of its tiles partial comes first, or else the one that leaves the fewest. A mask that is not
+    `cheap_mask` (KernelPlan.cheap_mask) is evaluated a few elements at a time."""
     fast: list[Tiles] = []
     if arch in WGMMA_ARCHS and d in tiling.WGMMA_FORWARD_CONFIGS:
         most = tiling.WGMMA_FORWARD_CONFIGS[d][0]
         fast = [tiling.wgmma_forward_tiles(d, block_sizes, c) for c in (most, *range(most - 1, 1, -1))]
-        if not branch_free:
+        if not cheap_mask:
             fast = [replace(tiling.with_guarded_mask(t), coords_per_tile=True) for t in fast]
         if pattern is not None and len(fast) > 1 and all(isinstance(leaf, P.Affine) for leaf in pattern.leaves()):
             shares = {t: _partial_share(pattern, t) for t in fast}
@@ -180,11 +222,11 @@ def forward_tilings(
     return tuple(dict.fromkeys((*fast, *(tiling.forward_tiles(d, lean) for lean in (0, 1, 2, 3)))))
 
 
-def backward_tilings(d: int, arch: str, block_sizes: tuple[int, ...], branch_free: bool) -> tuple[Tiles, Tiles]:
+def backward_tilings(d: int, arch: str, block_sizes: tuple[int, ...], cheap_mask: bool) -> tuple[Tiles, Tiles]:
     """The dK/dV and dQ tilings: Hopper's where the head dim has them, mma.sync's otherwise."""
     if arch in WGMMA_ARCHS and d in tiling.WGMMA_BACKWARD_CONFIGS:
         dkdv, dq = tiling.wgmma_backward_tiles(d, block_sizes)
-        return (dkdv, dq) if branch_free else (tiling.with_guarded_mask(dkdv), tiling.with_guarded_mask(dq))
+        return (dkdv, dq) if cheap_mask else (tiling.with_guarded_mask(dkdv), tiling.with_guarded_mask(dq))
     return tiling.dkdv_tiles(d), tiling.dq_tiles(d)
 
 
@@ -203,7 +245,7 @@ def next_tiling(plan: KernelPlan, kernel: str) -> KernelPlan | None:
     """`plan` with kernel "fwd", "dkdv" or "dq" one step leaner (fewer live registers, a little slower), or None
     when it is as lean as it gets. The forward steps through `forward_tilings`, the backward kernels `tiling.leaner`."""
     if kernel == "fwd":
-        tilings = forward_tilings(plan.head_dim, plan.arch, plan.positions, plan.block_sizes, plan.branch_free)
+        tilings = forward_tilings(plan.head_dim, plan.arch, plan.positions, plan.block_sizes, plan.cheap_mask)
         at = tilings.index(plan.fwd)
         return replace(plan, fwd=tilings[at + 1]) if at + 1 < len(tilings) else None
     lean = tiling.leaner(plan.tiles_of(kernel))
@@ -221,19 +263,29 @@ def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str) ->
     select = selection_of(structure)
     layouts = tuple(dict.fromkeys(leaf for leaf in structure.leaves() if isinstance(leaf, P.LayoutSlot)))
     branch_free = all(isinstance(leaf, P.Affine) for leaf in positions.leaves())
-    mask_c = _lower(positions, affine.BRANCH_FREE if branch_free else affine.GUARDED)
+    row_ranges = positions.reorders and P.keeps_key_ranges(positions)
+    if row_ranges:
+        # k - first < count as unsigned: one compare per element. The row is clamped into the sequence, so its load
+        # needs no guard and the compiler loads each of a thread's rows once per tile. No key past Sk is in a range.
+        r = f"qrange[{_SORTED_ROW[0]} + min(q, Sq - 1)]"
+        mask_c = f"unsigned(k - {r}.x) < unsigned({r}.y)"
+    else:
+        at = ORIGINAL if positions.reorders else affine.POSITIONS
+        mask_c = _lower(positions, affine.BRANCH_FREE if branch_free else affine.GUARDED, at)
     block_sizes = tuple(slot.block_size for slot in layouts)
-    dkdv, dq = backward_tilings(head_dim, arch, block_sizes, branch_free)
+    cheap_mask = branch_free or row_ranges
+    dkdv, dq = backward_tilings(head_dim, arch, block_sizes, cheap_mask)
     return KernelPlan(
         pattern=structure,
         dtype=normalize_dtype(dtype),
         head_dim=head_dim,
         arch=arch,
-        fwd=forward_tilings(head_dim, arch, positions, block_sizes, branch_free)[0],
+        fwd=forward_tilings(head_dim, arch, positions, block_sizes, cheap_mask)[0],
         dkdv=dkdv,
         dq=dq,
         mask_c=mask_c,
         branch_free=branch_free,
+        row_ranges=row_ranges,
         select=select,
         runtime_args=_runtime_args(positions, layouts) + select.runtime_args,
         layouts=layouts,

@@ -3,7 +3,8 @@ rule's pre-passes. -> Prepared, the tensors the kernels read beyond q, k, v, in 
 
 A `Prepared` travels through the custom op as one list of tensors (`tensors()` / `from_tensors`), so the op's
 signature does not grow with each rule: block-layout grids (uint8 [LH, nbq, nbk], one per layout slot), document
-ids (int32 [B', Sq], [B', Sk]), key lengths (int32 [B]), then whatever the rule's `prepare` returns."""
+ids (int32 [B', Sq], [B', Sk]), key lengths (int32 [B]), a reordering pattern's sorted tokens (`reorder.Route`),
+then whatever the rule's `prepare` returns."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from . import pattern as P
 from .errors import InputError
 from .plan import KernelPlan
+from .reorder import Permutation, Route, route
 from .select import split_selection
 
 
@@ -24,13 +26,16 @@ class Prepared:
     layouts: tuple[torch.Tensor, ...] = ()
     document_ids: tuple[torch.Tensor, torch.Tensor] | None = None
     key_lengths: torch.Tensor | None = None
+    route: Route | None = None  # a reordering pattern's sorted tokens
     rule: tuple[torch.Tensor, ...] = ()  # the selection rule's tensors, in its run-time argument order
+    permutation: Permutation | None = None  # how q, k, v move into the route's order and back (not a kernel input)
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor, in ABI order."""
+        """Every tensor the kernels read, in ABI order."""
         docs = list(self.document_ids or ())
         lengths = [] if self.key_lengths is None else [self.key_lengths]
-        return [*self.layouts, *docs, *lengths, *self.rule]
+        routed = [] if self.route is None else self.route.tensors()
+        return [*self.layouts, *docs, *lengths, *routed, *self.rule]
 
     @staticmethod
     def from_tensors(plan: KernelPlan, tensors: list[torch.Tensor]) -> Prepared:
@@ -41,7 +46,9 @@ class Prepared:
         inputs = plan.positions.runtime_inputs
         docs = (rest.pop(0), rest.pop(0)) if "document_ids" in inputs else None
         lengths = rest.pop(0) if "key_lengths" in inputs else None
-        return Prepared(layouts, docs, lengths, tuple(rest))
+        n = Route.count(plan.positions)
+        routed = Route.from_tensors(plan.positions, rest[:n]) if n else None
+        return Prepared(layouts, docs, lengths, routed, tuple(rest[n:]))
 
 
 def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict) -> Prepared:
@@ -65,7 +72,8 @@ def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict) 
     docs = _documents(inputs["document_ids"], B, Sq, Sk, device) if "document_ids" in need else None
     lengths = _key_lengths(inputs["key_lengths"], B, device) if "key_lengths" in need else None
     extra = rule.prepare(q, k, {n: inputs[n] for n in rule.runtime_inputs}) if rule is not None else ()
-    return Prepared(layouts, docs, lengths, tuple(extra))
+    routed, permutation = route(positions, q, k, inputs, lengths) if positions.reorders else (None, None)
+    return Prepared(layouts, docs, lengths, routed, tuple(extra), permutation)
 
 
 # Block layout leaf -> {device: its grid there}: each grid is uploaded once and lives as long as its pattern.

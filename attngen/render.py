@@ -80,3 +80,9 @@ def render_backward(plan: KernelPlan) -> KernelSource:
 
 
 BACKWARD_ENTRIES = ("attngen_bwd_preprocess", "attngen_bwd_dkdv", "attngen_bwd_dq")
+
+
+def render_gather_rows(arch: str) -> KernelSource:
+    """`attngen_gather_rows`: whole rows of 16-byte vectors gathered by a row index (bind.gather_rows)."""
+    code = _env().get_template("gather_rows.cu.j2").render()
+    return KernelSource(name="gather_rows", code=code, entries=("attngen_gather_rows",), arch=arch)

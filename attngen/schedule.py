@@ -75,8 +75,13 @@ def _layout_classes(lay: torch.Tensor, bs: int, bm: int, bn: int, Sq: int, Sk: i
 
 def tile_classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime) -> torch.Tensor:
     """int8 [LB, LH, Tq, Tk] classes of a positional structure (LB, LH are 1 unless the pattern depends on batch
-    or head). `runtime` is the call's `prepare.Prepared` (layouts, document ids, key lengths), or None when the
-    pattern reads none."""
+    or head). `runtime` is the call's `prepare.Prepared` (layouts, document ids, key lengths, sorted tokens), or
+    None when the pattern reads none."""
+    route = getattr(runtime, "route", None)
+    if route is not None and route.ranges is not None:
+        return _key_range_classes(route.ranges, bm, bn, Sk)
+    if route is not None:
+        return _sorted_classes(pat, _SortedTiles(route, bm, bn), runtime)
     sub = functools.partial(tile_classes, bm=bm, bn=bn, Sq=Sq, Sk=Sk, device=device, runtime=runtime)
     if isinstance(pat, (P.And, P.Or)):
         return functools.reduce(torch.minimum if isinstance(pat, P.And) else torch.maximum, map(sub, pat.parts))
@@ -99,16 +104,124 @@ def tile_classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, run
     raise InputError(f"unknown pattern node {pat!r}")
 
 
+# ------------------------------------------------------------------------------------- reordered tokens
+# A tile of sorted tokens holds original positions within [least, greatest] of its side, so each leaf is
+# classified over the box of those bounds (and bucket ids, keep flags, document ids by their per-tile extremes):
+# sound for the pairs the tile really holds, and tight where sorting keeps positions increasing (inside a bucket).
+
+
+@dataclass(frozen=True)
+class _SortedTiles:
+    """Per tile of the sorted tokens of each (batch, query head): values of its queries as [B, Hq, Tq, 1] and of
+    its keys as [B, Hq, 1, Tk] (a key head's tiles serve every query head of its group)."""
+
+    route: object  # reorder.Route
+    bm: int
+    bn: int
+
+    def queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(least, greatest) of x [B, Hq, Sq] over each query tile, as [B, Hq, Tq, 1]."""
+        lo, hi = _tile_min_max(x, self.bm)
+        return lo[..., :, None], hi[..., :, None]
+
+    def keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(least, greatest) of x [B, Hkv, Sk] over each key tile, as [B, Hq, 1, Tk]."""
+        group = self.route.q_order.shape[1] // x.shape[1]
+        lo, hi = (t.repeat_interleave(group, dim=1)[..., None, :] for t in _tile_min_max(x, self.bn))
+        return lo, hi
+
+    @functools.cached_property
+    def positions(self) -> tuple[torch.Tensor, ...]:
+        """(query least, query greatest, key least, key greatest) original positions, int64."""
+        return (*self.queries(self.route.q_order.long()), *self.keys(self.route.k_order.long()))
+
+
+def _sorted_classes(pat: P.Pattern, tiles: _SortedTiles, runtime) -> torch.Tensor:
+    """int8 [B, Hq, Tq, Tk] classes of a positional structure over tiles of sorted tokens."""
+    sub = functools.partial(_sorted_classes, tiles=tiles, runtime=runtime)
+    if isinstance(pat, (P.And, P.Or)):
+        return functools.reduce(torch.minimum if isinstance(pat, P.And) else torch.maximum, map(sub, pat.parts))
+    if isinstance(pat, P.Not):
+        return FULL - sub(pat.part)
+    route, (ql, qh, kl, kh) = tiles.route, tiles.positions
+    Sq, Sk = route.q_order.shape[-1], route.k_order.shape[-1]
+    if isinstance(pat, P.Affine):
+        return affine.box_classes(pat.expr, ql, qh, kl, kh, Sq, Sk)
+    if isinstance(pat, P.KeyPadding):
+        n = runtime.key_lengths.view(-1, 1, 1, 1)
+        return torch.where(kh < n, FULL, torch.where(kl >= n, EMPTY, PARTIAL)).to(torch.int8)
+    if isinstance(pat, P.LayoutSlot):
+        lay, bs = runtime.layouts[pat.index], pat.block_size
+        csum = torch.nn.functional.pad(lay.to(torch.int64).cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+        heads = torch.arange(lay.shape[0], device=lay.device).view(1, -1, 1, 1)
+        r0, r1, c0, c1 = ql // bs, qh // bs + 1, kl // bs, kh // bs + 1
+        ones = csum[heads, r1, c1] - csum[heads, r0, c1] - csum[heads, r1, c0] + csum[heads, r0, c0]
+        area = (r1 - r0) * (c1 - c0)
+        return torch.where(ones == area, FULL, torch.where(ones == 0, EMPTY, PARTIAL)).to(torch.int8)
+    if isinstance(pat, P.Documents):
+        qd, kd = runtime.document_ids
+        qo, ko = route.q_order.long(), route.k_order.long()
+        qd = torch.gather(qd[:, None, :].expand(*qo.shape), 2, qo)
+        kd = torch.gather(kd[:, None, :].expand(*ko.shape), 2, ko)
+        return _side_classes(tiles.queries(qd), tiles.keys(kd), equal=True)
+    if isinstance(pat, P.Buckets):
+        qb, kb = route.buckets
+        return _side_classes(tiles.queries(qb), tiles.keys(kb), equal=True)
+    if isinstance(pat, P.Keep):
+        qk, kk = route.keep
+        return _side_classes(tiles.queries(qk), tiles.keys(kk), equal=False)
+    raise InputError(f"unknown pattern node {pat!r}")
+
+
+def _key_range_classes(ranges: torch.Tensor, bm: int, bn: int, Sk: int) -> torch.Tensor:
+    """Exact classes when every query keeps one range of keys (`reorder.Route.ranges`, [B, Hq, Sq, 2] first key and
+    count): a tile is
+    FULL where each of its queries keeps all its keys, EMPTY where none keeps any (counted by a difference array
+    over the key tiles each query's range touches)."""
+    first, count = ranges[..., 0].long(), ranges[..., 1].long()
+    last = first + count - 1
+    B, H, Sq = first.shape
+    Tq, Tk = math.ceil(Sq / bm), math.ceil(Sk / bn)
+    k0 = torch.arange(Tk, device=first.device) * bn
+    k1 = torch.clamp(k0 + bn - 1, max=Sk - 1)
+    (_, first_max), (last_min, _) = _tile_min_max(first, bm), _tile_min_max(last, bm)
+    full = (first_max[..., :, None] <= k0) & (last_min[..., :, None] >= k1)
+    some = count > 0
+    row = (torch.arange(B * H, device=first.device).view(B, H, 1) * Tq + torch.arange(Sq, device=first.device) // bm)
+    touched = torch.zeros(B * H * Tq, Tk + 1, dtype=torch.int32, device=first.device)
+    at = row * (Tk + 1)  # +1 at each range's first key tile, -1 past its last; a query keeping none adds 0
+    ones = torch.ones_like(at, dtype=torch.int32)
+    touched.view(-1).index_add_(0, (at + torch.where(some, first // bn, 0)).view(-1), ones.view(-1))
+    touched.view(-1).index_add_(0, (at + torch.where(some, last // bn + 1, 0)).view(-1), -ones.view(-1))
+    touched = touched.cumsum(-1)[:, :Tk].view(B, H, Tq, Tk) > 0
+    return torch.where(full, FULL, torch.where(touched, PARTIAL, EMPTY)).to(torch.int8)
+
+
+def _side_classes(qs, ks, *, equal: bool) -> torch.Tensor:
+    """Classes from per-tile (least, greatest) values of each side: of `value(q) == value(k)` with `equal`, else
+    of `flag(q) and flag(k)` (0/1 flags)."""
+    (qlo, qhi), (klo, khi) = qs, ks
+    if equal:
+        full = (qlo == qhi) & (klo == khi) & (qlo == klo)
+        empty = (qhi < klo) | (khi < qlo)
+    else:
+        full, empty = (qlo > 0) & (klo > 0), (qhi == 0) | (khi == 0)
+    return torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL)).to(torch.int8)
+
+
 # ------------------------------------------------------------------------------------------------ schedule
 
 
 def _compress(cls: torch.Tensor) -> Schedule:
+    """Each row's visited tiles, ascending, moved to the row's front: tile t goes to slot (kept tiles up to t) - 1
+    (a scatter to distinct slots; tiles not visited all go to a spare slot past the end, dropped)."""
     keep = cls > EMPTY
     counts = keep.sum(-1, dtype=torch.int32)
-    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # kept tiles first, ascending
-    partial = torch.gather(cls, -1, order) == PARTIAL
-    tiles = (order.to(torch.int32) << 1) | partial.to(torch.int32)
-    return Schedule(tiles.contiguous(), counts.contiguous(), cls.shape[-2], cls.shape[-1])
+    n = cls.shape[-1]
+    slot = torch.where(keep, keep.cumsum(-1) - 1, n)
+    entry = (torch.arange(n, dtype=torch.int32, device=cls.device) << 1) | (cls == PARTIAL).to(torch.int32)
+    tiles = torch.zeros(*cls.shape[:-1], n + 1, dtype=torch.int32, device=cls.device).scatter_(-1, slot, entry)
+    return Schedule(tiles[..., :n].contiguous(), counts.contiguous(), cls.shape[-2], n)
 
 
 def classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime=None) -> torch.Tensor:
@@ -209,3 +322,4 @@ class _Grids:
     layouts: tuple[torch.Tensor, ...]
     document_ids = None
     key_lengths = None
+    route = None

@@ -1,8 +1,11 @@
 """Compile every kernel the GPU tests and the benchmark use, in parallel, into $ATTNGEN_CACHE_DIR.
 
+    python bench/prewarm.py [arch] [regex: only the patterns whose repr matches it]
+
 NVRTC compiles one file per process at a time; a pool fills the disk cache in seconds so the test and
 benchmark processes only load cubins."""
 
+import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -45,12 +48,21 @@ def jobs(arch: str):
     # N:M, as the N:M tests and benchmark use it (bench/nm_check.py compiles its own set in parallel)
     nms = [ag.nm(2, 4), ag.nm(1, 2), ag.causal() & ag.nm(2, 4), ag.full()]
     out += [(p, d, t, arch, False) for p in nms for d in (64, 128) for t in dtypes]
+    # buckets and dropping (test_buckets_gpu.py, bench_buckets.py)
+    from test_buckets_gpu import MMA_SYNC_PATTERNS
+    from test_buckets_gpu import PATTERNS as BUCKETS
+
+    routed = [*BUCKETS.values(), ag.causal() & ag.lsh(16)]
+    out += [(p, d, t, arch, False) for p in routed for d in (64, 128) for t in dtypes]
+    out += [(BUCKETS[name], d, "bf16", arch, True) for name in MMA_SYNC_PATTERNS for d in (64, 128)]
     return out
 
 
 if __name__ == "__main__":
     arch = sys.argv[1] if len(sys.argv) > 1 else "sm_90"
     todo = jobs(arch)
+    if len(sys.argv) > 2:  # only the patterns whose repr matches this regular expression
+        todo = [job for job in todo if re.search(sys.argv[2], repr(job[0]))]
     with ProcessPoolExecutor(max_workers=16) as pool:
         for _ in pool.map(build, todo):
             pass

@@ -75,6 +75,7 @@ def reference_kernels(monkeypatch):
     def reference_of(kern, q, k, v, scale, prep):
         pat = rebuild(P.by_key(kern.name), prep.layouts)
         inputs = {"document_ids": prep.document_ids, "key_lengths": prep.key_lengths}
+        inputs |= prep.route.mask_inputs() if prep.route is not None else {}  # the sorted tokens' mask
         return reference.attention(q, k, v, pat, scale=scale, dtype=torch.float32, **inputs), pat
 
     def forward(kern, q, k, v, scale, prep):
@@ -87,6 +88,7 @@ def reference_kernels(monkeypatch):
         # the choice of a selection rule held fixed, as the kernels do.
         pat = rebuild(P.by_key(kern.name), prep.layouts)
         inputs = {"document_ids": prep.document_ids, "key_lengths": prep.key_lengths}
+        inputs |= prep.route.mask_inputs() if prep.route is not None else {}
         Sq, Sk, groups = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]
         qf, kf, vf = q.float(), k.float().repeat_interleave(groups, 1), v.float().repeat_interleave(groups, 1)
         s = torch.einsum("bhqd,bhkd->bhqk", qf, kf) * scale

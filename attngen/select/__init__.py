@@ -54,6 +54,11 @@ def split_selection(pat: Pattern) -> tuple[Pattern, Selector | None]:
         raise InputError(f"{pat!r} nests a selection rule inside | or ~; supported: {SUPPORTED}")
     if not rules:
         return pat, None
+    if pat.reorders:
+        raise InputError(
+            f"{pat!r} combines a selection rule with buckets, lsh or keep masks, which run on tokens sorted by "
+            f"bucket; supported: {SUPPORTED}"
+        )
     positions = rest[0] if len(rest) == 1 else And(tuple(rest))
     return positions, rules[0]
 

@@ -1,0 +1,206 @@
+"""GPU: bucket attention and query/key dropping (`buckets()`, `lsh(n)`, `keep()`) in both kernel families, forward
+and backward, against attngen.reference on the original positions: the kernels run on the tokens sorted by bucket
+(dropped last) with every other leaf read at the original positions, and the outputs, LSE and gradients come back
+in the original order. Random buckets (one, a few, many, all distinct), random keep masks (some tokens, none, all),
+GQA, odd and uneven lengths, fp16 and bf16, head dims 64 and 128. Outputs are poisoned (ATTNGEN_POISON_OUTPUTS=1).
+Skipped cleanly without a CUDA GPU."""
+
+import zlib
+
+import pytest
+import torch
+from test_kernels_gpu import DTYPES, FWD_TOL, _check_grads, _grads, _inputs, _reference, _rel
+
+import attngen as ag
+from attngen import reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setenv("ATTNGEN_POISON_OUTPUTS", "1")
+
+
+PATTERNS = {
+    "causal&buckets": ag.causal() & ag.buckets(),
+    "strict&lsh": ag.predicate("k < q") & ag.lsh(8, seed=3),  # SFA's language-model hash
+    "causal&keep": ag.causal() & ag.keep(),  # SFA's query/key dropping
+    "buckets&keep": ag.buckets() & ag.keep(),
+    "window&buckets": ag.sliding_window(300) & ag.buckets(),
+    "documents&causal&buckets": ag.documents() & ag.causal() & ag.buckets(),
+    "causal&(buckets|globals)": ag.causal() & (ag.buckets() | ag.global_tokens(5)),
+    "causal&~buckets": ag.causal() & ~ag.buckets(),
+    "padding&lsh&keep": ag.key_padding() & ag.lsh(4, seed=0) & ag.keep(),
+}
+MMA_SYNC_PATTERNS = ["causal&buckets", "padding&lsh&keep", "documents&causal&buckets"]
+LENGTHS = [(1, 1), (17, 17), (1000, 1000), (2049, 2049), (300, 517), (517, 300)]
+B, HQ, HKV = 2, 8, 2
+
+
+def _gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _runtime(pat: ag.Pattern, Sq: int, Sk: int, gen: torch.Generator, n_buckets: int = 3) -> dict:
+    rt = {}
+    need = pat.runtime_inputs
+    if "query_buckets" in need:
+        rt["query_buckets"] = torch.randint(0, n_buckets, (B, HQ, Sq), generator=gen).cuda()
+        rt["key_buckets"] = torch.randint(0, n_buckets, (B, HKV, Sk), generator=gen).to(torch.int32).cuda()
+    if "query_keep" in need:
+        rt["query_keep"] = (torch.rand(B, HQ, Sq, generator=gen) < 0.6).cuda()
+        rt["key_keep"] = (torch.rand(B, HKV, Sk, generator=gen) < 0.6).cuda()
+    if "document_ids" in need:
+        ids = lambda n: (torch.rand(B, n, generator=gen) < 4.0 / n).cumsum(-1).to(torch.int32).cuda()
+        rt["document_ids"] = ids(Sq) if Sq == Sk else (ids(Sq), ids(Sk))
+    if "key_lengths" in need:
+        rt["key_lengths"] = torch.randint(0, Sk + 1, (B,), generator=gen).to(torch.int32).cuda()
+    return rt
+
+
+def _check_forward(out, lse, ref, ref_lse, dtype: str, where: str) -> None:
+    assert torch.isfinite(out).all(), f"non-finite output: {where}"
+    empty = torch.isinf(ref_lse)
+    assert (out[empty] == 0).all(), f"rows with no allowed key must be 0: {where}"
+    assert torch.equal(torch.isinf(lse), empty), f"LSE -inf exactly on empty rows: {where}"
+    assert torch.allclose(lse[~empty], ref_lse[~empty].float(), atol=2e-3, rtol=1e-4), f"LSE: {where}"
+    if not empty.all():
+        assert _rel(out, ref) < FWD_TOL[dtype], f"output error {_rel(out, ref):.2e}: {where}"
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_forward(name, dtype, D):
+    pat = PATTERNS[name]
+    for Sq, Sk in LENGTHS:
+        gen = _gen("fwd", name, dtype, D, Sq, Sk)
+        q, k, v = _inputs(B, HQ, HKV, Sq, Sk, D, DTYPES[dtype], gen)
+        rt = _runtime(pat, Sq, Sk, gen)
+        out, lse = ag.attention(q, k, v, pat, return_lse=True, **rt)
+        ref, ref_lse = _reference(q, k, v, pat, rt)
+        _check_forward(out, lse, ref, ref_lse, dtype, f"{name} {dtype} D={D} Sq={Sq} Sk={Sk}")
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_backward(name, dtype, D):
+    pat = PATTERNS[name]
+    for Sq, Sk in LENGTHS:
+        gen = _gen("bwd", name, dtype, D, Sq, Sk)
+        q, k, v = _inputs(B, HQ, HKV, Sq, Sk, D, DTYPES[dtype], gen, requires_grad=True)
+        rt = _runtime(pat, Sq, Sk, gen)
+        dout = torch.randn(B, HQ, Sq, D, generator=gen).to("cuda", q.dtype)
+        got = _grads(lambda q, k, v: ag.attention(q, k, v, pat, **rt), q, k, v, dout)
+        ref = _grads(lambda q, k, v: reference.attention(q, k, v, pat, dtype=torch.float32, **rt)[0], q, k, v, dout)
+        _check_grads(got, ref, dtype, f"{name} {dtype} D={D} Sq={Sq} Sk={Sk}")
+        if "query_keep" in rt:  # a dropped query has no key: zero gradient
+            assert (got[0][~rt["query_keep"]] == 0).all()
+
+
+@pytest.mark.parametrize("n_buckets", [1, 16, 4096])
+def test_bucket_counts(n_buckets):
+    """One bucket (the static pattern itself), a few, and (nearly) all distinct: forward and gradients."""
+    pat, Sq = ag.causal() & ag.buckets(), 1500
+    gen = _gen("counts", n_buckets)
+    q, k, v = _inputs(B, HQ, HKV, Sq, Sq, 64, torch.float16, gen, requires_grad=True)
+    rt = _runtime(pat, Sq, Sq, gen, n_buckets)
+    out, lse = ag.attention(q, k, v, pat, return_lse=True, **rt)
+    ref, ref_lse = _reference(q, k, v, pat, rt)
+    _check_forward(out, lse, ref, ref_lse, "fp16", f"{n_buckets} buckets")
+    if n_buckets == 1:
+        assert _rel(out, ag.attention(q, k, v, ag.causal())) < FWD_TOL["fp16"]
+    dout = torch.randn_like(out)
+    got = _grads(lambda q, k, v: ag.attention(q, k, v, pat, **rt), q, k, v, dout)
+    want = _grads(lambda q, k, v: reference.attention(q, k, v, pat, dtype=torch.float32, **rt)[0], q, k, v, dout)
+    _check_grads(got, want, "fp16", f"{n_buckets} buckets")
+
+
+def test_all_distinct_buckets_attend_to_themselves():
+    """Bucket = position on both sides: each query sees only its own key, so its output is that key's value row."""
+    S, gen = 777, _gen("distinct")
+    q, k, v = _inputs(1, 4, 4, S, S, 64, torch.bfloat16, gen)
+    ids = torch.arange(S, device="cuda").expand(1, 4, S)
+    out = ag.attention(q, k, v, ag.causal() & ag.buckets(), query_buckets=ids, key_buckets=ids.to(torch.int32))
+    assert torch.equal(out, v)
+
+
+def test_everything_dropped():
+    S, gen = 500, _gen("dropped")
+    q, k, v = _inputs(2, 4, 2, S, S, 128, torch.float16, gen, requires_grad=True)
+    rt = {"query_keep": torch.zeros(2, 4, S, dtype=torch.bool, device="cuda")}
+    rt["key_keep"] = torch.ones(2, 2, S, dtype=torch.bool, device="cuda")
+    out, lse = ag.attention(q, k, v, ag.causal() & ag.keep(), return_lse=True, **rt)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert all((g == 0).all() for g in grads)
+    rt = {"query_keep": ~rt["query_keep"], "key_keep": ~rt["key_keep"]}  # every key dropped instead
+    out, lse = ag.attention(q, k, v, ag.causal() & ag.keep(), return_lse=True, **rt)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_lsh_equals_its_buckets():
+    """`lsh(n, seed)` is `buckets()` with `lsh_buckets(q, k, n, seed)`, bit for bit, forward and backward."""
+    gen = _gen("lsh")
+    q, k, v = _inputs(2, 8, 2, 2000, 2000, 64, torch.bfloat16, gen, requires_grad=True)
+    qb, kb = ag.lsh_buckets(q, k, 16, seed=11)
+    assert qb.shape == (2, 8, 2000) and kb.shape == (2, 2, 2000) and qb.dtype == kb.dtype == torch.int32
+    assert 0 <= int(qb.min()) and int(qb.max()) < 16 and len(torch.unique(kb)) > 8
+    dout = torch.randn(2, 8, 2000, 64, generator=gen).to("cuda", torch.bfloat16)
+    hashed = _grads(lambda q, k, v: ag.attention(q, k, v, ag.causal() & ag.lsh(16, seed=11)), q, k, v, dout)
+    given = _grads(
+        lambda q, k, v: ag.attention(q, k, v, ag.causal() & ag.buckets(), query_buckets=qb, key_buckets=kb),
+        q,
+        k,
+        v,
+        dout,
+    )
+    assert all(torch.equal(a, b) for a, b in zip(hashed, given))
+
+
+def test_backward_deterministic_and_fresh_lsh_draws():
+    gen = _gen("det")
+    q, k, v = _inputs(2, 8, 2, 3000, 3000, 128, torch.float16, gen, requires_grad=True)
+    dout = torch.randn(2, 8, 3000, 128, generator=gen).to("cuda", torch.float16)
+    rt = _runtime(ag.buckets() & ag.keep(), 3000, 3000, gen, n_buckets=8)
+    pat = ag.causal() & ag.buckets() & ag.keep()
+    first = _grads(lambda q, k, v: ag.attention(q, k, v, pat, **rt), q, k, v, dout)
+    second = _grads(lambda q, k, v: ag.attention(q, k, v, pat, **rt), q, k, v, dout)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    fresh = ag.causal() & ag.lsh(8)  # no seed: a new R each call, so (almost surely) other buckets
+    assert not torch.equal(ag.attention(q, k, v, fresh), ag.attention(q, k, v, fresh))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs a Hopper GPU"
+)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("name", MMA_SYNC_PATTERNS)
+def test_mma_sync_family_on_hopper(name, D, monkeypatch):
+    """The mma.sync kernels (what GPUs other than Hopper run) on sorted tokens: the same plan with the mma.sync
+    tilings, compiled for sm_90 and called through `attention`."""
+    from dataclasses import replace
+
+    from attngen import kernel, op, plan, tiling
+
+    pat = PATTERNS[name]
+    p = plan.make_plan(pat, head_dim=D, dtype="bf16", arch="sm_90")
+    kern = kernel.Compiled(replace(p, fwd=tiling.forward_tiles(D), dkdv=tiling.dkdv_tiles(D), dq=tiling.dq_tiles(D)))
+    assert not kern.forward_binary.arch.endswith("a") and "mma.sync" in kern.backward_source.code
+    monkeypatch.setattr(op, "_compiled_for", lambda structure, q: kern)
+    for Sq, Sk in [(17, 17), (1000, 1000), (300, 517)]:
+        gen = _gen("mma.sync", name, D, Sq, Sk)
+        q, k, v = _inputs(B, HQ, HKV, Sq, Sk, D, torch.bfloat16, gen, requires_grad=True)
+        rt = _runtime(pat, Sq, Sk, gen)
+        where = f"mma.sync {name} D={D} Sq={Sq} Sk={Sk}"
+        out, lse = ag.attention(q, k, v, pat, return_lse=True, **rt)
+        ref, ref_lse = reference.attention(q, k, v, pat, dtype=torch.float32, **rt)
+        _check_forward(out, lse, ref, ref_lse, "bf16", where)
+        dout = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), dout)
+        _check_grads(got, torch.autograd.grad(ref, (q, k, v), dout), "bf16", where)
