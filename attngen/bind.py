@@ -4,7 +4,6 @@ serves both kernel families: they differ only in their fixed argument prefix (te
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -12,11 +11,11 @@ import numpy as np
 import torch
 
 from . import schedule, tensormap
+from .device import launch, sm_count
 from .kernel import Compiled
-from .nvrtc import Binary, compile_cached, device_arch, ensure_dynamic_shared, load_function
 from .plan import KernelPlan
 from .prepare import Prepared
-from .render import PREPROCESS_ROWS, PREPROCESS_THREADS, render_gather_rows
+from .render import PREPROCESS_ROWS, PREPROCESS_THREADS
 
 _u64, _i64, _i32, _f32 = np.uint64, np.int64, np.int32, np.float32
 LOG2E = 1.4426950408889634
@@ -28,20 +27,6 @@ def _poisoned(t: torch.Tensor) -> torch.Tensor:
     if os.environ.get("ATTNGEN_POISON_OUTPUTS") == "1" and t.is_floating_point():
         t.fill_(float("nan"))
     return t
-
-
-@functools.lru_cache(maxsize=16)
-def _stream(ptr: int, device_index: int):
-    import cupy
-
-    return cupy.cuda.ExternalStream(ptr, device_index)
-
-
-def _launch(binary: Binary, entry: str, grid, threads: int, smem: int, args: list, device: torch.device) -> None:
-    fn = load_function(binary, entry, device.index)
-    ensure_dynamic_shared(fn, smem)
-    stream = _stream(torch.cuda.current_stream(device).cuda_stream, device.index)
-    fn(grid, (threads,), args, shared_mem=smem, stream=stream)
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
@@ -73,11 +58,6 @@ def runtime_values(plan: KernelPlan, prep: Prepared) -> list:
     if len(values) != len(plan.runtime_args):  # the plan's declaration and this binding must agree
         raise AssertionError(f"bound {len(values)} run-time values for {len(plan.runtime_args)} arguments")
     return values
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _maps(boxes) -> list:
@@ -113,7 +93,7 @@ def forward(kern: Compiled, q, k, v, scale: float, prep: Prepared) -> tuple[torc
     sched = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, q.device, prep, rule=plan.rule)
     if t.wgmma:  # tensor maps: Q tiles of BLOCK_M rows, K/V of BLOCK_N, O stored 64 rows per warpgroup
         # Persistent blocks, one per SM, claim (query tile, head, batch) items from a counter past the first.
-        grid = (min(math.ceil(Sq / t.block_m) * Hq * B, _sm_count(q.device.index)), 1, 1)
+        grid = (min(math.ceil(Sq / t.block_m) * Hq * B, sm_count(q.device.index)), 1, 1)
         next_item = torch.zeros(1, dtype=torch.int32, device=q.device)
         if plan.select.sparse_pv:  # K through its 5-d map, in the key order of the sparse P·V fragments
             k_map, k = _key_groups_map(k, t.block_n)  # k: what the map points at, kept alive past the launch
@@ -128,7 +108,7 @@ def forward(kern: Compiled, q, k, v, scale: float, prep: Prepared) -> tuple[torc
         grid = (math.ceil(Sq / t.block_m), Hq, B)
     args += [_i32(Hq), _i32(Hq // Hkv), _i32(Sq), _i32(Sk), _f32(scale * LOG2E)]
     args += _sched_args(sched) + runtime_values(plan, prep)
-    _launch(kern.forward_binary, "attngen_fwd", grid, 32 * t.warps, t.smem_bytes, args, q.device)
+    launch(kern.forward_binary, "attngen_fwd", grid, 32 * t.warps, t.smem_bytes, args, q.device)
     return out, lse
 
 
@@ -149,7 +129,7 @@ def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: 
     pre = [_u64(x.data_ptr() if x is not None else 0) for x in (out, dout, lse, delta, lse2)]
     pre += _strides(out) + _strides(dout) + [_i32(Hq), _i32(Sq), _i32(Sq_pad)]
     grid = (math.ceil(Sq_pad / PREPROCESS_ROWS), Hq, B)
-    _launch(binary, "attngen_bwd_preprocess", grid, PREPROCESS_THREADS, 0, pre, dev)
+    launch(binary, "attngen_bwd_preprocess", grid, PREPROCESS_THREADS, 0, pre, dev)
     if dlse is not None:  # d lse / d s = P, which folds into dS = P * (dP - (delta - dlse))
         delta[..., :Sq] -= dlse
     scalars = [_i32(Hq), _i32(Hq // Hkv), _i32(Sq), _i32(Sk)]
@@ -166,7 +146,7 @@ def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: 
         args = [_u64(x.data_ptr()) for x in (q, k, v, dout, lse, delta, dk, dv)]
         args += [s for x in (q, k, v, dout, dk, dv) for s in _strides(x)]
     args += scalars + _sched_args(sched_t) + extra
-    _launch(binary, "attngen_bwd_dkdv", (math.ceil(Sk / t.block_n), Hkv, B), 32 * t.warps, t.smem_bytes, args, dev)
+    launch(binary, "attngen_bwd_dkdv", (math.ceil(Sk / t.block_n), Hkv, B), 32 * t.warps, t.smem_bytes, args, dev)
 
     t = plan.dq
     sched_q = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, dev, prep, rule=plan.rule)
@@ -177,22 +157,5 @@ def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: 
         args = [_u64(x.data_ptr()) for x in (q, k, v, dout, lse, delta, dq)]
         args += [s for x in (q, k, v, dout, dq) for s in _strides(x)]
     args += scalars + _sched_args(sched_q) + extra
-    _launch(binary, "attngen_bwd_dq", (math.ceil(Sq / t.block_m), Hq, B), 32 * t.warps, t.smem_bytes, args, dev)
+    launch(binary, "attngen_bwd_dq", (math.ceil(Sq / t.block_m), Hq, B), 32 * t.warps, t.smem_bytes, args, dev)
     return dq, dk, dv
-
-
-@functools.cache
-def _gather_binary(device_index: int) -> Binary:
-    return compile_cached(render_gather_rows(device_arch(device_index)), "row gather of reordered calls")
-
-
-def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """x [N, W] (CUDA, contiguous, W · itemsize a multiple of 16 bytes) gathered by rows (int64 [M]) -> [M, W]:
-    a copy at memory bandwidth (torch's gathers read an index per element, or move rows in small pieces)."""
-    out = x.new_empty(rows.shape[0], x.shape[1])
-    vecs = x.shape[1] * x.element_size() // 16
-    if out.numel():
-        grid = (min(math.ceil(rows.shape[0] * vecs / 256), 8 * _sm_count(x.device.index)), 1, 1)
-        args = [_u64(x.data_ptr()), _u64(out.data_ptr()), _u64(rows.data_ptr()), _i64(rows.shape[0]), _i32(vecs)]
-        _launch(_gather_binary(x.device.index), "attngen_gather_rows", grid, 256, 0, args, x.device)
-    return out

@@ -12,7 +12,8 @@ import functools
 
 import torch
 
-from .bind import backward, forward, gather_rows
+from .bind import backward, forward
+from .device import gather_rows
 from .kernel import Compiled, compiled
 from .nvrtc import device_arch
 from .pattern import by_key

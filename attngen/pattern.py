@@ -337,6 +337,7 @@ class Keep(Pattern):
 REORDERING = (Buckets, LSH, Keep)  # leaves whose patterns run on tokens sorted by bucket, dropped tokens last
 
 
+@functools.lru_cache(maxsize=1024)  # read on every call of a reordering pattern; sympy is slow
 def linear_atoms(pat: Pattern) -> tuple[affine.LinearAtom, ...] | None:
     """An affine leaf's predicate as the conjunction of linear atoms `L >= 0` / `L == 0` it is, or None when it is
     not one (| ~ != // % in it)."""
@@ -351,6 +352,7 @@ def linear_atoms(pat: Pattern) -> tuple[affine.LinearAtom, ...] | None:
     return tuple(affine.linear_atom(r) for r in rels)
 
 
+@functools.lru_cache(maxsize=1024)
 def keeps_key_ranges(pat: Pattern) -> bool:
     """Whether, on its tokens sorted by (dropped, bucket, position), every query row of a reordering pattern keeps
     one contiguous range of keys: the pattern is a conjunction of at most one bucket leaf, keep(), key_padding() and

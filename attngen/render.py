@@ -83,6 +83,12 @@ BACKWARD_ENTRIES = ("attngen_bwd_preprocess", "attngen_bwd_dkdv", "attngen_bwd_d
 
 
 def render_gather_rows(arch: str) -> KernelSource:
-    """`attngen_gather_rows`: whole rows of 16-byte vectors gathered by a row index (bind.gather_rows)."""
+    """`attngen_gather_rows`: whole rows of 16-byte vectors gathered by a row index (device.gather_rows)."""
     code = _env().get_template("gather_rows.cu.j2").render()
     return KernelSource(name="gather_rows", code=code, entries=("attngen_gather_rows",), arch=arch)
+
+
+def render_range_classes(arch: str) -> KernelSource:
+    """`attngen_range_classes`: a reordered call's tile classes from per-query key ranges (device.range_classes)."""
+    code = _env().get_template("range_classes.cu.j2").render()
+    return KernelSource(name="range_classes", code=code, entries=("attngen_range_classes",), arch=arch)

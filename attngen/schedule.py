@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import affine
+from . import affine, device
 from . import pattern as P
 from .affine import EMPTY, FULL, PARTIAL
 from .errors import InputError
@@ -178,16 +178,20 @@ def _key_range_classes(ranges: torch.Tensor, bm: int, bn: int, Sk: int) -> torch
     count): a tile is
     FULL where each of its queries keeps all its keys, EMPTY where none keeps any (counted by a difference array
     over the key tiles each query's range touches)."""
+    if ranges.is_cuda and not torch.compiler.is_compiling():
+        cls = device.range_classes(ranges, bm, bn, Sk)
+        if cls is not None:
+            return cls
     first, count = ranges[..., 0].long(), ranges[..., 1].long()
     last = first + count - 1
     B, H, Sq = first.shape
     Tq, Tk = math.ceil(Sq / bm), math.ceil(Sk / bn)
     k0 = torch.arange(Tk, device=first.device) * bn
-    k1 = torch.clamp(k0 + bn - 1, max=Sk - 1)
+    k1 = k0 + bn - 1  # past Sk for a ragged last tile, which is then never FULL (the kernel masks it)
     (_, first_max), (last_min, _) = _tile_min_max(first, bm), _tile_min_max(last, bm)
     full = (first_max[..., :, None] <= k0) & (last_min[..., :, None] >= k1)
     some = count > 0
-    row = (torch.arange(B * H, device=first.device).view(B, H, 1) * Tq + torch.arange(Sq, device=first.device) // bm)
+    row = torch.arange(B * H, device=first.device).view(B, H, 1) * Tq + torch.arange(Sq, device=first.device) // bm
     touched = torch.zeros(B * H * Tq, Tk + 1, dtype=torch.int32, device=first.device)
     at = row * (Tk + 1)  # +1 at each range's first key tile, -1 past its last; a query keeping none adds 0
     ones = torch.ones_like(at, dtype=torch.int32)
@@ -292,6 +296,8 @@ def _draw(cls: np.ndarray, limit: int = 64) -> list[str]:
 
 def explain(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int) -> str:
     """Tile maps (█ full, ▒ partial, · empty) of a positional pattern and of each of its leaves, and the totals."""
+    if pat.reorders:
+        return "  schedule  built per call on the GPU, on the tokens sorted by bucket (reorder.py)"
     if pat.runtime_inputs:
         names = ", ".join(sorted(pat.runtime_inputs))
         return f"  schedule  built per call on the GPU from {names}; affine and layout parts fixed per length"

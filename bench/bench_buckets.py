@@ -60,12 +60,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_buckets.json"))
     ap.add_argument("--quick", action="store_true", help="S 8192 and 16384, n in {4, 16}")
+    ap.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default: 4096 to 32768)")
+    ap.add_argument("--counts", type=int, nargs="+", help="bucket counts (default: 2 to 64)")
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="64 (bf16) and/or 128 (fp16)")
     args = ap.parse_args()
     torch.manual_seed(0)
     B, H = 4, 48
-    lengths = (8192, 16384) if args.quick else (4096, 8192, 16384, 32768)
-    counts = (4, 16) if args.quick else (2, 4, 8, 16, 32, 64)
-    for D, dtype in ((64, torch.bfloat16), (128, torch.float16)):
+    lengths = args.lengths or ((8192, 16384) if args.quick else (4096, 8192, 16384, 32768))
+    counts = args.counts or ((4, 16) if args.quick else (2, 4, 8, 16, 32, 64))
+    for D, dtype in ((d, torch.bfloat16 if d == 64 else torch.float16) for d in args.head_dims):
         for S in lengths:
             reps = 5 if S >= 16384 else 10
             q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))

@@ -11,8 +11,12 @@ runs in float64 when small, float32 otherwise. Outputs are poisoned (ATTNGEN_POI
 kernels run), so an element a kernel never writes shows. Cases of variant "mma_sync" run the mma.sync kernels on
 a Hopper GPU too (the plan's tilings replaced, launched through attngen.bind). Cases with a selection rule
 (`A & nm(2, 4)`, ...) draw q and k from the generator's grid, where the kernels' fp32 scores and the reference's
-order the keys alike, so they are compared exactly as the others are. Every exception is a failure: the
-generator makes valid input only.
+order the keys alike, so they are compared exactly as the others are. Cases whose pattern reorders (`buckets()`,
+`lsh(n, seed)`, `keep()`, on top of the pattern or nested in it) pass their bucket ids and keep masks to
+attngen.attention, which sorts the tokens by bucket, and to the reference, which works on the original positions
+(an lsh leaf is seeded: both hash q and k alike); the mma_sync ones run through attngen.attention too, with the
+forced kernels swapped in (launched through attngen.bind directly, the kernels would see unsorted tokens). Every
+exception is a failure: the generator makes valid input only.
 
 Kernels are compiled first, in parallel (--jobs processes, into the disk cache), so the run itself only loads
 cubins. Prints a progress line every 100 cases and a summary table; failures go to DIR/fuzz_failures.jsonl, one
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import math
 import os
@@ -158,20 +163,46 @@ def check_grads(got, ref, bwd_tol: float) -> list[str]:
     return errors
 
 
+@contextlib.contextmanager
+def _kernels_of_attention(kern):
+    """attngen.attention with `kern` in place of the kernels the planner would choose (as tests/test_buckets_gpu.py
+    ::test_mma_sync_family_on_hopper does), forward and backward: for the mma_sync variant of a reordering pattern,
+    whose call sorts the tokens by bucket before the kernels run and moves the results back."""
+    from attngen import op
+
+    planner = op._compiled_for
+    op._compiled_for = lambda structure, q: kern
+    try:
+        yield
+    finally:
+        op._compiled_for = planner
+
+
 def run_case(c: fuzzing.Case, device: torch.device, arch: str, tol: tuple[dict, dict]) -> list[str]:
     """Run one case; the list of what is wrong (empty: passed)."""
+    if kernel_variant(c, arch) != "mma_sync":
+        return _run(c, device, tol, None, forced=False)
+    kern = compiled_for(c, arch)
+    if c.reorders:  # bind.forward would run the kernels on unsorted tokens: through attngen.attention instead
+        with _kernels_of_attention(kern):
+            return _run(c, device, tol, None, forced=True)
+    return _run(c, device, tol, kern, forced=True)
+
+
+def _run(c: fuzzing.Case, device: torch.device, tol: tuple[dict, dict], direct, forced: bool) -> list[str]:
+    """The case through attngen.attention, or with `direct` (a `kernel.Compiled`: the mma.sync kernels, which
+    attngen.attention would not take on Hopper) launched through attngen.bind. `forced` (the mma_sync variant)
+    checks the LSE even where the case does not return it."""
     import attngen as ag
     from attngen import bind, prepare, reference
 
     q, k, v, dout, dlse = c.inputs(device, requires_grad=c.backward)
     rt = c.runtime(device)
     scale = 1.0 / math.sqrt(c.head_dim) if c.scale is None else c.scale
-    forced = kernel_variant(c, arch) == "mma_sync"
-    if forced:  # the mma.sync kernels, launched directly (attngen.attention would take the wgmma ones)
-        kern = compiled_for(c, arch)
+    if direct is not None:  # the mma.sync kernels, launched directly (attngen.attention would take the wgmma ones)
         prep = prepare.prepare(c.pattern, q, k, {"document_ids": None, "key_lengths": None, **rt})
-        out, lse = bind.forward(kern, q.detach(), k.detach(), v.detach(), scale, prep)
-    elif c.return_lse:
+        out, lse = bind.forward(direct, q.detach(), k.detach(), v.detach(), scale, prep)
+    elif c.return_lse or forced:
         out, lse = ag.attention(q, k, v, c.pattern, scale=c.scale, return_lse=True, **rt)
     else:
         out, lse = ag.attention(q, k, v, c.pattern, scale=c.scale, **rt), None
@@ -183,8 +214,8 @@ def run_case(c: fuzzing.Case, device: torch.device, arch: str, tol: tuple[dict, 
         return errors
     with_lse = c.return_lse
     dlse = torch.where(torch.isinf(ref_lse), 0.0, dlse.to(ref_lse.dtype)).detach()  # no gradient into empty rows
-    if forced:
-        got = bind.backward(kern, dout, q.detach(), k.detach(), v.detach(), out, lse,
+    if direct is not None:
+        got = bind.backward(direct, dout, q.detach(), k.detach(), v.detach(), out, lse,
                             dlse.float() if with_lse else None, scale, prep)  # fmt: skip
     else:
         outs, grads = ((out, lse), (dout, dlse.float())) if with_lse else ((out,), (dout,))
@@ -196,6 +227,17 @@ def run_case(c: fuzzing.Case, device: torch.device, arch: str, tol: tuple[dict, 
 
 
 # ---------------------------------------------------------------------------------------------------- report
+
+
+def _reordering(c: fuzzing.Case) -> str:
+    """Which of buckets / lsh / keep the pattern has, and what its kernels read: key ranges, or the mask at the
+    sorted tokens' original positions."""
+    from attngen import pattern as P
+
+    if not c.reorders:
+        return "none"
+    kinds = [kind for kind in ("buckets", "lsh", "keep") if kind in c.family.split("+")]
+    return "+".join(kinds) + (", key ranges" if P.keeps_key_ranges(c.pattern) else ", sorted mask")
 
 
 def _labels(c: fuzzing.Case, arch: str) -> dict[str, str]:
@@ -213,6 +255,7 @@ def _labels(c: fuzzing.Case, arch: str) -> dict[str, str]:
         "pattern family": c.family,
         "kernel family": kernels,
         "selection rule": repr(rule) if (rule := split_selection(c.pattern)[1]) else "none",
+        "reordering": _reordering(c),
     }
 
 
@@ -221,7 +264,7 @@ def summary(rows: list[tuple[dict, bool]]) -> str:
     total = len(rows)
     failed = sum(not ok for _, ok in rows)
     lines.append(f"{'all':32} {total:>7} {total - failed:>7} {failed:>7}")
-    for key in ("head_dim", "dtype", "kernel family", "selection rule", "pattern family"):
+    for key in ("head_dim", "dtype", "kernel family", "selection rule", "reordering", "pattern family"):
         lines.append(f"by {key}:")
         counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
         for labels, ok in rows:

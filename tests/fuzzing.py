@@ -1,16 +1,23 @@
 """Seeded, reproducible attention fuzz cases: one generator for the CPU checks (tests/test_fuzz.py: planning,
 scheduling, mask lowering, a few compiles) and the GPU run (bench/fuzz_gpu.py: kernels against attngen.reference).
 
-`case(seed)` is a pure function of `seed` (Python's `random.Random` and a CPU `torch.Generator`, nothing global):
-a random pattern composed from every constructor with & | ~ (depth <= 3), in some groups of cases with a selection
+`case(seed)` is a pure function of `seed` (Python's `random.Random` and a CPU `torch.Generator`, nothing global): a
+random pattern composed from every constructor with & | ~ (depth <= 3), in some groups of cases with a selection
 rule on top (`A & nm(2, 4)`, `A & nm(1, 2)`), shapes (batch, GQA heads, odd and tile-boundary lengths, Sq != Sk),
 head dim, dtype, input storage (strided views), scale, return_lse, backward, and the run-time inputs the pattern
-reads (document ids as [S] / [B, S] / a pair, key lengths incl. 0 and Sk). Every case is valid input: the API must
+reads (document ids as [S] / [B, S] / a pair, key lengths incl. 0 and Sk). In other groups (`REORDER_SHARE`, never
+with a rule, which refuses them) the pattern has hash buckets or dropped tokens: `buckets()`, `lsh(n, seed)` or
+`keep()`, mostly on top (`A & buckets()`, `A & documents() & lsh(n, seed) & keep()`), sometimes alone, on a
+conjunction of linear leaves (each query then keeps one range of sorted keys), or nested under | and ~ anywhere in
+the tree; such a pattern reorders (its tokens are sorted by bucket inside `attngen.attention`), and the case draws
+its bucket ids (one bucket to a few dozen, all distinct, sorted runs; int32 or int64, negative and extreme int32
+values, shared by every head or not) and keep masks (any rate from every token dropped to none). `lsh` always has a
+seed, so that `attngen.reference` hashes q and k as the kernels' call does. Every case is valid input: the API must
 accept it and the kernels must match the reference. A rule chooses keys by their scores, and a near-tie could go
-either way between a kernel's fp32 scores and the reference's; so the cases with a rule draw q and k from a grid
-of quarters (`GRID`), where every dot product is exact in fp32 and float64 alike: the scores are ordered alike,
-exact ties go to the lower key index in both, and the comparison stays exact. `Case.repro()` is the one command
-line that runs it again on a GPU.
+either way between a kernel's fp32 scores and the reference's; so the cases with a rule draw q and k from a grid of
+quarters (`GRID`), where every dot product is exact in fp32 and float64 alike: the scores are ordered alike, exact
+ties go to the lower key index in both, and the comparison stays exact. `Case.repro()` is the one command line that
+runs it again on a GPU.
 
 Consecutive seeds share a pattern *recipe*, head dim, dtype and kernel variant (`GROUP` of them: the tree, its
 constants, layout block sizes), so that a GPU run compiles a quarter as many kernels; each seed draws its own
@@ -51,6 +58,9 @@ REPRO = "python bench/fuzz_gpu.py --seed {seed} --cases 1"
 RULE_SHARE = 0.2  # groups whose pattern is `A & rule`
 RULES = ((2, 4), (1, 2))  # nm(n, m)
 GRID = 4  # cases with a rule draw q and k from {-1, -3/4, ..., 1}: 16-bit exact, exact scores
+REORDER_SHARE = 0.2  # groups whose pattern has buckets(), lsh(n, seed) or keep() (all of them groups without a rule)
+LSH_SIZES = (2, 4, 8, 16, 32, 64)  # lsh(n): n buckets
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 @dataclass
@@ -71,6 +81,10 @@ class Case:
     variant: str  # one of VARIANTS
     document_ids: object = None  # [S] / [B or 1, S] tensor, or a (query, key) pair
     key_lengths: torch.Tensor | None = None
+    query_buckets: torch.Tensor | None = None  # [B, Hq, Sq] integers, for buckets()
+    key_buckets: torch.Tensor | None = None  # [B, Hkv, Sk]
+    query_keep: torch.Tensor | None = None  # [B, Hq, Sq] bool, for keep()
+    key_keep: torch.Tensor | None = None  # [B, Hkv, Sk]
     layouts: dict = field(default_factory=dict)  # BlockLayout leaf -> the bool grid it was built from
     notes: tuple[str, ...] = ()  # what was drawn, for coverage checks: "doc:pair", "keylen:0", ...
 
@@ -80,12 +94,16 @@ class Case:
 
     @property
     def family(self) -> str:
-        """The kinds of leaf the pattern reads: affine, layout, documents, key_padding (joined by +)."""
+        """The kinds of leaf the pattern reads: affine, layout, documents, key_padding, buckets, lsh, keep, nm (joined
+        by +)."""
         kinds = {
             P.Affine: "affine",
             P.BlockLayout: "layout",
             P.Documents: "documents",
             P.KeyPadding: "key_padding",
+            P.Buckets: "buckets",
+            P.LSH: "lsh",
+            P.Keep: "keep",
             NM: "nm",
         }
         return "+".join(sorted({kinds.get(type(leaf), type(leaf).__name__) for leaf in self.pattern.leaves()}))
@@ -94,6 +112,11 @@ class Case:
     def selects(self) -> bool:
         """Whether the pattern has a selection rule (its q and k are then drawn from the grid)."""
         return any(isinstance(leaf, P.Selector) for leaf in self.pattern.leaves())
+
+    @property
+    def reorders(self) -> bool:
+        """Whether the pattern has buckets(), lsh() or keep() (its tokens are then sorted by bucket in a call)."""
+        return self.pattern.reorders
 
     @property
     def scores(self) -> int:
@@ -111,6 +134,13 @@ class Case:
             extra.append("document_ids " + " / ".join(f"{tuple(t.shape)} {t.dtype}" for t in ids))
         if self.key_lengths is not None:
             extra.append(f"key_lengths {self.key_lengths.tolist()}")
+        for name in ("query_buckets", "key_buckets"):
+            if (t := getattr(self, name)) is not None:
+                distinct = len(torch.unique(t))
+                extra.append(f"{name} {t.dtype} {distinct} ids in [{int(t.min())}, {int(t.max())}]")
+        for name in ("query_keep", "key_keep"):
+            if (t := getattr(self, name)) is not None:
+                extra.append(f"{name} {int(t.sum())}/{t.numel()} kept")
         return (
             f"seed={self.seed} pattern={self.pattern!r} B={self.B} Hq={self.Hq} Hkv={self.Hkv} Sq={self.Sq} "
             f"Sk={self.Sk} D={self.head_dim} {self.dtype} storage={self.storage} scale={scale} "
@@ -119,13 +149,16 @@ class Case:
         )
 
     def runtime(self, device: torch.device | str = "cpu") -> dict:
-        """The call-time keyword arguments (`document_ids=`, `key_lengths=`) on `device`."""
+        """The call-time keyword arguments (`document_ids=`, `key_lengths=`, `query_buckets=` and `key_buckets=`,
+        `query_keep=` and `key_keep=`) on `device`: what both `attngen.attention` and `attngen.reference.attention`
+        take (an `lsh(n, seed)` leaf needs none: both hash q and k)."""
         rt: dict = {}
         if self.document_ids is not None:
             ids = self.document_ids
             rt["document_ids"] = tuple(t.to(device) for t in ids) if isinstance(ids, tuple) else ids.to(device)
-        if self.key_lengths is not None:
-            rt["key_lengths"] = self.key_lengths.to(device)
+        for name in ("key_lengths", "query_buckets", "key_buckets", "query_keep", "key_keep"):
+            if (t := getattr(self, name)) is not None:
+                rt[name] = t.to(device)
         return rt
 
     def inputs(self, device: torch.device | str, requires_grad: bool = False):
@@ -253,7 +286,6 @@ class _Builder:
 
     def __init__(self, g: random.Random, rng: random.Random, gen: torch.Generator, case: Case):
         self.g, self.rng, self.gen, self.case = g, rng, gen, case
-        self.uses: set[str] = set()
         self.made: list[ag.Pattern] = []  # layout leaves of this case, in recipe order
 
     def leaf(self) -> ag.Pattern:
@@ -280,10 +312,8 @@ class _Builder:
         if kind == "sympy":
             return ag.predicate(_predicate_sympy(g, 2))
         if kind == "docs":
-            self.uses.add("docs")
             return ag.documents()
         if kind == "keylen":
-            self.uses.add("keylen")
             return ag.key_padding()
         return self.layout()
 
@@ -313,6 +343,87 @@ class _Builder:
             return ~self.tree(depth - 1)
         parts = [self.tree(depth - 1) for _ in range(g.choice([2, 2, 3]))]
         return functools.reduce(operator.and_ if r < 0.6 else operator.or_, parts)
+
+    # Reordering patterns. `r` is the group's reordering generator (`_reorder`): which leaves and where, the same
+    # for every case of the group; lsh's n and seed are the case's own (they do not change the kernels).
+
+    def reordering(self, r: random.Random, depth: int) -> ag.Pattern:
+        kinds = r.choices(
+            [("buckets",), ("lsh",), ("keep",), ("buckets", "keep"), ("lsh", "keep")], weights=[7, 4, 4, 3, 2]
+        )[0]
+        form = r.choices(["top", "ranges", "nested", "alone"], weights=[10, 4, 5, 1])[0]
+        leaves = [self.reordering_leaf(kind) for kind in kinds]
+        if form == "alone":
+            return functools.reduce(operator.and_, leaves)
+        if form == "nested":  # each leaf somewhere in the tree, under & | ~
+            pat = self.tree(depth)
+            for leaf in leaves:
+                pat = _insert(pat, leaf, r)
+            return pat
+        parts = [self.linear(r) if form == "ranges" else self.tree(depth), *leaves]
+        if form == "top" and r.random() < 0.25:  # packed sequences, hashed (documents & causal & buckets)
+            parts.insert(1, ag.documents())
+        if r.random() < 0.2:
+            r.shuffle(parts)
+        return functools.reduce(operator.and_, parts)
+
+    def reordering_leaf(self, kind: str) -> ag.Pattern:
+        if kind == "lsh":  # always seeded: the reference hashes q and k itself, with the same seed
+            seed = self.rng.choice([0, 1, self.rng.randrange(2**31), self.rng.randrange(2**63)])
+            return ag.lsh(self.rng.choice(LSH_SIZES), seed=seed)
+        return ag.buckets() if kind == "buckets" else ag.keep()
+
+    def linear(self, r: random.Random) -> ag.Pattern:
+        """A conjunction of linear leaves (with a bucket or keep leaf, each query keeps one range of sorted keys:
+        `reorder.Route.ranges`)."""
+        align = r.choice(["top_left", "bottom_right"])
+        c = _const(r)
+        options = [
+            ag.causal(align=align),
+            ag.causal(align=align),
+            ag.sliding_window(max(1, c), align=align),
+            ag.local(_const(r), _const(r)),
+            ag.predicate("k < q"),
+            ag.predicate(f"2*k == q + {c % 7}"),
+            ag.predicate(f"k >= q - {c}"),
+            ag.predicate(f"k <= {c}"),
+            ag.key_padding(),
+            ag.full(),
+        ]
+        return functools.reduce(operator.and_, r.sample(options, r.choice([1, 1, 2, 2, 3])))
+
+
+_WRAPS = (  # subtree s, reordering leaf x
+    lambda s, x: s | x,
+    lambda s, x: s & ~x,
+    lambda s, x: ~(s | x),
+    lambda s, x: s & x,
+    lambda s, x: ~x | s,
+)
+
+
+def _paths(pat: ag.Pattern, path: tuple[int, ...] = ()):
+    """The path (child indices from the root) of every node of `pat`."""
+    yield path
+    children = pat.parts if isinstance(pat, (P.And, P.Or)) else (pat.part,) if isinstance(pat, P.Not) else ()
+    for i, child in enumerate(children):
+        yield from _paths(child, (*path, i))
+
+
+def _replaced(pat: ag.Pattern, path: tuple[int, ...], fn) -> ag.Pattern:
+    if not path:
+        return fn(pat)
+    if isinstance(pat, P.Not):
+        return ~_replaced(pat.part, path[1:], fn)
+    parts = list(pat.parts)
+    parts[path[0]] = _replaced(parts[path[0]], path[1:], fn)
+    return functools.reduce(operator.and_ if isinstance(pat, P.And) else operator.or_, parts)
+
+
+def _insert(pat: ag.Pattern, leaf: ag.Pattern, r: random.Random) -> ag.Pattern:
+    """`pat` with one of its subtrees s (the root too) replaced by s | leaf, s & ~leaf, ~(s | leaf), ..."""
+    wrap = r.choice(_WRAPS)
+    return _replaced(pat, r.choice(list(_paths(pat))), lambda s: wrap(s, leaf))
 
 
 # ------------------------------------------------------------------------------------------------- shapes
@@ -379,11 +490,92 @@ def _key_lengths(rng: random.Random, B: int, Sk: int) -> tuple[torch.Tensor, tup
     return torch.tensor(lengths, dtype=rng.choice([torch.int32, torch.int64])), notes
 
 
+def _bucket_ids(rng: random.Random, gen: torch.Generator, c: Case) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(query_buckets [B, Hq, Sq], key_buckets [B, Hkv, Sk], notes): one bucket, a few, a few dozen, every token
+    its own (a permutation, or the position itself), or sorted runs; then mapped alike on both sides to other int32
+    values (negative ones, the extremes); per head or one row shared by every head (a stride-0 view)."""
+    form = rng.choices(["one", "few", "many", "distinct", "runs"], weights=[1, 4, 3, 2, 2])[0]
+    n = {"one": 1, "few": rng.randint(2, 6), "many": rng.randint(7, 40)}.get(form, 0)
+    shared = rng.random() < 0.2
+
+    def ids(H: int, S: int) -> torch.Tensor:
+        shape = (c.B, 1 if shared else H, S)
+        if form == "distinct":
+            out = torch.rand(shape, generator=gen).argsort(-1) if rng.random() < 0.7 else torch.arange(S).expand(shape)
+        elif form == "runs":  # contiguous runs of one bucket, as chunked sequences: already sorted
+            out = (torch.arange(S) * rng.randint(1, 30) // S).expand(shape)
+        else:  # sometimes a few ids more on one side: buckets the other side lacks
+            out = torch.randint(0, n + rng.choice([0, 0, 0, 1, 3]), shape, generator=gen)
+        return out.expand(c.B, H, S) if shared else out
+
+    qb, kb = ids(c.Hq, c.Sq), ids(c.Hkv, c.Sk)
+    notes = [f"buckets:{form}"] + ["buckets:shared"] * shared
+    qb, kb = _map_ids(rng, qb, kb)
+    if min(int(qb.min()), int(kb.min())) < 0:
+        notes.append("buckets:negative")
+    if {INT32_MIN, INT32_MAX} & {int(qb.min()), int(kb.min()), int(qb.max()), int(kb.max())}:
+        notes.append("buckets:extreme")
+    qb, kb = (t.to(rng.choice([torch.int64, torch.int32])) for t in (qb, kb))
+    notes += [f"buckets:{str(t.dtype).removeprefix('torch.')}" for t in (qb, kb)]
+    return qb, kb, notes
+
+
+def _map_ids(rng: random.Random, qb: torch.Tensor, kb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides' ids (0 .. a few thousand) through one injective map to int32 values: kept, negated, shifted to
+    either end of int32 (the high end reversing their order), spread, or through a table of distinct values that
+    holds the extremes, -1 and 0."""
+    top = max(int(qb.max()), int(kb.max()))
+    how = rng.choices(["kept", "negated", "low", "high", "spread", "table"], weights=[6, 2, 1, 1, 1, 1])[0]
+    if how == "table" and top < 64:
+        values = [INT32_MIN, INT32_MAX, -1, 0, 1]
+        while len(values) <= top:
+            values = list(dict.fromkeys([*values, rng.randint(INT32_MIN, INT32_MAX)]))
+        rng.shuffle(values)
+        table = torch.tensor(values[: top + 1], dtype=torch.int64)
+        return table[qb], table[kb]
+    offset = rng.choice([0, 1, 1000])
+    f = {
+        "negated": lambda x: -x - offset,
+        "low": lambda x: x + INT32_MIN,
+        "high": lambda x: INT32_MAX - x,
+        "spread": lambda x: x * 600_000 - 2**30,
+    }.get(how, lambda x: x)
+    return f(qb.to(torch.int64)), f(kb.to(torch.int64))
+
+
+def _keep_masks(rng: random.Random, gen: torch.Generator, c: Case) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(query_keep [B, Hq, Sq], key_keep [B, Hkv, Sk], notes): each side at a rate of its own (0 and 1 among them),
+    every query or every key dropped, none dropped, or kept prefixes of random lengths per row (as padding)."""
+    form = rng.choices(["rates", "queries dropped", "keys dropped", "none dropped", "prefixes"], [6, 1, 1, 1, 1])[0]
+
+    def flags(H: int, S: int, dropped: bool) -> torch.Tensor:
+        if form == "prefixes":
+            return torch.arange(S) < torch.randint(0, S + 1, (c.B, H, 1), generator=gen)
+        rate = rng.choice([0.0, 1.0, 0.1, 0.5, 0.9, rng.random()]) if form == "rates" else float(not dropped)
+        return torch.rand(c.B, H, S, generator=gen) < rate
+
+    qk, kk = flags(c.Hq, c.Sq, form == "queries dropped"), flags(c.Hkv, c.Sk, form == "keys dropped")
+    notes = [f"keep:{form}"]
+    for side, kept in (("query", qk), ("key", kk)):
+        notes.append(f"keep:{side} " + ("all dropped" if not kept.any() else "none dropped" if kept.all() else "some"))
+    return qk, kk, notes
+
+
 def _rule(seed: int) -> NM | None:
     """The selection rule of the seed's group, or None. Drawn from a generator of its own: a group's positional
     recipe is the same with or without a rule."""
     g = random.Random(f"attngen-fuzz-rule-{seed // GROUP}")
     return ag.nm(*g.choice(RULES)) if g.random() < RULE_SHARE else None
+
+
+def _reorder(seed: int) -> random.Random | None:
+    """The generator of the seed's group's reordering recipe (which of buckets(), lsh(), keep() and where), or None:
+    a generator of its own, as the rule's, so that the group's other draws are the same with or without them. Never
+    with a selection rule (the pair is refused); REORDER_SHARE of all groups."""
+    if _rule(seed) is not None:
+        return None
+    g = random.Random(f"attngen-fuzz-reorder-{seed // GROUP}")
+    return g if g.random() < REORDER_SHARE / (1 - RULE_SHARE) else None
 
 
 # ------------------------------------------------------------------------------------------------ the case
@@ -424,15 +616,23 @@ def case(seed: int) -> Case:
         variant=variant,
     )
     builder = _Builder(g, rng, gen, c)
-    c.pattern = builder.tree(depth)
+    reordering = _reorder(seed)
+    c.pattern = builder.tree(depth) if reordering is None else builder.reordering(reordering, depth)
     if (rule := _rule(seed)) is not None:
         c.pattern = c.pattern & rule
+    need = c.pattern.runtime_inputs
     notes: list[str] = []
-    if "docs" in builder.uses:
+    if "document_ids" in need:
         c.document_ids, note = _document_ids(rng, gen, B, Sq, Sk)
         notes.append(note)
-    if "keylen" in builder.uses:
+    if "key_lengths" in need:
         c.key_lengths, more = _key_lengths(rng, B, Sk)
+        notes += more
+    if "query_buckets" in need:
+        c.query_buckets, c.key_buckets, more = _bucket_ids(rng, gen, c)
+        notes += more
+    if "query_keep" in need:
+        c.query_keep, c.key_keep, more = _keep_masks(rng, gen, c)
         notes += more
     c.notes = tuple(notes)
     return c

@@ -204,3 +204,41 @@ def test_mma_sync_family_on_hopper(name, D, monkeypatch):
         dout = torch.randn_like(out)
         got = torch.autograd.grad(out, (q, k, v), dout)
         _check_grads(got, torch.autograd.grad(ref, (q, k, v), dout), "bf16", where)
+
+
+@pytest.mark.parametrize("name", ["causal&buckets", "documents&causal&buckets", "strict&lsh", "causal&keep"])
+def test_no_host_synchronisation(name):
+    """Hashing, sorting, key ranges, schedules, gathers and kernels, forward and backward, all stay on the GPU: torch
+    raises on any device-to-host synchronisation in this mode (int32 bucket ids; int64 ones are range-checked)."""
+    pat, gen = PATTERNS[name], _gen("sync", name)
+    q, k, v = _inputs(B, HQ, HKV, 1000, 1000, 64, torch.bfloat16, gen, requires_grad=True)
+    rt = _runtime(pat, 1000, 1000, gen)
+    if "query_buckets" in rt:
+        rt["query_buckets"] = rt["query_buckets"].to(torch.int32)
+    dout = torch.randn(B, HQ, 1000, 64, generator=gen).to("cuda", torch.bfloat16)
+    _grads(lambda q, k, v: ag.attention(q, k, v, pat, **rt), q, k, v, dout)  # compiles, uploads, caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _grads(lambda q, k, v: ag.attention(q, k, v, pat, **rt), q, k, v, dout)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("bm,bn", [(192, 128), (64, 128), (128, 64), (16, 32)])
+def test_range_classes_kernel_matches_the_torch_classes(bm, bn, monkeypatch):
+    """The one-launch tile classes of key ranges (device.range_classes) against the torch computation, which the CPU
+    tests check element by element against the mask: random runs, empty queries, ragged ends."""
+    from attngen import device, schedule
+
+    gen = _gen("ranges", bm, bn)
+    for Sq, Sk in [(1, 1), (777, 1000), (1000, 777), (4096, 4096)]:
+        first = torch.randint(0, Sk, (2, 3, Sq), generator=gen)
+        count = torch.minimum(torch.randint(0, Sk // 2 + 2, (2, 3, Sq), generator=gen), Sk - first)
+        count[torch.rand(2, 3, Sq, generator=gen) < 0.1] = 0
+        ranges = torch.stack([torch.where(count > 0, first, 0), count], -1).to(torch.int32).cuda()
+        got = device.range_classes(ranges, bm, bn, Sk)
+        with monkeypatch.context() as m:
+            m.setattr(device, "range_classes", lambda *a: None)  # the torch path
+            want = schedule._key_range_classes(ranges, bm, bn, Sk)
+        assert got is not None and torch.equal(got, want), f"Sq={Sq} Sk={Sk}"

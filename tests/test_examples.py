@@ -2,7 +2,7 @@
 
 On the CPU: 02 prints the plan, the resource report and CUDA source and writes the full sources; the GPU
 examples, with the GPU hidden, explain that they need one, still show the plan, and exit 0. With a GPU (marker
-`gpu`): 01, 03, 04, 05 and 06 run for real and pass their own checks against the reference, SDPA and dense
+`gpu`): 01, 03, 04, 05, 06 and 08 run for real and pass their own checks against the reference, SDPA and dense
 attention (06, the transformers integration, when transformers is installed); 07 (context parallelism) runs
 under torchrun on several GPUs, by hand."""
 
@@ -82,6 +82,7 @@ def test_inspect_emitted_cuda_prints_plan_resources_and_source():
             marks=pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers"),
         ),
         ("07_context_parallel.py", "rank 3: 9 blocks, keys from ranks (0, 1, 2)"),
+        ("08_train_lsh_attention.py", "08_train_lsh_attention needs a CUDA GPU to train"),
     ],
 )
 def test_gpu_examples_explain_themselves_without_a_gpu(script, shows):
@@ -112,8 +113,13 @@ def test_gpu_examples_explain_themselves_without_a_gpu(script, shows):
             r"PASS: attngen runs the model as SDPA does",
             marks=pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers"),
         ),
+        (
+            "08_train_lsh_attention.py",
+            ("--steps", "60"),
+            r"\(at least [0-9.]+\)\nPASS: all three attentions train",
+        ),
     ],
-    ids=["01", "03", "04", "05", "06"],
+    ids=["01", "03", "04", "05", "06", "08"],
 )
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

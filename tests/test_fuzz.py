@@ -3,6 +3,13 @@ call-time checks of `prepare` (every generated case is valid input), tile classi
 brute force from the dense reference mask, and the emitted C mask against the reference (tests/test_lower.py's
 translator); a small fixed sample of plans is rendered and compiled (no spills after the planner's fallback).
 
+Cases whose pattern reorders (buckets(), lsh(n, seed), keep(): their tokens are sorted by bucket in a call) go
+through the same stages on their sorted tokens: `prepare` sorts them (`Route`: each row a permutation, stably by
+dropped flag then bucket, the ids and flags carried along), the mask of the sorted tokens is the original mask
+permuted, tile classes and schedules are checked by brute force against it, and so is what the kernels evaluate:
+the key ranges (`Route.ranges`) where every query keeps one range of sorted keys, else the plan's C mask, read at
+the tokens' original positions (`q_order`, `k_order`), through the translator.
+
 The same cases run on a GPU with `python bench/fuzz_gpu.py`; a failure here prints the line that runs its case
 there."""
 
@@ -16,11 +23,13 @@ import pytest
 import torch
 from fuzzing import BLOCK_SIZES, GRID, HEAD_DIMS, MAX_INPUT, MAX_SCORES, STORAGES, case
 from test_lower import Case as LowerCase
+from test_lower import CEvalError, CExprError, _eval, _hazards, eval_c, parse_c, runtime_values
 from test_lower import check as check_lowering
 from test_schedule import _truth
 
 import attngen as ag
 from attngen import kernel, prepare, schedule, tiling
+from attngen import pattern as P
 from attngen.plan import make_plan
 from attngen.schedule import EMPTY, FULL, PARTIAL
 
@@ -44,10 +53,17 @@ def _plans(c) -> dict:
     return {arch: make_plan(c.pattern, head_dim=c.head_dim, dtype=c.torch_dtype, arch=arch) for arch in ARCHS}
 
 
-def _prepared(c) -> prepare.Prepared:
-    """`prepare` on CPU stand-ins for q and k (it reads their shapes and device only)."""
+def _qk(c) -> tuple[torch.Tensor, torch.Tensor]:
+    """The case's q and k where the pattern hashes them (lsh), else CPU stand-ins (`prepare` reads their shapes and
+    device only)."""
+    if any(isinstance(leaf, P.LSH) for leaf in c.pattern.leaves()):
+        return c.inputs("cpu")[:2]
     q = torch.empty(1, dtype=c.torch_dtype).expand(c.B, c.Hq, c.Sq, c.head_dim)
     k = torch.empty(1, dtype=c.torch_dtype).expand(c.B, c.Hkv, c.Sk, c.head_dim)
+    return q, k
+
+
+def _prepared(c, q, k) -> prepare.Prepared:
     return prepare.prepare(c.pattern, q, k, {"document_ids": None, "key_lengths": None, **c.runtime()})
 
 
@@ -78,6 +94,128 @@ def _check_tiles(c, structure, mask, bm: int, bn: int, prep, transpose: bool) ->
     assert torch.equal(tiles[listed], expect[listed]), f"{bm}x{bn} schedule tiles\n{_where(c)}"
 
 
+# ------------------------------------------------------------------------------------------ reordering patterns
+
+
+def _bucket_ids(c, q, k) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The bucket ids the case's call sorts by, in the original order: given, or hashed (lsh), or none."""
+    for leaf in c.pattern.leaves():
+        if isinstance(leaf, P.LSH):
+            return ag.lsh_buckets(q, k, leaf.n, leaf.seed)
+    return c.query_buckets, c.key_buckets
+
+
+def _check_route(c, prep, q, k) -> None:
+    """Each (batch, head) of each side a permutation of its tokens, stably sorted by (dropped, bucket), with the
+    ids and keep flags carried into that order."""
+    route = prep.route
+    assert route is not None and prep.permutation is not None, _where(c)
+    ids = _bucket_ids(c, q, k)
+    for side, (order, S) in enumerate(((route.q_order, c.Sq), (route.k_order, c.Sk))):
+        order = order.long()
+        assert torch.equal(order.sort(-1).values, torch.arange(S).expand_as(order)), f"not a permutation\n{_where(c)}"
+        key = torch.zeros_like(order)
+        if ids[side] is not None:
+            sorted_ids = torch.gather(ids[side].long().expand_as(order), -1, order)
+            assert torch.equal(route.buckets[side].long(), sorted_ids), _where(c)
+            key += sorted_ids
+        kept = (c.query_keep, c.key_keep)[side]
+        if kept is not None:
+            sorted_kept = torch.gather(kept, -1, order)
+            assert torch.equal(route.keep[side].bool(), sorted_kept), _where(c)
+            key += (~sorted_kept).long() << 33  # dropped tokens last: above every int32 bucket difference
+        step = key.diff(dim=-1)
+        assert (step >= 0).all() and ((step > 0) | (order.diff(dim=-1) > 0)).all(), f"sort order\n{_where(c)}"
+
+
+def _lsh_as_buckets(pat: ag.Pattern) -> ag.Pattern:
+    """`pat` with its lsh leaf read as buckets() (the route holds the ids it hashed, in sorted order)."""
+    if isinstance(pat, (P.And, P.Or)):
+        parts = [_lsh_as_buckets(p) for p in pat.parts]
+        return P.And(tuple(parts)) if isinstance(pat, P.And) else P.Or(tuple(parts))
+    if isinstance(pat, P.Not):
+        return P.Not(_lsh_as_buckets(pat.part))
+    return ag.buckets() if isinstance(pat, P.LSH) else pat
+
+
+def _sorted_mask(c, prep, q, k) -> torch.Tensor:
+    """[B, Hq, Sq, Sk]: the mask of the sorted tokens (what the kernels must keep), checked to be the mask of the
+    original positions, permuted."""
+    shape = (c.B, c.Hq, c.Sq, c.Sk)
+    route = prep.route
+    mask = P.dense_mask(_lsh_as_buckets(c.pattern), c.Sq, c.Sk, **{**c.runtime(), **route.mask_inputs()})
+    mask = mask.expand(shape)
+    original = c.pattern.mask(c.Sq, c.Sk, q=q, k=k, **c.runtime()).expand(shape)
+    qo = route.q_order.long()[..., None].expand(shape)
+    ko = route.k_order.long().repeat_interleave(c.Hq // c.Hkv, dim=1)[..., None, :].expand(shape)
+    assert torch.equal(torch.gather(torch.gather(original, 2, qo), 3, ko), mask), f"sorted mask\n{_where(c)}"
+    return mask
+
+
+_REORDERED_KEEP = re.compile(
+    r"q < Sq && k < Sk && \[&\]\(int qo, int ko\) -> bool \{ return (?P<mask>.*); \}\((?P<qo>[^,]+), (?P<ko>[^,]+)\)"
+)
+
+
+def _c_value(text: str, ints: dict, ptrs: dict) -> torch.Tensor:
+    """An integer C expression through test_lower's translator (bounds-checked loads)."""
+    ptrs = {n: t.reshape(-1).to(torch.int64) for n, t in ptrs.items()}
+    ints = {n: torch.as_tensor(v, dtype=torch.int64) for n, v in ints.items()}
+    tree = parse_c(text, {**dict.fromkeys(ints, "int"), **dict.fromkeys(ptrs, "ptr")})
+    hazards: set[int] = set()
+    _hazards(tree, hazards)
+    active = torch.ones(torch.broadcast_shapes(*(v.shape for v in ints.values())), dtype=torch.bool)
+    return _eval(tree, {**ints, **ptrs}, active, hazards)
+
+
+def _check_sorted_lowering(c, plan, prep, want: torch.Tensor) -> None:
+    """What the kernels of a reordered call keep, on the sorted tokens, against `want` (their dense mask): the key
+    ranges when every row keeps one range (the C mask is then `k - first < count`, unsigned), else the plan's C
+    mask with the original positions read from q_order / k_order, evaluated by the translator."""
+    route = prep.route
+    if plan.row_ranges:
+        first, count = route.ranges[..., 0, None].long(), route.ranges[..., 1, None].long()
+        j = torch.arange(c.Sk)
+        got = (j >= first) & (j < first + count)
+        assert torch.equal(got, want), f"key ranges\n{_where(c)}"
+        assert (first[count == 0] == 0).all() and (first + count <= c.Sk).all(), f"key ranges\n{_where(c)}"
+        return
+    m = _REORDERED_KEEP.fullmatch(plan.keep_c.replace("(long long)", ""))  # the translator computes in 64 bits
+    assert m, f"unexpected C mask of a reordered plan: {plan.keep_c}\n{_where(c)}"
+    lower = LowerCase(c.seed, c.pattern, c.Sq, c.Sk, B=c.B, H=c.Hq, layouts=dict(c.layouts))
+    lower.document_ids, lower.key_lengths = c.document_ids, c.key_lengths
+    values = runtime_values(lower)
+    values |= {"q_order": ("ptr", route.q_order), "k_order": ("ptr", route.k_order)}
+    for names, pair in ((("qbucket", "kbucket"), route.buckets), (("qkeep", "kkeep"), route.keep)):
+        values |= {n: ("ptr", t) for n, t in zip(names, pair or ())}
+    ints = {
+        "b": torch.arange(c.B).view(-1, 1, 1, 1),
+        "h": torch.arange(c.Hq).view(1, -1, 1, 1),
+        "q": torch.arange(c.Sq).view(1, 1, -1, 1),
+        "k": torch.arange(c.Sk).view(1, 1, 1, -1),
+        "Sq": c.Sq,
+        "Sk": c.Sk,
+        "Hq": c.Hq,
+        "group": c.Hq // c.Hkv,
+    }
+    ptrs = {}
+    for arg in plan.runtime_args:
+        assert arg.name in values, f"cannot bind run-time argument {arg}\n{_where(c)}"
+        kind, value = values[arg.name]
+        (ptrs if kind == "ptr" else ints)[arg.name] = value
+    try:
+        positions = {"qo": _c_value(m["qo"], ints, ptrs), "ko": _c_value(m["ko"], ints, ptrs)}
+        got = eval_c(m["mask"], {**ints, **positions}, ptrs).expand_as(want)
+    except (CExprError, CEvalError) as e:
+        raise AssertionError(f"{type(e).__name__}: {e}\n  C: {plan.keep_c}\n{_where(c)}") from None
+    if not torch.equal(got, want):
+        at = tuple(int(i) for i in (got != want).nonzero()[0])
+        raise AssertionError(f"C mask of the sorted tokens at (b, h, q, k) = {at}: {plan.mask_c}\n{_where(c)}")
+
+
+# --------------------------------------------------------------------------------------------------- cases
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_case_plans_schedules_and_lowers(seed):
     c = case(seed)
@@ -85,6 +223,8 @@ def test_case_plans_schedules_and_lowers(seed):
     structure = c.pattern.structure()
     for arch, plan in plans.items():
         assert plan.pattern == structure, _where(c)
+        assert plan.reordered == c.reorders, _where(c)
+        assert plan.row_ranges == (c.reorders and P.keeps_key_ranges(structure)), _where(c)
         assert {a.name for a in plan.runtime_args} >= {f"layout{n}" for n in range(len(c.pattern.layouts()))}
         for t in (plan.fwd, plan.dkdv, plan.dq):
             assert t.smem_bytes <= tiling.SMEM_LIMIT, f"{arch} {t}: {t.smem_bytes} bytes of shared memory"
@@ -93,15 +233,23 @@ def test_case_plans_schedules_and_lowers(seed):
         else:
             assert plan.fwd.wgmma == (c.head_dim in tiling.WGMMA_FORWARD_CONFIGS), _where(c)
     assert plans["sm_80"].keep_c == plans["sm_90"].keep_c, _where(c)
-    prep = _prepared(c)  # valid input: prepare accepts it
+    q, k = _qk(c)
+    prep = _prepared(c, q, k)  # valid input: prepare accepts it
     assert len(prep.layouts) == len(c.pattern.layouts())
+    if c.reorders:
+        _check_route(c, prep, q, k)
+    else:
+        assert prep.route is None and prep.permutation is None, _where(c)
     if _mask_elements(c) > BRUTE_FORCE_LIMIT:
         return
-    mask = c.pattern.mask(c.Sq, c.Sk, **c.runtime())
+    mask = _sorted_mask(c, prep, q, k) if c.reorders else c.pattern.mask(c.Sq, c.Sk, **c.runtime())
     tilings = {(t.block_m, t.block_n, name == "dkdv") for p in plans.values() for name in ("fwd", "dkdv", "dq")
                for t in [p.tiles_of(name)]}  # fmt: skip
     for bm, bn, transpose in sorted(tilings):
         _check_tiles(c, plans["sm_90"].positions, mask, bm, bn, prep, transpose)
+    if c.reorders:
+        _check_sorted_lowering(c, plans["sm_90"], prep, mask)
+        return
     lower = LowerCase(seed, c.pattern, c.Sq, c.Sk, B=c.B, H=c.Hq, layouts=dict(c.layouts))
     lower.document_ids, lower.key_lengths = c.document_ids, c.key_lengths
     try:
@@ -115,19 +263,51 @@ def test_generator_is_reproducible():
     assert a.describe() == b.describe() and repr(a.pattern) == repr(b.pattern)
     assert all(torch.equal(x, y) for x, y in zip(a.inputs("cpu")[:3], b.inputs("cpu")[:3]))
     assert a.repro() == "python bench/fuzz_gpu.py --seed 123 --cases 1"
+    for seed in [s for s in SEEDS if case(s).reorders][:8]:  # bucket ids, keep masks, lsh seeds too
+        a, b = case.__wrapped__(seed), case.__wrapped__(seed)
+        assert a.describe() == b.describe() and repr(a.pattern) == repr(b.pattern)
+        ra, rb = a.runtime(), b.runtime()
+        assert ra.keys() == rb.keys() and all(torch.equal(ra[n], rb[n]) for n in ra if n != "document_ids")
+
+
+def _nested_reordering(pat, under: bool = False) -> bool:
+    """Whether a buckets / lsh / keep leaf of `pat` lies under | or ~."""
+    if isinstance(pat, P.And):
+        return any(_nested_reordering(p, under) for p in pat.parts)
+    if isinstance(pat, (P.Or, P.Not)):
+        return any(_nested_reordering(p, True) for p in (pat.parts if isinstance(pat, P.Or) else (pat.part,)))
+    return under and isinstance(pat, P.REORDERING)
+
+
+def _reordering_kinds(c) -> set[str]:
+    if not c.reorders:
+        return set()
+    seen = {"reorder key ranges" if P.keeps_key_ranges(c.pattern) else "reorder sorted mask"}
+    seen |= {"reorder nested"} if _nested_reordering(c.pattern) else set()
+    seen |= {f"reorder {c.variant}", "reorder backward" if c.backward else "reorder forward"}
+    seen |= {"reorder GQA"} if c.Hq > c.Hkv else set()
+    seen |= {"reorder Sq != Sk"} if c.Sq != c.Sk else set()
+    seen |= {"reorder documents"} if c.document_ids is not None else set()
+    seen |= {"reorder layout"} if c.layouts else set()
+    return seen
 
 
 def test_generator_covers_every_kind():
     """Over the CI seeds: every constructor and operator, both aligns, == / != / chained predicates, // and %, Sq / Sk
     terms, shared and per-head layouts of every block size, every document-id form, key lengths 0 and Sk, every
-    head dim, dtype, storage and variant, Sq != Sk, edge and long lengths; and every case within the size caps."""
+    head dim, dtype, storage and variant, Sq != Sk, edge and long lengths; reordering patterns (buckets, lsh, keep;
+    on top and nested, with key ranges and without) with every form of bucket ids and keep masks; and every case
+    within the size caps."""
     seen: set[str] = set()
-    small = 0
+    small = reordering = 0
     words = ("causal", "sliding_window", "local", "prefix_lm", "global_tokens", "predicate", "documents",
              "key_padding", "block_layout", "full", "~", "|", "&", "bottom_right", "==", "!=", "Eq(", "Ne(",
-             "Sk - Sq", " and ", " or ", "not ", "nm(2, 4)", "nm(1, 2)")  # fmt: skip
+             "Sk - Sq", " and ", " or ", "not ", "nm(2, 4)", "nm(1, 2)", "buckets()", "lsh(", "keep()")  # fmt: skip
     for seed in SEEDS:
         c = case(seed)
+        assert not (c.reorders and c.selects), _where(c)  # refused: the generator makes valid input only
+        reordering += c.reorders
+        seen |= _reordering_kinds(c)
         text = repr(c.pattern)
         seen |= {w for w in words if w in text}
         seen |= {w for w in ("Sq", "Sk") if w in text.replace("Sk - Sq", "")}
@@ -157,8 +337,16 @@ def test_generator_covers_every_kind():
     expect |= {"return_lse", "backward", "scale", "Sq != Sk", "long", "length 1", "GQA", "tile edge"}
     expect |= {"rule auto", "rule mma_sync", "rule backward", "rule forward"}
     expect |= {f"bs{bs}" for bs in BLOCK_SIZES} | {"per-head layout", "shared layout"}
+    expect |= {f"buckets:{form}" for form in ("one", "few", "many", "distinct", "runs")}
+    expect |= {f"buckets:{x}" for x in ("shared", "negative", "extreme", "int32", "int64")}
+    expect |= {f"keep:{side} {x}" for side in ("query", "key") for x in ("all dropped", "none dropped", "some")}
+    expect |= {"keep:prefixes"}
+    expect |= {"reorder key ranges", "reorder sorted mask", "reorder nested", "reorder auto", "reorder mma_sync"}
+    expect |= {"reorder backward", "reorder forward", "reorder GQA", "reorder Sq != Sk", "reorder documents"}
+    expect |= {"reorder layout"}
     assert expect <= seen, f"never generated: {sorted(expect - seen)}"
     assert small >= 0.8 * len(SEEDS), f"only {small} of {len(SEEDS)} cases are small enough to brute-force"
+    assert 0.1 * len(SEEDS) <= reordering <= 0.4 * len(SEEDS), f"{reordering} of {len(SEEDS)} cases reorder"
 
 
 def _first(predicate) -> int:
@@ -275,10 +463,34 @@ def test_gpu_script_checks_pass_a_correct_kernel(fuzz_gpu, monkeypatch):
     seeds = _small_seeds(3, backward=True, return_lse=True) + _small_seeds(3, backward=True, return_lse=False)
     seeds += _small_seeds(3, backward=False)
     seeds += _small_seeds(1, selects=True, backward=True) + _small_seeds(1, selects=True, backward=False)
-    assert len(seeds) == 11
+    seeds += _small_seeds(2, reorders=True, backward=True) + _small_seeds(2, reorders=True, backward=False)
+    assert len(seeds) == 15
     for seed in seeds:
         c = case(seed)
         assert fuzz_gpu.run_case(c, torch.device("cpu"), "sm_90", tol) == [], _where(c)
+
+
+def test_gpu_script_runs_reordering_mma_sync_cases_through_attention(fuzz_gpu, monkeypatch):
+    """A reordering case of the mma_sync variant runs through attngen.attention (which sorts its tokens) with the
+    forced kernels swapped in for the planner's (op._compiled_for), not through bind.forward on unsorted tokens;
+    the swap is undone afterwards."""
+    from attngen import bind, op
+
+    [seed] = [s for s in SEEDS if case(s).reorders and case(s).variant == "mma_sync" and case(s).scores <= 1 << 17][:1]
+    c = case(seed)
+    forced = object()  # what compiled_for gives (compiling needs no GPU, but takes seconds)
+    monkeypatch.setattr(fuzz_gpu, "compiled_for", lambda c, arch: forced)
+    monkeypatch.setattr(bind, "forward", lambda *a, **kw: pytest.fail("bind.forward on unsorted tokens"))
+    stand_in, seen = _stand_in(), []
+
+    def attention(q, k, v, pattern=None, **kw):
+        seen.append(op._compiled_for("structure", q))
+        return stand_in(q, k, v, pattern, **kw)
+
+    monkeypatch.setattr(ag, "attention", attention)
+    planner = op._compiled_for
+    assert fuzz_gpu.run_case(c, torch.device("cpu"), "sm_90", fuzz_gpu.tolerances()) == [], _where(c)
+    assert seen == [forced] and op._compiled_for is planner
 
 
 def test_gpu_script_checks_catch_wrong_results(fuzz_gpu, monkeypatch):
@@ -295,6 +507,41 @@ def test_gpu_script_checks_catch_wrong_results(fuzz_gpu, monkeypatch):
         monkeypatch.setattr(ag, "attention", _stand_in(perturb))
         errors = fuzz_gpu.run_case(c, torch.device("cpu"), "sm_90", tol)
         assert any(expect in e for e in errors), f"{expect}: {errors}"
+
+
+def _without_reordering(pat):
+    """`pat` with its buckets / lsh / keep leaves read as full(): what a kernel that ignored them would compute."""
+    if isinstance(pat, (P.And, P.Or)):
+        parts = tuple(_without_reordering(p) for p in pat.parts)
+        return P.And(parts) if isinstance(pat, P.And) else P.Or(parts)
+    if isinstance(pat, P.Not):
+        return P.Not(_without_reordering(pat.part))
+    return ag.full() if isinstance(pat, P.REORDERING) else pat
+
+
+def test_gpu_script_checks_catch_ignored_buckets(fuzz_gpu, monkeypatch):
+    """Reordering cases against a kernel that ignores their buckets and keep masks: caught wherever that changes
+    the mask."""
+    stand_in = _stand_in()
+    runtime = ("query_buckets", "key_buckets", "query_keep", "key_keep")
+
+    def ignoring(q, k, v, pattern=None, **kw):
+        return stand_in(q, k, v, _without_reordering(pattern), **{n: t for n, t in kw.items() if n not in runtime})
+
+    seeds = [s for s in _small_seeds(40, reorders=True, return_lse=True) if case(s).Sq > 16]
+    caught = 0
+    for seed in seeds[:6]:
+        c = case(seed)
+        monkeypatch.setattr(ag, "attention", ignoring)
+        errors = fuzz_gpu.run_case(c, torch.device("cpu"), "sm_90", fuzz_gpu.tolerances())
+        q, k = c.inputs("cpu")[:2]
+        rt = c.runtime()
+        shape = (c.B, c.Hq, c.Sq, c.Sk)
+        masks = (c.pattern.mask(c.Sq, c.Sk, q=q, k=k, **rt), _without_reordering(c.pattern).mask(c.Sq, c.Sk, **rt))
+        same = torch.equal(*(m.expand(shape) for m in masks))
+        assert bool(errors) != same, f"{errors}\n{_where(c)}"
+        caught += bool(errors)
+    assert caught >= 3, f"only {caught} of {len(seeds[:6])} cases tell buckets from none"
 
 
 def test_gpu_script_dry_run(fuzz_gpu, capsys):

@@ -24,10 +24,10 @@ def _signature(code: str, entry: str) -> list[str]:
 @pytest.fixture
 def launches(monkeypatch):
     calls = []
-    monkeypatch.setattr(bind, "_launch", lambda binary, entry, *rest: calls.append((binary, entry, *rest)))
+    monkeypatch.setattr(bind, "launch", lambda binary, entry, *rest: calls.append((binary, entry, *rest)))
     # Encoding a tensor map needs the CUDA driver; here it is enough to see which tensors and boxes are mapped.
     monkeypatch.setattr(tensormap, "tensor_map", lambda spec: SimpleNamespace(arg=CPointer(0), spec=spec))
-    monkeypatch.setattr(bind, "_sm_count", lambda device_index: SMS)
+    monkeypatch.setattr(bind, "sm_count", lambda device_index: SMS)
     return calls
 
 

@@ -267,3 +267,15 @@ def test_kernels_compile_without_spills():
         for entry, binary in binaries.items():
             res = binary.resources_of(entry)
             assert (res.spill_stores, res.spill_loads, res.stack_bytes) == (0, 0, 0), f"{pat} {arch} {d} {entry}"
+
+
+def test_helper_kernels_compile():
+    from attngen.nvrtc import compile_cached
+    from attngen.render import render_gather_rows, render_range_classes
+
+    for arch, (render, entry) in itertools.product(
+        ("sm_80", "sm_90"),
+        ((render_gather_rows, "attngen_gather_rows"), (render_range_classes, "attngen_range_classes")),
+    ):
+        res = compile_cached(render(arch)).resources_of(entry)
+        assert (res.spill_stores, res.spill_loads, res.stack_bytes) == (0, 0, 0), f"{entry} {arch}"

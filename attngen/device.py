@@ -1,0 +1,71 @@
+"""Launching NVRTC kernels on torch's current stream (`launch`), and the small kernels of the call-time stages:
+row gathers that move a reordered call's tensors into and out of its sorted order (`gather_rows`), and the tile
+classes of its schedule from per-query key ranges (`range_classes`). Each compiles once per arch, through the cache."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from .nvrtc import Binary, compile_cached, device_arch, ensure_dynamic_shared, load_function
+from .render import render_gather_rows, render_range_classes
+
+_u64, _i64, _i32 = np.uint64, np.int64, np.int32
+MAX_SHARED = 200 * 1024  # dynamic shared memory a helper kernel may ask for (sm_80 and sm_90 give more)
+
+
+@functools.lru_cache(maxsize=16)
+def _stream(ptr: int, device_index: int):
+    import cupy
+
+    return cupy.cuda.ExternalStream(ptr, device_index)
+
+
+def launch(binary: Binary, entry: str, grid, threads: int, smem: int, args: list, device: torch.device) -> None:
+    """Launch kernel `entry` of `binary` on torch's current stream of `device`."""
+    fn = load_function(binary, entry, device.index)
+    ensure_dynamic_shared(fn, smem)
+    stream = _stream(torch.cuda.current_stream(device).cuda_stream, device.index)
+    fn(grid, (threads,), args, shared_mem=smem, stream=stream)
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def _binary(render, device_index: int) -> Binary:
+    source = render(device_arch(device_index))
+    return compile_cached(source, f"{source.entries[0]}: a helper kernel of reordered calls")
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [N, W] (CUDA, contiguous, W · itemsize a multiple of 16 bytes) gathered by rows (int64 [M]) -> [M, W]:
+    a copy at memory bandwidth (torch's gathers read an index per element, or move rows in small pieces)."""
+    out = x.new_empty(rows.shape[0], x.shape[1])
+    vecs = x.shape[1] * x.element_size() // 16
+    if out.numel():
+        grid = (min(math.ceil(rows.shape[0] * vecs / 256), 8 * sm_count(x.device.index)), 1, 1)
+        args = [_u64(x.data_ptr()), _u64(out.data_ptr()), _u64(rows.data_ptr()), _i64(rows.shape[0]), _i32(vecs)]
+        launch(_binary(render_gather_rows, x.device.index), "attngen_gather_rows", grid, 256, 0, args, x.device)
+    return out
+
+
+def range_classes(ranges: torch.Tensor, bm: int, bn: int, Sk: int) -> torch.Tensor | None:
+    """int8 [B, H, Tq, Tk] tile classes from key ranges (int32 [B, H, Sq, 2], first key and count, contiguous, on
+    CUDA): what `schedule._key_range_classes` computes, in one launch. None where a query tile's counters would not
+    fit in shared memory (more than ~50k key tiles)."""
+    B, H, Sq = ranges.shape[:3]
+    Tq, Tk = math.ceil(Sq / bm), math.ceil(Sk / bn)
+    smem = 4 * (Tk + 1)
+    if smem > MAX_SHARED or B * H > 65535:
+        return None
+    out = torch.empty(B, H, Tq, Tk, dtype=torch.int8, device=ranges.device)
+    args = [_u64(ranges.data_ptr()), _u64(out.data_ptr()), *map(_i32, (Sq, Sk, bm, bn, Tq, Tk))]
+    binary = _binary(render_range_classes, ranges.device.index)
+    launch(binary, "attngen_range_classes", (Tq, B * H, 1), 256, smem, args, ranges.device)
+    return out
