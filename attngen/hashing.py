@@ -1,8 +1,11 @@
 """Angular LSH buckets (Sparse Flash Attention's hash): q [B, Hq, Sq, D], k [B, Hkv, Sk, D] -> int32 bucket ids
 [B, Hq, Sq] and [B, Hkv, Sk] in [0, n). Per KV head a D x n/2 matrix R of standard-normal entries; bucket(x) =
-argmax([xR, -xR]) in float32 (the first of equal maxima); queries use their KV head's R."""
+argmax([xR, -xR]) in float32 (the first of equal maxima); queries use their KV head's R. A seeded R is drawn on the
+CPU (the same on every machine); without a seed, a fresh R is drawn on q's device at every call."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -10,9 +13,17 @@ from .errors import InputError
 
 
 def lsh_directions(heads: int, head_dim: int, n: int, seed: int | None, device) -> torch.Tensor:
-    """R, float32 [heads, head_dim, n / 2] on `device`: drawn on the CPU from `seed` (the same R on every machine),
-    or from torch's global generator when `seed` is None (a fresh draw per call)."""
-    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    """R, float32 [heads, head_dim, n / 2] on `device`: drawn on the CPU from `seed` (the same R on every machine;
+    uploaded once, so later calls do not synchronise with the host), or, when `seed` is None, a fresh draw on the
+    device from torch's generator there."""
+    if seed is None:
+        return torch.randn(heads, head_dim, n // 2, dtype=torch.float32, device=device)
+    return _seeded(heads, head_dim, n, seed, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _seeded(heads: int, head_dim: int, n: int, seed: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
     return torch.randn(heads, head_dim, n // 2, generator=gen, dtype=torch.float32).to(device)
 
 
