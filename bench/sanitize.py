@@ -109,6 +109,26 @@ CASES = [
         runtime={"documents": 4},
     ),
     Case("window_global", "causal & window | global tokens, D=128", "window_global", 128, 300, 300, B=1),
+    # reordered calls (tokens sorted by bucket): key ranges, and the pattern at original positions; GQA
+    Case(
+        "buckets_ranges",
+        "causal & buckets & keep: key ranges, row gathers, range classes",
+        "buckets_keep",
+        64,
+        333,
+        333,
+        Hkv=2,
+        runtime={"buckets": 3, "keep": 0.6},
+    ),
+    Case(
+        "buckets_positions",
+        "documents & causal & buckets, D=128: the mask at original positions",
+        "documents_buckets",
+        128,
+        300,
+        300,
+        runtime={"buckets": 3, "documents": 4},
+    ),
 ]
 BY_ID = {c.id: c for c in CASES}
 
@@ -133,6 +153,8 @@ def _patterns() -> dict:
         "layout": ag.block_layout(layout, 64) & ag.causal(),
         "documents": ag.documents() & ag.causal(),
         "window_global": ag.causal() & ag.sliding_window(64) | ag.global_tokens(8),
+        "buckets_keep": ag.causal() & ag.buckets() & ag.keep(),
+        "documents_buckets": ag.documents() & ag.causal() & ag.buckets(),
     }
 
 
@@ -189,6 +211,13 @@ def run_child(case_id: str) -> int:
     if "documents" in c.runtime:
         cuts = torch.rand(c.B, c.Sq, generator=g) < c.runtime["documents"] / c.Sq
         rt_cpu["document_ids"] = cuts.cumsum(-1).to(torch.int32)
+    if "buckets" in c.runtime:  # reordered calls run through attngen.attention (they sort their tokens first)
+        n = c.runtime["buckets"]
+        rt_cpu["query_buckets"] = torch.randint(0, n, (c.B, c.Hq, c.Sq), generator=g, dtype=torch.int32)
+        rt_cpu["key_buckets"] = torch.randint(0, n, (c.B, c.Hkv, c.Sk), generator=g, dtype=torch.int32)
+    if "keep" in c.runtime:
+        rt_cpu["query_keep"] = torch.rand(c.B, c.Hq, c.Sq, generator=g) < c.runtime["keep"]
+        rt_cpu["key_keep"] = torch.rand(c.B, c.Hkv, c.Sk, generator=g) < c.runtime["keep"]
     q, k, v = (t.to(dev).requires_grad_(c.backward) for t in cpu)
     dout = dout_cpu.to(dev)
     rt = {name: t.to(dev) for name, t in rt_cpu.items()}
