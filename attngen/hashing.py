@@ -11,6 +11,20 @@ import torch
 
 from .errors import InputError
 
+MAX_BUCKETS = 2**16
+
+
+def check(n: object, seed: object) -> None:
+    """Refuse a number of buckets that is not an even int from 2 to 2**16, or a seed that is not None or an int from
+    0 to 2**63 - 1."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= MAX_BUCKETS or n % 2:
+        raise InputError(
+            f"lsh(n): n must be an even integer from 2 to {MAX_BUCKETS} (n/2 random directions, each with its "
+            f"opposite), got {n!r:.40}"
+        )
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise InputError(f"lsh(n, seed): seed must be None or an integer from 0 to 2**63 - 1, got {seed!r:.40}")
+
 
 def lsh_directions(heads: int, head_dim: int, n: int, seed: int | None, device) -> torch.Tensor:
     """R, float32 [heads, head_dim, n / 2] on `device`: drawn on the CPU from `seed` (the same R on every machine;
@@ -31,9 +45,7 @@ def lsh_buckets(q: torch.Tensor, k: torch.Tensor, n: int, seed: int | None = Non
     """(query_buckets [B, Hq, Sq], key_buckets [B, Hkv, Sk]), int32: exactly the buckets `lsh(n, seed)` uses, so
     `attention(q, k, v, causal() & lsh(n, seed=s))` equals `attention(q, k, v, causal() & buckets(),
     query_buckets=qb, key_buckets=kb)` with `qb, kb = lsh_buckets(q, k, n, s)`."""
-    from .pattern import lsh  # checks n and seed as the pattern does
-
-    lsh(n, seed)
+    check(n, seed)
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
             raise InputError(f"lsh_buckets: {name} must be a floating [batch, heads, seq, head_dim] tensor")

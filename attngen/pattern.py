@@ -19,7 +19,7 @@ from functools import cached_property
 import sympy as sp
 import torch
 
-from . import affine
+from . import affine, hashing
 from .errors import InputError
 from .symbols import SYMBOLS, Sk, Sq, k, q  # positions are integers: query q, key k; Sq, Sk the lengths
 
@@ -454,11 +454,7 @@ def lsh(n: int, seed: int | None = None) -> Pattern:
     """Buckets by angular LSH of q and k (Sparse Flash Attention's hash): per KV head a D x n/2 standard-normal R,
     bucket(x) = argmax([xR, -xR]); queries use their KV head's R. `seed=None` draws a fresh R on every call.
     `attngen.lsh_buckets(q, k, n, seed)` returns the buckets it uses."""
-    n = _int("n", n, 2, 2**16)
-    if n % 2:
-        raise InputError(f"lsh(n): n must be even (n/2 random directions, each with its opposite), got {n}")
-    if seed is not None:
-        seed = _int("seed", seed, 0, 2**63 - 1)
+    hashing.check(n, seed)
     return LSH(n, seed)
 
 
@@ -752,9 +748,7 @@ def _pairs(pat: Pattern, device, *, query_buckets, key_buckets, query_keep, key_
     if isinstance(pat, LSH):
         if pat.seed is None or q is None or k is None:
             raise InputError(f"the mask of {pat!r} needs q=, k= and a seed (lsh(n, seed=...) hashes them)")
-        from .hashing import lsh_buckets  # imports this module
-
-        qv, kv = lsh_buckets(q, k, pat.n, pat.seed)
+        qv, kv = hashing.lsh_buckets(q, k, pat.n, pat.seed)
     elif isinstance(pat, Buckets):
         if query_buckets is None or key_buckets is None:
             raise InputError("the pattern uses buckets(): pass query_buckets= and key_buckets=")

@@ -89,29 +89,29 @@ def _leaf(pattern: P.Pattern, kinds: tuple[type, ...]) -> P.Pattern | None:
     return found[0] if found else None
 
 
-def _ids(t, what: str, shape: tuple[int, ...], device) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+def _checked(t, what: str, shape: tuple[int, ...], flags: bool) -> torch.Tensor:
+    """`t` if it is a tensor of `shape` holding data, integers (bucket ids) or bools (`flags`, keep masks)."""
+    is_int = isinstance(t, torch.Tensor) and not (t.dtype.is_floating_point or t.dtype.is_complex)
+    if not isinstance(t, torch.Tensor) or (t.dtype == torch.bool) != flags or not is_int:
         got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise InputError(f"{what} must be an integer tensor of shape {list(shape)}, got {got}")
+        kind = "a torch.bool tensor" if flags else "an integer tensor"
+        raise InputError(f"{what} must be {kind} of shape {list(shape)}{' (True = kept)' * flags}, got {got}")
     if tuple(t.shape) != shape:
         raise InputError(f"{what} must have shape {list(shape)} ([batch, heads, seq]), got {list(t.shape)}")
     if t.is_meta:
         raise InputError(f"{what} must hold data (a CPU or CUDA tensor), got a meta tensor")
-    narrow = t.to(torch.int32)
+    return t
+
+
+def _ids(t, what: str, shape: tuple[int, ...], device) -> torch.Tensor:
+    narrow = _checked(t, what, shape, flags=False).to(torch.int32)
     if t.dtype == torch.int64 and not torch.compiler.is_compiling() and not torch.equal(narrow.to(t.dtype), t):
         raise InputError(f"{what} must fit in int32 (from -2**31 to 2**31 - 1); got values beyond that")
     return narrow.to(device)
 
 
 def _flags(t, what: str, shape: tuple[int, ...], device) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.bool:
-        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise InputError(f"{what} must be a torch.bool tensor of shape {list(shape)} (True = kept), got {got}")
-    if tuple(t.shape) != shape:
-        raise InputError(f"{what} must have shape {list(shape)} ([batch, heads, seq]), got {list(t.shape)}")
-    if t.is_meta:
-        raise InputError(f"{what} must hold data (a CPU or CUDA tensor), got a meta tensor")
-    return t.to(device)
+    return _checked(t, what, shape, flags=True).to(device)
 
 
 def _sort(ids: torch.Tensor | None, kept: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

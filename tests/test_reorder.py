@@ -106,9 +106,9 @@ def test_patterns_print_and_share_one_structure():
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda: ag.lsh(7), "n must be even"),
-        (lambda: ag.lsh(0), "n must be an integer from 2"),
-        (lambda: ag.lsh(8, seed=-1), "seed must be an integer"),
+        (lambda: ag.lsh(7), "n must be an even integer"),
+        (lambda: ag.lsh(0), "n must be an even integer from 2"),
+        (lambda: ag.lsh(8, seed=-1), "seed must be None or an integer"),
         (lambda: make_plan(ag.buckets() & ag.nm(2, 4), head_dim=64, dtype="fp16", arch="sm_90"), "selection rule"),
     ],
 )
