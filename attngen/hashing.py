@@ -35,6 +35,7 @@ def lsh_directions(heads: int, head_dim: int, n: int, seed: int | None, device) 
     return _seeded(heads, head_dim, n, seed, torch.device(device))
 
 
+@torch.compiler.disable  # a torch.Generator cannot be made inside a compiled region: traced, this is a graph break
 @functools.lru_cache(maxsize=64)
 def _seeded(heads: int, head_dim: int, n: int, seed: int, device: torch.device) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)

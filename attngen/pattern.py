@@ -51,6 +51,8 @@ class Pattern:
             _STRUCTURES[name] = structure
         object.__setattr__(self, "_structure", structure)
         object.__setattr__(self, "key", name)
+        # The key-range form of a reordering pattern (sympy analysis), likewise made once and read as a constant.
+        object.__setattr__(self, "range_atoms", _range_atoms(self) if self.reorders else None)
 
     def __and__(self, other: Pattern) -> Pattern:
         return And(_flatten(And, (self, _check(other))))
@@ -337,7 +339,6 @@ class Keep(Pattern):
 REORDERING = (Buckets, LSH, Keep)  # leaves whose patterns run on tokens sorted by bucket, dropped tokens last
 
 
-@functools.lru_cache(maxsize=1024)  # read on every call of a reordering pattern; sympy is slow
 def linear_atoms(pat: Pattern) -> tuple[affine.LinearAtom, ...] | None:
     """An affine leaf's predicate as the conjunction of linear atoms `L >= 0` / `L == 0` it is, or None when it is
     not one (| ~ != // % in it)."""
@@ -352,16 +353,30 @@ def linear_atoms(pat: Pattern) -> tuple[affine.LinearAtom, ...] | None:
     return tuple(affine.linear_atom(r) for r in rels)
 
 
-@functools.lru_cache(maxsize=1024)
+def _range_atoms(pat: Pattern) -> tuple[affine.LinearAtom, ...] | None:
+    """The linear atoms of a reordering pattern whose every query keeps one range of sorted keys (see
+    `keeps_key_ranges`), or None when it does not have that form."""
+    parts = pat.parts if isinstance(pat, And) else (pat,)
+    if sum(isinstance(p, (Buckets, LSH)) for p in set(parts)) > 1:
+        return None
+    atoms: list[affine.LinearAtom] = []
+    for p in parts:
+        if isinstance(p, (Buckets, LSH, Keep, KeyPadding)):
+            continue
+        found = linear_atoms(p)
+        if found is None:
+            return None
+        atoms += found
+    return tuple(atoms)
+
+
 def keeps_key_ranges(pat: Pattern) -> bool:
     """Whether, on its tokens sorted by (dropped, bucket, position), every query row of a reordering pattern keeps
     one contiguous range of keys: the pattern is a conjunction of at most one bucket leaf, keep(), key_padding() and
     affine leaves that are conjunctions of linear (in)equalities (causal, windows, local, "k < q", ...). Each of
-    those allows, per query, one interval of key positions, and the keys of one bucket are sorted by position."""
-    parts = pat.parts if isinstance(pat, And) else (pat,)
-    if not pat.reorders or sum(isinstance(p, (Buckets, LSH)) for p in set(parts)) > 1:
-        return False
-    return all(isinstance(p, (Buckets, LSH, Keep, KeyPadding)) or linear_atoms(p) is not None for p in parts)
+    those allows, per query, one interval of key positions, and the keys of one bucket are sorted by position.
+    `pat.range_atoms` holds those inequalities (made when the pattern is built)."""
+    return pat.range_atoms is not None
 
 
 # ----------------------------------------------------------------------------------------- constructors

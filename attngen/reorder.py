@@ -172,7 +172,7 @@ def _key_ranges(pattern: P.Pattern, orders, buckets, keep, key_lengths, Sq: int,
     lo = torch.zeros_like(q_order)
     hi = torch.full_like(q_order, Sk - 1)
     parts = pattern.parts if isinstance(pattern, P.And) else (pattern,)
-    for atom in (a for p in parts for a in (P.linear_atoms(p) or ())):
+    for atom in pattern.range_atoms:
         cq, ck, csq, csk = atom.coef
         rest = cq * q_order + (csq * Sq + csk * Sk + atom.const)  # the atom is ck·k + rest >= 0 (or == 0)
         if ck == 0:

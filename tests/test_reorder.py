@@ -279,3 +279,23 @@ def test_helper_kernels_compile():
     ):
         res = compile_cached(render(arch)).resources_of(entry)
         assert (res.spill_stores, res.spill_loads, res.stack_bytes) == (0, 0, 0), f"{entry} {arch}"
+
+
+def test_calls_trace_under_torch_compile(reference_kernels):
+    """The sort, key ranges and gathers trace into one graph (fullgraph=True) for buckets() and keep(); a seeded
+    lsh(n) draws its R with a torch.Generator, which a compiled region cannot make: one graph break there."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = _qkv(40, 40, gen)
+    cases = [(PATTERNS[name][0], True) for name in ("causal&buckets", "causal&keep", "documents&causal&buckets")]
+    cases += [(PATTERNS["strict&lsh"][0], False), (ag.predicate("k < q") & ag.lsh(4), True)]
+    for pat, fullgraph in cases:
+        rt = _inputs(pat, 40, 40, gen)
+
+        def fn(q, k, v, pat=pat, rt=rt):
+            return ag.attention(q, k, v, pat, **rt)
+
+        traced = torch.compile(fn, fullgraph=fullgraph, backend="eager")(q, k, v)
+        if any(isinstance(leaf, P.LSH) and leaf.seed is None for leaf in pat.leaves()):
+            assert traced.shape == q.shape and torch.isfinite(traced).all()  # a fresh R: other buckets each call
+        else:
+            assert torch.allclose(traced.float(), fn(q, k, v).float(), atol=1e-3), pat
