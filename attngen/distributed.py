@@ -118,7 +118,7 @@ def plan(pattern: P.Pattern, world: int, shard_len: int, layout: str = "contiguo
         raise InputError(
             f"{pattern!r}: context parallelism takes affine patterns (causal, windows, local, prefix_lm, "
             "global_tokens, predicate), documents() and key_padding() with & | ~, and `A & nm(n, m)`; block "
-            "layouts not yet"
+            "layouts, buckets, lsh and keep masks not yet"
         )
     if rule is not None and chunk % getattr(rule, "m", chunk + 1):
         raise InputError(f"{rule!r} needs chunks of a multiple of {rule.m} positions, got {chunk}")

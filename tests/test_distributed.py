@@ -75,8 +75,10 @@ def test_blocks_between_unrelated_documents_are_dropped():
 
 
 def test_plan_refuses_what_it_cannot_split():
-    with pytest.raises(InputError, match="block layouts not yet"):
+    with pytest.raises(InputError, match="block layouts, buckets, lsh and keep masks not yet"):
         D.plan(ag.block_layout(torch.ones(4, 4, dtype=torch.bool), 32) & ag.causal(), 2, 64)
+    with pytest.raises(InputError, match="buckets, lsh and keep masks not yet"):
+        D.plan(ag.causal() & ag.lsh(8, seed=0), 2, 64)
     with pytest.raises(InputError, match="multiple of 4"):
         D.plan(ag.causal() & ag.nm(2, 4), 2, 30)
     with pytest.raises(InputError, match="layout"):
