@@ -129,6 +129,8 @@ def attention(
 
 def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """x [B, H, S] or [B, H, S, D] with its rows (flattened over B, H, S) gathered by `rows`."""
+    if rows.numel() == 0:  # no rows: nothing to move (and no width to infer)
+        return x.clone()
     flat = x.reshape(rows.shape[0], -1)
     if flat.is_cuda and (flat.shape[1] * flat.element_size()) % 16 == 0 and not torch.compiler.is_compiling():
         with _device_of(flat):

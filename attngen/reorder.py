@@ -3,10 +3,12 @@ masks -> a `Route` (the tokens of each (batch, head) stably sorted by bucket, dr
 that move tensors into that order and back.
 
 The kernels then run on the sorted tokens: a bucket is a contiguous run of query tiles and of key tiles, so the
-schedule (`schedule.py`, from per-tile extremes of bucket ids and original positions) visits only tile pairs that
-can share a bucket and that the rest of the pattern, read at the original positions (`Route.q_order`, `k_order`),
-allows. Outputs, LSE and gradients are moved back to the original order; every move is a gather (the backward of a
-gather by a permutation is the gather by its inverse), so nothing here is atomic or order-dependent."""
+schedule (`schedule.py`: from each query's run of kept keys, `Route.ranges`, where the pattern has that form; else
+from per-tile extremes of bucket ids and original positions) visits only tile pairs that can share a bucket and
+that the rest of the pattern, read at the original positions (`Route.q_order`, `k_order`), allows. Outputs, LSE
+and gradients are moved back to the original order; every move is a gather (the backward of a gather by a
+permutation is the gather by its inverse: `op.to_sorted`, `op.to_original`), so nothing is atomic or
+order-dependent."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ _INT32_MIN = -(2**31)
 class Route:
     """Sorted tokens, as the kernels read them: the original position of each sorted query [B, Hq, Sq] and key
     [B, Hkv, Sk] (int32), then, in sorted order, the bucket ids (int32) and the keep flags (uint8) where the
-    pattern has them."""
+    pattern has them, and each query's run of kept keys where the pattern keeps one (`keeps_key_ranges`)."""
 
     q_order: torch.Tensor
     k_order: torch.Tensor
@@ -114,7 +116,7 @@ def _flags(t, what: str, shape: tuple[int, ...], device) -> torch.Tensor:
     return _checked(t, what, shape, flags=True).to(device)
 
 
-def _sort(ids: torch.Tensor | None, kept: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _sort(ids: torch.Tensor | None, kept: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stable order by (dropped, bucket) along the last dim of [B, H, S]: (sorted <- original [B, H, S], and the
     flattened rows of both directions). The sort key is as narrow as the pattern allows (radix passes cost)."""
     if ids is not None and kept is not None:
@@ -123,7 +125,7 @@ def _sort(ids: torch.Tensor | None, kept: torch.Tensor | None) -> tuple[torch.Te
         key = ids if ids is not None else (~kept).to(torch.uint8)
     order = torch.sort(key, dim=-1, stable=True).indices
     B, H, S = order.shape
-    start = torch.arange(0, B * H * S, S, device=order.device).view(B, H, 1)
+    start = torch.arange(B * H, device=order.device).view(B, H, 1) * S
     rows = (order + start).view(-1)
     back = torch.empty_like(rows)  # a permutation: every element written once
     back[rows] = torch.arange(B * H * S, device=order.device)
@@ -169,6 +171,8 @@ def _key_ranges(pattern: P.Pattern, orders, buckets, keep, key_lengths, Sq: int,
     query's bucket (kept ones, where there is keep()) with positions in that interval: one run of the keys sorted
     by (dropped, bucket, position), found by binary search on that composite key."""
     q_order, k_order = (t.to(torch.int64) for t in orders)
+    if q_order.numel() == 0 or Sk == 0:  # no query, or no key to keep
+        return torch.zeros(*q_order.shape, 2, dtype=torch.int32, device=q_order.device)
     lo = torch.zeros_like(q_order)
     hi = torch.full_like(q_order, Sk - 1)
     parts = pattern.parts if isinstance(pattern, P.And) else (pattern,)

@@ -299,3 +299,21 @@ def test_calls_trace_under_torch_compile(reference_kernels):
             assert traced.shape == q.shape and torch.isfinite(traced).all()  # a fresh R: other buckets each call
         else:
             assert torch.allclose(traced.float(), fn(q, k, v).float(), atol=1e-3), pat
+
+
+@pytest.mark.parametrize("Sq,Sk,batch", [(5, 0, 1), (0, 5, 1), (3, 3, 0)])
+def test_empty_sequences_and_batches(Sq, Sk, batch, reference_kernels):
+    """No key, no query or no batch element: the sort, ranges and gathers handle empty tensors (output 0 rows)."""
+    q = torch.randn(batch, 2, Sq, 64).half().requires_grad_()
+    k, v = (torch.randn(batch, 1, Sk, 64).half().requires_grad_() for _ in range(2))
+    rt = {"query_buckets": torch.zeros(batch, 2, Sq, dtype=torch.int32)}
+    rt |= {"key_buckets": torch.zeros(batch, 1, Sk, dtype=torch.int32)}
+    rt |= {
+        "query_keep": torch.ones(batch, 2, Sq, dtype=torch.bool),
+        "key_keep": torch.ones(batch, 1, Sk, dtype=torch.bool),
+    }
+    for pat in (ag.causal() & ag.buckets() & ag.keep(), ag.global_tokens(1) | ag.buckets() & ag.keep()):
+        out = ag.attention(q, k, v, pat, **rt)
+        assert out.shape == q.shape and (out == 0).all()
+        grads = torch.autograd.grad(out.float().sum(), (q, k, v), allow_unused=True)
+        assert all(g is None or (g == 0).all() for g in grads)
