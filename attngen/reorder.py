@@ -45,22 +45,28 @@ class Route:
         return [self.ranges] if self.ranges is not None else self.tensors()
 
     @staticmethod
+    def _parts(structure: P.Pattern) -> tuple[bool, bool, bool]:
+        """Whether a reordering structure's route holds bucket ids, keep flags and key ranges."""
+        leaves = structure.leaves()
+        buckets, keep = (any(isinstance(x, kind) for x in leaves) for kind in (P.Buckets, P.Keep))
+        return buckets, keep, P.keeps_key_ranges(structure)
+
+    @staticmethod
     def count(structure: P.Pattern) -> int:
         """How many tensors `tensors()` gives for a pattern structure (0 when it does not reorder)."""
         if not structure.reorders:
             return 0
-        leaves = structure.leaves()
-        n = 2 + 2 * any(isinstance(x, P.Buckets) for x in leaves) + 2 * any(isinstance(x, P.Keep) for x in leaves)
-        return n + P.keeps_key_ranges(structure)
+        buckets, keep, ranges = Route._parts(structure)
+        return 2 + 2 * buckets + 2 * keep + ranges
 
     @staticmethod
     def from_tensors(structure: P.Pattern, tensors: list[torch.Tensor]) -> Route:
-        leaves = structure.leaves()
+        has_buckets, has_keep, has_ranges = Route._parts(structure)
         rest = list(tensors)
         orders = rest.pop(0), rest.pop(0)
-        buckets = (rest.pop(0), rest.pop(0)) if any(isinstance(x, P.Buckets) for x in leaves) else None
-        keep = (rest.pop(0), rest.pop(0)) if any(isinstance(x, P.Keep) for x in leaves) else None
-        ranges = rest.pop(0) if P.keeps_key_ranges(structure) else None
+        buckets = (rest.pop(0), rest.pop(0)) if has_buckets else None
+        keep = (rest.pop(0), rest.pop(0)) if has_keep else None
+        ranges = rest.pop(0) if has_ranges else None
         return Route(*orders, buckets, keep, ranges)
 
     def mask_inputs(self) -> dict:
