@@ -15,7 +15,7 @@ from ._version import __version__
 from .errors import AttngenError, InputError
 
 # public name -> the module that defines it
-_LAZY = {name: ".launch" for name in ("Kernel", "attention", "compile")}
+_LAZY = {name: ".launch" for name in ("Kernel", "attention", "compile", "selected_blocks")}
 _LAZY |= {"nm": ".select.nm", "lsh_buckets": ".hashing"}
 _LAZY |= {
     name: ".pattern"
@@ -38,6 +38,7 @@ _LAZY |= {
         "prefix_lm",
         "q",
         "sliding_window",
+        "topk_blocks",
     )
 }
 

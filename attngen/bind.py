@@ -46,6 +46,9 @@ def runtime_values(plan: KernelPlan, prep: Prepared) -> list:
     for lay in prep.layouts:
         head_stride = lay.shape[1] * lay.shape[2] if lay.shape[0] > 1 else 0  # 0: one grid for every head
         values += [_u64(lay.data_ptr()), _i64(head_stride), _i32(lay.shape[2])]
+    if prep.blocks is not None:
+        _B, Hq, nbq, nbk = prep.blocks.shape
+        values += [_u64(prep.blocks.data_ptr()), _i64(Hq * nbq * nbk), _i64(nbq * nbk), _i32(nbk)]
     if prep.document_ids is not None:
         for ids in prep.document_ids:
             values += [_u64(ids.data_ptr()), _i64(ids.shape[1] if ids.shape[0] > 1 else 0)]
@@ -92,8 +95,8 @@ def forward(kern: Compiled, q, k, v, scale: float, prep: Prepared) -> tuple[torc
     q, k, v = map(aligned, (q, k, v))
     sched = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, q.device, prep, rule=plan.rule)
     if t.wgmma:  # tensor maps: Q tiles of BLOCK_M rows, K/V of BLOCK_N, O stored 64 rows per warpgroup
-        # Persistent blocks, one per SM, claim (query tile, head, batch) items from a counter past the first.
-        grid = (min(math.ceil(Sq / t.block_m) * Hq * B, sm_count(q.device.index)), 1, 1)
+        # Persistent blocks, min_blocks per SM, claim (query tile, head, batch) items from a counter past the first.
+        grid = (min(math.ceil(Sq / t.block_m) * Hq * B, t.min_blocks * sm_count(q.device.index)), 1, 1)
         next_item = torch.zeros(1, dtype=torch.int32, device=q.device)
         if plan.select.sparse_pv:  # K through its 5-d map, in the key order of the sparse P·V fragments
             k_map, k = _key_groups_map(k, t.block_n)  # k: what the map points at, kept alive past the launch

@@ -14,7 +14,7 @@ from .kernel import Compiled, compiled
 from .nvrtc import Binary, device_arch
 from .op import attention as attention_fn
 from .op import to_original, to_sorted
-from .pattern import Pattern, full
+from .pattern import Pattern, full, topk_leaf
 from .plan import KernelPlan, normalize_dtype
 from .prepare import prepare
 from .render import KernelSource
@@ -191,6 +191,17 @@ def attention(
         raise InputError(f"head_dim {q.shape[-1]} is not supported; supported: {HEAD_DIMS}")
     inputs = {"document_ids": document_ids, "key_lengths": key_lengths, **inputs}
     return _call(pattern, q, k, v, scale, return_lse, inputs)
+
+
+def selected_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, **inputs) -> torch.Tensor:
+    """bool [B, Hq, nbq, nbk]: the key blocks each query block keeps under `pattern`'s `topk_blocks` leaf for these
+    q, k and call-time inputs, computed as `attention` computes it (fp32 block scores on the GPU), before the rest
+    of the pattern masks elements inside the kept blocks. `reference.attention(..., selected_blocks=)` takes it."""
+    if not isinstance(pattern, Pattern) or topk_leaf(pattern) is None:
+        raise InputError(f"selected_blocks needs a pattern with a topk_blocks leaf, got {pattern!r:.80}")
+    _check(q, k, k)
+    inputs = {"document_ids": None, "key_lengths": None, **inputs}
+    return prepare(pattern, q, k, inputs).blocks.bool()
 
 
 def compile(

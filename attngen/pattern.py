@@ -19,7 +19,7 @@ from functools import cached_property
 import sympy as sp
 import torch
 
-from . import affine, hashing
+from . import affine, blocktopk, hashing
 from .errors import InputError
 from .symbols import SYMBOLS, Sk, Sq, k, q  # positions are integers: query q, key k; Sq, Sk the lengths
 
@@ -61,7 +61,7 @@ class Pattern:
         return Or(_flatten(Or, (self, _check(other))))
 
     def __invert__(self) -> Pattern:
-        if any(isinstance(leaf, Selector) for leaf in self.leaves()):
+        if any(isinstance(leaf, BY_SCORE) for leaf in self.leaves()):
             raise InputError(
                 f"~ cannot apply to {self!r}: a selection rule keeps keys by their scores, and its complement is "
                 "not supported; write `A & rule` to let the rule choose among the keys A allows"
@@ -336,6 +336,61 @@ class Keep(Pattern):
         return "keep()"
 
 
+@dataclass(frozen=True, repr=False)
+class TopkBlocks(Pattern):
+    """Block top-k (MoBA / NSA style): per (batch, query head, query block of `block` rows), the `k` key blocks with
+    the largest mean(q of the block) · mean(k of the block), among the key blocks where the leaf's &-context (the
+    conjunction of its siblings under every enclosing &: `context_of`) allows some pair; ties to the lower block
+    index. Selected per call on the GPU (`attngen.blockselect`), so its structure is `SelectedBlocks`."""
+
+    k: int
+    block: int
+
+    def _restructure(self, slots):
+        return SelectedBlocks(self.block)
+
+    def __repr__(self):
+        return f"topk_blocks({self.k}, block={self.block})"
+
+
+@dataclass(frozen=True, repr=False)
+class SelectedBlocks(Pattern):
+    """Structure of `topk_blocks`: query block qb of batch b, query head h sees key block kb where the call's
+    selection grid (uint8 [B, Hq, nbq, nbk], the kernels' `blocks` argument) holds 1."""
+
+    block: int
+
+    def __repr__(self):
+        return f"topk_blocks(<run-time selection>, block={self.block})"
+
+
+BY_SCORE = (Selector, TopkBlocks)  # leaves that keep keys by their scores: ~ on them is refused
+
+
+def topk_leaf(pat: Pattern) -> TopkBlocks | SelectedBlocks | None:
+    """The pattern's block top-k leaf (or its structure), or None."""
+    found = [leaf for leaf in pat.leaves() if isinstance(leaf, (TopkBlocks, SelectedBlocks))]
+    return found[0] if found else None
+
+
+def context_of(pat: Pattern, leaf: Pattern) -> Pattern:
+    """The &-context of `leaf` in `pat`: the conjunction of its siblings under every enclosing & (for
+    `causal() & (topk_blocks(8, block=64) | sliding_window(512))`, `causal()`); `full()` where there is none. The
+    siblings under | add keys and do not restrict it."""
+    parts: list[Pattern] = []
+    node = pat
+    while node is not leaf:
+        branch = (
+            next(p for p in node.parts if any(x is leaf for x in p.leaves())) if isinstance(node, (And, Or)) else None
+        )
+        if branch is None:
+            raise InputError(f"{leaf!r} cannot appear under ~ in {pat!r}")
+        if isinstance(node, And):
+            parts += [p for p in node.parts if p is not branch]
+        node = branch
+    return full() if not parts else parts[0] if len(parts) == 1 else And(tuple(parts))
+
+
 REORDERING = (Buckets, LSH, Keep)  # leaves whose patterns run on tokens sorted by bucket, dropped tokens last
 
 
@@ -477,6 +532,20 @@ def keep() -> Pattern:
     """Drop queries and keys: pass `query_keep=` [B, Hq, Sq] and `key_keep=` [B, Hkv, Sk] (bool, True = kept) to
     `attention`. Dropped keys are never attended; a dropped query outputs 0 (LSE -inf) and gets zero gradients."""
     return Keep()
+
+
+TOPK_BLOCK_SIZES = (64, 128)
+
+
+def topk_blocks(k: int, block: int = 64) -> Pattern:
+    """Block top-k: each query block of `block` rows attends to the `k` key blocks whose mean key has the largest dot
+    product with its mean query (per batch and query head; blocks aligned at 0), among the key blocks the rest of the
+    pattern allows for it; every element of a kept block still obeys the rest of the pattern. Inside |, the other
+    branches add their keys: `causal() & (topk_blocks(16) | sliding_window(512))`. block is 64 or 128."""
+    k = _int("k", k, 1)
+    if isinstance(block, bool) or block not in TOPK_BLOCK_SIZES:
+        raise InputError(f"topk_blocks(k, block): block must be one of {TOPK_BLOCK_SIZES}, got {block!r:.40}")
+    return TopkBlocks(k, block)
 
 
 def block_layout(layout: torch.Tensor, block_size: int) -> Pattern:
@@ -706,7 +775,9 @@ def dense_mask(
     q: torch.Tensor | None = None,
     k: torch.Tensor | None = None,
     order: tuple[torch.Tensor, torch.Tensor] | None = None,
+    selected_blocks: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
+    _selected: torch.Tensor | None = None,
     **_,
 ) -> torch.Tensor:
     """Dense bool mask [B', H', Sq, Sk] of the positions `pat` allows (B', H' are 1 unless the pattern depends on
@@ -714,9 +785,15 @@ def dense_mask(
     Buckets and keep masks are compared as given ([B, Hq, S] for queries, [B, Hkv, S] for keys); `lsh` hashes `q`
     and `k`. With `order` = (query positions [B, Hq, Sq], key positions [B, Hkv, Sk]), the mask of tokens in that
     order: every leaf but buckets and keep masks reads the original position of each token (what the kernels of a
-    reordered call evaluate; `attngen.reorder`)."""
+    reordered call evaluate; `attngen.reorder`). `topk_blocks` selects by the float64 scores of `q` and `k` among
+    the blocks its &-context allows (`context_of`), or takes the choice as `selected_blocks`, bool [B, Hq, nbq, nbk]
+    (what `attngen.selected_blocks` returns)."""
     runtime = dict(document_ids=document_ids, key_lengths=key_lengths, query_buckets=query_buckets)
     runtime |= dict(key_buckets=key_buckets, query_keep=query_keep, key_keep=key_keep, q=q, k=k, order=order)
+    leaf = topk_leaf(pat)
+    if _selected is None and leaf is not None:
+        _selected = _topk_mask(pat, leaf, Sq, Sk, selected_blocks, device, runtime)
+    runtime["_selected"] = _selected
     sub = functools.partial(dense_mask, Sq=Sq, Sk=Sk, device=device, **runtime)
     if isinstance(pat, (And, Or)):
         return functools.reduce(operator.and_ if isinstance(pat, And) else operator.or_, map(sub, pat.parts))
@@ -735,6 +812,8 @@ def dense_mask(
         return m.expand(*torch.broadcast_shapes(qi.shape, kj.shape))
     if isinstance(pat, Selector):
         return torch.ones(1, 1, Sq, Sk, dtype=torch.bool, device=device)
+    if isinstance(pat, TopkBlocks):
+        return _selected
     if isinstance(pat, BlockLayout):
         lay = pat.tensor().to(device).bool()
         nq, nk = math.ceil(Sq / pat.block_size), math.ceil(Sk / pat.block_size)
@@ -755,6 +834,28 @@ def dense_mask(
             raise InputError("the pattern uses key_padding(): pass key_lengths=")
         return kj < key_lengths.to(device).view(-1, 1, 1, 1)
     raise InputError(f"{pat!r} has no dense mask (a pattern's structure has none: use the pattern itself)")
+
+
+def _topk_mask(pat, leaf, Sq, Sk, selected_blocks, device, runtime) -> torch.Tensor:
+    """bool [B, Hq, Sq, Sk]: the pairs inside the key blocks `leaf` (a `topk_blocks`) keeps."""
+    if not isinstance(leaf, TopkBlocks):
+        raise InputError(f"{leaf!r} has no dense mask (a pattern's structure has none: use the pattern itself)")
+    bs = leaf.block
+    nbq, nbk = math.ceil(Sq / bs), math.ceil(Sk / bs)
+    if selected_blocks is not None:
+        grid = selected_blocks.to(device, torch.bool)
+        if grid.dim() != 4 or tuple(grid.shape[-2:]) != (nbq, nbk):
+            raise InputError(f"selected_blocks must be bool [B, Hq, {nbq}, {nbk}], got {tuple(grid.shape)}")
+        return blocktopk.expand(grid, bs, Sq, Sk)
+    q, k = runtime["q"], runtime["k"]
+    if q is None or k is None:
+        raise InputError(f"the mask of {leaf!r} needs q= and k= (it selects blocks by their scores)")
+    if runtime["order"] is not None:
+        raise InputError(f"{leaf!r} does not run on reordered tokens")
+    context = dense_mask(context_of(pat, leaf), Sq, Sk, device=device, **{**runtime, "_selected": None})
+    cand = blocktopk.candidates_of(context, bs, Sq, Sk)
+    scores = blocktopk.block_scores(q.to(device), k.to(device), bs, torch.float64)
+    return blocktopk.expand(blocktopk.choose(scores, cand, leaf.k), bs, Sq, Sk)
 
 
 def _pairs(pat: Pattern, device, *, query_buckets, key_buckets, query_keep, key_keep, q, k, **_) -> torch.Tensor:
@@ -823,5 +924,6 @@ CONSTRUCTORS = {
         buckets,
         lsh,
         keep,
+        topk_blocks,
     )
 }

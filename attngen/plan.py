@@ -70,8 +70,8 @@ class KernelPlan:
 
     @property
     def block_sizes(self) -> tuple[int, ...]:
-        """Block sizes of the pattern's layouts: tiles that divide them are never partial."""
-        return tuple(slot.block_size for slot in self.layouts)
+        """Block sizes of the pattern's layouts and block top-k: tiles that divide them are never partial."""
+        return _block_sizes(self.pattern, self.layouts)
 
     @functools.cached_property
     def positions(self) -> P.Pattern:
@@ -131,11 +131,19 @@ def _lower(pat: P.Pattern, ops: tuple[str, str], at: tuple[str, str] = affine.PO
     if isinstance(pat, P.LayoutSlot):
         n, bs = pat.index, pat.block_size
         return f"layout{n}[h * layout{n}_sh + ({qp} / {bs}) * layout{n}_nk + {kp} / {bs}] != 0"
+    if isinstance(pat, P.SelectedBlocks):
+        bs = pat.block
+        return f"blocks[b * blocks_sb + h * blocks_sh + ({qp} / {bs}) * blocks_nk + {kp} / {bs}] != 0"
     if isinstance(pat, P.Buckets):  # compared in sorted order
         return f"qbucket[{_SORTED_ROW[0]} + q] == kbucket[{_SORTED_ROW[1]} + k]"
     if isinstance(pat, P.Keep):
         return f"qkeep[{_SORTED_ROW[0]} + q] != 0{ops[0]}kkeep[{_SORTED_ROW[1]} + k] != 0"
     raise InputError(f"unknown pattern node {pat!r}")
+
+
+def _block_sizes(structure: P.Pattern, layouts: tuple[P.LayoutSlot, ...]) -> tuple[int, ...]:
+    topk = P.topk_leaf(structure)
+    return tuple(slot.block_size for slot in layouts) + ((topk.block,) if topk is not None else ())
 
 
 def _keep_c(mask_c: str, branch_free: bool, reordered: bool, row_ranges: bool) -> str:
@@ -156,6 +164,13 @@ def _runtime_args(pat: P.Pattern, layouts: tuple[P.LayoutSlot, ...]) -> tuple[Ru
             RuntimeArg(f"layout{n}", POINTER.format("unsigned char")),
             RuntimeArg(f"layout{n}_sh", "long long"),
             RuntimeArg(f"layout{n}_nk", "int"),
+        ]
+    if P.topk_leaf(pat) is not None:  # blockselect.select's grid
+        args += [
+            RuntimeArg("blocks", POINTER.format("unsigned char")),
+            RuntimeArg("blocks_sb", "long long"),
+            RuntimeArg("blocks_sh", "long long"),
+            RuntimeArg("blocks_nk", "int"),
         ]
     if "document_ids" in pat.runtime_inputs:
         args += [
@@ -272,7 +287,7 @@ def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str) ->
     else:
         at = ORIGINAL if positions.reorders else affine.POSITIONS
         mask_c = _lower(positions, affine.BRANCH_FREE if branch_free else affine.GUARDED, at)
-    block_sizes = tuple(slot.block_size for slot in layouts)
+    block_sizes = _block_sizes(structure, layouts)
     cheap_mask = branch_free or row_ranges
     dkdv, dq = backward_tilings(head_dim, arch, block_sizes, cheap_mask)
     return KernelPlan(

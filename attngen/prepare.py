@@ -2,18 +2,19 @@
 rule's pre-passes. -> Prepared, the tensors the kernels read beyond q, k, v, in the plan's argument order.
 
 A `Prepared` travels through the custom op as one list of tensors (`tensors()` / `from_tensors`), so the op's
-signature does not grow with each rule: block-layout grids (uint8 [LH, nbq, nbk], one per layout slot), document
-ids (int32 [B', Sq], [B', Sk]), key lengths (int32 [B]), a reordering pattern's sorted tokens (`reorder.Route`),
-then whatever the rule's `prepare` returns."""
+signature does not grow with each rule: block-layout grids (uint8 [LH, nbq, nbk], one per layout slot), a block
+top-k selection (uint8 [B, Hq, nbq, nbk], `blockselect`), document ids (int32 [B', Sq], [B', Sk]), key lengths
+(int32 [B]), a reordering pattern's sorted tokens (`reorder.Route`), then whatever the rule's `prepare` returns."""
 
 from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from . import blockselect
 from . import pattern as P
 from .errors import InputError
 from .plan import KernelPlan
@@ -24,6 +25,7 @@ from .select import split_selection
 @dataclass(frozen=True, eq=False)
 class Prepared:
     layouts: tuple[torch.Tensor, ...] = ()
+    blocks: torch.Tensor | None = None  # a topk_blocks leaf's selection, uint8 [B, Hq, nbq, nbk] (blockselect)
     document_ids: tuple[torch.Tensor, torch.Tensor] | None = None
     key_lengths: torch.Tensor | None = None
     route: Route | None = None  # a reordering pattern's sorted tokens
@@ -35,7 +37,8 @@ class Prepared:
         docs = list(self.document_ids or ())
         lengths = [] if self.key_lengths is None else [self.key_lengths]
         routed = [] if self.route is None else self.route.tensors()
-        return [*self.layouts, *docs, *lengths, *routed, *self.rule]
+        blocks = [] if self.blocks is None else [self.blocks]
+        return [*self.layouts, *blocks, *docs, *lengths, *routed, *self.rule]
 
     @staticmethod
     def from_tensors(plan: KernelPlan, tensors: list[torch.Tensor]) -> Prepared:
@@ -43,12 +46,13 @@ class Prepared:
         rest = list(tensors)
         layouts = tuple(rest[: len(plan.layouts)])
         del rest[: len(plan.layouts)]
+        blocks = rest.pop(0) if P.topk_leaf(plan.positions) is not None else None
         inputs = plan.positions.runtime_inputs
         docs = (rest.pop(0), rest.pop(0)) if "document_ids" in inputs else None
         lengths = rest.pop(0) if "key_lengths" in inputs else None
         n = Route.count(plan.positions)
         routed = Route.from_tensors(plan.positions, rest[:n]) if n else None
-        return Prepared(layouts, docs, lengths, routed, tuple(rest[n:]))
+        return Prepared(layouts, blocks, docs, lengths, routed, tuple(rest[n:]))
 
 
 def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict) -> Prepared:
@@ -73,7 +77,10 @@ def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict) 
     lengths = _key_lengths(inputs["key_lengths"], B, device) if "key_lengths" in need else None
     extra = rule.prepare(q, k, {n: inputs[n] for n in rule.runtime_inputs}) if rule is not None else ()
     routed, permutation = route(positions, q, k, inputs, lengths) if positions.reorders else (None, None)
-    return Prepared(layouts, docs, lengths, routed, tuple(extra), permutation)
+    prep = Prepared(layouts, None, docs, lengths, routed, tuple(extra), permutation)
+    if P.topk_leaf(pattern) is not None:  # selected among what the rest allows, so after the rest is prepared
+        prep = replace(prep, blocks=blockselect.select(pattern, q, k, prep))
+    return prep
 
 
 # Block layout leaf -> {device: its grid there}: each grid is uploaded once and lives as long as its pattern.

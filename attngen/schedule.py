@@ -61,9 +61,12 @@ def _tile_min_max(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
 
 def _layout_classes(lay: torch.Tensor, bs: int, bm: int, bn: int, Sq: int, Sk: int) -> torch.Tensor:
     """Classes of a [LH, nbq, nbk] uint8 grid of `bs`-blocks: a tile is full (empty) when every block it touches
-    is kept (dropped), counted with a 2-d prefix sum."""
+    is kept (dropped), counted with a 2-d prefix sum (or, for tiles of whole blocks, by pooling the blocks)."""
+    if bm % bs == 0 and bn % bs == 0:
+        return _pooled_classes(lay, bm // bs, bn // bs, math.ceil(Sq / bm), math.ceil(Sk / bn))
     device = lay.device
-    csum = torch.nn.functional.pad(lay.to(torch.int64).cumsum(-1).cumsum(-2), (1, 0, 1, 0))  # [LH, nbq+1, nbk+1]
+    csum = lay.to(torch.int32).cumsum(-1, dtype=torch.int32).cumsum(-2, dtype=torch.int32)
+    csum = torch.nn.functional.pad(csum, (1, 0, 1, 0))  # [LH, nbq+1, nbk+1]
     ql, qh = (torch.as_tensor(b // bs, device=device) for b in affine.tile_bounds(Sq, bm))
     kl, kh = (torch.as_tensor(b // bs, device=device) for b in affine.tile_bounds(Sk, bn))
     r0, r1, c0, c1 = ql[:, None], qh[:, None] + 1, kl[None, :], kh[None, :] + 1
@@ -71,6 +74,26 @@ def _layout_classes(lay: torch.Tensor, bs: int, bm: int, bn: int, Sq: int, Sk: i
     area = (r1 - r0) * (c1 - c0)
     cls = torch.where(ones == area, FULL, torch.where(ones == 0, EMPTY, PARTIAL))
     return cls.to(torch.int8).unsqueeze(0)
+
+
+@functools.lru_cache(maxsize=256)
+def _affine_classes(expr, bm: int, bn: int, Sq: int, Sk: int, device: str) -> torch.Tensor:
+    """An affine leaf's classes on `device`, [1, 1, Tq, Tk] (kept there: patterns whose schedules are built per
+    call classify their affine leaves once per length)."""
+    return torch.from_numpy(affine.classes(expr, bm, bn, Sq, Sk)).to(device)[None, None]
+
+
+def _pooled_classes(lay: torch.Tensor, rq: int, rk: int, Tq: int, Tk: int) -> torch.Tensor:
+    """Classes of tiles of rq x rk whole blocks of a 0/1 grid [LH, nbq, nbk] (blocks past the grid count as kept
+    for FULL and dropped for EMPTY: they are past the sequence)."""
+    lay = lay[:, : Tq * rq, : Tk * rk]
+    if rq == rk == 1 and lay.shape[1:] == (Tq, Tk):
+        return (lay.to(torch.int8) * FULL).unsqueeze(0)
+    pad = (0, Tk * rk - lay.shape[2], 0, Tq * rq - lay.shape[1])
+    blocks = lambda value: torch.nn.functional.pad(lay, pad, value=value).view(-1, Tq, rq, Tk, rk)
+    full = blocks(1).amin((2, 4)) > 0
+    some = blocks(0).amax((2, 4)) > 0
+    return torch.where(full, FULL, torch.where(some, PARTIAL, EMPTY)).to(torch.int8).unsqueeze(0)
 
 
 def tile_classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime) -> torch.Tensor:
@@ -88,9 +111,14 @@ def tile_classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, run
     if isinstance(pat, P.Not):
         return FULL - sub(pat.part)
     if isinstance(pat, P.Affine):
-        return torch.from_numpy(affine.classes(pat.expr, bm, bn, Sq, Sk)).to(device)[None, None]
+        return _affine_classes(pat.expr, bm, bn, Sq, Sk, str(device))
     if isinstance(pat, P.LayoutSlot):
         return _layout_classes(runtime.layouts[pat.index], pat.block_size, bm, bn, Sq, Sk)
+    if isinstance(pat, P.SelectedBlocks):  # the call's block top-k grid, [B, Hq, nbq, nbk]
+        grid = runtime.blocks
+        return _layout_classes(grid.flatten(0, 1), pat.block, bm, bn, Sq, Sk).view(
+            *grid.shape[:2], -1, math.ceil(Sk / bn)
+        )
     if isinstance(pat, P.KeyPadding):
         kl, kh = (torch.as_tensor(b, device=device) for b in affine.tile_bounds(Sk, bn))
         n = runtime.key_lengths.view(-1, 1)
@@ -248,6 +276,9 @@ def build(
     if keep is not None:
         cls = torch.where(keep.to(device), classes(pat, bm, bn, Sq, Sk, device, runtime), EMPTY).to(torch.int8)
         return _compress(cls.transpose(-1, -2) if transpose else cls)
+    if P.topk_leaf(pat) is not None:  # a new selection every call
+        cls = classes(pat, bm, bn, Sq, Sk, device, runtime)
+        return _compress(cls.transpose(-1, -2) if transpose else cls)
     if not pat.runtime_inputs and not (runtime is not None and runtime.layouts):
         return _static(pat, bm, bn, Sq, Sk, str(device), transpose)
     key = (pat, bm, bn, Sq, Sk, transpose)
@@ -298,6 +329,8 @@ def explain(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int) -> str:
     """Tile maps (█ full, ▒ partial, · empty) of a positional pattern and of each of its leaves, and the totals."""
     if pat.reorders:
         return "  schedule  built per call on the GPU, on the tokens sorted by bucket (reorder.py)"
+    if P.topk_leaf(pat) is not None:
+        return "  schedule  built per call on the GPU from the block top-k selection (blockselect.py)"
     if pat.runtime_inputs:
         names = ", ".join(sorted(pat.runtime_inputs))
         return f"  schedule  built per call on the GPU from {names}; affine and layout parts fixed per length"
@@ -329,3 +362,4 @@ class _Grids:
     document_ids = None
     key_lengths = None
     route = None
+    blocks = None

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 HEAD_DIMS = (32, 64, 96, 128, 256)
 ELEM_BYTES = 2
 SMEM_LIMIT = 227 * 1024  # dynamic shared memory a block may have on sm_80 and sm_90
+SMEM_PER_SM = 228 * 1024  # shared memory of an sm_90 SM, for all its resident blocks (1 KiB of each is reserved)
 WGMMA_ARCHS = ("sm_90", "sm_90a")  # wgmma and TMA are Hopper-only (sm_90a code runs on compute capability 9.0)
 
 
@@ -48,6 +49,7 @@ class Tiles:
         mask = f"mask unrolled x{self.mask_unroll}"
         if self.wgmma:
             ring = f"{self.stages}-stage ring" + (", coordinates per tile" if self.coords_per_tile else "")
+            ring += f", {self.min_blocks} blocks per SM" if self.min_blocks > 1 else ""
             return f"{size}, {self.consumers} wgmma warpgroups + a TMA producer, {ring}, {mask}, {smem}"
         regs = ", operands in registers" if self.operands_in_regs else ""
         split = ", dK and dV in two sweeps" if self.split else ""
@@ -153,7 +155,12 @@ def wgmma_forward_tiles(d: int, block_sizes: tuple[int, ...] = (), consumers: in
     # Affine masks are a compare per element, fully unrolled; head_dim 256's large O accumulator leaves no room.
     unroll = bn // 2 if d <= 128 else 4
     warps = 4 * (consumers + 1)
-    return Tiles(bm, bn, warps, stages, smem, consumers=consumers, q_buffers=q_buffers, mask_unroll=unroll)
+    # One consumer warpgroup leaves the tensor cores idle while it runs its softmax: two blocks share the SM where
+    # their shared memory fits, each consumer then with half the registers (attn_fwd_sm90.cu.j2, MIN_BLOCKS).
+    blocks = 2 if consumers == 1 and 2 * smem <= SMEM_PER_SM and d <= 128 else 1
+    return Tiles(
+        bm, bn, warps, stages, smem, consumers=consumers, q_buffers=q_buffers, mask_unroll=unroll, min_blocks=blocks
+    )
 
 
 def wgmma_dkdv_smem(bkv: int, bm: int, d: int, stages: int) -> int:

@@ -55,6 +55,15 @@ def jobs(arch: str):
     routed = [*BUCKETS.values(), ag.causal() & ag.lsh(16)]
     out += [(p, d, t, arch, False) for p in routed for d in (64, 128) for t in dtypes]
     out += [(BUCKETS[name], d, "bf16", arch, True) for name in MMA_SYNC_PATTERNS for d in (64, 128)]
+    # block top-k (test_topk_blocks_gpu.py, bench_topk_blocks.py)
+    from test_topk_blocks_gpu import MMA_SYNC_PATTERNS as TOPK_MMA_SYNC
+    from test_topk_blocks_gpu import PATTERNS as TOPK
+
+    selected = [*TOPK.values(), ag.causal() & ag.topk_blocks(8, block=128)]
+    selected.append(ag.causal() & (ag.topk_blocks(16, block=64) | ag.sliding_window(512)))
+    selected.append(ag.causal() & (ag.topk_blocks(4, block=64) | ag.sliding_window(256)))
+    out += [(p, d, t, arch, False) for p in selected for d in (64, 128) for t in dtypes]
+    out += [(TOPK[name], d, "bf16", arch, True) for name in TOPK_MMA_SYNC for d in (64, 128)]
     return out
 
 

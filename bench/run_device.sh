@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: the GPU tests, the pattern fuzzer (1000 seeded cases), the N:M check, then the
-# benchmarks (static patterns, N:M, buckets and dropping); full logs and JSON under $OUT.
+# benchmarks (static patterns, N:M, buckets and dropping, block top-k); full logs and JSON under $OUT.
 #   bash bench/run_device.sh [--quick] [--baseline DIR]
 # --baseline DIR also benchmarks the attngen package found in DIR (e.g. `git archive` of an earlier commit) in the
 # same call, with its own kernel cache, and prints both runs side by side (bench/compare.py).
@@ -29,6 +29,8 @@ python3 bench/nm_check.py $QUICK 2>&1 | tee "$OUT/nm_check.log" | grep -v '^ok' 
 python3 bench/bench_attention.py --out "$OUT/bench.json" $QUICK 2>&1 | tee "$OUT/bench.log"
 python3 bench/bench_nm.py --out "$OUT/bench_nm.json" $QUICK 2>&1 | tee "$OUT/bench_nm.log"
 python3 bench/bench_buckets.py --out "$OUT/bench_buckets.json" $QUICK 2>&1 | tee "$OUT/bench_buckets.log"
+TOPK_LENGTHS=""; [ -n "$QUICK" ] && TOPK_LENGTHS="--lengths 8192 32768"
+python3 bench/bench_topk_blocks.py --out "$OUT/bench_topk_blocks.json" $TOPK_LENGTHS 2>&1 | tee "$OUT/bench_topk_blocks.log"
 if [ -n "$BASELINE" ]; then
   echo "== baseline: $BASELINE"
   (cd "$BASELINE" && PYTHONPATH=$BASELINE:${PYTHONPATH#"$PWD:"} ATTNGEN_CACHE_DIR=/tmp/attngen-cache-baseline \

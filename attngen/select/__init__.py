@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..abi import RuntimeArg
 from ..errors import InputError
-from ..pattern import And, Pattern, Selector, full
+from ..pattern import And, Pattern, SelectedBlocks, Selector, TopkBlocks, full
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,9 @@ SUPPORTED = "a selection rule on its own, or `A & rule` where A is a pattern wit
 
 
 def split_selection(pat: Pattern) -> tuple[Pattern, Selector | None]:
-    """(the positional part, the selection rule or None) of `pat`, refusing compositions no kernel supports."""
+    """(the positional part, the selection rule or None) of `pat`, refusing compositions no kernel supports. A
+    `topk_blocks` leaf is positional for the kernels (a call-time grid of key blocks) and stays in the first."""
+    _check_topk(pat)
     if isinstance(pat, Selector):
         return full(), pat
     rules = [p for p in pat.parts if isinstance(p, Selector)] if isinstance(pat, And) else []
@@ -67,3 +69,17 @@ def selection_of(pat: Pattern) -> Selection:
     """The `Selection` a plan of `pat` carries."""
     _, rule = split_selection(pat)
     return NONE if rule is None else rule.selection()
+
+
+def _check_topk(pat: Pattern) -> None:
+    """Refuse what block top-k does not combine with: a second block top-k leaf, a selection rule, reordering."""
+    found = [leaf for leaf in pat.leaves() if isinstance(leaf, (TopkBlocks, SelectedBlocks))]
+    if not found:
+        return
+    supported = "one topk_blocks leaf, under & and | with positional leaves (causal, windows, documents, ...)"
+    if len(found) > 1:
+        raise InputError(f"{pat!r} has {len(found)} topk_blocks leaves; supported: {supported}")
+    if any(isinstance(leaf, Selector) for leaf in pat.leaves()):
+        raise InputError(f"{pat!r} combines topk_blocks with another selection rule; supported: {supported}")
+    if pat.reorders:
+        raise InputError(f"{pat!r} combines topk_blocks with buckets, lsh or keep masks; supported: {supported}")

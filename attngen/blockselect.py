@@ -1,0 +1,88 @@
+"""Call-time stage, in `prepare`: a `topk_blocks` leaf's selection on the GPU -> uint8 grid [B, Hq, nbq, nbk] of the
+key blocks each query block keeps, which the kernels read like a block layout (`blocks` in the plan's run-time
+arguments) and the schedules classify at tile granularity.
+
+The pass never holds anything S x S: pooled means of q and k in fp32, one small GEMM per key head, then per row a
+stable descending sort of nbk block scores (`blocktopk`). The candidates are the key blocks where the leaf's
+&-context allows some pair: the context's tile classes at block granularity (`schedule.classes`, exact for the
+blocks it calls FULL or EMPTY), with the blocks it calls PARTIAL checked pair by pair on the GPU (Kleene logic may
+call an empty block partial). A context that reads no run-time tensor has its candidates cached per length."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import blocktopk, schedule
+from . import pattern as P
+from .affine import EMPTY, PARTIAL
+
+# Pairs checked at once when the context's partial blocks are evaluated element by element.
+CHUNK_PAIRS = 1 << 24
+
+
+def select(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, runtime) -> torch.Tensor:
+    """uint8 [B, Hq, nbq, nbk]: the key blocks each (batch, query head, query block) keeps. `runtime` holds the
+    context's call-time tensors (a `prepare.Prepared` without the grid)."""
+    leaf, structure = P.topk_leaf(pattern), pattern.structure()
+    context = P.context_of(structure, P.topk_leaf(structure))  # its layout slots number as the pattern's do
+    Sq, Sk = q.shape[2], k.shape[2]
+    if context.runtime_inputs or any(isinstance(x, P.LayoutSlot) for x in context.leaves()):
+        cand = candidates(context, leaf.block, Sq, Sk, q.device, runtime)
+    else:
+        cand = _static_candidates(context, leaf.block, Sq, Sk, str(q.device))
+    scores = blocktopk.block_scores(q.detach(), k.detach(), leaf.block, torch.float32)
+    return blocktopk.choose(scores, cand, leaf.k).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=64)
+def _static_candidates(context: P.Pattern, block: int, Sq: int, Sk: int, device: str) -> torch.Tensor:
+    return candidates(context, block, Sq, Sk, torch.device(device), None)
+
+
+def candidates(context: P.Pattern, block: int, Sq: int, Sk: int, device, runtime) -> torch.Tensor:
+    """bool [LB, LH, nbq, nbk]: the blocks where the positional structure `context` allows some pair."""
+    cls = schedule.classes(context, block, block, Sq, Sk, device, runtime)
+    cand = cls > EMPTY
+    partial = (cls == PARTIAL).nonzero()  # [n, 4]: (batch, head, query block, key block); a device-to-host sync
+    if len(partial):
+        cand[tuple(partial.T)] = _any_allowed(context, partial, block, Sq, Sk, runtime)
+    return cand
+
+
+def _any_allowed(context, blocks: torch.Tensor, block: int, Sq: int, Sk: int, runtime) -> torch.Tensor:
+    """bool [n]: whether `context` allows some pair of each listed block, evaluated pair by pair in chunks."""
+    out = []
+    offs = torch.arange(block, device=blocks.device)
+    for chunk in blocks.split(max(1, CHUNK_PAIRS // (block * block))):
+        b, h = chunk[:, 0].view(-1, 1, 1), chunk[:, 1].view(-1, 1, 1)
+        qi = (chunk[:, 2:3] * block + offs).unsqueeze(-1)  # [n, block, 1]
+        kj = (chunk[:, 3:4] * block + offs).unsqueeze(-2)  # [n, 1, block]
+        ok = (qi < Sq) & (kj < Sk) & _allowed(context, b, h, qi, kj, Sq, Sk, runtime)
+        out.append(ok.flatten(1).any(-1))
+    return torch.cat(out)
+
+
+def _allowed(pat: P.Pattern, b, h, qi, kj, Sq: int, Sk: int, runtime) -> torch.Tensor:
+    """Whether a positional structure allows the pairs (qi, kj) of batch b, query head h (broadcasting tensors;
+    indices past Sq or Sk are clamped, the caller masks them)."""
+    sub = functools.partial(_allowed, b=b, h=h, qi=qi, kj=kj, Sq=Sq, Sk=Sk, runtime=runtime)
+    if isinstance(pat, (P.And, P.Or)):
+        parts = [sub(p) for p in pat.parts]
+        return functools.reduce(torch.logical_and if isinstance(pat, P.And) else torch.logical_or, parts)
+    if isinstance(pat, P.Not):
+        return ~sub(pat.part)
+    qc, kc = qi.clamp(max=max(Sq - 1, 0)), kj.clamp(max=max(Sk - 1, 0))
+    if isinstance(pat, P.Affine):
+        value = P._evaluate(pat.expr, {P.q_sym: qc, P.k_sym: kc, P.Sq_: Sq, P.Sk_: Sk})
+        return torch.as_tensor(value, device=qi.device).expand(torch.broadcast_shapes(qi.shape, kj.shape))
+    if isinstance(pat, P.LayoutSlot):
+        lay, bs = runtime.layouts[pat.index], pat.block_size
+        return lay[h.clamp(max=lay.shape[0] - 1), qc // bs, kc // bs] != 0
+    if isinstance(pat, P.Documents):
+        qd, kd = runtime.document_ids
+        return qd[b.clamp(max=qd.shape[0] - 1), qc] == kd[b.clamp(max=kd.shape[0] - 1), kc]
+    if isinstance(pat, P.KeyPadding):
+        return kc < runtime.key_lengths[b]
+    raise P.InputError(f"{pat!r} cannot be the context of topk_blocks")
