@@ -31,6 +31,7 @@ _LAZY |= {
         "global_tokens",
         "k",
         "keep",
+        "key_indices",
         "key_padding",
         "local",
         "lsh",

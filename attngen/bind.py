@@ -40,8 +40,8 @@ def _strides(t: torch.Tensor) -> list:
     return [_i64(s) for s in t.stride()[:3]]
 
 
-def runtime_values(plan: KernelPlan, prep: Prepared) -> list:
-    """Values of the plan's run-time arguments, in order (position leaves, then the rule's)."""
+def runtime_values(plan: KernelPlan, prep: Prepared, Hq: int) -> list:
+    """Values of the plan's run-time arguments, in order (position leaves, then the rule's), for Hq query heads."""
     values = []
     for lay in prep.layouts:
         head_stride = lay.shape[1] * lay.shape[2] if lay.shape[0] > 1 else 0  # 0: one grid for every head
@@ -54,6 +54,9 @@ def runtime_values(plan: KernelPlan, prep: Prepared) -> list:
             values += [_u64(ids.data_ptr()), _i64(ids.shape[1] if ids.shape[0] > 1 else 0)]
     if prep.key_lengths is not None:
         values.append(_u64(prep.key_lengths.data_ptr()))
+    if prep.key_bits is not None:
+        _B, H, Sq, W = prep.key_bits.shape
+        values += [_u64(prep.key_bits.data_ptr()), _i64(H * Sq * W), _i64(Sq * W), _i64(W), _i32(Hq // H)]
     if prep.route is not None:
         values += [_u64(t.data_ptr()) for t in prep.route.kernel_tensors()]
     if plan.rule is not None:
@@ -93,7 +96,7 @@ def forward(kern: Compiled, q, k, v, scale: float, prep: Prepared) -> tuple[torc
     if Sk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     q, k, v = map(aligned, (q, k, v))
-    sched = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, q.device, prep, rule=plan.rule)
+    sched = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, q.device, prep, rule=plan.rule, heads=Hq)
     if t.wgmma:  # tensor maps: Q tiles of BLOCK_M rows, K/V of BLOCK_N, O stored 64 rows per warpgroup
         # Persistent blocks, min_blocks per SM, claim (query tile, head, batch) items from a counter past the first.
         grid = (min(math.ceil(Sq / t.block_m) * Hq * B, t.min_blocks * sm_count(q.device.index)), 1, 1)
@@ -110,7 +113,7 @@ def forward(kern: Compiled, q, k, v, scale: float, prep: Prepared) -> tuple[torc
         args += _strides(q) + _strides(k) + _strides(v) + _strides(out)
         grid = (math.ceil(Sq / t.block_m), Hq, B)
     args += [_i32(Hq), _i32(Hq // Hkv), _i32(Sq), _i32(Sk), _f32(scale * LOG2E)]
-    args += _sched_args(sched) + runtime_values(plan, prep)
+    args += _sched_args(sched) + runtime_values(plan, prep, Hq)
     launch(kern.forward_binary, "attngen_fwd", grid, 32 * t.warps, t.smem_bytes, args, q.device)
     return out, lse
 
@@ -138,10 +141,12 @@ def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: 
     scalars = [_i32(Hq), _i32(Hq // Hkv), _i32(Sq), _i32(Sk)]
     scalars += [_i32(Sq_pad)] if wgmma else []
     scalars += [_f32(scale), _f32(scale * LOG2E)]
-    extra = runtime_values(plan, prep)
+    extra = runtime_values(plan, prep, Hq)
 
     t = plan.dkdv
-    sched_t = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, dev, prep, transpose=True, rule=plan.rule)
+    sched_t = schedule.build(
+        plan.positions, t.block_m, t.block_n, Sq, Sk, dev, prep, transpose=True, rule=plan.rule, heads=Hq
+    )
     if wgmma:
         boxes = ((q, t.block_m), (k, t.block_n), (v, t.block_n), (dout, t.block_m), (dk, 64), (dv, 64))
         args = [*_maps(boxes), _u64(lse2.data_ptr()), _u64(delta.data_ptr())]
@@ -152,7 +157,7 @@ def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: 
     launch(binary, "attngen_bwd_dkdv", (math.ceil(Sk / t.block_n), Hkv, B), 32 * t.warps, t.smem_bytes, args, dev)
 
     t = plan.dq
-    sched_q = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, dev, prep, rule=plan.rule)
+    sched_q = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, dev, prep, rule=plan.rule, heads=Hq)
     if wgmma:
         boxes = ((q, t.block_m), (k, t.block_n), (v, t.block_n), (dout, t.block_m), (dq, 64))
         args = [*_maps(boxes), _u64(lse2.data_ptr()), _u64(delta.data_ptr())]

@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from . import blocktopk, schedule
+from . import blocktopk, keyindex, schedule
 from . import pattern as P
 from .affine import EMPTY, PARTIAL
 
@@ -29,7 +29,7 @@ def select(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, runtime) -> tor
     context = P.context_of(structure, P.topk_leaf(structure))  # its layout slots number as the pattern's do
     Sq, Sk = q.shape[2], k.shape[2]
     if context.runtime_inputs or any(isinstance(x, P.LayoutSlot) for x in context.leaves()):
-        cand = candidates(context, leaf.block, Sq, Sk, q.device, runtime)
+        cand = candidates(context, leaf.block, Sq, Sk, q.device, runtime, heads=q.shape[1])
     else:
         cand = _static_candidates(context, leaf.block, Sq, Sk, str(q.device))
     scores = blocktopk.block_scores(q.detach(), k.detach(), leaf.block, torch.float32)
@@ -41,17 +41,18 @@ def _static_candidates(context: P.Pattern, block: int, Sq: int, Sk: int, device:
     return candidates(context, block, Sq, Sk, torch.device(device), None)
 
 
-def candidates(context: P.Pattern, block: int, Sq: int, Sk: int, device, runtime) -> torch.Tensor:
-    """bool [LB, LH, nbq, nbk]: the blocks where the positional structure `context` allows some pair."""
-    cls = schedule.classes(context, block, block, Sq, Sk, device, runtime)
+def candidates(context: P.Pattern, block: int, Sq: int, Sk: int, device, runtime, heads=None) -> torch.Tensor:
+    """bool [LB, LH, nbq, nbk]: the blocks where the positional structure `context` allows some pair (`heads`: the
+    call's query heads, where key-index lists per KV head serve their groups)."""
+    cls = schedule.classes(context, block, block, Sq, Sk, device, runtime, heads)
     cand = cls > EMPTY
     partial = (cls == PARTIAL).nonzero()  # [n, 4]: (batch, head, query block, key block); a device-to-host sync
     if len(partial):
-        cand[tuple(partial.T)] = _any_allowed(context, partial, block, Sq, Sk, runtime)
+        cand[tuple(partial.T)] = _any_allowed(context, partial, block, Sq, Sk, runtime, heads)
     return cand
 
 
-def _any_allowed(context, blocks: torch.Tensor, block: int, Sq: int, Sk: int, runtime) -> torch.Tensor:
+def _any_allowed(context, blocks: torch.Tensor, block: int, Sq: int, Sk: int, runtime, heads) -> torch.Tensor:
     """bool [n]: whether `context` allows some pair of each listed block, evaluated pair by pair in chunks."""
     out = []
     offs = torch.arange(block, device=blocks.device)
@@ -59,15 +60,15 @@ def _any_allowed(context, blocks: torch.Tensor, block: int, Sq: int, Sk: int, ru
         b, h = chunk[:, 0].view(-1, 1, 1), chunk[:, 1].view(-1, 1, 1)
         qi = (chunk[:, 2:3] * block + offs).unsqueeze(-1)  # [n, block, 1]
         kj = (chunk[:, 3:4] * block + offs).unsqueeze(-2)  # [n, 1, block]
-        ok = (qi < Sq) & (kj < Sk) & _allowed(context, b, h, qi, kj, Sq, Sk, runtime)
+        ok = (qi < Sq) & (kj < Sk) & _allowed(context, b, h, qi, kj, Sq, Sk, runtime, heads)
         out.append(ok.flatten(1).any(-1))
     return torch.cat(out)
 
 
-def _allowed(pat: P.Pattern, b, h, qi, kj, Sq: int, Sk: int, runtime) -> torch.Tensor:
+def _allowed(pat: P.Pattern, b, h, qi, kj, Sq: int, Sk: int, runtime, heads=None) -> torch.Tensor:
     """Whether a positional structure allows the pairs (qi, kj) of batch b, query head h (broadcasting tensors;
     indices past Sq or Sk are clamped, the caller masks them)."""
-    sub = functools.partial(_allowed, b=b, h=h, qi=qi, kj=kj, Sq=Sq, Sk=Sk, runtime=runtime)
+    sub = functools.partial(_allowed, b=b, h=h, qi=qi, kj=kj, Sq=Sq, Sk=Sk, runtime=runtime, heads=heads)
     if isinstance(pat, (P.And, P.Or)):
         parts = [sub(p) for p in pat.parts]
         return functools.reduce(torch.logical_and if isinstance(pat, P.And) else torch.logical_or, parts)
@@ -85,4 +86,7 @@ def _allowed(pat: P.Pattern, b, h, qi, kj, Sq: int, Sk: int, runtime) -> torch.T
         return qd[b.clamp(max=qd.shape[0] - 1), qc] == kd[b.clamp(max=kd.shape[0] - 1), kc]
     if isinstance(pat, P.KeyPadding):
         return kc < runtime.key_lengths[b]
+    if isinstance(pat, P.KeyIndices):
+        bits = runtime.key_bits
+        return keyindex.listed(bits, b, h, qc, kc, (heads or bits.shape[1]) // bits.shape[1])
     raise P.InputError(f"{pat!r} cannot be the context of topk_blocks")

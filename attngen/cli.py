@@ -223,8 +223,9 @@ def _draw(args: argparse.Namespace) -> int:
 
 
 def _draw_inputs(pattern: Any, sq: int, sk: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The call-time tensors `draw` passes to the pattern, from --documents, --key-length, --buckets and --keep (random
-    bucket ids and keep masks from --seed; lsh(n, seed=...) hashes random q and k)."""
+    """The call-time tensors `draw` passes to the pattern, from --documents, --key-length, --buckets, --keep and
+    --key-indices (random bucket ids, keep masks and key lists from --seed; lsh(n, seed=...) hashes random q and k,
+    topk_blocks scores them)."""
     import torch
 
     from attngen import pattern as P
@@ -257,10 +258,17 @@ def _draw_inputs(pattern: Any, sq: int, sk: int, args: argparse.Namespace) -> di
             raise InputError("the pattern uses keep(): give the share of tokens kept at random, e.g. --keep 0.5")
         runtime["query_keep"] = torch.rand(1, 1, sq, generator=gen) < args.keep
         runtime["key_keep"] = torch.rand(1, 1, sk, generator=gen) < args.keep
-    if any(isinstance(leaf, P.LSH) for leaf in pattern.leaves()):  # hashes random q and k (head dim 64)
+    if "key_indices" in needed:
+        if args.key_indices is None or args.key_indices < 0:
+            raise InputError(
+                "the pattern uses key_indices(): give a number of random keys per query, e.g. --key-indices 8"
+            )
+        runtime["key_indices"] = torch.randint(0, max(sk, 1), (1, 1, sq, args.key_indices), generator=gen)
+    if any(isinstance(leaf, (P.LSH, P.TopkBlocks)) for leaf in pattern.leaves()):  # random q and k (head dim 64)
         runtime["q"], runtime["k"] = (torch.randn(1, 1, n, 64, generator=gen) for n in (sq, sk))
     given = {"--documents": ("document_ids", args.documents), "--key-length": ("key_lengths", args.key_length)}
     given |= {"--buckets": ("query_buckets", args.buckets), "--keep": ("query_keep", args.keep)}
+    given |= {"--key-indices": ("key_indices", args.key_indices)}
     unused = [flag for flag, (name, value) in given.items() if value is not None and name not in needed]
     if unused:
         raise InputError(f"{' and '.join(unused)} given, but {pattern!r} does not use it")
@@ -477,7 +485,13 @@ def _parser() -> argparse.ArgumentParser:
     draw.add_argument("--key-length", type=int, help="number of real keys, for patterns using key_padding()")
     draw.add_argument("--buckets", type=int, help="number of random buckets, for patterns using buckets()")
     draw.add_argument("--keep", type=float, help="share of tokens kept at random, for patterns using keep()")
-    draw.add_argument("--seed", type=int, default=0, help="seed of the random buckets, keep masks and lsh inputs")
+    draw.add_argument("--key-indices", type=int, help="random keys listed per query, for patterns using key_indices()")
+    draw.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random buckets, keep masks, key lists and q, k (lsh, topk_blocks)",
+    )
     draw.set_defaults(run=_draw)
 
     prewarm = commands.add_parser(

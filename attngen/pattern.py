@@ -391,6 +391,18 @@ def context_of(pat: Pattern, leaf: Pattern) -> Pattern:
     return full() if not parts else parts[0] if len(parts) == 1 else And(tuple(parts))
 
 
+@dataclass(frozen=True, repr=False)
+class KeyIndices(Pattern):
+    """Query row i sees the keys listed in key_indices[b, h or h // group, i, :] (given at call time; entries
+    outside [0, Sk) ignored, duplicates counted once): FlashMLA's and DeepSeek's sparse attention, a selection the
+    caller brings. `attngen.keyindex` turns the lists into the bits the kernels read."""
+
+    _inputs = ("key_indices",)
+
+    def __repr__(self):
+        return "key_indices()"
+
+
 REORDERING = (Buckets, LSH, Keep)  # leaves whose patterns run on tokens sorted by bucket, dropped tokens last
 
 
@@ -546,6 +558,13 @@ def topk_blocks(k: int, block: int = 64) -> Pattern:
     if isinstance(block, bool) or block not in TOPK_BLOCK_SIZES:
         raise InputError(f"topk_blocks(k, block): block must be one of {TOPK_BLOCK_SIZES}, got {block!r:.40}")
     return TopkBlocks(k, block)
+
+
+def key_indices() -> Pattern:
+    """Attend only to listed keys: pass `key_indices=` [B, Hkv, Sq, n] (one list per KV head, shared by its query
+    heads) or [B, Hq, Sq, n], int32 or int64, to `attention`. Entries outside [0, Sk) are ignored (-1 pads a list),
+    a key listed twice counts once; the rest of the pattern still applies (`causal() & key_indices()`)."""
+    return KeyIndices()
 
 
 def block_layout(layout: torch.Tensor, block_size: int) -> Pattern:
@@ -776,6 +795,7 @@ def dense_mask(
     k: torch.Tensor | None = None,
     order: tuple[torch.Tensor, torch.Tensor] | None = None,
     selected_blocks: torch.Tensor | None = None,
+    key_indices: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     _selected: torch.Tensor | None = None,
     **_,
@@ -790,6 +810,7 @@ def dense_mask(
     (what `attngen.selected_blocks` returns)."""
     runtime = dict(document_ids=document_ids, key_lengths=key_lengths, query_buckets=query_buckets)
     runtime |= dict(key_buckets=key_buckets, query_keep=query_keep, key_keep=key_keep, q=q, k=k, order=order)
+    runtime["key_indices"] = key_indices
     leaf = topk_leaf(pat)
     if _selected is None and leaf is not None:
         _selected = _topk_mask(pat, leaf, Sq, Sk, selected_blocks, device, runtime)
@@ -829,11 +850,31 @@ def dense_mask(
             qd = torch.gather(qd.expand(qi.shape[0], qi.shape[1], Sq), 2, qi[..., 0])
             kd = torch.gather(kd.expand(kj.shape[0], kj.shape[1], Sk), 2, kj[..., 0, :])
         return qd[..., :, None] == kd[..., None, :]
+    if isinstance(pat, KeyIndices):
+        return _listed(key_indices, Sq, Sk, q, order, device)
     if isinstance(pat, KeyPadding):
         if key_lengths is None:
             raise InputError("the pattern uses key_padding(): pass key_lengths=")
         return kj < key_lengths.to(device).view(-1, 1, 1, 1)
     raise InputError(f"{pat!r} has no dense mask (a pattern's structure has none: use the pattern itself)")
+
+
+def _listed(key_indices, Sq: int, Sk: int, q, order, device) -> torch.Tensor:
+    """bool [B, H, Sq, Sk]: the keys each row lists (H: the query heads where `q` tells them, else the lists')."""
+    if key_indices is None:
+        raise InputError("the pattern uses key_indices(): pass key_indices=")
+    if order is not None:
+        raise InputError("key_indices() does not run on reordered tokens")
+    idx = key_indices.to(device, torch.int64)
+    if idx.dim() != 4 or idx.shape[2] != Sq:
+        raise InputError(f"key_indices must be [B, H, Sq={Sq}, n], got {tuple(idx.shape)}")
+    B, H = idx.shape[:2]
+    out = torch.zeros(B, H, Sq, Sk + 1, dtype=torch.bool, device=device)
+    out.scatter_(-1, torch.where((idx >= 0) & (idx < Sk), idx, Sk), True)
+    out = out[..., :Sk]
+    if q is not None and q.shape[1] != H:
+        out = out.repeat_interleave(q.shape[1] // H, dim=1)
+    return out
 
 
 def _topk_mask(pat, leaf, Sq, Sk, selected_blocks, device, runtime) -> torch.Tensor:
@@ -925,5 +966,6 @@ CONSTRUCTORS = {
         lsh,
         keep,
         topk_blocks,
+        key_indices,
     )
 }

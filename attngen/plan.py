@@ -35,7 +35,9 @@ class KernelPlan:
     dkdv: Tiles  # dK/dV kernel: BLOCK_N keys per block, BLOCK_M queries per step
     dq: Tiles  # dQ kernel: BLOCK_M queries per block, BLOCK_N keys per step (forward schedule shape)
     mask_c: str  # C boolean expression over b, h, q, k, Sq, Sk and the run-time arguments
-    branch_free: bool  # the mask only compares positions (no loads): bitwise & | and a fully unrolled evaluation
+    # The mask evaluates every leaf unguarded (position compares, and key-index bit loads clamped into their
+    # tensor): bitwise & | and a fully unrolled evaluation.
+    branch_free: bool
     row_ranges: bool  # sorted tokens (reordered) whose every row keeps one range of keys: the mask is that range
     select: Selection
     runtime_args: tuple[RuntimeArg, ...]  # the position leaves' arguments, then the rule's
@@ -128,6 +130,12 @@ def _lower(pat: P.Pattern, ops: tuple[str, str], at: tuple[str, str] = affine.PO
         return f"qdoc[b * qdoc_sb + {qp}] == kdoc[b * kdoc_sb + {kp}]"
     if isinstance(pat, P.KeyPadding):
         return f"{kp} < key_len[b]"
+    if isinstance(pat, P.KeyIndices):
+        # keyindex.bits: bit k % 32 of word k / 32 of the row's list. The load is clamped into the bits, so the mask
+        # needs no guard: a thread's elements of one row then share a few words, each loaded once.
+        row = "(long long)b * kbits_sb + (long long)(h / kbits_div) * kbits_sh"
+        word = f"(long long)min({qp}, Sq - 1) * kbits_w + min({kp} >> 5, (int)kbits_w - 1)"
+        return f"((kbits[{row} + {word}] >> ({kp} & 31)) & 1) != 0"
     if isinstance(pat, P.LayoutSlot):
         n, bs = pat.index, pat.block_size
         return f"layout{n}[h * layout{n}_sh + ({qp} / {bs}) * layout{n}_nk + {kp} / {bs}] != 0"
@@ -181,6 +189,10 @@ def _runtime_args(pat: P.Pattern, layouts: tuple[P.LayoutSlot, ...]) -> tuple[Ru
         ]
     if "key_lengths" in pat.runtime_inputs:
         args.append(RuntimeArg("key_len", POINTER.format("int")))
+    if "key_indices" in pat.runtime_inputs:  # keyindex.bits
+        args.append(RuntimeArg("kbits", POINTER.format("int")))
+        args += [RuntimeArg(n, "long long") for n in ("kbits_sb", "kbits_sh", "kbits_w")]
+        args.append(RuntimeArg("kbits_div", "int"))
     if pat.reorders and P.keeps_key_ranges(pat):  # reorder.Route.kernel_tensors
         args.append(RuntimeArg("qrange", POINTER.format("int2")))
     elif pat.reorders:
@@ -277,7 +289,7 @@ def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str) ->
     positions = split_selection(structure)[0]
     select = selection_of(structure)
     layouts = tuple(dict.fromkeys(leaf for leaf in structure.leaves() if isinstance(leaf, P.LayoutSlot)))
-    branch_free = all(isinstance(leaf, P.Affine) for leaf in positions.leaves())
+    branch_free = all(isinstance(leaf, (P.Affine, P.KeyIndices)) for leaf in positions.leaves())
     row_ranges = positions.reorders and P.keeps_key_ranges(positions)
     if row_ranges:
         # k - first < count as unsigned: one compare per element. The row is clamped into the sequence, so its load

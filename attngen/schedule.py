@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import affine, device
+from . import affine, device, keyindex
 from . import pattern as P
 from .affine import EMPTY, FULL, PARTIAL
 from .errors import InputError
@@ -96,7 +96,7 @@ def _pooled_classes(lay: torch.Tensor, rq: int, rk: int, Tq: int, Tk: int) -> to
     return torch.where(full, FULL, torch.where(some, PARTIAL, EMPTY)).to(torch.int8).unsqueeze(0)
 
 
-def tile_classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime) -> torch.Tensor:
+def tile_classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime, heads=None) -> torch.Tensor:
     """int8 [LB, LH, Tq, Tk] classes of a positional structure (LB, LH are 1 unless the pattern depends on batch
     or head). `runtime` is the call's `prepare.Prepared` (layouts, document ids, key lengths, sorted tokens), or
     None when the pattern reads none."""
@@ -105,7 +105,7 @@ def tile_classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, run
         return _key_range_classes(route.ranges, bm, bn, Sk)
     if route is not None:
         return _sorted_classes(pat, _SortedTiles(route, bm, bn), runtime)
-    sub = functools.partial(tile_classes, bm=bm, bn=bn, Sq=Sq, Sk=Sk, device=device, runtime=runtime)
+    sub = functools.partial(tile_classes, bm=bm, bn=bn, Sq=Sq, Sk=Sk, device=device, runtime=runtime, heads=heads)
     if isinstance(pat, (P.And, P.Or)):
         return functools.reduce(torch.minimum if isinstance(pat, P.And) else torch.maximum, map(sub, pat.parts))
     if isinstance(pat, P.Not):
@@ -119,6 +119,9 @@ def tile_classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, run
         return _layout_classes(grid.flatten(0, 1), pat.block, bm, bn, Sq, Sk).view(
             *grid.shape[:2], -1, math.ceil(Sk / bn)
         )
+    if isinstance(pat, P.KeyIndices):
+        lists = runtime.key_lists  # lists per KV head serve the `heads` query heads of their groups
+        return keyindex.tile_classes(lists, bm, bn, Sq, Sk, (heads or lists.shape[1]) // lists.shape[1])
     if isinstance(pat, P.KeyPadding):
         kl, kh = (torch.as_tensor(b, device=device) for b in affine.tile_bounds(Sk, bn))
         n = runtime.key_lengths.view(-1, 1)
@@ -256,9 +259,9 @@ def _compress(cls: torch.Tensor) -> Schedule:
     return Schedule(tiles[..., :n].contiguous(), counts.contiguous(), cls.shape[-2], n)
 
 
-def classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime=None) -> torch.Tensor:
+def classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime=None, heads=None) -> torch.Tensor:
     """Tile classes including the sequence end: a key tile running past Sk is at most PARTIAL."""
-    cls = tile_classes(pat, bm, bn, Sq, Sk, device, runtime)
+    cls = tile_classes(pat, bm, bn, Sq, Sk, device, runtime, heads)
     cls = cls.expand(*cls.shape[:2], math.ceil(Sq / bm), math.ceil(Sk / bn)).clone()
     if Sk % bn:
         cls[..., -1] = torch.clamp(cls[..., -1], max=PARTIAL)
@@ -266,18 +269,20 @@ def classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime=
 
 
 def build(
-    pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime=None, transpose=False, rule=None
+    pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, runtime=None, transpose=False, rule=None, heads=None
 ) -> Schedule:
     """Schedule of a positional structure over query tiles (or over key tiles with `transpose`, for the dK/dV
-    kernel), without the tiles a selection `rule` rules out (`Selector.tile_keep`). Patterns that read no run-time
+    kernel), without the tiles a selection `rule` rules out (`Selector.tile_keep`); `heads` is the call's query
+    heads (key-index lists per KV head serve their groups). Patterns that read no run-time
     tensor are cached per shape; those whose only run-time tensors are layout grids are cached on the grid tensor
     (so a layout reused across calls is classified once); a rule's share is built per call."""
     keep = None if rule is None else rule.tile_keep(bm, bn, Sq, Sk, runtime.rule)
     if keep is not None:
-        cls = torch.where(keep.to(device), classes(pat, bm, bn, Sq, Sk, device, runtime), EMPTY).to(torch.int8)
+        cls = classes(pat, bm, bn, Sq, Sk, device, runtime, heads)
+        cls = torch.where(keep.to(device), cls, EMPTY).to(torch.int8)
         return _compress(cls.transpose(-1, -2) if transpose else cls)
     if P.topk_leaf(pat) is not None:  # a new selection every call
-        cls = classes(pat, bm, bn, Sq, Sk, device, runtime)
+        cls = classes(pat, bm, bn, Sq, Sk, device, runtime, heads)
         return _compress(cls.transpose(-1, -2) if transpose else cls)
     if not pat.runtime_inputs and not (runtime is not None and runtime.layouts):
         return _static(pat, bm, bn, Sq, Sk, str(device), transpose)
@@ -289,7 +294,7 @@ def build(
         key += (rest,)
         if key in store:
             return store[key]
-    cls = classes(pat, bm, bn, Sq, Sk, device, runtime)
+    cls = classes(pat, bm, bn, Sq, Sk, device, runtime, heads)
     sched = _compress(cls.transpose(-1, -2) if transpose else cls)
     if store is not None:
         store[key] = sched
@@ -363,3 +368,4 @@ class _Grids:
     key_lengths = None
     route = None
     blocks = None
+    key_bits = None

@@ -195,6 +195,7 @@ def _run(c: fuzzing.Case, device: torch.device, tol: tuple[dict, dict], direct, 
     checks the LSE even where the case does not return it."""
     import attngen as ag
     from attngen import bind, prepare, reference
+    from attngen import pattern as P
 
     q, k, v, dout, dlse = c.inputs(device, requires_grad=c.backward)
     rt = c.runtime(device)
@@ -208,8 +209,13 @@ def _run(c: fuzzing.Case, device: torch.device, tol: tuple[dict, dict], direct, 
         out, lse = ag.attention(q, k, v, c.pattern, scale=c.scale, **rt), None
     torch.cuda.synchronize(device)
     ref_dtype = torch.float64 if c.scores <= FLOAT64_SCORES else torch.float32
+    selection = []
+    if P.topk_leaf(c.pattern) is not None:  # the call's block choice, checked; then the reference makes the same
+        grid = ag.selected_blocks(q.detach(), k.detach(), c.pattern, **rt)
+        selection = fuzzing.selection_errors(grid, q, k, c.pattern, rt)
+        rt = {**rt, "selected_blocks": grid}
     ref, ref_lse = reference.attention(q, k, v, c.pattern, scale=c.scale, dtype=ref_dtype, **rt)
-    errors = check_forward(c, out, lse if (c.return_lse or forced) else None, ref, ref_lse, tol[0][c.dtype])
+    errors = selection + check_forward(c, out, lse if (c.return_lse or forced) else None, ref, ref_lse, tol[0][c.dtype])
     if not c.backward:
         return errors
     with_lse = c.return_lse

@@ -64,6 +64,12 @@ def jobs(arch: str):
     selected.append(ag.causal() & (ag.topk_blocks(4, block=64) | ag.sliding_window(256)))
     out += [(p, d, t, arch, False) for p in selected for d in (64, 128) for t in dtypes]
     out += [(TOPK[name], d, "bf16", arch, True) for name in TOPK_MMA_SYNC for d in (64, 128)]
+    # key-index lists (test_key_indices_gpu.py, bench_key_indices.py)
+    from test_key_indices_gpu import MMA_SYNC_PATTERNS as INDEX_MMA_SYNC
+    from test_key_indices_gpu import PATTERNS as INDEXED
+
+    out += [(p, d, t, arch, False) for p in INDEXED.values() for d in (64, 128) for t in dtypes]
+    out += [(INDEXED[name], d, "bf16", arch, True) for name in INDEX_MMA_SYNC for d in (64, 128)]
     return out
 
 

@@ -3,7 +3,8 @@ scheduling, mask lowering, a few compiles) and the GPU run (bench/fuzz_gpu.py: k
 
 `case(seed)` is a pure function of `seed` (Python's `random.Random` and a CPU `torch.Generator`, nothing global): a
 random pattern composed from every constructor with & | ~ (depth <= 3), in some groups of cases with a selection
-rule on top (`A & nm(2, 4)`, `A & nm(1, 2)`), shapes (batch, GQA heads, odd and tile-boundary lengths, Sq != Sk),
+rule on top (`A & nm(2, 4)`, `A & nm(1, 2)`), in others (`TOPK_SHARE`) a `topk_blocks(k, block)` leaf (`A & topk`,
+NSA's `A & (topk | B)`, `topk | A`, alone), shapes (batch, GQA heads, odd and tile-boundary lengths, Sq != Sk),
 head dim, dtype, input storage (strided views), scale, return_lse, backward, and the run-time inputs the pattern
 reads (document ids as [S] / [B, S] / a pair, key lengths incl. 0 and Sk). In other groups (`REORDER_SHARE`, never
 with a rule, which refuses them) the pattern has hash buckets or dropped tokens: `buckets()`, `lsh(n, seed)` or
@@ -60,6 +61,8 @@ RULES = ((2, 4), (1, 2))  # nm(n, m)
 GRID = 4  # cases with a rule draw q and k from {-1, -3/4, ..., 1}: 16-bit exact, exact scores
 REORDER_SHARE = 0.2  # groups whose pattern has buckets(), lsh(n, seed) or keep() (all of them groups without a rule)
 LSH_SIZES = (2, 4, 8, 16, 32, 64)  # lsh(n): n buckets
+TOPK_SHARE = 0.15  # groups whose pattern has a topk_blocks leaf (never with a rule or reordering, which refuse it)
+TOPK_KS = (1, 2, 3, 5, 1000)  # topk_blocks(k): 1000 keeps every candidate
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
@@ -105,6 +108,7 @@ class Case:
             P.LSH: "lsh",
             P.Keep: "keep",
             NM: "nm",
+            P.TopkBlocks: "topk_blocks",
         }
         return "+".join(sorted({kinds.get(type(leaf), type(leaf).__name__) for leaf in self.pattern.leaves()}))
 
@@ -578,6 +582,30 @@ def _reorder(seed: int) -> random.Random | None:
     return g if g.random() < REORDER_SHARE / (1 - RULE_SHARE) else None
 
 
+def _topk(seed: int) -> random.Random | None:
+    """The generator of the seed's group's block top-k recipe (k, block, where the leaf goes), or None: never with
+    a rule or reordering; TOPK_SHARE of all groups."""
+    if _rule(seed) is not None or _reorder(seed) is not None:
+        return None
+    g = random.Random(f"attngen-fuzz-topk-{seed // GROUP}")
+    return g if g.random() < TOPK_SHARE / (1 - RULE_SHARE - REORDER_SHARE) else None
+
+
+def _with_topk(pat: ag.Pattern, t: random.Random, builder: _Builder) -> ag.Pattern:
+    """`pat` with a topk_blocks leaf: on top (`pat & topk`), beside another subtree under | (`pat & (topk | s)`, NSA's
+    form; `documents() & (topk | pat)`), at the top of a | (`topk | pat`: its context is then every key), or
+    alone."""
+    leaf = ag.topk_blocks(t.choice(TOPK_KS), block=t.choice(P.TOPK_BLOCK_SIZES))
+    form = t.choices(["and", "and-or", "documents", "or", "alone"], weights=[4, 3, 2, 2, 2])[0]
+    if form == "and":
+        return pat & leaf
+    if form == "and-or":
+        return pat & (leaf | builder.tree(1))
+    if form == "documents":  # packed sequences: the blocks compete within the query's documents
+        return ag.documents() & (leaf | pat)
+    return leaf | pat if form == "or" else leaf
+
+
 # ------------------------------------------------------------------------------------------------ the case
 
 
@@ -620,6 +648,8 @@ def case(seed: int) -> Case:
     c.pattern = builder.tree(depth) if reordering is None else builder.reordering(reordering, depth)
     if (rule := _rule(seed)) is not None:
         c.pattern = c.pattern & rule
+    if (topk := _topk(seed)) is not None:
+        c.pattern = _with_topk(c.pattern, topk, builder)
     need = c.pattern.runtime_inputs
     notes: list[str] = []
     if "document_ids" in need:
@@ -636,6 +666,29 @@ def case(seed: int) -> Case:
         notes += more
     c.notes = tuple(notes)
     return c
+
+
+def selection_errors(grid: torch.Tensor, q: torch.Tensor, k: torch.Tensor, pat: ag.Pattern, runtime: dict) -> list[str]:
+    """How a call's block top-k selection (bool [B, Hq, nbq, nbk]) differs from the float64 one of the reference
+    on the same q, k, beyond near-ties (rows whose swapped blocks score within 1e-3 of the row's largest |score|)."""
+    from attngen import blocktopk
+
+    leaf = P.topk_leaf(pat)
+    Sq, Sk = q.shape[2], k.shape[2]
+    context = P.dense_mask(P.context_of(pat, leaf), Sq, Sk, device=q.device, **runtime)
+    cand = blocktopk.candidates_of(context, leaf.block, Sq, Sk)
+    scores = blocktopk.block_scores(q.detach(), k.detach(), leaf.block, torch.float64)
+    want = blocktopk.choose(scores, cand, leaf.k)
+    if grid.shape != want.shape:
+        return [f"selection shape {tuple(grid.shape)}, expected {tuple(want.shape)}"]
+    scores = scores.masked_fill(~cand.expand(scores.shape), -math.inf)
+    errors = []
+    for row in (grid != want).any(-1).nonzero().tolist():
+        s, swapped = scores[tuple(row)], scores[tuple(row)][grid[tuple(row)] != want[tuple(row)]]
+        top = s[torch.isfinite(s)].abs().max() if torch.isfinite(s).any() else 0.0
+        if not torch.isfinite(swapped).all() or swapped.max() - swapped.min() > 1e-3 * top:
+            errors.append(f"selection of (b, h, query block) {tuple(row)} differs beyond a near-tie")
+    return errors
 
 
 def cases(first: int, count: int):

@@ -115,7 +115,9 @@ def test_refuses_everything_else(text, named):
 
 
 def test_emit_exits_2_on_refused_expression(monkeypatch, capsys):
-    # The real constructor table is not needed to refuse an expression; a fake module keeps this test local.
+    # The real constructor table is not needed to refuse an expression; a fake module keeps this test local. The
+    # rule constructors the parser adds to the table are loaded first (their module imports the real one).
+    importlib.import_module("attngen.select.nm")
     monkeypatch.setitem(sys.modules, "attngen.pattern", types.SimpleNamespace(CONSTRUCTORS=TABLE))
     status = cli.main(["emit", "causal().__class__", "--head-dim", "64", "--dtype", "bf16", "--arch", "sm_90"])
     assert status == 2
@@ -165,9 +167,23 @@ def test_draw_takes_document_lengths_and_key_lengths(capsys):
     assert capsys.readouterr().out == "██████···\n" * 4
 
 
+def test_draw_lists_random_keys_and_scores_random_blocks(capsys):
+    import attngen as ag
+
+    assert cli.main(["draw", "key_indices()", "--sq", "5", "--sk", "40", "--key-indices", "1"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == 5 and all(len(r) == 40 and r.count("█") == 1 and r.count("·") == 39 for r in rows)
+    assert cli.main(["draw", "causal() & topk_blocks(1)", "--sq", "256", "--cells", "4", "--seed", "3"]) == 0
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(1, 1, 256, 64, generator=gen) for _ in range(2))
+    assert capsys.readouterr().out == (ag.causal() & ag.topk_blocks(1)).draw(256, 256, cells=4, q=q, k=k) + "\n"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (["key_indices()", "--sq", "12"], "--key-indices 8"),
+        (["causal()", "--sq", "12", "--key-indices", "3"], "--key-indices given, but causal() does not use it"),
         (["documents()", "--sq", "12"], "give the document lengths, e.g. --documents"),
         (["documents()", "--sq", "12", "--documents", "5", "6"], "adding up to the sequence length"),
         (["key_padding()", "--sq", "12"], "--key-length"),

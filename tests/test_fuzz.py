@@ -21,7 +21,7 @@ import re
 
 import pytest
 import torch
-from fuzzing import BLOCK_SIZES, GRID, HEAD_DIMS, MAX_INPUT, MAX_SCORES, STORAGES, case
+from fuzzing import BLOCK_SIZES, GRID, HEAD_DIMS, MAX_INPUT, MAX_SCORES, STORAGES, case, selection_errors
 from test_lower import Case as LowerCase
 from test_lower import CEvalError, CExprError, _eval, _hazards, eval_c, parse_c, runtime_values
 from test_lower import check as check_lowering
@@ -56,7 +56,7 @@ def _plans(c) -> dict:
 def _qk(c) -> tuple[torch.Tensor, torch.Tensor]:
     """The case's q and k where the pattern hashes them (lsh), else CPU stand-ins (`prepare` reads their shapes and
     device only)."""
-    if any(isinstance(leaf, P.LSH) for leaf in c.pattern.leaves()):
+    if any(isinstance(leaf, (P.LSH, P.TopkBlocks)) for leaf in c.pattern.leaves()):
         return c.inputs("cpu")[:2]
     q = torch.empty(1, dtype=c.torch_dtype).expand(c.B, c.Hq, c.Sq, c.head_dim)
     k = torch.empty(1, dtype=c.torch_dtype).expand(c.B, c.Hkv, c.Sk, c.head_dim)
@@ -70,7 +70,8 @@ def _prepared(c, q, k) -> prepare.Prepared:
 def _mask_elements(c) -> int:
     inputs = c.pattern.runtime_inputs
     per_head = any(grid.dim() == 3 and grid.shape[0] > 1 for grid in c.layouts.values())
-    return (c.B if inputs else 1) * (c.Hq if per_head or inputs else 1) * (c.Sq + 5) * (c.Sk + 5)
+    per_head |= P.topk_leaf(c.pattern) is not None
+    return (c.B if inputs or per_head else 1) * (c.Hq if per_head or inputs else 1) * (c.Sq + 5) * (c.Sk + 5)
 
 
 def _check_tiles(c, structure, mask, bm: int, bn: int, prep, transpose: bool) -> None:
@@ -240,9 +241,16 @@ def test_case_plans_schedules_and_lowers(seed):
         _check_route(c, prep, q, k)
     else:
         assert prep.route is None and prep.permutation is None, _where(c)
+    selected = {}
+    if P.topk_leaf(c.pattern) is not None:  # the pass's choice: the float64 one but for near-ties
+        assert not selection_errors(prep.blocks.bool(), q, k, c.pattern, c.runtime()), _where(c)
+        selected["selected_blocks"] = prep.blocks.bool()
     if _mask_elements(c) > BRUTE_FORCE_LIMIT:
         return
-    mask = _sorted_mask(c, prep, q, k) if c.reorders else c.pattern.mask(c.Sq, c.Sk, **c.runtime())
+    if c.reorders:
+        mask = _sorted_mask(c, prep, q, k)
+    else:
+        mask = c.pattern.mask(c.Sq, c.Sk, **c.runtime(), **selected)
     tilings = {(t.block_m, t.block_n, name == "dkdv") for p in plans.values() for name in ("fwd", "dkdv", "dq")
                for t in [p.tiles_of(name)]}  # fmt: skip
     for bm, bn, transpose in sorted(tilings):
@@ -252,6 +260,7 @@ def test_case_plans_schedules_and_lowers(seed):
         return
     lower = LowerCase(seed, c.pattern, c.Sq, c.Sk, B=c.B, H=c.Hq, layouts=dict(c.layouts))
     lower.document_ids, lower.key_lengths = c.document_ids, c.key_lengths
+    lower.blocks = selected.get("selected_blocks")
     try:
         check_lowering(lower, plans["sm_90"])
     except AssertionError as e:
@@ -292,6 +301,26 @@ def _reordering_kinds(c) -> set[str]:
     return seen
 
 
+def _topk_kinds(c) -> set[str]:
+    leaf = P.topk_leaf(c.pattern)
+    if leaf is None:
+        return set()
+    where = (
+        "alone"
+        if c.pattern is leaf
+        else "on top"
+        if isinstance(c.pattern, P.And) and leaf in c.pattern.parts
+        else "under |"
+    )
+    seen = {f"topk {where}", f"topk block {leaf.block}", f"topk {c.variant}"}
+    seen |= {"topk k=1"} if leaf.k == 1 else {"topk k>=candidates"} if leaf.k >= math.ceil(c.Sk / leaf.block) else set()
+    seen |= {"topk backward"} if c.backward else set()
+    seen |= {"topk GQA"} if c.Hq > c.Hkv else set()
+    seen |= {"topk Sq != Sk"} if c.Sq != c.Sk else set()
+    seen |= {f"topk {name}"} if (name := "documents") in c.family or (name := "key_padding") in c.family else set()
+    return seen
+
+
 def test_generator_covers_every_kind():
     """Over the CI seeds: every constructor and operator, both aligns, == / != / chained predicates, // and %, Sq / Sk
     terms, shared and per-head layouts of every block size, every document-id form, key lengths 0 and Sk, every
@@ -325,6 +354,7 @@ def test_generator_covers_every_kind():
         seen |= {"GQA"} if c.Hq > c.Hkv else set()
         seen |= {f"rule {c.variant}", "rule backward" if c.backward else "rule forward"} if c.selects else set()
         seen |= {"tile edge"} if {c.Sq, c.Sk} & {63, 65, 127, 129, 191, 193} else set()
+        seen |= _topk_kinds(c)
         for leaf, grid in c.layouts.items():
             seen.add(f"bs{leaf.block_size}")
             seen.add("per-head layout" if grid.dim() == 3 and grid.shape[0] > 1 else "shared layout")
@@ -344,6 +374,8 @@ def test_generator_covers_every_kind():
     expect |= {"reorder key ranges", "reorder sorted mask", "reorder nested", "reorder auto", "reorder mma_sync"}
     expect |= {"reorder backward", "reorder forward", "reorder GQA", "reorder Sq != Sk", "reorder documents"}
     expect |= {"reorder layout"}
+    expect |= {f"topk {x}" for x in ("on top", "under |", "alone", "k=1", "k>=candidates", "block 64", "block 128")}
+    expect |= {"topk backward", "topk mma_sync", "topk GQA", "topk Sq != Sk", "topk documents", "topk key_padding"}
     assert expect <= seen, f"never generated: {sorted(expect - seen)}"
     assert small >= 0.8 * len(SEEDS), f"only {small} of {len(SEEDS)} cases are small enough to brute-force"
     assert 0.1 * len(SEEDS) <= reordering <= 0.4 * len(SEEDS), f"{reordering} of {len(SEEDS)} cases reorder"

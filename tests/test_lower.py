@@ -278,6 +278,7 @@ class Case:
     layouts: dict = field(default_factory=dict)  # block_layout leaf -> the bool grid passed to ag.block_layout
     document_ids: object = None
     key_lengths: torch.Tensor | None = None
+    blocks: torch.Tensor | None = None  # a topk_blocks leaf's selection, bool [B, H, nbq, nbk]
 
     def describe(self) -> str:
         return f"seed={self.seed} pattern={self.pattern!r} Sq={self.Sq} Sk={self.Sk} B={self.B} H={self.H}"
@@ -288,6 +289,8 @@ class Case:
             rt["document_ids"] = self.document_ids
         if self.key_lengths is not None:
             rt["key_lengths"] = self.key_lengths
+        if self.blocks is not None:
+            rt["selected_blocks"] = self.blocks
         return rt
 
 
@@ -321,6 +324,10 @@ def runtime_values(case: Case) -> dict[str, tuple[str, object]]:
             out[f"{name}_sb"] = ("int", ids.shape[-1] if ids.dim() == 2 and ids.shape[0] > 1 else 0)
     if case.key_lengths is not None:
         out["key_len"] = ("ptr", case.key_lengths.to(torch.int32).reshape(-1))
+    if case.blocks is not None:
+        _B, H, nbq, nbk = case.blocks.shape
+        out["blocks"] = ("ptr", case.blocks.to(torch.uint8).contiguous().reshape(-1))
+        out |= {"blocks_sb": ("int", H * nbq * nbk), "blocks_sh": ("int", nbq * nbk), "blocks_nk": ("int", nbk)}
     return out
 
 

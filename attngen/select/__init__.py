@@ -54,6 +54,11 @@ def split_selection(pat: Pattern) -> tuple[Pattern, Selector | None]:
         raise InputError(f"{pat!r} has {len(rules)} selection rules; supported: {SUPPORTED}")
     if any(isinstance(leaf, Selector) for p in rest for leaf in p.leaves()):
         raise InputError(f"{pat!r} nests a selection rule inside | or ~; supported: {SUPPORTED}")
+    if pat.reorders and "key_indices" in pat.runtime_inputs:
+        raise InputError(
+            f"{pat!r} combines key_indices() with buckets, lsh or keep masks, which run on tokens sorted by bucket; "
+            "key_indices() composes with the positional leaves (causal, windows, documents, ...)"
+        )
     if not rules:
         return pat, None
     if pat.reorders:

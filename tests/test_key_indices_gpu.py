@@ -1,0 +1,153 @@
+"""GPU: key-index lists (`key_indices()`) in both kernel families, forward and backward, against attngen.reference:
+lists per KV head (shared by the group's query heads) and per query head, with -1 padding, out-of-range entries and
+duplicates, composed with causal, a window under |, documents, ~; empty lists give 0 rows, LSE -inf and zero
+gradients; GQA, odd and uneven lengths, fp16 and bf16, head dims 64 and 128. Outputs are poisoned
+(ATTNGEN_POISON_OUTPUTS=1). Skipped cleanly without a CUDA GPU."""
+
+import zlib
+
+import pytest
+import torch
+from test_kernels_gpu import DTYPES, FWD_TOL, _check_grads, _grads, _inputs, _rel
+
+import attngen as ag
+from attngen import reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setenv("ATTNGEN_POISON_OUTPUTS", "1")
+
+
+PATTERNS = {
+    "alone": ag.key_indices(),
+    "causal": ag.causal() & ag.key_indices(),
+    "causal&(indices|window)": ag.causal() & (ag.key_indices() | ag.sliding_window(64)),
+    "documents&indices": ag.documents() & ag.key_indices(),
+    "causal&~indices": ag.causal() & ~ag.key_indices(),
+}
+MMA_SYNC_PATTERNS = ["causal", "causal&(indices|window)"]
+LENGTHS = [(1, 1), (17, 17), (1000, 1000), (2049, 2049), (300, 517), (517, 300)]
+B, HQ, HKV = 2, 8, 2
+
+
+def _gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _runtime(pat, Sq, Sk, gen, heads=HKV, n=48, dtype=torch.int32) -> dict:
+    idx = torch.randint(0, Sk, (B, heads, Sq, n), generator=gen)
+    idx[torch.rand(idx.shape, generator=gen) < 0.2] = -1
+    idx[..., -1] = Sk + 7  # out of range: ignored
+    idx[..., 1] = idx[..., 0]  # a duplicate
+    rt = {"key_indices": idx.to(dtype).cuda()}
+    if "document_ids" in pat.runtime_inputs:
+        ids = lambda s: (torch.rand(B, s, generator=gen) < 4.0 / s).cumsum(-1).to(torch.int32).cuda()
+        rt["document_ids"] = ids(Sq) if Sq == Sk else (ids(Sq), ids(Sk))
+    return rt
+
+
+def _check_forward(out, lse, ref, ref_lse, dtype: str, where: str) -> None:
+    assert torch.isfinite(out).all(), f"non-finite output: {where}"
+    empty = torch.isinf(ref_lse)
+    assert (out[empty] == 0).all(), f"rows with no kept key must be 0: {where}"
+    assert torch.equal(torch.isinf(lse), empty), f"LSE -inf exactly on empty rows: {where}"
+    assert torch.allclose(lse[~empty], ref_lse[~empty].float(), atol=2e-3, rtol=1e-4), f"LSE: {where}"
+    if not empty.all():
+        assert _rel(out, ref) < FWD_TOL[dtype], f"output error {_rel(out, ref):.2e}: {where}"
+
+
+@pytest.mark.parametrize("heads", [HKV, HQ])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_forward(name, dtype, D, heads):
+    pat = PATTERNS[name]
+    for Sq, Sk in LENGTHS:
+        gen = _gen("fwd", name, dtype, D, heads, Sq, Sk)
+        q, k, v = _inputs(B, HQ, HKV, Sq, Sk, D, DTYPES[dtype], gen)
+        rt = _runtime(pat, Sq, Sk, gen, heads, dtype=torch.int64 if heads == HQ else torch.int32)
+        out, lse = ag.attention(q, k, v, pat, return_lse=True, **rt)
+        ref, ref_lse = reference.attention(q, k, v, pat, **rt)
+        _check_forward(out, lse, ref, ref_lse, dtype, f"{name} {dtype} D={D} lists of {heads} heads Sq={Sq} Sk={Sk}")
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_backward(name, dtype, D):
+    pat = PATTERNS[name]
+    for Sq, Sk in LENGTHS:
+        gen = _gen("bwd", name, dtype, D, Sq, Sk)
+        q, k, v = _inputs(B, HQ, HKV, Sq, Sk, D, DTYPES[dtype], gen, requires_grad=True)
+        rt = _runtime(pat, Sq, Sk, gen)
+        dout = torch.randn(B, HQ, Sq, D, generator=gen).to("cuda", q.dtype)
+        got = _grads(lambda q, k, v: ag.attention(q, k, v, pat, **rt), q, k, v, dout)
+        want = _grads(lambda q, k, v: reference.attention(q, k, v, pat, dtype=torch.float32, **rt)[0], q, k, v, dout)
+        _check_grads(got, want, dtype, f"{name} {dtype} D={D} Sq={Sq} Sk={Sk}")
+
+
+def test_empty_lists_give_zero_rows_and_gradients():
+    gen = _gen("empty")
+    q, k, v = _inputs(B, HQ, HKV, 700, 700, 64, torch.float16, gen, requires_grad=True)
+    idx = torch.full((B, HKV, 700, 16), -1, dtype=torch.int32, device="cuda")
+    idx[1, :, :, 0] = torch.arange(700, device="cuda")  # batch 1: each query its own key only
+    out, lse = ag.attention(q, k, v, ag.key_indices(), return_lse=True, key_indices=idx)
+    assert (out[0] == 0).all() and torch.isneginf(lse[0]).all()
+    assert torch.equal(out[1], v[1].detach().repeat_interleave(HQ // HKV, dim=0))  # one key: its value row
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert (dq[0] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all()
+
+
+def test_lists_equal_the_dense_pattern_they_spell():
+    """Every key up to the query listed: causal attention, to the kernels' rounding."""
+    gen = _gen("causal")
+    q, k, v = _inputs(1, 4, 1, 300, 300, 128, torch.bfloat16, gen)
+    idx = torch.arange(300, device="cuda").expand(1, 1, 300, 300)
+    idx = torch.where(idx <= torch.arange(300, device="cuda")[:, None], idx, -1).to(torch.int32)
+    got = ag.attention(q, k, v, ag.key_indices(), key_indices=idx)
+    assert _rel(got, ag.attention(q, k, v, ag.causal())) < FWD_TOL["bf16"]
+
+
+def test_backward_deterministic():
+    gen = _gen("det")
+    pat = PATTERNS["causal&(indices|window)"]
+    q, k, v = _inputs(B, HQ, HKV, 3000, 3000, 128, torch.float16, gen, requires_grad=True)
+    rt = _runtime(pat, 3000, 3000, gen, n=256)
+    dout = torch.randn(B, HQ, 3000, 128, generator=gen).to("cuda", torch.float16)
+    first = _grads(lambda q, k, v: ag.attention(q, k, v, pat, **rt), q, k, v, dout)
+    second = _grads(lambda q, k, v: ag.attention(q, k, v, pat, **rt), q, k, v, dout)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs a Hopper GPU"
+)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("name", MMA_SYNC_PATTERNS)
+def test_mma_sync_family_on_hopper(name, D, monkeypatch):
+    from dataclasses import replace
+
+    from attngen import kernel, op, plan, tiling
+
+    pat = PATTERNS[name]
+    p = plan.make_plan(pat, head_dim=D, dtype="bf16", arch="sm_90")
+    kern = kernel.Compiled(replace(p, fwd=tiling.forward_tiles(D), dkdv=tiling.dkdv_tiles(D), dq=tiling.dq_tiles(D)))
+    assert not kern.forward_binary.arch.endswith("a") and "mma.sync" in kern.backward_source.code
+    monkeypatch.setattr(op, "_compiled_for", lambda structure, q: kern)
+    for Sq, Sk in [(17, 17), (1000, 1000), (300, 517)]:
+        gen = _gen("mma.sync", name, D, Sq, Sk)
+        q, k, v = _inputs(B, HQ, HKV, Sq, Sk, D, torch.bfloat16, gen, requires_grad=True)
+        rt = _runtime(pat, Sq, Sk, gen)
+        where = f"mma.sync {name} D={D} Sq={Sq} Sk={Sk}"
+        out, lse = ag.attention(q, k, v, pat, return_lse=True, **rt)
+        ref, ref_lse = reference.attention(q, k, v, pat, dtype=torch.float32, **rt)
+        _check_forward(out, lse, ref, ref_lse, "bf16", where)
+        dout = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), dout)
+        _check_grads(got, torch.autograd.grad(ref, (q, k, v), dout), "bf16", where)
