@@ -36,11 +36,13 @@ def select(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, runtime) -> tor
     return blocktopk.choose(scores, cand, leaf.k).to(torch.uint8)
 
 
+@torch.compiler.disable  # host work on the pattern (sympy), cached; under torch.compile a graph break
 @functools.lru_cache(maxsize=64)
 def _static_candidates(context: P.Pattern, block: int, Sq: int, Sk: int, device: str) -> torch.Tensor:
     return candidates(context, block, Sq, Sk, torch.device(device), None)
 
 
+@torch.compiler.disable  # counts its partial blocks on the host: a graph break under torch.compile
 def candidates(context: P.Pattern, block: int, Sq: int, Sk: int, device, runtime, heads=None) -> torch.Tensor:
     """bool [LB, LH, nbq, nbk]: the blocks where the positional structure `context` allows some pair (`heads`: the
     call's query heads, where key-index lists per KV head serve their groups)."""

@@ -833,7 +833,7 @@ def dense_mask(
         return m.expand(*torch.broadcast_shapes(qi.shape, kj.shape))
     if isinstance(pat, Selector):
         return torch.ones(1, 1, Sq, Sk, dtype=torch.bool, device=device)
-    if isinstance(pat, TopkBlocks):
+    if isinstance(pat, (TopkBlocks, SelectedBlocks)):
         return _selected
     if isinstance(pat, BlockLayout):
         lay = pat.tensor().to(device).bool()
@@ -878,11 +878,12 @@ def _listed(key_indices, Sq: int, Sk: int, q, order, device) -> torch.Tensor:
 
 
 def _topk_mask(pat, leaf, Sq, Sk, selected_blocks, device, runtime) -> torch.Tensor:
-    """bool [B, Hq, Sq, Sk]: the pairs inside the key blocks `leaf` (a `topk_blocks`) keeps."""
-    if not isinstance(leaf, TopkBlocks):
-        raise InputError(f"{leaf!r} has no dense mask (a pattern's structure has none: use the pattern itself)")
+    """bool [B, Hq, Sq, Sk]: the pairs inside the key blocks `leaf` (a `topk_blocks`, or its structure when the
+    choice is given as `selected_blocks`) keeps."""
     bs = leaf.block
     nbq, nbk = math.ceil(Sq / bs), math.ceil(Sk / bs)
+    if selected_blocks is None and not isinstance(leaf, TopkBlocks):
+        raise InputError(f"{leaf!r} has no dense mask without selected_blocks= (the choice of a call)")
     if selected_blocks is not None:
         grid = selected_blocks.to(device, torch.bool)
         if grid.dim() != 4 or tuple(grid.shape[-2:]) != (nbq, nbk):

@@ -34,9 +34,10 @@ def reference_kernels(monkeypatch):
     """`attngen.attention` on CPU tensors, end to end, with the kernels replaced by the float32 reference: the checks,
     `prepare`, the custom op (eager and traced) and its autograd run as they do on a GPU; the forward computes
     `attngen.reference.attention` of the pattern rebuilt from the op's arguments (its structure, its layout grids,
-    document ids and key lengths), and the backward its exact gradient (a selection rule's choice held fixed, as in
-    the kernels). For tests of code built on attngen without a GPU. Records every call (pattern, run-time tensors,
-    shapes) in `calls`. Inputs must still be fp16 / bf16, as for the kernels."""
+    document ids, key lengths, the block top-k choice and key lists), and the backward its exact gradient (a
+    selection rule's choice held fixed, as in the kernels). For tests of code built on attngen without a GPU. Records
+    every call (pattern, run-time tensors, shapes) in `calls`. Inputs must still be fp16 / bf16, as for the
+    kernels."""
     from types import SimpleNamespace
 
     import torch
@@ -72,11 +73,16 @@ def reference_kernels(monkeypatch):
             return P.block_layout(grid if pat.per_head else grid[0], pat.block_size)
         return pat
 
-    def reference_of(kern, q, k, v, scale, prep):
-        pat = rebuild(P.by_key(kern.name), prep.layouts)
+    def inputs_of(prep):
         inputs = {"document_ids": prep.document_ids, "key_lengths": prep.key_lengths}
         inputs |= prep.route.mask_inputs() if prep.route is not None else {}  # the sorted tokens' mask
-        return reference.attention(q, k, v, pat, scale=scale, dtype=torch.float32, **inputs), pat
+        inputs |= {"selected_blocks": prep.blocks.bool()} if prep.blocks is not None else {}  # topk_blocks' choice
+        inputs |= {"key_indices": prep.key_lists} if prep.key_lists is not None else {}
+        return inputs
+
+    def reference_of(kern, q, k, v, scale, prep):
+        pat = rebuild(P.by_key(kern.name), prep.layouts)
+        return reference.attention(q, k, v, pat, scale=scale, dtype=torch.float32, **inputs_of(prep)), pat
 
     def forward(kern, q, k, v, scale, prep):
         (out, lse), pat = reference_of(kern, q, k, v, scale, prep)
@@ -87,13 +93,12 @@ def reference_kernels(monkeypatch):
         # Written out (the custom op's implementation runs below autograd): the softmax backward over the kept keys,
         # the choice of a selection rule held fixed, as the kernels do.
         pat = rebuild(P.by_key(kern.name), prep.layouts)
-        inputs = {"document_ids": prep.document_ids, "key_lengths": prep.key_lengths}
-        inputs |= prep.route.mask_inputs() if prep.route is not None else {}
+        inputs = inputs_of(prep)
         Sq, Sk, groups = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]
         qf, kf, vf = q.float(), k.float().repeat_interleave(groups, 1), v.float().repeat_interleave(groups, 1)
         s = torch.einsum("bhqd,bhkd->bhqk", qf, kf) * scale
         positions, rule = split_selection(pat)
-        kept = P.dense_mask(positions, Sq, Sk, device=q.device, **inputs)
+        kept = P.dense_mask(positions, Sq, Sk, device=q.device, q=q, **inputs)
         if rule is not None:
             kept = kept & rule.reference_keep(s, kept, q=q, k=k, **inputs)
         s = s.masked_fill(~kept, float("-inf"))

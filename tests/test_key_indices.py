@@ -122,3 +122,30 @@ def test_kernels_compile_without_spills(arch, head_dim):
         for entry, binary in binaries.items():
             res = binary.resources_of(entry)
             assert (res.spill_stores, res.spill_loads, res.stack_bytes) == (0, 0, 0), f"{pat} {entry}: {res}"
+
+
+def test_calls_match_the_reference_and_trace(reference_kernels):
+    """`attention` end to end on the CPU with the kernels replaced by the reference, eager and under torch.compile
+    (one graph: turning the lists into bits traces): the lists reach the op as given (and as bits), output and
+    gradients are the reference's."""
+    from attngen import reference
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 90, 32, generator=g).half().requires_grad_()
+    k, v = (torch.randn(2, 2, 70, 32, generator=g).half().requires_grad_() for _ in range(2))
+    idx = _lists(2, 2, 90, 12, 70, 5).to(torch.int32)
+    pat = ag.causal() & (ag.key_indices() | ag.sliding_window(4))
+    out, lse = ag.attention(q, k, v, pat, return_lse=True, key_indices=idx)
+    ref, ref_lse = reference.attention(q, k, v, pat, dtype=torch.float32, key_indices=idx)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    assert torch.allclose(out.float(), ref, atol=2e-3, rtol=2e-3)
+    dout = torch.randn(out.shape, generator=g).half()
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout.float())):
+        assert torch.allclose(got.float(), want.float(), atol=5e-3, rtol=5e-3)
+    call = reference_kernels.calls[0]
+    assert torch.equal(call.prep.key_lists, idx) and call.prep.key_bits.shape == (2, 2, 90, 3)
+
+    def fn(q, k, v):
+        return ag.attention(q, k, v, pat, key_indices=idx)
+
+    assert torch.equal(torch.compile(fn, backend="eager", fullgraph=True)(q, k, v), fn(q, k, v))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import attngen as ag
-from attngen import blockselect, blocktopk, schedule
+from attngen import blockselect, blocktopk, reference, schedule
 from attngen import pattern as P
 from attngen.affine import EMPTY, FULL, PARTIAL
 from attngen.errors import InputError
@@ -222,3 +222,45 @@ def test_choose_breaks_ties_by_the_lower_index():
         blocktopk.choose(torch.tensor([[3.0, 1, 3, 3, 0]]), torch.ones(1, 5, dtype=torch.bool), 2),
         torch.tensor([[True, False, True, False, False]]),
     )
+
+
+def _qkv(B, Hq, Hkv, Sq, Sk, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Sq, 32, generator=g).half().requires_grad_()
+    k, v = (torch.randn(B, Hkv, Sk, 32, generator=g).half().requires_grad_() for _ in range(2))
+    return q, k, v
+
+
+@pytest.mark.parametrize("Sq,Sk", [(200, 200), (130, 300)])
+def test_calls_match_the_reference(Sq, Sk, reference_kernels):
+    """`attention` end to end on the CPU with the kernels replaced by the reference: the selection made in `prepare`
+    is the float64 one on these inputs, and output and gradients are the reference's (the choice held fixed)."""
+    pat = ag.causal() & (ag.topk_blocks(2, block=64) | ag.sliding_window(20))
+    q, k, v = _qkv(2, 4, 2, Sq, Sk, Sq + Sk)
+    out, lse = ag.attention(q, k, v, pat, return_lse=True)
+    ref, ref_lse = reference.attention(q, k, v, pat, dtype=torch.float32)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    assert torch.allclose(out.float(), ref, atol=2e-3, rtol=2e-3)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).half()
+    for g, w in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout.float())):
+        assert torch.allclose(g.float(), w.float(), atol=5e-3, rtol=5e-3)
+    assert all(c.prep.blocks is not None for c in reference_kernels.calls)
+
+
+def test_calls_under_torch_compile(reference_kernels):
+    """The selection pass runs inside a compiled function (its candidates' count on the host is a graph break:
+    fullgraph=True refuses it), with the eager call's answer."""
+    pat = ag.causal() & ag.topk_blocks(2, block=64)
+    q, k, v = _qkv(1, 2, 2, 150, 150, 7)
+
+    def fn(q, k, v):
+        return ag.attention(q, k, v, pat)
+
+    traced = torch.compile(fn, backend="eager")(q, k, v)
+    assert torch.equal(traced, fn(q, k, v))
+
+    def whole(q, k, v):  # a function of its own: the one above has its graph-broken code cached
+        return ag.attention(q, k, v, pat)
+
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        torch.compile(whole, backend="eager", fullgraph=True)(q, k, v)
