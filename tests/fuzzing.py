@@ -2,27 +2,27 @@
 scheduling, mask lowering, a few compiles) and the GPU run (bench/fuzz_gpu.py: kernels against attngen.reference).
 
 `case(seed)` is a pure function of `seed` (Python's `random.Random` and a CPU `torch.Generator`, nothing global): a
-random pattern composed from every constructor with & | ~ (depth <= 3), in some groups of cases with a selection
-rule on top (`A & nm(2, 4)`, `A & nm(1, 2)`), in others (`TOPK_SHARE`) a `topk_blocks(k, block)` leaf (`A & topk`,
-NSA's `A & (topk | B)`, `topk | A`, alone), shapes (batch, GQA heads, odd and tile-boundary lengths, Sq != Sk),
-head dim, dtype, input storage (strided views), scale, return_lse, backward, and the run-time inputs the pattern
-reads (document ids as [S] / [B, S] / a pair, key lengths incl. 0 and Sk). In other groups (`REORDER_SHARE`, never
-with a rule, which refuses them) the pattern has hash buckets or dropped tokens: `buckets()`, `lsh(n, seed)` or
-`keep()`, mostly on top (`A & buckets()`, `A & documents() & lsh(n, seed) & keep()`), sometimes alone, on a
-conjunction of linear leaves (each query then keeps one range of sorted keys), or nested under | and ~ anywhere in
-the tree; such a pattern reorders (its tokens are sorted by bucket inside `attngen.attention`), and the case draws
-its bucket ids (one bucket to a few dozen, all distinct, sorted runs; int32 or int64, negative and extreme int32
-values, shared by every head or not) and keep masks (any rate from every token dropped to none). `lsh` always has a
-seed, so that `attngen.reference` hashes q and k as the kernels' call does. Every case is valid input: the API must
-accept it and the kernels must match the reference. A rule chooses keys by their scores, and a near-tie could go
-either way between a kernel's fp32 scores and the reference's; so the cases with a rule draw q and k from a grid of
-quarters (`GRID`), where every dot product is exact in fp32 and float64 alike: the scores are ordered alike, exact
-ties go to the lower key index in both, and the comparison stays exact. `Case.repro()` is the one command line that
-runs it again on a GPU.
+random pattern composed from every constructor with & | ~ (depth <= 3), in some groups of cases with a selection rule on
+top (`A & nm(2, 4)`, `A & nm(1, 2)`), in others (`TOPK_SHARE`) a `topk_blocks(k, block)` leaf (`A & topk`, NSA's `A &
+(topk | B)`, `topk | A`, alone), in others (`INDEX_SHARE`) a `key_indices()` leaf with its lists (random, clustered
+runs, every key, none; shared by a group's heads or per query head), shapes (batch, GQA heads, odd and tile-boundary
+lengths, Sq != Sk), head dim, dtype, input storage (strided views), scale, return_lse, backward, and the run-time inputs
+the pattern reads (document ids as [S] / [B, S] / a pair, key lengths incl. 0 and Sk). In other groups (`REORDER_SHARE`,
+never with a rule, which refuses them) the pattern has hash buckets or dropped tokens: `buckets()`, `lsh(n, seed)` or
+`keep()`, mostly on top (`A & buckets()`, `A & documents() & lsh(n, seed) & keep()`), sometimes alone, on a conjunction
+of linear leaves (each query then keeps one range of sorted keys), or nested under | and ~ anywhere in the tree; such a
+pattern reorders (its tokens are sorted by bucket inside `attngen.attention`), and the case draws its bucket ids (one
+bucket to a few dozen, all distinct, sorted runs; int32 or int64, negative and extreme int32 values, shared by every
+head or not) and keep masks (any rate from every token dropped to none). `lsh` always has a seed, so that
+`attngen.reference` hashes q and k as the kernels' call does. Every case is valid input: the API must accept it and the
+kernels must match the reference. A rule chooses keys by their scores, and a near-tie could go either way between a
+kernel's fp32 scores and the reference's; so the cases with a rule draw q and k from a grid of quarters (`GRID`), where
+every dot product is exact in fp32 and float64 alike: the scores are ordered alike, exact ties go to the lower key index
+in both, and the comparison stays exact. `Case.repro()` is the one command line that runs it again on a GPU.
 
 Consecutive seeds share a pattern *recipe*, head dim, dtype and kernel variant (`GROUP` of them: the tree, its
-constants, layout block sizes), so that a GPU run compiles a quarter as many kernels; each seed draws its own
-shapes, layout grids, run-time tensors and inputs. Importable without pytest and without a GPU."""
+constants, layout block sizes), so that a GPU run compiles a quarter as many kernels; each seed draws its own shapes,
+layout grids, run-time tensors and inputs. Importable without pytest and without a GPU."""
 
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ REORDER_SHARE = 0.2  # groups whose pattern has buckets(), lsh(n, seed) or keep(
 LSH_SIZES = (2, 4, 8, 16, 32, 64)  # lsh(n): n buckets
 TOPK_SHARE = 0.15  # groups whose pattern has a topk_blocks leaf (never with a rule or reordering, which refuse it)
 TOPK_KS = (1, 2, 3, 5, 1000)  # topk_blocks(k): 1000 keeps every candidate
+INDEX_SHARE = 0.12  # groups whose pattern has a key_indices() leaf (never with reordering, which refuses it)
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
@@ -88,6 +89,7 @@ class Case:
     key_buckets: torch.Tensor | None = None  # [B, Hkv, Sk]
     query_keep: torch.Tensor | None = None  # [B, Hq, Sq] bool, for keep()
     key_keep: torch.Tensor | None = None  # [B, Hkv, Sk]
+    key_indices: torch.Tensor | None = None  # [B, Hkv or Hq, Sq, n] int32 / int64, for key_indices()
     layouts: dict = field(default_factory=dict)  # BlockLayout leaf -> the bool grid it was built from
     notes: tuple[str, ...] = ()  # what was drawn, for coverage checks: "doc:pair", "keylen:0", ...
 
@@ -109,6 +111,7 @@ class Case:
             P.Keep: "keep",
             NM: "nm",
             P.TopkBlocks: "topk_blocks",
+            P.KeyIndices: "key_indices",
         }
         return "+".join(sorted({kinds.get(type(leaf), type(leaf).__name__) for leaf in self.pattern.leaves()}))
 
@@ -160,7 +163,7 @@ class Case:
         if self.document_ids is not None:
             ids = self.document_ids
             rt["document_ids"] = tuple(t.to(device) for t in ids) if isinstance(ids, tuple) else ids.to(device)
-        for name in ("key_lengths", "query_buckets", "key_buckets", "query_keep", "key_keep"):
+        for name in ("key_lengths", "query_buckets", "key_buckets", "query_keep", "key_keep", "key_indices"):
             if (t := getattr(self, name)) is not None:
                 rt[name] = t.to(device)
         return rt
@@ -606,6 +609,46 @@ def _with_topk(pat: ag.Pattern, t: random.Random, builder: _Builder) -> ag.Patte
     return leaf | pat if form == "or" else leaf
 
 
+def _indexed(seed: int) -> random.Random | None:
+    """The generator of the seed's group's key-index recipe (where the leaf goes), or None: never with reordering;
+    INDEX_SHARE of all groups."""
+    if _reorder(seed) is not None:
+        return None
+    g = random.Random(f"attngen-fuzz-indices-{seed // GROUP}")
+    return g if g.random() < INDEX_SHARE / (1 - REORDER_SHARE) else None
+
+
+def _with_indices(pat: ag.Pattern, t: random.Random, builder: _Builder) -> ag.Pattern:
+    """`pat` with a key_indices() leaf: on top, beside another subtree under |, complemented, at the top of a |."""
+    leaf = ag.key_indices()
+    form = t.choices(["and", "and-or", "not", "or"], weights=[4, 3, 2, 2])[0]
+    if form == "and":
+        return pat & leaf
+    if form == "and-or":
+        return pat & (leaf | builder.tree(1))
+    return pat & ~leaf if form == "not" else leaf | pat
+
+
+def _key_lists(rng: random.Random, gen: torch.Generator, c: Case) -> tuple[torch.Tensor, list[str]]:
+    """[B, Hkv or Hq, Sq, n]: random keys (duplicates, -1 padding and entries past Sk among them), runs of
+    consecutive keys (clustered, as block selections), every key, or nothing; int32 or int64."""
+    form = rng.choices(["random", "runs", "every", "none"], weights=[6, 3, 1, 1])[0]
+    heads = c.Hkv if rng.random() < 0.6 else c.Hq
+    n = {"every": c.Sk, "none": rng.choice([0, 3])}.get(form, rng.choice([1, 3, 16, 64]))
+    shape = (c.B, heads, c.Sq, n)
+    if form == "random":
+        idx = torch.randint(-2, c.Sk + 3, shape, generator=gen)
+    elif form == "runs":
+        start = torch.randint(0, max(c.Sk, 1), (c.B, heads, c.Sq, 1), generator=gen)
+        idx = start + torch.arange(n)
+    elif form == "every":
+        idx = torch.arange(n).expand(shape)
+    else:
+        idx = torch.full(shape, -1)
+    notes = [f"indices:{form}", "indices:per query head" if heads != c.Hkv or c.Hq == c.Hkv else "indices:shared"]
+    return idx.to(rng.choice([torch.int32, torch.int64])), notes
+
+
 # ------------------------------------------------------------------------------------------------ the case
 
 
@@ -648,6 +691,8 @@ def case(seed: int) -> Case:
     c.pattern = builder.tree(depth) if reordering is None else builder.reordering(reordering, depth)
     if (rule := _rule(seed)) is not None:
         c.pattern = c.pattern & rule
+    if (indexed := _indexed(seed)) is not None:
+        c.pattern = _with_indices(c.pattern, indexed, builder)
     if (topk := _topk(seed)) is not None:
         c.pattern = _with_topk(c.pattern, topk, builder)
     need = c.pattern.runtime_inputs
@@ -663,6 +708,9 @@ def case(seed: int) -> Case:
         notes += more
     if "query_keep" in need:
         c.query_keep, c.key_keep, more = _keep_masks(rng, gen, c)
+        notes += more
+    if "key_indices" in need:
+        c.key_indices, more = _key_lists(rng, gen, c)
         notes += more
     c.notes = tuple(notes)
     return c

@@ -10,6 +10,10 @@ permuted, tile classes and schedules are checked by brute force against it, and 
 the key ranges (`Route.ranges`) where every query keeps one range of sorted keys, else the plan's C mask, read at
 the tokens' original positions (`q_order`, `k_order`), through the translator.
 
+Cases with a `topk_blocks` leaf check the selection `prepare` makes (fp32, on the CPU here) against the float64 one
+(they may differ only at near-ties), then go through the same stages with that selection; cases with
+`key_indices()` bind the lists' bits (per KV head or per query head) where the translator evaluates the C mask.
+
 The same cases run on a GPU with `python bench/fuzz_gpu.py`; a failure here prints the line that runs its case
 there."""
 
@@ -76,7 +80,7 @@ def _mask_elements(c) -> int:
 
 def _check_tiles(c, structure, mask, bm: int, bn: int, prep, transpose: bool) -> None:
     """Classes and the schedule of bm x bn tiles against brute force from the dense mask."""
-    cls = schedule.classes(structure, bm, bn, c.Sq, c.Sk, "cpu", prep)
+    cls = schedule.classes(structure, bm, bn, c.Sq, c.Sk, "cpu", prep, heads=c.Hq)
     assert cls.shape[-2:] == (math.ceil(c.Sq / bm), math.ceil(c.Sk / bn)), _where(c)
     every, some = _truth(mask, bm, bn)
     wide, every, some = torch.broadcast_tensors(cls, every, some)
@@ -84,7 +88,7 @@ def _check_tiles(c, structure, mask, bm: int, bn: int, prep, transpose: bool) ->
     assert not len(bad_full), f"{bm}x{bn} tile {bad_full[0].tolist()} called FULL drops an element\n{_where(c)}"
     bad_empty = ((wide == EMPTY) & some).nonzero()
     assert not len(bad_empty), f"{bm}x{bn} tile {bad_empty[0].tolist()} called EMPTY keeps an element\n{_where(c)}"
-    sched = schedule.build(structure, bm, bn, c.Sq, c.Sk, "cpu", prep, transpose=transpose)
+    sched = schedule.build(structure, bm, bn, c.Sq, c.Sk, "cpu", prep, transpose=transpose, heads=c.Hq)
     visit = cls.transpose(-1, -2) if transpose else cls
     assert torch.equal(sched.counts, (visit > EMPTY).sum(-1, dtype=torch.int32)), f"{bm}x{bn} counts\n{_where(c)}"
     tiles = sched.tiles
@@ -250,7 +254,7 @@ def test_case_plans_schedules_and_lowers(seed):
     if c.reorders:
         mask = _sorted_mask(c, prep, q, k)
     else:
-        mask = c.pattern.mask(c.Sq, c.Sk, **c.runtime(), **selected)
+        mask = c.pattern.mask(c.Sq, c.Sk, q=q, k=k, **c.runtime(), **selected)  # q: key lists widen to its heads
     tilings = {(t.block_m, t.block_n, name == "dkdv") for p in plans.values() for name in ("fwd", "dkdv", "dq")
                for t in [p.tiles_of(name)]}  # fmt: skip
     for bm, bn, transpose in sorted(tilings):
@@ -261,6 +265,7 @@ def test_case_plans_schedules_and_lowers(seed):
     lower = LowerCase(seed, c.pattern, c.Sq, c.Sk, B=c.B, H=c.Hq, layouts=dict(c.layouts))
     lower.document_ids, lower.key_lengths = c.document_ids, c.key_lengths
     lower.blocks = selected.get("selected_blocks")
+    lower.key_indices = c.key_indices
     try:
         check_lowering(lower, plans["sm_90"])
     except AssertionError as e:
@@ -325,13 +330,14 @@ def test_generator_covers_every_kind():
     """Over the CI seeds: every constructor and operator, both aligns, == / != / chained predicates, // and %, Sq / Sk
     terms, shared and per-head layouts of every block size, every document-id form, key lengths 0 and Sk, every
     head dim, dtype, storage and variant, Sq != Sk, edge and long lengths; reordering patterns (buckets, lsh, keep;
-    on top and nested, with key ranges and without) with every form of bucket ids and keep masks; and every case
-    within the size caps."""
+    on top and nested, with key ranges and without) with every form of bucket ids and keep masks; block top-k in
+    every place; key lists of every form; and every case within the size caps."""
     seen: set[str] = set()
     small = reordering = 0
     words = ("causal", "sliding_window", "local", "prefix_lm", "global_tokens", "predicate", "documents",
              "key_padding", "block_layout", "full", "~", "|", "&", "bottom_right", "==", "!=", "Eq(", "Ne(",
-             "Sk - Sq", " and ", " or ", "not ", "nm(2, 4)", "nm(1, 2)", "buckets()", "lsh(", "keep()")  # fmt: skip
+             "Sk - Sq", " and ", " or ", "not ", "nm(2, 4)", "nm(1, 2)", "buckets()", "lsh(", "keep()",
+             "key_indices()", "~key_indices()")  # fmt: skip
     for seed in SEEDS:
         c = case(seed)
         assert not (c.reorders and c.selects), _where(c)  # refused: the generator makes valid input only
@@ -376,6 +382,8 @@ def test_generator_covers_every_kind():
     expect |= {"reorder layout"}
     expect |= {f"topk {x}" for x in ("on top", "under |", "alone", "k=1", "k>=candidates", "block 64", "block 128")}
     expect |= {"topk backward", "topk mma_sync", "topk GQA", "topk Sq != Sk", "topk documents", "topk key_padding"}
+    expect |= {f"indices:{x}" for x in ("random", "runs", "every", "none", "shared", "per query head")}
+    expect |= {"key_indices()", "~key_indices()"}
     assert expect <= seen, f"never generated: {sorted(expect - seen)}"
     assert small >= 0.8 * len(SEEDS), f"only {small} of {len(SEEDS)} cases are small enough to brute-force"
     assert 0.1 * len(SEEDS) <= reordering <= 0.4 * len(SEEDS), f"{reordering} of {len(SEEDS)} cases reorder"

@@ -36,6 +36,7 @@ from fuzzing import _predicate_sympy, _predicate_text  # the shared predicate ge
 from fuzzing import _term as _term_text
 
 import attngen as ag
+from attngen import keyindex
 from attngen.plan import make_plan
 
 PAD = 5  # positions evaluated past Sq and Sk: the guard must drop them all
@@ -68,12 +69,13 @@ _TOKEN = re.compile(
     r"|(?P<float>\d+\.\d*(?:[eE][-+]?\d+)?)"
     r"|(?P<int>\d+(?:LL)?)"  # LL: a 64-bit literal (the translator computes in 64 bits throughout)
     r"|(?P<name>[A-Za-z_]\w*)"
-    r"|(?P<op>&&|\|\||<=|>=|==|!=|[-+*/%<>!&|()\[\]])"
+    r"|(?P<op>&&|\|\||>>|<=|>=|==|!=|[-+*/%<>!&|()\[\],])"
 )
 
 # C binary operators of the subset, by precedence (higher binds tighter); all left-associative.
-_BINARY = {"||": 1, "&&": 2, "|": 3, "&": 4, "==": 5, "!=": 5, "<": 6, "<=": 6, ">": 6, ">=": 6}
-_BINARY |= {"+": 7, "-": 7, "*": 8, "/": 8, "%": 8}
+_BINARY = {"||": 1, "&&": 2, "|": 3, "&": 4, "==": 5, "!=": 5, "<": 6, "<=": 6, ">": 6, ">=": 6, ">>": 7}
+_BINARY |= {"+": 8, "-": 8, "*": 9, "/": 9, "%": 9}
+_CASTS = {("long", "long"): "long long", ("int",): "int"}  # (type) casts of the subset
 _COMPARE = {"<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge, "==": torch.eq, "!=": torch.ne}
 
 
@@ -146,6 +148,14 @@ class _Parser:
             if tok in ("true", "false"):
                 self.i += 1
                 return ("int", int(tok == "true"))
+            if tok == "min" and tok not in self.kinds:  # CUDA's integer min(a, b)
+                self.i += 1
+                self._expect("(")
+                a = self._binary(1)
+                self._expect(",")
+                b = self._binary(1)
+                self._expect(")")
+                return ("min", a, b)
             if tok not in self.kinds:
                 self._fail("unknown identifier")
             self.i += 1
@@ -161,6 +171,11 @@ class _Parser:
             return ("var", tok)
         if tok == "(":
             self.i += 1
+            for words, ctype in _CASTS.items():  # a cast: (long long) x, (int) x
+                if tuple(t for _, t, _ in self.toks[self.i : self.i + len(words)]) == words:
+                    self.i += len(words)
+                    self._expect(")")
+                    return ("cast", ctype, self._unary())
             node = self._binary(1)
             self._expect(")")
             return node
@@ -208,6 +223,14 @@ def _eval(node, env: dict, active: torch.Tensor, hazards: set) -> torch.Tensor:
         if data.numel() == 0:
             return torch.zeros_like(index)
         return data[index.clamp(0, data.numel() - 1)]
+    if tag == "min":
+        a, b = (_int(_eval(n, env, active, hazards)) for n in node[1:])
+        return torch.minimum(a, b)
+    if tag == "cast":
+        v = _int(_eval(node[2], env, active, hazards))
+        if v.dtype.is_floating_point:
+            raise CExprError("a cast of a floating-point value")
+        return v if node[1] == "long long" else (v + 2**31) % 2**32 - 2**31  # (int): the low 32 bits, signed
     if tag == "un":
         v = _eval(node[2], env, active, hazards)
         if node[1] == "!":
@@ -234,6 +257,10 @@ def _eval(node, env: dict, active: torch.Tensor, hazards: set) -> torch.Tensor:
         a, b = a.to(torch.float64), b.to(torch.float64)
     if op in _COMPARE:
         return _COMPARE[op](a, b)
+    if op == ">>":
+        if a.dtype.is_floating_point or b.dtype.is_floating_point or bool((((b < 0) | (b > 31)) & active).any()):
+            raise CExprError(">> of a floating-point value, or by a count outside [0, 31]")
+        return a >> b  # arithmetic, as C's on the 32-bit words the kernels load
     if op == "/":
         if a.dtype.is_floating_point:
             return a / b
@@ -279,6 +306,7 @@ class Case:
     document_ids: object = None
     key_lengths: torch.Tensor | None = None
     blocks: torch.Tensor | None = None  # a topk_blocks leaf's selection, bool [B, H, nbq, nbk]
+    key_indices: torch.Tensor | None = None  # a key_indices() leaf's lists, [B, H or fewer heads, Sq, n]
 
     def describe(self) -> str:
         return f"seed={self.seed} pattern={self.pattern!r} Sq={self.Sq} Sk={self.Sk} B={self.B} H={self.H}"
@@ -291,6 +319,8 @@ class Case:
             rt["key_lengths"] = self.key_lengths
         if self.blocks is not None:
             rt["selected_blocks"] = self.blocks
+        if self.key_indices is not None:  # a KV head's lists serve its query heads
+            rt["key_indices"] = self.key_indices.repeat_interleave(self.H // self.key_indices.shape[1], dim=1)
         return rt
 
 
@@ -324,6 +354,12 @@ def runtime_values(case: Case) -> dict[str, tuple[str, object]]:
             out[f"{name}_sb"] = ("int", ids.shape[-1] if ids.dim() == 2 and ids.shape[0] > 1 else 0)
     if case.key_lengths is not None:
         out["key_len"] = ("ptr", case.key_lengths.to(torch.int32).reshape(-1))
+    if case.key_indices is not None:
+        bits = keyindex.bits(case.key_indices, case.Sk, "cpu")
+        _B, H, Sq, W = bits.shape
+        out["kbits"] = ("ptr", bits.reshape(-1))
+        out |= {"kbits_sb": ("int", H * Sq * W), "kbits_sh": ("int", Sq * W), "kbits_w": ("int", W)}
+        out["kbits_div"] = ("int", case.H // H)
     if case.blocks is not None:
         _B, H, nbq, nbk = case.blocks.shape
         out["blocks"] = ("ptr", case.blocks.to(torch.uint8).contiguous().reshape(-1))
@@ -652,7 +688,11 @@ def test_layouts_numbered_by_first_appearance_and_shared():
         "qdoc[q",
         "q = k",
         "q < k;",
-        "q >> 1",
+        "q >> ",
+        "min(q)",
+        "max(q, k)",
+        "(long) q",
+        "q, k",
         "1 ^ 2",
         "(1.0/2.0)*q | q",
     ],
@@ -666,6 +706,12 @@ def test_translator_rejects_unknown_syntax(text):
     "text,value",
     [
         ("1 + 2 * 3 == 7", True),
+        ("(7 >> 1) == 3", True),
+        ("(-8 >> 1) == -4", True),
+        ("1 + 4 >> 1 == 2", True),  # >> below + and above ==
+        ("min(3, 5 - 4) == 1", True),
+        ("(long long)3 * 4 == 12", True),
+        ("(int)3 == 3", True),
         ("(1 + 2) * 3 == 9", True),
         ("-7 / 2 == -3", True),  # truncation toward zero, not floor
         ("7 / -2 == -3", True),
