@@ -28,6 +28,9 @@ def select(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, runtime) -> tor
     leaf, structure = P.topk_leaf(pattern), pattern.structure()
     context = P.context_of(structure, P.topk_leaf(structure))  # its layout slots number as the pattern's do
     Sq, Sk = q.shape[2], k.shape[2]
+    if q.numel() == 0 or k.numel() == 0:  # no query, key or batch: nothing to choose
+        B, Hq = q.shape[:2]
+        return torch.zeros(B, Hq, -(-Sq // leaf.block), -(-Sk // leaf.block), dtype=torch.uint8, device=q.device)
     if context.runtime_inputs or any(isinstance(x, P.LayoutSlot) for x in context.leaves()):
         cand = candidates(context, leaf.block, Sq, Sk, q.device, runtime, heads=q.shape[1])
     else:

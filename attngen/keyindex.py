@@ -51,10 +51,10 @@ def bits(indices: torch.Tensor, Sk: int, device) -> torch.Tensor:
     B, H, Sq, n = indices.shape
     words = max(1, math.ceil(Sk / 32))
     out = torch.empty(B, H, Sq, 4 * words, dtype=torch.uint8, device=device)
-    if n == 0 or Sq == 0:
+    if out.numel() == 0 or n == 0:
         return out.zero_().view(torch.int32)
-    rows = max(1, CHUNK // (32 * words))
-    for r0 in range(0, Sq, rows):
+    rows = max(1, CHUNK // (B * H * 32 * words))
+    for r0 in range(0, Sq, rows):  # (bytes and words little-endian, as on every GPU and host torch runs on)
         idx = indices[:, :, r0 : r0 + rows].to(device, torch.int64)
         idx = torch.where((idx >= 0) & (idx < Sk), idx, 32 * words)  # ignored entries land past the last word
         dense = torch.zeros(*idx.shape[:3], 32 * words + 8, dtype=torch.bool, device=device)

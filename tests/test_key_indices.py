@@ -45,6 +45,10 @@ def test_bits_hold_the_listed_keys(Sk, dtype, monkeypatch):
 def test_empty_lists_and_no_lists():
     assert not keyindex.unpack(keyindex.bits(torch.full((1, 1, 5, 4), -1), 70, "cpu"), 70).any()
     assert not keyindex.unpack(keyindex.bits(torch.zeros(1, 1, 5, 0, dtype=torch.int32), 70, "cpu"), 70).any()
+    for shape in ((0, 2, 5, 3), (1, 2, 0, 3)):  # no batch, no query
+        lists = torch.zeros(shape, dtype=torch.int32)
+        assert keyindex.bits(lists, 70, "cpu").shape == (*shape[:3], 3)
+        assert keyindex.tile_classes(lists, 64, 64, shape[2], 70, 1).numel() == 0
 
 
 @pytest.mark.parametrize("bm,bn", [(64, 64), (128, 48), (192, 128), (16, 32)])

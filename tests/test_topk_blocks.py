@@ -264,3 +264,20 @@ def test_calls_under_torch_compile(reference_kernels):
 
     with pytest.raises(torch._dynamo.exc.Unsupported):
         torch.compile(whole, backend="eager", fullgraph=True)(q, k, v)
+
+
+@pytest.mark.parametrize("Sq,Sk,batch", [(5, 0, 1), (0, 5, 1), (3, 3, 0)])
+def test_empty_sequences_and_batches(Sq, Sk, batch, reference_kernels):
+    """No query, key or batch: nothing to choose, an empty grid, and the call's usual empty answer."""
+    for pat, rt in [
+        (ag.causal() & ag.topk_blocks(2), {}),
+        (ag.causal() & ag.key_indices(), {"key_indices": torch.zeros(batch, 1, Sq, 3, dtype=torch.int32)}),
+    ]:
+        q = torch.randn(batch, 2, Sq, 32).half().requires_grad_()
+        k, v = (torch.randn(batch, 1, Sk, 32).half().requires_grad_() for _ in range(2))
+        out, lse = ag.attention(q, k, v, pat, return_lse=True, **rt)
+        assert out.shape == q.shape and lse.shape == (batch, 2, Sq)
+        if Sk == 0:  # every row empty: 0 and LSE -inf
+            assert (out == 0).all() and torch.isneginf(lse).all()
+        grads = torch.autograd.grad(out.float().sum(), (q, k, v), allow_unused=True)
+        assert all(g is None or g.shape == t.shape for g, t in zip(grads, (q, k, v)))
