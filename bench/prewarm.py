@@ -16,16 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def build(job):
-    from dataclasses import replace
-
-    from attngen import kernel, plan, tiling
+    from attngen import kernel
 
     pattern, head_dim, dtype, arch, mma_sync = job
-    if mma_sync:  # the mma.sync family on a Hopper GPU, as test_mma_sync_family_on_hopper plans it
-        p = plan.make_plan(pattern, head_dim=head_dim, dtype=dtype, arch=arch)
-        d = head_dim
-        p = replace(p, fwd=tiling.forward_tiles(d), dkdv=tiling.dkdv_tiles(d), dq=tiling.dq_tiles(d))
-        kern = kernel.Compiled(p)
+    if mma_sync:  # the mma.sync family on a Hopper GPU, as the tests' test_mma_sync_family_on_hopper plan it
+        from test_kernels_gpu import _mma_sync_kernels
+
+        kern = _mma_sync_kernels(pattern, head_dim, dtype, arch)
     else:
         kern = kernel.compiled(pattern.structure(), head_dim, dtype, arch)
     kern.backward_binary  # noqa: B018 - compiles and caches the backward kernels

@@ -5,11 +5,20 @@ in the original order. Random buckets (one, a few, many, all distinct), random k
 GQA, odd and uneven lengths, fp16 and bf16, head dims 64 and 128. Outputs are poisoned (ATTNGEN_POISON_OUTPUTS=1).
 Skipped cleanly without a CUDA GPU."""
 
-import zlib
-
 import pytest
 import torch
-from test_kernels_gpu import DTYPES, FWD_TOL, _check_grads, _grads, _inputs, _reference, _rel
+from test_kernels_gpu import (
+    DTYPES,
+    FWD_TOL,
+    _check_forward,
+    _check_grads,
+    _gen,
+    _grads,
+    _inputs,
+    _mma_sync_kernels,
+    _reference,
+    _rel,
+)
 
 import attngen as ag
 from attngen import reference
@@ -41,10 +50,6 @@ LENGTHS = [(1, 1), (17, 17), (1000, 1000), (2049, 2049), (300, 517), (517, 300)]
 B, HQ, HKV = 2, 8, 2
 
 
-def _gen(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
 def _runtime(pat: ag.Pattern, Sq: int, Sk: int, gen: torch.Generator, n_buckets: int = 3) -> dict:
     rt = {}
     need = pat.runtime_inputs
@@ -60,16 +65,6 @@ def _runtime(pat: ag.Pattern, Sq: int, Sk: int, gen: torch.Generator, n_buckets:
     if "key_lengths" in need:
         rt["key_lengths"] = torch.randint(0, Sk + 1, (B,), generator=gen).to(torch.int32).cuda()
     return rt
-
-
-def _check_forward(out, lse, ref, ref_lse, dtype: str, where: str) -> None:
-    assert torch.isfinite(out).all(), f"non-finite output: {where}"
-    empty = torch.isinf(ref_lse)
-    assert (out[empty] == 0).all(), f"rows with no allowed key must be 0: {where}"
-    assert torch.equal(torch.isinf(lse), empty), f"LSE -inf exactly on empty rows: {where}"
-    assert torch.allclose(lse[~empty], ref_lse[~empty].float(), atol=2e-3, rtol=1e-4), f"LSE: {where}"
-    if not empty.all():
-        assert _rel(out, ref) < FWD_TOL[dtype], f"output error {_rel(out, ref):.2e}: {where}"
 
 
 @pytest.mark.parametrize("D", [64, 128])
@@ -184,14 +179,10 @@ def test_backward_deterministic_and_fresh_lsh_draws():
 def test_mma_sync_family_on_hopper(name, D, monkeypatch):
     """The mma.sync kernels (what GPUs other than Hopper run) on sorted tokens: the same plan with the mma.sync
     tilings, compiled for sm_90 and called through `attention`."""
-    from dataclasses import replace
-
-    from attngen import kernel, op, plan, tiling
+    from attngen import op
 
     pat = PATTERNS[name]
-    p = plan.make_plan(pat, head_dim=D, dtype="bf16", arch="sm_90")
-    kern = kernel.Compiled(replace(p, fwd=tiling.forward_tiles(D), dkdv=tiling.dkdv_tiles(D), dq=tiling.dq_tiles(D)))
-    assert not kern.forward_binary.arch.endswith("a") and "mma.sync" in kern.backward_source.code
+    kern = _mma_sync_kernels(pat, D, "bf16")
     monkeypatch.setattr(op, "_compiled_for", lambda structure, q: kern)
     for Sq, Sk in [(17, 17), (1000, 1000), (300, 517)]:
         gen = _gen("mma.sync", name, D, Sq, Sk)
