@@ -8,31 +8,14 @@ are other / bucketed time (above 1: the bucketed call is faster) against attngen
 forward, 3.5 times that forward+backward. Writes JSON with every timing."""
 
 import argparse
-import json
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
+from timing import Results, timed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attngen as ag
-
-ROWS: list[dict] = []
-
-
-def timed(fn, reps: int) -> float:
-    """Median milliseconds of `reps` calls after two warm-up calls."""
-    fn(), fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def kept_pairs(qb: torch.Tensor, kb: torch.Tensor) -> int:
@@ -45,17 +28,6 @@ def kept_pairs(qb: torch.Tensor, kb: torch.Tensor) -> int:
     return int((hi - lo).sum())
 
 
-def record(out: str, case: str, ms: float, pairs: int, D: int, backward: bool, others: dict) -> None:
-    flops = 4 * D * pairs * (3.5 if backward else 1)
-    row = dict(case=case, ms=ms, tflops=flops / ms / 1e9, others_ms=others)
-    row["ratios"] = {k: v / ms for k, v in others.items()}
-    ROWS.append(row)
-    with open(out, "w") as f:  # rewritten after every row, so a cut-short run still leaves its numbers
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=ROWS), f, indent=1)
-    rs = "  ".join(f"{k} {v:.2f}x" for k, v in row["ratios"].items())
-    print(f"{case:44s} {ms:9.3f} ms {row['tflops']:6.0f} TF   {rs}", flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_buckets.json"))
@@ -64,6 +36,7 @@ def main() -> None:
     ap.add_argument("--counts", type=int, nargs="+", help="bucket counts (default: 2 to 64)")
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="64 (bf16) and/or 128 (fp16)")
     args = ap.parse_args()
+    results = Results(args.out)
     torch.manual_seed(0)
     B, H = 4, 48
     lengths = args.lengths or ((8192, 16384) if args.quick else (4096, 8192, 16384, 32768))
@@ -85,18 +58,17 @@ def main() -> None:
             others = {"attngen_causal": dense, "sdpa_cudnn_causal": timed(cudnn, reps)}
             tag = f"{str(dtype)[6:]} D{D} S{S}"
             all_pairs = B * H * S * (S + 1) // 2
-            record(args.out, f"dense causal fwd+bwd {tag}", dense, all_pairs, D, True, {})
+            results.add(f"dense causal fwd+bwd {tag}", dense, all_pairs, D, True, {})
             for n in counts:
                 qb = torch.randint(0, n, (B, H, S), device="cuda", dtype=torch.int32)
                 kb = torch.randint(0, n, (B, H, S), device="cuda", dtype=torch.int32)
                 rt = dict(query_buckets=qb, key_buckets=kb)
                 ms = timed(step(ag.causal() & ag.buckets(), **rt), reps)
-                record(args.out, f"causal&buckets n={n} fwd+bwd {tag}", ms, kept_pairs(qb, kb), D, True, others)
+                results.add(f"causal&buckets n={n} fwd+bwd {tag}", ms, kept_pairs(qb, kb), D, True, others)
                 if n == 16:
                     fwd = timed(lambda: ag.attention(q, k, v, ag.causal() & ag.buckets(), **rt), reps)
                     dense_fwd = timed(lambda: ag.attention(q, k, v, ag.causal()), reps)
-                    record(
-                        args.out,
+                    results.add(
                         f"causal&buckets n=16 fwd {tag}",
                         fwd,
                         kept_pairs(qb, kb),
@@ -106,13 +78,13 @@ def main() -> None:
                     )
                     qb2, kb2 = ag.lsh_buckets(q, k, 16, seed=0)
                     ms = timed(step(ag.causal() & ag.lsh(16, seed=0)), reps)
-                    record(args.out, f"causal&lsh(16) fwd+bwd {tag}", ms, kept_pairs(qb2, kb2), D, True, others)
+                    results.add(f"causal&lsh(16) fwd+bwd {tag}", ms, kept_pairs(qb2, kb2), D, True, others)
             drop = [torch.rand(B, H, S, device="cuda") < 0.5 for _ in range(2)]
             keep = dict(query_keep=drop[0], key_keep=drop[1])
             ms = timed(step(ag.causal() & ag.keep(), **keep), reps)
             qk, kk = keep["query_keep"].int(), keep["key_keep"].int()
             pairs = kept_pairs(torch.where(qk > 0, 0, -1), torch.where(kk > 0, 0, -2))
-            record(args.out, f"causal&keep 50%/50% fwd+bwd {tag}", ms, pairs, D, True, others)
+            results.add(f"causal&keep 50%/50% fwd+bwd {tag}", ms, pairs, D, True, others)
 
 
 if __name__ == "__main__":

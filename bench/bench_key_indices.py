@@ -8,26 +8,13 @@ kernels aim to keep above 60%. Writes JSON with every timing."""
 import argparse
 import json
 import os
-import statistics
 
 import torch
+from timing import timed
 
 import attngen as ag
 
 ROWS: list[dict] = []
-
-
-def timed(fn, reps: int) -> float:
-    fn(), fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -9,42 +9,14 @@ given attngen's selection as its block mask (so Flex's time excludes the selecti
 pattern needs: 4·D flops per kept pair forward, 3.5 times that forward+backward. Writes JSON with every timing."""
 
 import argparse
-import json
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
+from timing import Results, timed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attngen as ag
-
-ROWS: list[dict] = []
-
-
-def timed(fn, reps: int) -> float:
-    """Median milliseconds of `reps` calls after two warm-up calls."""
-    fn(), fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def record(out: str, case: str, ms: float, pairs: int, D: int, backward: bool, others: dict) -> None:
-    flops = 4 * D * pairs * (3.5 if backward else 1)
-    row = dict(case=case, ms=ms, tflops=flops / ms / 1e9, others_ms=others)
-    row["ratios"] = {k: v / ms for k, v in others.items()}
-    ROWS.append(row)
-    with open(out, "w") as f:  # rewritten after every row, so a cut-short run still leaves its numbers
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=ROWS), f, indent=1)
-    rs = "  ".join(f"{k} {v:.2f}x" for k, v in row["ratios"].items())
-    print(f"{case:46s} {ms:9.3f} ms {row['tflops']:6.0f} TF   {rs}", flush=True)
 
 
 def kept_pairs(grid: torch.Tensor, block: int, window: int) -> int:
@@ -96,7 +68,7 @@ def flex_with(grid: torch.Tensor, block: int, window: int, S: int):
     return lambda q, k, v: fn(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def run(out, name, pat, B, Hq, Hkv, S, D, dtype, block, window, reps, flex: bool) -> None:
+def run(results, name, pat, B, Hq, Hkv, S, D, dtype, block, window, reps, flex: bool) -> None:
     q = torch.randn(B, Hq, S, D, device="cuda", dtype=dtype, requires_grad=True)
     k, v = (torch.randn(B, Hkv, S, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
     g = torch.randn_like(q)
@@ -132,12 +104,12 @@ def run(out, name, pat, B, Hq, Hkv, S, D, dtype, block, window, reps, flex: bool
             print(f"  flex vs attngen: relative difference {((got - want).norm() / want.norm()).item():.1e}")
         fwd["flex_same_selection"] = timed(lambda: f(q, k, v), reps)
         fwd_bwd["flex_same_selection"] = timed(both(lambda: f(q, k, v)), reps)
-    record(out, f"dense causal fwd {tag}", fwd["attngen_causal"], dense_pairs, D, False, {})
+    results.add(f"dense causal fwd {tag}", fwd["attngen_causal"], dense_pairs, D, False, {})
     select_ms = timed(lambda: ag.selected_blocks(q, k, pat), reps)
-    record(out, f"{name} selection pass {tag}", select_ms, 0, D, False, {"attngen_causal_fwd": fwd["attngen_causal"]})
-    record(out, f"{name} fwd {tag}", timed(lambda: ag.attention(q, k, v, pat), reps), pairs, D, False, fwd)
+    results.add(f"{name} selection pass {tag}", select_ms, 0, D, False, {"attngen_causal_fwd": fwd["attngen_causal"]})
+    results.add(f"{name} fwd {tag}", timed(lambda: ag.attention(q, k, v, pat), reps), pairs, D, False, fwd)
     ms = timed(both(lambda: ag.attention(q, k, v, pat)), reps)
-    record(out, f"{name} fwd+bwd {tag}", ms, pairs, D, True, fwd_bwd)
+    results.add(f"{name} fwd+bwd {tag}", ms, pairs, D, True, fwd_bwd)
 
 
 def main() -> None:
@@ -147,14 +119,15 @@ def main() -> None:
     ap.add_argument("--flex", action="store_true", help="also FlexAttention with the same selection (compiles)")
     ap.add_argument("--skip-nsa", action="store_true")
     args = ap.parse_args()
+    results = Results(args.out)
     torch.manual_seed(0)
     moba = ag.causal() & ag.topk_blocks(8, block=128)
     for S in args.lengths or (4096, 8192, 16384, 32768, 65536):
         reps = 5 if S >= 32768 else 10
-        run(args.out, "moba top8/128", moba, 2, 16, 16, S, 128, torch.float16, 128, 0, reps, args.flex)
+        run(results, "moba top8/128", moba, 2, 16, 16, S, 128, torch.float16, 128, 0, reps, args.flex)
     if not args.skip_nsa:
         nsa = ag.causal() & (ag.topk_blocks(16, block=64) | ag.sliding_window(512))
-        run(args.out, "nsa top16/64|win512", nsa, 1, 64, 4, 32768, 128, torch.bfloat16, 64, 512, 5, args.flex)
+        run(results, "nsa top16/64|win512", nsa, 1, 64, 4, 32768, 128, torch.bfloat16, 64, 512, 5, args.flex)
 
 
 if __name__ == "__main__":
