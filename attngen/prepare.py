@@ -39,10 +39,10 @@ class Prepared:
         """Every tensor the kernels read, in ABI order."""
         docs = list(self.document_ids or ())
         lengths = [] if self.key_lengths is None else [self.key_lengths]
-        lengths += [] if self.key_bits is None else [self.key_bits, self.key_lists]
+        listed = [] if self.key_bits is None else [self.key_bits, self.key_lists]
         routed = [] if self.route is None else self.route.tensors()
         blocks = [] if self.blocks is None else [self.blocks]
-        return [*self.layouts, *blocks, *docs, *lengths, *routed, *self.rule]
+        return [*self.layouts, *blocks, *docs, *lengths, *listed, *routed, *self.rule]
 
     @staticmethod
     def from_tensors(plan: KernelPlan, tensors: list[torch.Tensor]) -> Prepared:
@@ -57,7 +57,9 @@ class Prepared:
         bits, lists = (rest.pop(0), rest.pop(0)) if "key_indices" in inputs else (None, None)
         n = Route.count(plan.positions)
         routed = Route.from_tensors(plan.positions, rest[:n]) if n else None
-        return Prepared(layouts, blocks, docs, lengths, bits, lists, routed, tuple(rest[n:]))
+        return Prepared(
+            layouts, blocks, docs, lengths, key_bits=bits, key_lists=lists, route=routed, rule=tuple(rest[n:])
+        )
 
 
 def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict) -> Prepared:
@@ -86,7 +88,17 @@ def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict) 
     if "key_indices" in need:
         lists = keyindex.check(inputs["key_indices"], B, Hq, k.shape[1], Sq).to(device)
         bits = keyindex.bits(lists, Sk, device)
-    prep = Prepared(layouts, None, docs, lengths, bits, lists, routed, tuple(extra), permutation)
+    prep = Prepared(
+        layouts,
+        None,
+        docs,
+        lengths,
+        key_bits=bits,
+        key_lists=lists,
+        route=routed,
+        rule=tuple(extra),
+        permutation=permutation,
+    )
     if P.topk_leaf(pattern) is not None:  # selected among what the rest allows, so after the rest is prepared
         prep = replace(prep, blocks=blockselect.select(pattern, q, k, prep))
     return prep
