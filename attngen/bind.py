@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import schedule, tensormap
-from .device import launch, sm_count
+from .device import launch, sm_count, tile_rows
 from .kernel import Compiled
 from .plan import KernelPlan
 from .prepare import Prepared
@@ -96,6 +96,13 @@ def forward(kern: Compiled, q, k, v, scale: float, prep: Prepared) -> tuple[torc
     if Sk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     q, k, v = map(aligned, (q, k, v))
+    if plan.gather is not None:
+        args = [_u64(x.data_ptr()) for x in (q, k, v, out, lse)]
+        args += _strides(q) + _strides(k) + _strides(v) + _strides(out)
+        args += [_i32(Hq), _i32(Hq // Hkv), _i32(Sq), _i32(Sk), _f32(scale * LOG2E)]
+        args += _list_args(prep, Hq) + runtime_values(plan, prep, Hq)
+        _launch_items(kern.forward_binary, "attngen_fwd", plan, "fwd", _list_items(prep, Hq), args, q.device)
+        return out, lse
     sched = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, q.device, prep, rule=plan.rule, heads=Hq)
     if t.wgmma:  # tensor maps: Q tiles of BLOCK_M rows, K/V of BLOCK_N, O stored 64 rows per warpgroup
         # Persistent blocks, min_blocks per SM, claim (query tile, head, batch) items from a counter past the first.
@@ -142,6 +149,9 @@ def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: 
     scalars += [_i32(Sq_pad)] if wgmma else []
     scalars += [_f32(scale), _f32(scale * LOG2E)]
     extra = runtime_values(plan, prep, Hq)
+    if plan.gather is not None:
+        _gather_grads(binary, plan, (q, k, v, dout, lse, delta), (dq, dk, dv), scalars, extra, prep)
+        return dq, dk, dv
 
     t = plan.dkdv
     sched_t = schedule.build(
@@ -167,3 +177,49 @@ def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: 
     args += scalars + _sched_args(sched_q) + extra
     launch(binary, "attngen_bwd_dq", (math.ceil(Sq / t.block_m), Hq, B), 32 * t.warps, t.smem_bytes, args, dev)
     return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------ key-index gathers
+
+
+def _list_items(prep: Prepared, Hq: int) -> int:
+    """Forward and dQ work items: (batch, list head, 16 heads of the list's, query token)."""
+    B, H, Sq = prep.key_counts.shape
+    return B * H * math.ceil(Hq // H / 16) * Sq
+
+
+def _list_args(prep: Prepared, Hq: int) -> list:
+    """The sorted lists as the forward and dQ gather kernels take them (keyindex.sorted_lists, contiguous)."""
+    lists, counts = prep.key_lists, prep.key_counts
+    H, n = lists.shape[1], lists.shape[3]
+    items = _list_items(prep, Hq)
+    return [_u64(lists.data_ptr()), _u64(counts.data_ptr()), _i32(n), _i32(H), _i32(Hq // H), _i64(items)]
+
+
+def _launch_items(binary, entry: str, plan: KernelPlan, kernel: str, items: int, args: list, dev) -> None:
+    """A gather kernel over `items` independent warps, `warps` to a block."""
+    t = plan.gather.tiles
+    if items:
+        grid = (math.ceil(items / t.warps), 1, 1)
+        launch(binary, entry, grid, 32 * t.warps, t.smem_bytes(plan.head_dim, kernel), args, dev)
+
+
+def _gather_grads(binary, plan: KernelPlan, inputs, grads, scalars: list, extra: list, prep: Prepared) -> None:
+    """dQ over each token's list, dK/dV over each key tile's inverse list (device.tile_rows): both in one order
+    fixed by the lists, no atomics."""
+    q, k, _v, _dout, _lse, _delta = inputs
+    dq, dk, dv = grads
+    B, Hq, _Sq, _ = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    ptrs = [_u64(x.data_ptr()) for x in inputs]
+    strides = [s for x in (*inputs[:4],) for s in _strides(x)]
+    args = [*ptrs, _u64(dq.data_ptr()), *strides, *_strides(dq), *scalars, *_list_args(prep, Hq), *extra]
+    _launch_items(binary, "attngen_bwd_dq", plan, "dq", _list_items(prep, Hq), args, q.device)
+
+    rows, start, count = tile_rows(prep.key_bits, Sk)
+    tiles = start.shape[-1]
+    lists_heads = prep.key_bits.shape[1]
+    args = [*ptrs, _u64(dk.data_ptr()), _u64(dv.data_ptr()), *strides, *_strides(dk), *_strides(dv), *scalars]
+    args += [_u64(rows.data_ptr()), _u64(start.data_ptr()), _u64(count.data_ptr())]
+    args += [_i32(lists_heads), _i32(Hq // lists_heads), _i32(tiles), _i64(B * Hkv * tiles), *extra]
+    _launch_items(binary, "attngen_bwd_dkdv", plan, "dkdv", B * Hkv * tiles, args, q.device)

@@ -1,6 +1,7 @@
 """Launching NVRTC kernels on torch's current stream (`launch`), and the small kernels of the call-time stages:
-row gathers that move a reordered call's tensors into and out of its sorted order (`gather_rows`), and the tile
-classes of its schedule from per-query key ranges (`range_classes`). Each compiles once per arch, through the cache."""
+row gathers that move a reordered call's tensors into and out of its sorted order (`gather_rows`), the tile
+classes of its schedule from per-query key ranges (`range_classes`), and a key_indices() call's sorted lists, bits
+and inverse lists (`key_lists`, `tile_rows`). Each compiles once per arch, through the cache."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 import torch
 
 from .nvrtc import Binary, compile_cached, device_arch, ensure_dynamic_shared, load_function
-from .render import render_gather_rows, render_range_classes
+from .render import KEY_TILE_CHUNK, render_gather_rows, render_key_lists, render_range_classes
+from .tiling import GATHER_KEYS
 
 _u64, _i64, _i32 = np.uint64, np.int64, np.int32
 MAX_SHARED = 200 * 1024  # dynamic shared memory a helper kernel may ask for (sm_80 and sm_90 give more)
@@ -38,9 +40,9 @@ def sm_count(device_index: int) -> int:
 
 
 @functools.cache
-def _binary(render, device_index: int) -> Binary:
-    source = render(device_arch(device_index))
-    return compile_cached(source, f"{source.entries[0]}: a helper kernel of reordered calls")
+def _binary(render, device_index: int, *args) -> Binary:
+    source = render(device_arch(device_index), *args)
+    return compile_cached(source, f"{source.entries[0]}: a helper kernel of the call-time stages")
 
 
 def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -69,3 +71,50 @@ def range_classes(ranges: torch.Tensor, bm: int, bn: int, Sk: int) -> torch.Tens
     binary = _binary(render_range_classes, ranges.device.index)
     launch(binary, "attngen_range_classes", (Tq, B * H, 1), 256, smem, args, ranges.device)
     return out
+
+
+def key_lists(indices: torch.Tensor, Sk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(bits int32 [..., ceil(Sk / 32)], sorted int32 [..., n], counts int32 [...]) of int32 lists [..., n]
+    (contiguous, on CUDA) in one launch (keyindex.sorted_lists says what they hold), or None where a row's bitmap
+    would not fit in shared memory."""
+    n, words = indices.shape[-1], max(1, math.ceil(Sk / 32))
+    if 4 * words > MAX_SHARED:
+        return None
+    rows = math.prod(indices.shape[:-1])
+    bits = torch.empty(*indices.shape[:-1], words, dtype=torch.int32, device=indices.device)
+    lists = torch.empty_like(indices)
+    counts = torch.empty(indices.shape[:-1], dtype=torch.int32, device=indices.device)
+    if n == 0:  # nothing listed anywhere
+        return bits.zero_(), lists, counts.zero_()
+    if rows:
+        args = [_u64(indices.data_ptr()), _i64(rows), _i32(n), _i32(Sk), _i32(words)]
+        args += [_u64(bits.data_ptr()), _u64(lists.data_ptr()), _u64(counts.data_ptr())]
+        grid = (min(rows, 64 * sm_count(indices.device.index)), 1, 1)
+        binary = _binary(render_key_lists, indices.device.index, GATHER_KEYS)
+        launch(binary, "attngen_key_lists", grid, 256, 4 * words, args, indices.device)
+    return bits, lists, counts
+
+
+def tile_rows(bits: torch.Tensor, Sk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of key-index bits int32 [B, H', Sq, words] (CUDA, contiguous) at the granularity of GATHER_KEYS
+    keys: (rows int32 [total], start int64 [B, H', tiles], count int32 [B, H', tiles]), where rows[start ..
+    start + count) are the list rows (query tokens) of one list head that list a key of one tile, increasing."""
+    B, H, Sq, words = bits.shape
+    tiles, chunks = math.ceil(Sk / GATHER_KEYS), math.ceil(Sq / KEY_TILE_CHUNK)
+    heads, dev = B * H, bits.device
+    counts = torch.empty(heads, tiles, chunks, dtype=torch.int32, device=dev)
+    threads = heads * tiles * chunks
+    binary = _binary(render_key_lists, dev.index, GATHER_KEYS)
+    shape = [_u64(bits.data_ptr()), _i64(heads), _i32(Sq), _i32(words), _i32(tiles), _i32(chunks)]
+    grid = (math.ceil(threads / 256), 1, 1)
+    if threads:
+        launch(binary, "attngen_tile_count", grid, 256, 0, [*shape, _u64(counts.data_ptr())], dev)
+    ends = counts.view(-1).cumsum(0)
+    offsets = ends - counts.view(-1)
+    total = int(ends[-1]) if threads else 0  # the one host sync: the rows' size
+    rows = torch.empty(max(total, 1), dtype=torch.int32, device=dev)
+    if total:
+        fill = [*shape, _u64(offsets.data_ptr()), _u64(rows.data_ptr())]
+        launch(binary, "attngen_tile_fill", grid, 256, 0, fill, dev)
+    start = offsets.view(heads, tiles, chunks)[..., 0] if threads else offsets.new_zeros(heads, tiles)
+    return rows, start.reshape(B, H, tiles).contiguous(), counts.sum(-1, dtype=torch.int32).view(B, H, tiles)

@@ -1,4 +1,5 @@
-"""Call-time stage, in `prepare`: a `key_indices()` leaf's lists -> a bit per (query row, key), which the kernels
+"""Call-time stage, in `prepare`: a `key_indices()` leaf's lists -> the lists sorted and without duplicates, with
+their lengths, which the gather kernels walk (`sorted_lists`), and a bit per (query row, key), which the kernels
 read in their mask and the schedules classify at tile granularity.
 
 `key_indices` is int32 or int64 [B, H', Sq, n]: row i of batch b and query head h lists the keys it may attend to,
@@ -7,10 +8,10 @@ heads. Entries outside [0, Sk) are ignored (-1 pads), a key listed twice counts 
 int32 [B, H', Sq, ceil(Sk / 32)] (bit k % 32 of word k / 32), built a chunk of rows at a time so that little more
 than the bits (Sq x Sk / 8 bytes per batch and head) is ever held; the schedules mark the tiles the lists touch.
 
-The kernels are the ordinary flash kernels with the bits in their mask: every tile that some listed pair touches is
-computed whole. That is exact for any lists, forward and backward, but costs what the touched tiles cost, which for
-lists scattered over the whole causal range (DeepSeek's 2048 of 32k keys) is dense work: kernels that gather the
-listed K/V rows are what such lists need, and are not here yet."""
+A pattern `rest & key_indices()` runs on the gather kernels (`plan.Gather`): the forward and dQ walk each row's
+sorted list, the dK/dV kernel the inverse lists at the granularity of a few keys (`device.tile_rows`). Any other
+use of the leaf (under | or ~) runs the ordinary flash kernels with the bits in their mask, where every tile that
+some listed pair touches is computed whole: exact, but what the touched tiles cost."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import math
 
 import torch
 
+from . import device as _device
 from .affine import PARTIAL
 from .errors import InputError
 
@@ -62,6 +64,25 @@ def bits(indices: torch.Tensor, Sk: int, device) -> torch.Tensor:
         eights = dense[..., : 32 * words].view(torch.int64)  # [..., 4 * words]: 8 keys each
         out[:, :, r0 : r0 + rows] = (((eights * _PACK) >> 56) & 0xFF).to(torch.uint8)
     return out.view(torch.int32)
+
+
+def sorted_lists(indices: torch.Tensor, Sk: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(bits, lists, counts) of a call's lists [B, H', Sq, n]: the bits as `bits` makes them; int32 [B, H', Sq, n]
+    holding each row's distinct keys in [0, Sk), increasing, then -1; int32 [B, H', Sq] their number. On CUDA one
+    launch (`device.key_lists`); elsewhere, while torch.compile traces, or for a bitmap too long for shared memory,
+    two sorts."""
+    idx = indices.to(device)
+    if idx.is_cuda and not torch.compiler.is_compiling():
+        narrow = idx if idx.dtype == torch.int32 else torch.where((idx >= 0) & (idx < Sk), idx, -1).to(torch.int32)
+        made = _device.key_lists(narrow.contiguous(), Sk)
+        if made is not None:
+            return made
+    keys = torch.where((idx >= 0) & (idx < Sk), idx.long(), Sk).sort(-1).values  # ignored entries last, as Sk
+    again = torch.zeros_like(keys, dtype=torch.bool)
+    again[..., 1:] = keys[..., 1:] == keys[..., :-1]
+    keys = torch.where(again, Sk, keys).sort(-1).values
+    lists = torch.where(keys < Sk, keys, -1).to(torch.int32)
+    return bits(idx, Sk, device), lists, (keys < Sk).sum(-1, dtype=torch.int32)
 
 
 def unpack(words: torch.Tensor, Sk: int) -> torch.Tensor:

@@ -20,9 +20,24 @@ from . import pattern as P
 from .abi import POINTER, RuntimeArg
 from .errors import InputError
 from .select import Selection, selection_of, split_selection
-from .tiling import HEAD_DIMS, WGMMA_ARCHS, Tiles
+from .tiling import GATHER_HEAD_DIMS, HEAD_DIMS, WGMMA_ARCHS, GatherTiles, Tiles
 
 DTYPES = ("fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class Gather:
+    """Kernels that visit only the listed keys, for a pattern `rest & key_indices()` (key_indices() one of its
+    top-level & parts): the lists, sorted and without duplicates (`keyindex.sorted_lists`), drive cp.async gathers of
+    K and V rows (forward, dQ), and their inverse at the granularity of `tiles.keys` keys drives the gathers of Q and
+    dO rows (dK/dV). The rest of the pattern is evaluated on every listed pair."""
+
+    rest: P.Pattern  # the other & parts (full() where there are none)
+    rest_c: str  # C boolean over b, h, q, k and the run-time arguments: whether the rest keeps a listed (q, k)
+    tiles: GatherTiles
+
+    def __str__(self) -> str:
+        return f"listed keys only, gathered ({self.tiles}); rest of the pattern per pair: {self.rest_c}"
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,7 @@ class KernelPlan:
     select: Selection
     runtime_args: tuple[RuntimeArg, ...]  # the position leaves' arguments, then the rule's
     layouts: tuple[P.LayoutSlot, ...]  # the pattern's block layouts, in argument order
+    gather: Gather | None = None  # key-index lists walked by gather kernels instead of tiles (then fwd/dkdv/dq unused)
 
     @property
     def name(self) -> str:
@@ -91,10 +107,12 @@ class KernelPlan:
 
     def __str__(self) -> str:
         args = ", ".join(map(str, self.runtime_args)) or "none"
+        head = [f"KernelPlan for {self.pattern!r}", f"  problem   {self.dtype}, head_dim {self.head_dim}, {self.arch}"]
+        if self.gather is not None:
+            return "\n".join([*head, f"  gather    {self.gather}", f"  run-time  {args}"])
         return "\n".join(
             [
-                f"KernelPlan for {self.pattern!r}",
-                f"  problem   {self.dtype}, head_dim {self.head_dim}, {self.arch}",
+                *head,
                 f"  forward   {self.fwd}",
                 f"  dK/dV     {self.dkdv}",
                 f"  dQ        {self.dq}",
@@ -271,6 +289,8 @@ def normalize_dtype(dtype: object) -> str:
 def next_tiling(plan: KernelPlan, kernel: str) -> KernelPlan | None:
     """`plan` with kernel "fwd", "dkdv" or "dq" one step leaner (fewer live registers, a little slower), or None
     when it is as lean as it gets. The forward steps through `forward_tilings`, the backward kernels `tiling.leaner`."""
+    if plan.gather is not None:
+        return None  # one gather tiling (tiling.gather_tiles), which fits every head dim it is planned for
     if kernel == "fwd":
         tilings = forward_tilings(plan.head_dim, plan.arch, plan.positions, plan.block_sizes, plan.cheap_mask)
         at = tilings.index(plan.fwd)
@@ -301,13 +321,17 @@ def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str) ->
         mask_c = _lower(positions, affine.BRANCH_FREE if branch_free else affine.GUARDED, at)
     block_sizes = _block_sizes(structure, layouts)
     cheap_mask = branch_free or row_ranges
-    dkdv, dq = backward_tilings(head_dim, arch, block_sizes, cheap_mask)
+    gather = _gather(positions, head_dim) if select.rule == "none" else None
+    # A gather plan's kernels are mma.sync kernels of their own; the tile tilings below are then unused, and kept to
+    # the mma.sync family's so that nothing takes the plan for a TMA one.
+    tile_arch = "sm_80" if gather is not None else arch
+    dkdv, dq = backward_tilings(head_dim, tile_arch, block_sizes, cheap_mask)
     return KernelPlan(
         pattern=structure,
         dtype=normalize_dtype(dtype),
         head_dim=head_dim,
         arch=arch,
-        fwd=forward_tilings(head_dim, arch, positions, block_sizes, cheap_mask)[0],
+        fwd=forward_tilings(head_dim, tile_arch, positions, block_sizes, cheap_mask)[0],
         dkdv=dkdv,
         dq=dq,
         mask_c=mask_c,
@@ -316,4 +340,19 @@ def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str) ->
         select=select,
         runtime_args=_runtime_args(positions, layouts) + select.runtime_args,
         layouts=layouts,
+        gather=gather,
     )
+
+
+def _gather(positions: P.Pattern, head_dim: int) -> Gather | None:
+    """The gather kernels' plan where `positions` is `rest & key_indices()`, else None: the ordinary kernels then
+    read the lists as bits on every tile they touch (a key_indices() under | or ~, a head dim past GATHER_HEAD_DIMS)."""
+    parts = positions.parts if isinstance(positions, P.And) else (positions,)
+    lists = [p for p in parts if isinstance(p, P.KeyIndices)]
+    if not lists or head_dim not in GATHER_HEAD_DIMS or positions.reorders:
+        return None
+    others = [p for p in parts if p is not lists[0]]
+    rest = P.And(tuple(others)) if len(others) > 1 else others[0] if others else P.full()
+    free = all(isinstance(leaf, (P.Affine, P.KeyIndices)) for leaf in rest.leaves())
+    rest_c = _lower(rest, affine.BRANCH_FREE if free else affine.GUARDED)
+    return Gather(rest=rest, rest_c=rest_c, tiles=tiling.gather_tiles(head_dim))

@@ -4,8 +4,8 @@ rule's pre-passes. -> Prepared, the tensors the kernels read beyond q, k, v, in 
 A `Prepared` travels through the custom op as one list of tensors (`tensors()` / `from_tensors`), so the op's
 signature does not grow with each rule: block-layout grids (uint8 [LH, nbq, nbk], one per layout slot), a block
 top-k selection (uint8 [B, Hq, nbq, nbk], `blockselect`), document ids (int32 [B', Sq], [B', Sk]), key lengths
-(int32 [B]), key-index lists as bits (int32 [B, H', Sq, ceil(Sk / 32)], `keyindex`) and as given, a reordering
-pattern's sorted tokens (`reorder.Route`), then whatever the rule's `prepare` returns."""
+(int32 [B]), key-index lists as bits (int32 [B, H', Sq, ceil(Sk / 32)], `keyindex`), sorted and with their
+lengths, a reordering pattern's sorted tokens (`reorder.Route`), then whatever the rule's `prepare` returns."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ class Prepared:
     document_ids: tuple[torch.Tensor, torch.Tensor] | None = None
     key_lengths: torch.Tensor | None = None
     key_bits: torch.Tensor | None = None  # a key_indices() leaf's lists as bits, int32 [B, H', Sq, ceil(Sk / 32)]
-    key_lists: torch.Tensor | None = None  # the lists themselves, [B, H', Sq, n] (the schedules mark their tiles)
+    key_lists: torch.Tensor | None = None  # the lists sorted, distinct, then -1: int32 [B, H', Sq, n]
+    key_counts: torch.Tensor | None = None  # their lengths, int32 [B, H', Sq] (keyindex.sorted_lists)
     route: Route | None = None  # a reordering pattern's sorted tokens
     rule: tuple[torch.Tensor, ...] = ()  # the selection rule's tensors, in its run-time argument order
     permutation: Permutation | None = None  # how q, k, v move into the route's order and back (not a kernel input)
@@ -39,7 +40,7 @@ class Prepared:
         """Every tensor the kernels read, in ABI order."""
         docs = list(self.document_ids or ())
         lengths = [] if self.key_lengths is None else [self.key_lengths]
-        listed = [] if self.key_bits is None else [self.key_bits, self.key_lists]
+        listed = [] if self.key_bits is None else [self.key_bits, self.key_lists, self.key_counts]
         routed = [] if self.route is None else self.route.tensors()
         blocks = [] if self.blocks is None else [self.blocks]
         return [*self.layouts, *blocks, *docs, *lengths, *listed, *routed, *self.rule]
@@ -54,11 +55,19 @@ class Prepared:
         inputs = plan.positions.runtime_inputs
         docs = (rest.pop(0), rest.pop(0)) if "document_ids" in inputs else None
         lengths = rest.pop(0) if "key_lengths" in inputs else None
-        bits, lists = (rest.pop(0), rest.pop(0)) if "key_indices" in inputs else (None, None)
+        bits, lists, counts = (rest.pop(0), rest.pop(0), rest.pop(0)) if "key_indices" in inputs else (None,) * 3
         n = Route.count(plan.positions)
         routed = Route.from_tensors(plan.positions, rest[:n]) if n else None
         return Prepared(
-            layouts, blocks, docs, lengths, key_bits=bits, key_lists=lists, route=routed, rule=tuple(rest[n:])
+            layouts,
+            blocks,
+            docs,
+            lengths,
+            key_bits=bits,
+            key_lists=lists,
+            key_counts=counts,
+            route=routed,
+            rule=tuple(rest[n:]),
         )
 
 
@@ -84,10 +93,10 @@ def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict) 
     lengths = _key_lengths(inputs["key_lengths"], B, device) if "key_lengths" in need else None
     extra = rule.prepare(q, k, {n: inputs[n] for n in rule.runtime_inputs}) if rule is not None else ()
     routed, permutation = route(positions, q, k, inputs, lengths) if positions.reorders else (None, None)
-    bits = lists = None
+    bits = lists = counts = None
     if "key_indices" in need:
-        lists = keyindex.check(inputs["key_indices"], B, Hq, k.shape[1], Sq).to(device)
-        bits = keyindex.bits(lists, Sk, device)
+        given = keyindex.check(inputs["key_indices"], B, Hq, k.shape[1], Sq)
+        bits, lists, counts = keyindex.sorted_lists(given, Sk, device)
     prep = Prepared(
         layouts,
         None,
@@ -95,6 +104,7 @@ def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict) 
         lengths,
         key_bits=bits,
         key_lists=lists,
+        key_counts=counts,
         route=routed,
         rule=tuple(extra),
         permutation=permutation,

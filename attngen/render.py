@@ -66,14 +66,20 @@ def _render(template: str, plan: KernelPlan, name: str, entries: tuple[str, ...]
 
 
 def render_forward(plan: KernelPlan) -> KernelSource:
-    """The forward kernel `attngen_fwd` of `plan`: TMA + wgmma (sm_90a) or mma.sync, as its tiling says."""
+    """The forward kernel `attngen_fwd` of `plan`: the key-index gather kernel where the plan has one, else TMA +
+    wgmma (sm_90a) or mma.sync, as its tiling says."""
+    if plan.gather is not None:
+        return _render("attn_gather_fwd.cu.j2", plan, "gather_fwd", ("attngen_fwd",), plan.arch)
     if plan.fwd.wgmma:
         return _render("attn_fwd_sm90.cu.j2", plan, "fwd", ("attngen_fwd",), "sm_90a")
     return _render("attn_fwd.cu.j2", plan, "fwd", ("attngen_fwd",), plan.arch)
 
 
 def render_backward(plan: KernelPlan) -> KernelSource:
-    """The backward kernels of `plan`: row statistics, dK/dV, dQ; TMA + wgmma (sm_90a) or mma.sync."""
+    """The backward kernels of `plan`: row statistics, dK/dV, dQ; key-index gathers, TMA + wgmma (sm_90a) or
+    mma.sync."""
+    if plan.gather is not None:
+        return _render("attn_gather_bwd.cu.j2", plan, "gather_bwd", BACKWARD_ENTRIES, plan.arch)
     if plan.dkdv.wgmma:
         return _render("attn_bwd_sm90.cu.j2", plan, "bwd", BACKWARD_ENTRIES, "sm_90a")
     return _render("attn_bwd.cu.j2", plan, "bwd", BACKWARD_ENTRIES, plan.arch)
@@ -92,3 +98,14 @@ def render_range_classes(arch: str) -> KernelSource:
     """`attngen_range_classes`: a reordered call's tile classes from per-query key ranges (device.range_classes)."""
     code = _env().get_template("range_classes.cu.j2").render()
     return KernelSource(name="range_classes", code=code, entries=("attngen_range_classes",), arch=arch)
+
+
+KEY_TILE_CHUNK = 256  # list rows one thread of attngen_tile_count / attngen_tile_fill scans
+
+
+def render_key_lists(arch: str, tile: int) -> KernelSource:
+    """`attngen_key_lists` (sorted lists and bits of a call's key_indices) and `attngen_tile_count` /
+    `attngen_tile_fill` (their inverse at the granularity of `tile` keys): keyindex.sorted_lists, keyindex.tile_rows."""
+    code = _env().get_template("key_lists.cu.j2").render(tile=tile, chunk=KEY_TILE_CHUNK)
+    entries = ("attngen_key_lists", "attngen_tile_count", "attngen_tile_fill")
+    return KernelSource(name=f"key_lists_t{tile}", code=code, entries=entries, arch=arch)

@@ -209,3 +209,44 @@ def leaner(t: Tiles) -> Tiles | None:
     if t.mask_unroll > 1:
         return replace(t, mask_unroll=1)
     return None
+
+
+# ------------------------------------------------------------------------------------------- key-index gathers
+
+
+@dataclass(frozen=True)
+class GatherTiles:
+    """The key-index gather kernels' tiling (a pattern `rest & key_indices()`, `plan.Gather`). Warps are independent
+    work items, `warps` to a block. The forward and dQ kernels give a warp one query token and 16 of the query heads
+    that share its list (the m16 rows of mma.sync), and walk the list `keys` keys at a time, `stages` gathers in
+    flight; the dK/dV kernel gives a warp `keys` consecutive keys and walks the tokens that list any of them, the
+    same depth of gathers in flight. Shared memory per warp: the stages' two row sets (K and V, or Q and dO) and
+    2 `keys` words (the keys, or the rows' lse2 and Δ); the dK/dV kernel also keeps its own K and V rows."""
+
+    keys: int
+    stages: int
+    warps: int
+
+    def stage_bytes(self, d: int) -> int:
+        return 2 * padded_smem(self.keys, d) + 8 * self.keys
+
+    def smem_bytes(self, d: int, kernel: str) -> int:
+        """Dynamic shared memory of a block of kernel "fwd", "dq" or "dkdv"."""
+        own = 2 * padded_smem(self.keys, d) if kernel == "dkdv" else 0
+        return self.warps * (self.stages * self.stage_bytes(d) + own)
+
+    def __str__(self) -> str:
+        return (
+            f"one warp per (query token, 16 heads sharing its list), {self.keys} listed keys a step; dK/dV one warp "
+            f"per {self.keys} keys over the tokens listing them; {self.stages}-stage cp.async gathers, "
+            f"{self.warps} warps a block"
+        )
+
+
+GATHER_HEAD_DIMS = (32, 64, 96, 128)  # head_dim 256's O accumulator and Q fragments do not fit beside a gather
+GATHER_KEYS = 16  # keys a step; the dK/dV kernel's keys per warp, the granularity of the inverse lists
+
+
+def gather_tiles(d: int) -> GatherTiles:
+    """Sixteen keys a step, three gathers in flight, four warps a block (two blocks an SM at head_dim 128)."""
+    return GatherTiles(keys=GATHER_KEYS, stages=3, warps=4)

@@ -42,6 +42,30 @@ def test_bits_hold_the_listed_keys(Sk, dtype, monkeypatch):
     assert torch.equal(P.dense_mask(ag.key_indices(), 37, Sk, key_indices=idx), _dense(idx.long(), Sk))
 
 
+def _sorted_reference(idx, Sk):
+    """Each row's distinct keys in [0, Sk), increasing, then -1 (a Python set per row)."""
+    rows = idx.reshape(-1, idx.shape[-1]).tolist()
+    keys = [sorted({k for k in row if 0 <= k < Sk}) for row in rows]
+    lists = torch.tensor([ks + [-1] * (idx.shape[-1] - len(ks)) for ks in keys], dtype=torch.int32)
+    return lists.view(idx.shape), torch.tensor([len(ks) for ks in keys], dtype=torch.int32).view(idx.shape[:-1])
+
+
+@pytest.mark.parametrize("Sk", [1, 33, 300])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_sorted_lists_hold_each_listed_key_once(Sk, dtype):
+    """What the gather kernels walk: distinct keys in [0, Sk), increasing, -1 after them, and their number; -1,
+    out-of-range (also past int32, given as int64) and repeated entries dropped."""
+    idx = _lists(2, 3, 37, 9, Sk, Sk, dtype)
+    if dtype == torch.int64:
+        idx[0, 0, 0, :2] = torch.tensor([2**40, -(2**33)])
+    bits, lists, counts = keyindex.sorted_lists(idx, Sk, "cpu")
+    want_lists, want_counts = _sorted_reference(idx, Sk)
+    assert torch.equal(lists, want_lists) and torch.equal(counts, want_counts)
+    assert torch.equal(bits, keyindex.bits(idx, Sk, "cpu"))
+    bits, lists, counts = keyindex.sorted_lists(torch.zeros(2, 1, 5, 0, dtype=dtype), Sk, "cpu")
+    assert lists.shape == (2, 1, 5, 0) and torch.equal(counts, torch.zeros(2, 1, 5, dtype=torch.int32))
+
+
 def test_empty_lists_and_no_lists():
     assert not keyindex.unpack(keyindex.bits(torch.full((1, 1, 5, 4), -1), 70, "cpu"), 70).any()
     assert not keyindex.unpack(keyindex.bits(torch.zeros(1, 1, 5, 0, dtype=torch.int32), 70, "cpu"), 70).any()
@@ -118,9 +142,13 @@ def test_refused_with_reordering():
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_kernels_compile_without_spills(arch, head_dim):
-    for pat in (ag.causal() & ag.key_indices(), ag.causal() & (ag.key_indices() | ag.sliding_window(64))):
+    """`rest & key_indices()` runs the gather kernels (their dK/dV reads the bits), other uses the ordinary kernels
+    with the bits in their mask."""
+    gathered, ordinary = ag.causal() & ag.key_indices(), ag.causal() & (ag.key_indices() | ag.sliding_window(64))
+    for pat, markers in ((gathered, ("attngen gather forward", "tile_rows")), (ordinary, ("kbits[", "kbits["))):
         kern = ag.compile(pat, head_dim=head_dim, dtype="bf16", arch=arch)
-        assert "kbits[" in kern.source and "kbits[" in kern.backward_source
+        assert markers[0] in kern.source and markers[1] in kern.backward_source
+        assert (kern.kernel_plan.gather is not None) == (pat is gathered)
         binaries = {"attngen_fwd": kern.forward_binary}
         binaries |= {e: kern.backward_binary for e in ("attngen_bwd_dkdv", "attngen_bwd_dq")}
         for entry, binary in binaries.items():
@@ -147,7 +175,8 @@ def test_calls_match_the_reference_and_trace(reference_kernels):
     for got, want in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout.float())):
         assert torch.allclose(got.float(), want.float(), atol=5e-3, rtol=5e-3)
     call = reference_kernels.calls[0]
-    assert torch.equal(call.prep.key_lists, idx) and call.prep.key_bits.shape == (2, 2, 90, 3)
+    assert torch.equal(call.prep.key_lists, keyindex.sorted_lists(idx, 70, "cpu")[1])
+    assert call.prep.key_bits.shape == (2, 2, 90, 3)
 
     def fn(q, k, v):
         return ag.attention(q, k, v, pat, key_indices=idx)

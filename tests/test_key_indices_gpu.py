@@ -39,7 +39,8 @@ PATTERNS = {
     "documents&indices": ag.documents() & ag.key_indices(),
     "causal&~indices": ag.causal() & ~ag.key_indices(),
 }
-MMA_SYNC_PATTERNS = ["causal", "causal&(indices|window)"]
+GATHERED = ["alone", "causal", "documents&indices"]  # `rest & key_indices()`: the gather kernels
+MMA_SYNC_PATTERNS = ["causal&(indices|window)", "causal&~indices"]  # the ordinary kernels, bits in the mask
 LENGTHS = [(1, 1), (17, 17), (1000, 1000), (2049, 2049), (300, 517), (517, 300)]
 B, HQ, HKV = 2, 8, 2
 
@@ -71,15 +72,16 @@ def test_forward(name, dtype, D, heads):
         _check_forward(out, lse, ref, ref_lse, dtype, f"{name} {dtype} D={D} lists of {heads} heads Sq={Sq} Sk={Sk}")
 
 
+@pytest.mark.parametrize("heads", [HKV, HQ])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("name", list(PATTERNS))
-def test_backward(name, dtype, D):
+def test_backward(name, dtype, D, heads):
     pat = PATTERNS[name]
     for Sq, Sk in LENGTHS:
-        gen = _gen("bwd", name, dtype, D, Sq, Sk)
+        gen = _gen("bwd", name, dtype, D, heads, Sq, Sk)
         q, k, v = _inputs(B, HQ, HKV, Sq, Sk, D, DTYPES[dtype], gen, requires_grad=True)
-        rt = _runtime(pat, Sq, Sk, gen)
+        rt = _runtime(pat, Sq, Sk, gen, heads)
         dout = torch.randn(B, HQ, Sq, D, generator=gen).to("cuda", q.dtype)
         got = _grads(lambda q, k, v: ag.attention(q, k, v, pat, **rt), q, k, v, dout)
         want = _grads(lambda q, k, v: reference.attention(q, k, v, pat, dtype=torch.float32, **rt)[0], q, k, v, dout)
@@ -108,9 +110,10 @@ def test_lists_equal_the_dense_pattern_they_spell():
     assert _rel(got, ag.attention(q, k, v, ag.causal())) < FWD_TOL["bf16"]
 
 
-def test_backward_deterministic():
-    gen = _gen("det")
-    pat = PATTERNS["causal&(indices|window)"]
+@pytest.mark.parametrize("name", ["causal", "causal&(indices|window)"])
+def test_backward_deterministic(name):
+    gen = _gen("det", name)
+    pat = PATTERNS[name]
     q, k, v = _inputs(B, HQ, HKV, 3000, 3000, 128, torch.float16, gen, requires_grad=True)
     rt = _runtime(pat, 3000, 3000, gen, n=256)
     dout = torch.randn(B, HQ, 3000, 128, generator=gen).to("cuda", torch.float16)
@@ -141,3 +144,56 @@ def test_mma_sync_family_on_hopper(name, D, monkeypatch):
         dout = torch.randn_like(out)
         got = torch.autograd.grad(out, (q, k, v), dout)
         _check_grads(got, torch.autograd.grad(ref, (q, k, v), dout), "bf16", where)
+
+
+@pytest.mark.parametrize("Hq,Hkv,heads", [(20, 1, 1), (4, 4, 4), (6, 2, 6)])
+def test_gather_groups_of_any_size(Hq, Hkv, heads):
+    """The gather kernels' rows are 16 heads sharing a list: 20 heads of one KV head (16 + 4 rows), one head per
+    KV head, and per-query-head lists (one row each): forward and gradients against the reference."""
+    pat = PATTERNS["causal"]
+    for Sq, Sk in [(33, 33), (777, 777), (200, 401)]:
+        gen = _gen("groups", Hq, Hkv, heads, Sq, Sk)
+        q, k, v = _inputs(1, Hq, Hkv, Sq, Sk, 64, torch.bfloat16, gen, requires_grad=True)
+        idx = torch.randint(-1, Sk, (1, heads, Sq, 40), generator=gen).to(torch.int32).cuda()
+        out, lse = ag.attention(q, k, v, pat, return_lse=True, key_indices=idx)
+        ref, ref_lse = reference.attention(q, k, v, pat, dtype=torch.float32, key_indices=idx)
+        where = f"Hq={Hq} Hkv={Hkv} lists of {heads} heads Sq={Sq} Sk={Sk}"
+        _check_forward(out, lse, ref, ref_lse, "bf16", where)
+        dout = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), dout)
+        _check_grads(got, torch.autograd.grad(ref, (q, k, v), dout), "bf16", where)
+
+
+def test_list_kernels_match_their_definitions():
+    """device.key_lists (sorted distinct keys, -1, counts, bits) against keyindex's torch form, and device.tile_rows
+    (the inverse lists at 16 keys) against a scan of the bits in Python."""
+    from attngen import device, keyindex
+
+    gen = _gen("lists")
+    Sk = 1000
+    idx = torch.randint(-3, Sk + 3, (2, 3, 130, 70), generator=gen)
+    idx[..., 1::2] = idx[..., ::2]  # duplicates
+    idx[0, 0, 5] = -1  # an empty row
+    want = keyindex.sorted_lists(idx, Sk, "cpu")
+    got = keyindex.sorted_lists(idx.cuda(), Sk, "cuda")
+    for name, a, b in zip(("bits", "lists", "counts"), got, want):
+        assert torch.equal(a.cpu(), b), name
+    bits = got[0]
+    rows, start, count = device.tile_rows(bits, Sk)
+    listed = keyindex.unpack(bits.cpu(), Sk)  # [2, 3, 130, Sk]
+    tiles = -(-Sk // 16)
+    for b in range(2):
+        for h in range(3):
+            for t in (0, 1, 31, tiles - 1):
+                want_rows = torch.nonzero(listed[b, h, :, 16 * t : 16 * t + 16].any(-1)).flatten().int()
+                s, n = int(start[b, h, t]), int(count[b, h, t])
+                assert torch.equal(rows[s : s + n].cpu(), want_rows), (b, h, t)
+    assert int(count.sum()) == int(sum(listed[..., 16 * t : 16 * t + 16].any(-1).sum() for t in range(tiles)))
+
+
+def test_lists_of_no_entries():
+    gen = _gen("no entries")
+    q, k, v = _inputs(1, 4, 2, 50, 50, 64, torch.float16, gen)
+    idx = torch.zeros(1, 2, 50, 0, dtype=torch.int32, device="cuda")
+    out, lse = ag.attention(q, k, v, PATTERNS["causal"], return_lse=True, key_indices=idx)
+    assert (out == 0).all() and torch.isneginf(lse).all()
