@@ -15,7 +15,7 @@ from ._version import __version__
 from .errors import AttngenError, InputError
 
 # public name -> the module that defines it
-_LAZY = {name: ".launch" for name in ("Kernel", "attention", "compile", "selected_blocks")}
+_LAZY = {name: ".launch" for name in ("Kernel", "attention", "compile", "selected_blocks", "selected_keys")}
 _LAZY |= {"nm": ".select.nm", "lsh_buckets": ".hashing"}
 _LAZY |= {
     name: ".pattern"
@@ -29,16 +29,20 @@ _LAZY |= {
         "documents",
         "full",
         "global_tokens",
+        "indexer",
         "k",
         "keep",
         "key_indices",
         "key_padding",
         "local",
+        "lowrank",
         "lsh",
         "predicate",
         "prefix_lm",
         "q",
+        "random_projection",
         "sliding_window",
+        "topk",
         "topk_blocks",
     )
 }

@@ -65,15 +65,15 @@ def _any_allowed(context, blocks: torch.Tensor, block: int, Sq: int, Sk: int, ru
         b, h = chunk[:, 0].view(-1, 1, 1), chunk[:, 1].view(-1, 1, 1)
         qi = (chunk[:, 2:3] * block + offs).unsqueeze(-1)  # [n, block, 1]
         kj = (chunk[:, 3:4] * block + offs).unsqueeze(-2)  # [n, 1, block]
-        ok = (qi < Sq) & (kj < Sk) & _allowed(context, b, h, qi, kj, Sq, Sk, runtime, heads)
+        ok = (qi < Sq) & (kj < Sk) & allowed(context, b, h, qi, kj, Sq, Sk, runtime, heads)
         out.append(ok.flatten(1).any(-1))
     return torch.cat(out)
 
 
-def _allowed(pat: P.Pattern, b, h, qi, kj, Sq: int, Sk: int, runtime, heads=None) -> torch.Tensor:
+def allowed(pat: P.Pattern, b, h, qi, kj, Sq: int, Sk: int, runtime, heads=None) -> torch.Tensor:
     """Whether a positional structure allows the pairs (qi, kj) of batch b, query head h (broadcasting tensors;
     indices past Sq or Sk are clamped, the caller masks them)."""
-    sub = functools.partial(_allowed, b=b, h=h, qi=qi, kj=kj, Sq=Sq, Sk=Sk, runtime=runtime, heads=heads)
+    sub = functools.partial(allowed, b=b, h=h, qi=qi, kj=kj, Sq=Sq, Sk=Sk, runtime=runtime, heads=heads)
     if isinstance(pat, (P.And, P.Or)):
         parts = [sub(p) for p in pat.parts]
         return functools.reduce(torch.logical_and if isinstance(pat, P.And) else torch.logical_or, parts)
@@ -94,4 +94,4 @@ def _allowed(pat: P.Pattern, b, h, qi, kj, Sq: int, Sk: int, runtime, heads=None
     if isinstance(pat, P.KeyIndices):
         bits = runtime.key_bits
         return keyindex.listed(bits, b, h, qc, kc, (heads or bits.shape[1]) // bits.shape[1])
-    raise P.InputError(f"{pat!r} cannot be the context of topk_blocks")
+    raise P.InputError(f"{pat!r} cannot be the context of a top-k leaf")

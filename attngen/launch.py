@@ -14,7 +14,7 @@ from .kernel import Compiled, compiled
 from .nvrtc import Binary, device_arch
 from .op import attention as attention_fn
 from .op import to_original, to_sorted
-from .pattern import Pattern, full, topk_leaf
+from .pattern import Pattern, full, token_leaf, topk_leaf
 from .plan import KernelPlan, normalize_dtype
 from .prepare import prepare
 from .render import KernelSource
@@ -202,6 +202,18 @@ def selected_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, **inputs
     _check(q, k, k)
     inputs = {"document_ids": None, "key_lengths": None, **inputs}
     return prepare(pattern, q, k, inputs).blocks.bool()
+
+
+def selected_keys(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, **inputs) -> torch.Tensor:
+    """int32 [B, H, Sq, n]: the keys each row keeps under `pattern`'s `topk` leaf for these q, k and call-time
+    inputs, computed as `attention` computes them (fp32 scores), increasing, -1 after them; H is the query heads, or
+    the KV heads where the indexer's one selection per token serves every head. The rest of the pattern still
+    applies: `reference.attention(q, k, v, pattern.structure(), key_indices=lists)` attends as the call does."""
+    if not isinstance(pattern, Pattern) or token_leaf(pattern) is None:
+        raise InputError(f"selected_keys needs a pattern with a topk leaf, got {pattern!r:.80}")
+    _check(q, k, k)
+    inputs = {"document_ids": None, "key_lengths": None, **inputs}
+    return prepare(pattern, q, k, inputs).key_lists
 
 
 def compile(

@@ -19,7 +19,7 @@ from functools import cached_property
 import sympy as sp
 import torch
 
-from . import affine, blocktopk, hashing
+from . import affine, blocktopk, hashing, tokentopk
 from .errors import InputError
 from .symbols import SYMBOLS, Sk, Sq, k, q  # positions are integers: query q, key k; Sq, Sk the lengths
 
@@ -364,7 +364,89 @@ class SelectedBlocks(Pattern):
         return f"topk_blocks(<run-time selection>, block={self.block})"
 
 
-BY_SCORE = (Selector, TopkBlocks)  # leaves that keep keys by their scores: ~ on them is refused
+@dataclass(frozen=True, repr=False)
+class KeyIndices(Pattern):
+    """Query row i sees the keys listed in key_indices[b, h or h // group, i, :] (given at call time; entries
+    outside [0, Sk) ignored, duplicates counted once): FlashMLA's and DeepSeek's sparse attention, a selection the
+    caller brings. `attngen.keyindex` turns the lists into the bits the kernels read."""
+
+    _inputs = ("key_indices",)
+
+    @property
+    def gathered(self) -> bool:
+        """Whether `rest & this` runs on the gather kernels (`plan.Gather`)."""
+        return True
+
+    def __repr__(self):
+        return "key_indices()"
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """DSA's scorer: s̃(i, j) = (qᵢ P)·(kⱼ P) with P = `proj` given at call time, [D, r] or one per query head
+    [Hq, D, r] (a key is projected with its query head's P)."""
+
+    inputs = ("proj",)
+
+    def __repr__(self):
+        return "lowrank()"
+
+
+@dataclass(frozen=True)
+class Indexer:
+    """DeepSeek's lightning indexer: s̃(i, j) = Σₕ index_w[b, i, h] · ReLU(index_q[b, i, h] · index_k[b, j]) with
+    index_q [B, Sq, Hi, Di], index_k [B, Sk, Di], index_w [B, Sq, Hi] given at call time: one selection per token,
+    shared by every query head."""
+
+    inputs = ("index_q", "index_k", "index_w")
+
+    def __repr__(self):
+        return "indexer()"
+
+
+@dataclass(frozen=True, repr=False)
+class TopkTokens(Pattern):
+    """Top-k by token: per row (and per query head, unless the scorer is shared by the heads), the `k` keys with the
+    largest score among the keys the leaf's &-context allows (`context_of`), ties to the lower key index; the exact
+    scores q·k, or a scorer's (`lowrank()`, `indexer()`). Selected per call (`attngen.tokentopk`) into key-index
+    lists, so its structure is `SelectedKeys`."""
+
+    k: int
+    scorer: LowRank | Indexer | None = None
+
+    @property
+    def _inputs(self) -> tuple[str, ...]:
+        return self.scorer.inputs if self.scorer is not None else ()
+
+    @property
+    def shared(self) -> bool:
+        """One selection per token for every query head (the indexer's), else one per query head."""
+        return isinstance(self.scorer, Indexer)
+
+    def _restructure(self, slots):
+        return SelectedKeys(self.shared)
+
+    def __repr__(self):
+        return f"topk({self.k}" + (f", scorer={self.scorer!r})" if self.scorer is not None else ")")
+
+
+@dataclass(frozen=True, repr=False)
+class SelectedKeys(KeyIndices):
+    """Structure of `topk`: the call's choice as key-index lists (`key_indices`' tensors). Lists shared by the heads
+    run on the gather kernels; one list per query head, where heads share no key, on the flash kernels with the
+    lists as bits (a gather would fill one row of the tensor cores' 16)."""
+
+    shared: bool = True
+
+    @property
+    def gathered(self) -> bool:
+        return self.shared
+
+    def __repr__(self):
+        return f"topk(<run-time selection>, {'shared by the heads' if self.shared else 'per head'})"
+
+
+BY_SCORE = (Selector, TopkBlocks, TopkTokens)  # leaves that keep keys by their scores: ~ on them is refused
 
 
 def topk_leaf(pat: Pattern) -> TopkBlocks | SelectedBlocks | None:
@@ -389,18 +471,6 @@ def context_of(pat: Pattern, leaf: Pattern) -> Pattern:
             parts += [p for p in node.parts if p is not branch]
         node = branch
     return full() if not parts else parts[0] if len(parts) == 1 else And(tuple(parts))
-
-
-@dataclass(frozen=True, repr=False)
-class KeyIndices(Pattern):
-    """Query row i sees the keys listed in key_indices[b, h or h // group, i, :] (given at call time; entries
-    outside [0, Sk) ignored, duplicates counted once): FlashMLA's and DeepSeek's sparse attention, a selection the
-    caller brings. `attngen.keyindex` turns the lists into the bits the kernels read."""
-
-    _inputs = ("key_indices",)
-
-    def __repr__(self):
-        return "key_indices()"
 
 
 REORDERING = (Buckets, LSH, Keep)  # leaves whose patterns run on tokens sorted by bucket, dropped tokens last
@@ -565,6 +635,46 @@ def key_indices() -> Pattern:
     heads) or [B, Hq, Sq, n], int32 or int64, to `attention`. Entries outside [0, Sk) are ignored (-1 pads a list),
     a key listed twice counts once; the rest of the pattern still applies (`causal() & key_indices()`)."""
     return KeyIndices()
+
+
+def topk(k: int, scorer: LowRank | Indexer | None = None) -> Pattern:
+    """Top-k by token: each query row attends to the `k` keys with the largest score among the keys the rest of the
+    pattern allows for it (`causal() & topk(256)`; inside |, the other branches add their keys), ties to the lower
+    key index, all of them where fewer exist. Scores: the exact q·k per query head (no scorer), DSA's low-rank
+    prediction per query head (`scorer=lowrank()`, call time `proj=`), or DeepSeek's indexer, one selection per
+    token for every head (`scorer=indexer()`, call time `index_q=`, `index_k=`, `index_w=`). Scorers rank in fp32;
+    the attention over the kept keys is exact, and the choice is held fixed in the backward."""
+    k = _int("k", k, 1)
+    if scorer is not None and not isinstance(scorer, (LowRank, Indexer)):
+        raise InputError(f"topk(k, scorer=): the scorer must be lowrank() or indexer() (or None), got {scorer!r:.60}")
+    return TopkTokens(k, scorer)
+
+
+def lowrank() -> LowRank:
+    """DSA's scorer for `topk(k, scorer=lowrank())`: ranks by (qᵢ P)·(kⱼ P), P = `proj=` [D, r] or [Hq, D, r] given
+    at call time (`random_projection` makes DSA's sparse one)."""
+    return LowRank()
+
+
+def indexer() -> Indexer:
+    """DeepSeek's lightning indexer for `topk(k, scorer=indexer())`: ranks by Σₕ w[b, i, h] · ReLU(q̃[b, i, h] ·
+    k̃[b, j]) from `index_q=` [B, Sq, Hi, Di], `index_k=` [B, Sk, Di], `index_w=` [B, Sq, Hi] given at call time; one
+    selection per token, shared by every query head."""
+    return Indexer()
+
+
+def random_projection(head_dim: int, r: int, seed: int = 0) -> torch.Tensor:
+    """DSA's sparse random projection: float32 [head_dim, r] with entries -1, 0, +1 drawn with probabilities 1/6,
+    2/3, 1/6 (Achlioptas), from a CPU generator seeded with `seed`."""
+    head_dim, r, seed = _int("head_dim", head_dim, 1), _int("r", r, 1), _int("seed", seed)
+    u = torch.rand(head_dim, r, generator=torch.Generator().manual_seed(seed))
+    return (u < 1 / 6).float() - (u >= 5 / 6).float()
+
+
+def token_leaf(pat: Pattern) -> TopkTokens | None:
+    """The pattern's `topk` leaf, or None."""
+    found = [leaf for leaf in pat.leaves() if isinstance(leaf, TopkTokens)]
+    return found[0] if found else None
 
 
 def block_layout(layout: torch.Tensor, block_size: int) -> Pattern:
@@ -796,6 +906,10 @@ def dense_mask(
     order: tuple[torch.Tensor, torch.Tensor] | None = None,
     selected_blocks: torch.Tensor | None = None,
     key_indices: torch.Tensor | None = None,
+    proj: torch.Tensor | None = None,
+    index_q: torch.Tensor | None = None,
+    index_k: torch.Tensor | None = None,
+    index_w: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     _selected: torch.Tensor | None = None,
     **_,
@@ -807,12 +921,15 @@ def dense_mask(
     order: every leaf but buckets and keep masks reads the original position of each token (what the kernels of a
     reordered call evaluate; `attngen.reorder`). `topk_blocks` selects by the float64 scores of `q` and `k` among
     the blocks its &-context allows (`context_of`), or takes the choice as `selected_blocks`, bool [B, Hq, nbq, nbk]
-    (what `attngen.selected_blocks` returns)."""
+    (what `attngen.selected_blocks` returns). `topk` selects by the float64 scores of `q` and `k` (or its scorer's,
+    from `proj` or `index_q`, `index_k`, `index_w`) among the keys its &-context allows."""
     runtime = dict(document_ids=document_ids, key_lengths=key_lengths, query_buckets=query_buckets)
     runtime |= dict(key_buckets=key_buckets, query_keep=query_keep, key_keep=key_keep, q=q, k=k, order=order)
-    runtime["key_indices"] = key_indices
-    leaf = topk_leaf(pat)
-    if _selected is None and leaf is not None:
+    runtime |= dict(key_indices=key_indices, proj=proj, index_q=index_q, index_k=index_k, index_w=index_w)
+    leaf = topk_leaf(pat) or token_leaf(pat)
+    if _selected is None and isinstance(leaf, TopkTokens):
+        _selected = _token_mask(pat, leaf, Sq, Sk, device, runtime)
+    elif _selected is None and leaf is not None:
         _selected = _topk_mask(pat, leaf, Sq, Sk, selected_blocks, device, runtime)
     runtime["_selected"] = _selected
     sub = functools.partial(dense_mask, Sq=Sq, Sk=Sk, device=device, **runtime)
@@ -833,7 +950,7 @@ def dense_mask(
         return m.expand(*torch.broadcast_shapes(qi.shape, kj.shape))
     if isinstance(pat, Selector):
         return torch.ones(1, 1, Sq, Sk, dtype=torch.bool, device=device)
-    if isinstance(pat, (TopkBlocks, SelectedBlocks)):
+    if isinstance(pat, (TopkBlocks, SelectedBlocks, TopkTokens)):
         return _selected
     if isinstance(pat, BlockLayout):
         lay = pat.tensor().to(device).bool()
@@ -898,6 +1015,27 @@ def _topk_mask(pat, leaf, Sq, Sk, selected_blocks, device, runtime) -> torch.Ten
     cand = blocktopk.candidates_of(context, bs, Sq, Sk)
     scores = blocktopk.block_scores(q.to(device), k.to(device), bs, torch.float64)
     return blocktopk.expand(blocktopk.choose(scores, cand, leaf.k), bs, Sq, Sk)
+
+
+def _token_mask(pat, leaf: TopkTokens, Sq: int, Sk: int, device, runtime) -> torch.Tensor:
+    """bool [B, Hq or 1, Sq, Sk]: the keys `leaf` keeps, chosen by float64 scores (`tokentopk`) among the keys its
+    &-context allows (for a selection shared by the heads, allowed for some head)."""
+    q, k = runtime["q"], runtime["k"]
+    if q is None or k is None:
+        raise InputError(f"the mask of {leaf!r} needs q= and k= (it selects keys by their scores)")
+    if runtime["order"] is not None:
+        raise InputError(f"{leaf!r} does not run on reordered tokens")
+    inputs = {n: runtime[n] for n in leaf._inputs}
+    if any(t is None for t in inputs.values()):
+        raise InputError(f"the pattern uses {leaf!r}: pass {', '.join(f'{n}=' for n in leaf._inputs)}")
+    B, Hq, _, D = q.shape
+    tokentopk.check(leaf.scorer, inputs, B, Hq, Sq, Sk, D)
+    context = dense_mask(context_of(pat, leaf), Sq, Sk, device=device, **{**runtime, "_selected": None})
+    q, k = q.detach().to(device), k.detach().to(device)
+    keys = tokentopk.keys_of(leaf.scorer, k, inputs, Hq, torch.float64)
+    scores = tokentopk.scores(leaf.scorer, q, keys, inputs, slice(0, Sq), slice(0, Sk), torch.float64)
+    cand = context.any(1, keepdim=True) if leaf.shared else context
+    return blocktopk.choose(scores, cand, leaf.k)
 
 
 def _pairs(pat: Pattern, device, *, query_buckets, key_buckets, query_keep, key_keep, q, k, **_) -> torch.Tensor:
@@ -968,5 +1106,6 @@ CONSTRUCTORS = {
         keep,
         topk_blocks,
         key_indices,
+        topk,
     )
 }

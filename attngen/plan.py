@@ -348,7 +348,7 @@ def _gather(positions: P.Pattern, head_dim: int) -> Gather | None:
     """The gather kernels' plan where `positions` is `rest & key_indices()`, else None: the ordinary kernels then
     read the lists as bits on every tile they touch (a key_indices() under | or ~, a head dim past GATHER_HEAD_DIMS)."""
     parts = positions.parts if isinstance(positions, P.And) else (positions,)
-    lists = [p for p in parts if isinstance(p, P.KeyIndices)]
+    lists = [p for p in parts if isinstance(p, P.KeyIndices) and p.gathered]
     if not lists or head_dim not in GATHER_HEAD_DIMS or positions.reorders:
         return None
     others = [p for p in parts if p is not lists[0]]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import blockselect, keyindex
+from . import blockselect, keyindex, tokenselect, tokentopk
 from . import pattern as P
 from .errors import InputError
 from .plan import KernelPlan
@@ -111,6 +111,13 @@ def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict) 
     )
     if P.topk_leaf(pattern) is not None:  # selected among what the rest allows, so after the rest is prepared
         prep = replace(prep, blocks=blockselect.select(pattern, q, k, prep))
+    token = P.token_leaf(pattern)
+    if token is not None:  # likewise; the choice then runs as key-index lists
+        scorer_inputs = {n: inputs[n] for n in token._inputs}
+        tokentopk.check(token.scorer, scorer_inputs, B, Hq, Sq, Sk, q.shape[3])
+        chosen = tokenselect.select(pattern, q, k, prep, scorer_inputs)
+        bits, lists, counts = keyindex.sorted_lists(chosen, Sk, device)
+        prep = replace(prep, key_bits=bits, key_lists=lists, key_counts=counts)
     return prep
 
 

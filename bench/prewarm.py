@@ -67,6 +67,12 @@ def jobs(arch: str):
 
     out += [(p, d, t, arch, False) for p in INDEXED.values() for d in (64, 128) for t in dtypes]
     out += [(INDEXED[name], d, "bf16", arch, True) for name in INDEX_MMA_SYNC for d in (64, 128)]
+    # top-k by token (test_topk_tokens_gpu.py, bench_topk_tokens.py): per head and shared structures
+    from test_topk_tokens_gpu import PATTERNS as BY_TOKEN
+
+    tokens = [make(scorer, 1) for make in BY_TOKEN.values() for scorer in (None, ag.indexer())]
+    tokens.append(ag.key_padding() & ag.topk(1, scorer=ag.indexer()))
+    out += [(p, d, t, arch, False) for p in tokens for d in (64, 128) for t in dtypes]
     return out
 
 

@@ -12,7 +12,17 @@ from dataclasses import dataclass
 
 from ..abi import RuntimeArg
 from ..errors import InputError
-from ..pattern import And, Pattern, SelectedBlocks, Selector, TopkBlocks, full
+from ..pattern import (
+    And,
+    KeyIndices,
+    Pattern,
+    SelectedBlocks,
+    SelectedKeys,
+    Selector,
+    TopkBlocks,
+    TopkTokens,
+    full,
+)
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,24 @@ def selection_of(pat: Pattern) -> Selection:
 
 
 def _check_topk(pat: Pattern) -> None:
-    """Refuse what block top-k does not combine with: a second block top-k leaf, a selection rule, reordering."""
+    """Refuse what top-k leaves do not combine with: a second top-k leaf (by blocks or tokens), key_indices()
+    beside a top-k by token (both are key-index lists), a selection rule, reordering."""
+    tokens = [leaf for leaf in pat.leaves() if isinstance(leaf, (TopkTokens, SelectedKeys))]
+    if tokens:
+        supported = "one topk(k) leaf, under & and | with positional leaves (causal, windows, documents, ...)"
+        others = [
+            leaf
+            for leaf in pat.leaves()
+            if isinstance(leaf, (TopkBlocks, SelectedBlocks, KeyIndices)) and not isinstance(leaf, SelectedKeys)
+        ]
+        if len(tokens) > 1 or others:
+            raise InputError(
+                f"{pat!r} combines topk(k) with another top-k or key_indices() leaf; supported: {supported}"
+            )
+        if any(isinstance(leaf, Selector) for leaf in pat.leaves()):
+            raise InputError(f"{pat!r} combines topk(k) with a selection rule; supported: {supported}")
+        if pat.reorders:
+            raise InputError(f"{pat!r} combines topk(k) with buckets, lsh or keep masks; supported: {supported}")
     found = [leaf for leaf in pat.leaves() if isinstance(leaf, (TopkBlocks, SelectedBlocks))]
     if not found:
         return

@@ -1,0 +1,212 @@
+"""Top-k by token (`topk(k, scorer=...)`) without a GPU: the constructors and what they refuse, the reference
+semantics against a direct per-row loop (exact scores, lowrank, indexer; ties, fewer candidates than k, empty rows),
+the call-time selection pass (`tokenselect`, fp32 on CPU tensors, in chunks) against the float64 reference, the
+plan (one structure for every k; per-head lists on the flash kernels, the indexer's on the gather kernels) and
+`attention` end to end with the kernels replaced by the reference."""
+
+import pytest
+import torch
+
+import attngen as ag
+from attngen import pattern as P
+from attngen import reference, tokenselect
+from attngen.errors import InputError
+from attngen.plan import make_plan
+from attngen.prepare import prepare
+from attngen.select import split_selection
+
+B, HQ, HKV, D = 2, 4, 2, 16
+
+
+def _grid(*shape, gen) -> torch.Tensor:
+    """Small integers: every product and sum below is exact in fp32 and float64 alike, so both rank keys the same
+    way, ties included."""
+    return torch.randint(-3, 4, shape, generator=gen).float()
+
+
+def _inputs(scorer, Sq, Sk, gen) -> dict:
+    if isinstance(scorer, P.LowRank):
+        return {"proj": ag.random_projection(D, 4, seed=1)}
+    if isinstance(scorer, P.Indexer):
+        return {"index_q": _grid(B, Sq, 3, 8, gen=gen), "index_k": _grid(B, Sk, 8, gen=gen),
+                "index_w": torch.randint(0, 3, (B, Sq, 3), generator=gen).float()}  # fmt: skip
+    return {}
+
+
+def _loop_scores(scorer, q, k, inputs) -> torch.Tensor:
+    """[B, Hq or 1, Sq, Sk] float64 scores, one (row, key) at a time from the definitions."""
+    Bq, Hq, Sq, _ = q.shape
+    Sk, group = k.shape[2], Hq // k.shape[1]
+    if isinstance(scorer, P.Indexer):
+        iq, ik, w = (inputs[n].double() for n in ("index_q", "index_k", "index_w"))
+        out = torch.zeros(Bq, 1, Sq, Sk, dtype=torch.float64)
+        for b in range(Bq):
+            for i in range(Sq):
+                for j in range(Sk):
+                    out[b, 0, i, j] = sum(w[b, i, h] * torch.relu(iq[b, i, h] @ ik[b, j]) for h in range(iq.shape[2]))
+        return out
+    out = torch.zeros(Bq, Hq, Sq, Sk, dtype=torch.float64)
+    for b in range(Bq):
+        for h in range(Hq):
+            qh, kh = q[b, h].double(), k[b, h // group].double()
+            if isinstance(scorer, P.LowRank):
+                p = inputs["proj"].double()
+                p = p if p.dim() == 2 else p[h]
+                qh, kh = qh @ p, kh @ p
+            out[b, h] = qh @ kh.T
+    return out
+
+
+def _loop_keep(scores: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best candidates of each row, ties to the lower index: a stable sort of (-score, index)."""
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    for idx in torch.cartesian_prod(*(torch.arange(n) for n in scores.shape[:3])).tolist():
+        row, ok = scores[tuple(idx)], cand[tuple(idx)]
+        order = sorted((j for j in range(len(row)) if ok[j]), key=lambda j: (-float(row[j]), j))
+        keep[tuple(idx)][order[:k]] = True
+    return keep
+
+
+SCORERS = {"exact": None, "lowrank": ag.lowrank(), "indexer": ag.indexer()}
+
+
+@pytest.mark.parametrize("name", list(SCORERS))
+@pytest.mark.parametrize("k", [1, 3, 40])
+def test_reference_is_the_definition(name, k):
+    """Scores from the definitions, the k best of the causal candidates with ties to the lower index (the small
+    integer inputs make many ties), all candidates where fewer than k exist."""
+    gen = torch.Generator().manual_seed(k)
+    scorer, Sq, Sk = SCORERS[name], 11, 13
+    q, kk = _grid(B, HQ, Sq, D, gen=gen), _grid(B, HKV, Sk, D, gen=gen)
+    inputs = _inputs(scorer, Sq, Sk, gen)
+    pat = ag.causal() & ag.topk(k, scorer=scorer)
+    got = pat.mask(Sq, Sk, q=q, k=kk, **inputs)
+    cand = ag.causal().mask(Sq, Sk).expand(B, got.shape[1], Sq, Sk)
+    assert torch.equal(got, _loop_keep(_loop_scores(scorer, q, kk, inputs), cand, k))
+
+
+@pytest.mark.parametrize("name", list(SCORERS))
+def test_call_time_selection_matches_the_reference(name, monkeypatch):
+    """tokenselect (fp32, rows in chunks) chooses what the float64 reference chooses, for contexts with | (the
+    window adds keys, not candidates), documents (per batch) and key padding (a batch with no key: empty rows)."""
+    monkeypatch.setattr(tokenselect, "CHUNK", 3000)  # several chunks of rows
+    gen = torch.Generator().manual_seed(7)
+    scorer = SCORERS[name]
+    docs = (torch.rand(B, 50, generator=gen) < 0.1).cumsum(-1)
+    for pat, Sq, Sk, extra in [
+        (ag.causal() & ag.topk(5, scorer=scorer), 50, 50, {}),
+        (ag.causal() & (ag.topk(4, scorer=scorer) | ag.sliding_window(3)), 50, 50, {}),
+        (ag.documents() & ag.topk(6, scorer=scorer), 50, 50, {"document_ids": docs}),
+        (ag.key_padding() & ag.topk(2, scorer=scorer), 20, 33, {"key_lengths": torch.tensor([0, 17])}),
+    ]:
+        q, kk = _grid(B, HQ, Sq, D, gen=gen), _grid(B, HKV, Sk, D, gen=gen)
+        inputs = _inputs(scorer, Sq, Sk, gen) | extra
+        lists = prepare(pat, q, kk, inputs).key_lists  # what ag.selected_keys returns (which wants CUDA tensors)
+        heads = HKV if isinstance(scorer, P.Indexer) else HQ
+        assert lists.dtype == torch.int32 and lists.shape[:3] == (B, heads, Sq)
+        listed = P.dense_mask(ag.key_indices(), Sq, Sk, key_indices=lists, q=q)
+        # The reference's choice of the leaf itself (the rest of the pattern is applied after it).
+        leaf = P.token_leaf(pat)
+        want = P._token_mask(pat, leaf, Sq, Sk, "cpu", {"q": q, "k": kk, "order": None, **_runtime(inputs)})
+        assert torch.equal(listed, want.expand_as(listed)), pat
+        out, _ = reference.attention(q, kk, _grid(B, HKV, Sk, D, gen=gen), pat.structure(), key_indices=lists, **extra)
+        assert torch.isfinite(out).all()
+
+
+def _runtime(inputs: dict) -> dict:
+    keys = ("document_ids", "key_lengths", "query_buckets", "key_buckets", "query_keep", "key_keep", "key_indices")
+    names = ("proj", "index_q", "index_k", "index_w")
+    return {n: inputs.get(n) for n in keys + names}
+
+
+def test_empty_rows_and_k_beyond_the_candidates():
+    gen = torch.Generator().manual_seed(3)
+    q, kk = _grid(1, 2, 9, D, gen=gen), _grid(1, 2, 9, D, gen=gen)
+    pat = ag.key_padding() & ag.topk(100)
+    lists = prepare(pat, q, kk, {"key_lengths": torch.tensor([4])}).key_lists
+    assert lists.shape == (1, 2, 9, 9)
+    assert torch.equal(lists[..., :4], torch.arange(4, dtype=torch.int32).expand(1, 2, 9, 4))
+    assert (lists[..., 4:] == -1).all()
+    lists = prepare(pat, q, kk, {"key_lengths": torch.tensor([0])}).key_lists
+    assert (lists == -1).all()
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: ag.topk(0), "k must be an integer"),
+        (lambda: ag.topk(4, scorer="indexer"), "scorer must be lowrank"),
+        (lambda: ~(ag.causal() & ag.topk(2)), "~ cannot apply"),
+    ],
+)
+def test_constructor_refuses(make, match):
+    with pytest.raises(InputError, match=match):
+        make()
+
+
+def test_refused_compositions():
+    bad = {
+        "another top-k or key_indices": [
+            ag.topk(2) | ag.topk(3),
+            ag.causal() & ag.topk(2) & ag.key_indices(),
+            ag.topk(2) | ag.topk_blocks(2),
+        ],
+        "selection rule": [ag.causal() & ag.topk(2) & ag.nm(2, 4)],
+        "buckets, lsh or keep": [ag.causal() & ag.buckets() & ag.topk(2)],
+    }
+    for match, pats in bad.items():
+        for pat in pats:
+            with pytest.raises(InputError, match=match):
+                split_selection(pat)
+            with pytest.raises(InputError, match=match):
+                make_plan(pat, head_dim=64, dtype="fp16", arch="sm_90a")
+
+
+def test_inputs_are_checked():
+    q, kk = torch.randn(B, HQ, 10, D), torch.randn(B, HKV, 12, D)
+    lr, ix = ag.causal() & ag.topk(2, scorer=ag.lowrank()), ag.causal() & ag.topk(2, scorer=ag.indexer())
+    good = {"index_q": torch.randn(B, 10, 3, 8), "index_k": torch.randn(B, 12, 8), "index_w": torch.randn(B, 10, 3)}
+    cases = [
+        (lr, {"proj": torch.randn(D + 1, 4)}, "proj= must be"),
+        (lr, {"proj": torch.randn(HQ + 1, D, 4)}, "proj= must be"),
+        (lr, {"proj": torch.ones(D, 4, dtype=torch.int32)}, "floating-point"),
+        (lr, {}, "needs proj="),
+        (ix, good | {"index_k": torch.randn(B, 12, 7)}, "index_k= must be"),
+        (ix, good | {"index_w": torch.randn(B, 10, 2)}, "index_w= must be"),
+        (ix, good | {"index_q": torch.randn(B, 11, 3, 8)}, "index_q= must be"),
+    ]
+    for pat, inputs, match in cases:
+        with pytest.raises(InputError, match=match):
+            prepare(pat, q, kk, inputs)
+
+
+def test_plan_one_structure_for_every_k():
+    """k is data: one compile per structure. Per-head selections run the flash kernels with the lists as bits (no
+    gather can share a key between rows); the indexer's, shared by the heads, the gather kernels."""
+    assert ag.topk(8).structure() == ag.topk(200).structure()
+    assert (ag.causal() & ag.topk(8)).key == (ag.causal() & ag.topk(9, scorer=ag.lowrank())).key
+    per_head = make_plan(ag.causal() & ag.topk(8), head_dim=64, dtype="bf16", arch="sm_90a")
+    shared = make_plan(ag.causal() & ag.topk(8, scorer=ag.indexer()), head_dim=64, dtype="bf16", arch="sm_90a")
+    assert per_head.gather is None and "kbits[" in per_head.mask_c
+    assert shared.gather is not None and shared.gather.rest_c == "k <= q"
+
+
+@pytest.mark.parametrize("name", list(SCORERS))
+def test_calls_match_the_reference(name, reference_kernels):
+    """`attention` end to end on the CPU with the kernels replaced by the reference: the selection reaches them as
+    lists, output and gradients are the float64 reference's (which selects by itself)."""
+    gen = torch.Generator().manual_seed(11)
+    scorer = SCORERS[name]
+    q = _grid(B, HQ, 40, 32, gen=gen).half().requires_grad_()  # small integers: exact in fp16
+    kk, v = (_grid(B, HKV, 40, 32, gen=gen).half().requires_grad_() for _ in range(2))
+    inputs = _inputs(scorer, 40, 40, gen)
+    inputs |= {"proj": ag.random_projection(32, 4, seed=1)} if "proj" in inputs else {}
+    pat = ag.causal() & (ag.topk(6, scorer=scorer) | ag.sliding_window(2))
+    out, lse = ag.attention(q, kk, v, pat, return_lse=True, scale=0.05, **inputs)
+    ref, ref_lse = reference.attention(q, kk, v, pat, scale=0.05, dtype=torch.float32, **inputs)
+    assert torch.allclose(out.float(), ref, atol=5e-3) and torch.allclose(lse, ref_lse, atol=1e-4)
+    dout = torch.randn(out.shape, generator=gen).half()
+    got = torch.autograd.grad(out, (q, kk, v), dout)
+    want = torch.autograd.grad(ref, (q, kk, v), dout.float())
+    for a, b in zip(got, want):
+        assert torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2)

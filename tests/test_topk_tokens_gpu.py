@@ -1,0 +1,100 @@
+"""GPU: top-k by token (`topk(k)`, exact, `lowrank()`, `indexer()`) forward and backward against attngen.reference
+given the call's own choice (`selected_keys`), composed with causal, a window under |, documents; GQA, odd and
+uneven lengths, k beyond the candidates, empty rows, fp16 and bf16, head dims 64 and 128; and the choice itself
+against the float64 reference's: sets may differ only on few rows (near-ties). Outputs are poisoned
+(ATTNGEN_POISON_OUTPUTS=1). Skipped cleanly without a CUDA GPU."""
+
+import pytest
+import torch
+from test_kernels_gpu import DTYPES, _check_forward, _check_grads, _gen, _inputs
+
+import attngen as ag
+from attngen import pattern as P
+from attngen import reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setenv("ATTNGEN_POISON_OUTPUTS", "1")
+
+
+SCORERS = {"exact": None, "lowrank": ag.lowrank(), "indexer": ag.indexer()}
+PATTERNS = {
+    "causal": lambda s, n: ag.causal() & ag.topk(n, scorer=s),
+    "causal&(topk|window)": lambda s, n: ag.causal() & (ag.topk(n, scorer=s) | ag.sliding_window(32)),
+    "documents&topk": lambda s, n: ag.documents() & ag.topk(n, scorer=s),
+}
+LENGTHS = [(1, 1), (17, 17), (1000, 1000), (300, 517), (517, 300)]
+B, HQ, HKV = 2, 8, 2
+
+
+def _scorer_inputs(scorer, Sq, Sk, D, gen) -> dict:
+    if isinstance(scorer, P.LowRank):
+        return {"proj": torch.randn(HQ, D, 16, generator=gen).cuda()}  # one per query head
+    if isinstance(scorer, P.Indexer):
+        return {
+            "index_q": torch.randn(B, Sq, 4, 32, generator=gen).to("cuda", torch.bfloat16),
+            "index_k": torch.randn(B, Sk, 32, generator=gen).to("cuda", torch.bfloat16),
+            "index_w": torch.rand(B, Sq, 4, generator=gen).cuda(),
+        }
+    return {}
+
+
+def _docs(Sq, Sk, gen) -> dict:
+    ids = lambda s: (torch.rand(B, s, generator=gen) < 4.0 / s).cumsum(-1).to(torch.int32).cuda()
+    return {"document_ids": ids(Sq) if Sq == Sk else (ids(Sq), ids(Sk))}
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("scorer", list(SCORERS))
+def test_forward_and_backward(scorer, pattern, dtype, D):
+    for Sq, Sk in LENGTHS:
+        gen = _gen("topk", scorer, pattern, dtype, D, Sq, Sk)
+        q, k, v = _inputs(B, HQ, HKV, Sq, Sk, D, DTYPES[dtype], gen, requires_grad=True)
+        n = 24 if Sk > 100 else 40  # past the candidates on the short ones
+        pat = PATTERNS[pattern](SCORERS[scorer], n)
+        rt = _scorer_inputs(SCORERS[scorer], Sq, Sk, D, gen) | (_docs(Sq, Sk, gen) if "documents" in pattern else {})
+        where = f"{pat!r} {dtype} D={D} Sq={Sq} Sk={Sk}"
+        lists = ag.selected_keys(q, k, pat, **rt)
+        given = {"key_indices": lists} | {n: t for n, t in rt.items() if n == "document_ids"}
+        out, lse = ag.attention(q, k, v, pat, return_lse=True, **rt)
+        ref, ref_lse = reference.attention(q, k, v, pat.structure(), dtype=torch.float32, **given)
+        _check_forward(out, lse, ref, ref_lse, dtype, where)
+        dout = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), dout)
+        _check_grads(got, torch.autograd.grad(ref, (q, k, v), dout), dtype, where)
+
+
+@pytest.mark.parametrize("scorer", list(SCORERS))
+def test_choice_matches_the_float64_reference(scorer):
+    """Random inputs: the fp32 choice and the float64 one agree on at least 99.5% of the rows (the rest are
+    near-ties: scores a few ulps apart)."""
+    gen = _gen("fidelity", scorer)
+    Sq = Sk = 1500
+    q, k, _ = _inputs(1, HQ, HKV, Sq, Sk, 64, torch.bfloat16, gen)
+    rt = _scorer_inputs(SCORERS[scorer], Sq, Sk, 64, gen)
+    rt = {n: t[:1] if n.startswith("index") else t for n, t in rt.items()}  # batch 1
+    pat = ag.causal() & ag.topk(64, scorer=SCORERS[scorer])
+    lists = ag.selected_keys(q, k, pat, **rt)
+    got = P.dense_mask(ag.key_indices(), Sq, Sk, key_indices=lists, device="cuda")
+    want = pat.mask(Sq, Sk, q=q, k=k, device="cuda", **rt)
+    differ = (got != want.expand_as(got)).any(-1).float().mean().item()
+    assert differ < 0.005, f"{differ:.2%} of rows chose other keys"
+
+
+def test_empty_rows_give_zero_and_gradients_zero():
+    gen = _gen("topk empty")
+    q, k, v = _inputs(B, HQ, HKV, 200, 200, 64, torch.float16, gen, requires_grad=True)
+    pat = ag.key_padding() & ag.topk(8, scorer=ag.indexer())
+    rt = _scorer_inputs(ag.indexer(), 200, 200, 64, gen) | {"key_lengths": torch.tensor([0, 50], device="cuda")}
+    out, lse = ag.attention(q, k, v, pat, return_lse=True, **rt)
+    assert (out[0] == 0).all() and torch.isneginf(lse[0]).all() and torch.isfinite(lse[1]).all()
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert (dq[0] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all()
