@@ -1,7 +1,8 @@
 """Launching NVRTC kernels on torch's current stream (`launch`), and the small kernels of the call-time stages:
 row gathers that move a reordered call's tensors into and out of its sorted order (`gather_rows`), the tile
 classes of its schedule from per-query key ranges (`range_classes`), and a key_indices() call's sorted lists, bits
-and inverse lists (`key_lists`, `tile_rows`). Each compiles once per arch, through the cache."""
+and inverse lists (`key_lists`, `tile_rows`), a top-k by token's choice per row (`topk_rows`). Each compiles once
+per arch, through the cache."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ import numpy as np
 import torch
 
 from .nvrtc import Binary, compile_cached, device_arch, ensure_dynamic_shared, load_function
-from .render import KEY_TILE_CHUNK, render_gather_rows, render_key_lists, render_range_classes
+from .render import (
+    KEY_TILE_CHUNK,
+    TOPK_CACHED,
+    indexer_smem,
+    render_gather_rows,
+    render_indexer_scores,
+    render_key_lists,
+    render_range_classes,
+    render_topk_rows,
+)
 from .tiling import GATHER_KEYS
 
 _u64, _i64, _i32 = np.uint64, np.int64, np.int32
@@ -118,3 +128,44 @@ def tile_rows(bits: torch.Tensor, Sk: int) -> tuple[torch.Tensor, torch.Tensor, 
         launch(binary, "attngen_tile_fill", grid, 256, 0, fill, dev)
     start = offsets.view(heads, tiles, chunks)[..., 0] if threads else offsets.new_zeros(heads, tiles)
     return rows, start.reshape(B, H, tiles).contiguous(), counts.sum(-1, dtype=torch.int32).view(B, H, tiles)
+
+
+def topk_rows(scores: torch.Tensor, k: int, first: int = 0) -> torch.Tensor:
+    """int32 [R, min(k, C)] of fp32 scores [R, C] (CUDA, unit column stride): per row, the columns (plus `first`)
+    of the k largest scores in increasing order, ties to the lower column, -inf never taken; -1 after them."""
+    R, C = scores.shape
+    width = min(k, C)
+    out = torch.empty(R, width, dtype=torch.int32, device=scores.device)
+    if R and width:
+        smem = 4 * C if C <= TOPK_CACHED else 0
+        args = [_u64(scores.data_ptr()), _i64(R), _i32(C), _i64(scores.stride(0)), _i32(k), _i32(first)]
+        args += [_u64(out.data_ptr()), _i64(width), _i32(width)]
+        grid = (min(R, 16 * sm_count(scores.device.index)), 1, 1)
+        binary = _binary(render_topk_rows, scores.device.index)
+        launch(binary, "attngen_topk_rows", grid, 256, smem, args, scores.device)
+    return out
+
+
+INDEXER_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128)
+
+
+def indexer_scores(iq: torch.Tensor, ik: torch.Tensor, w: torch.Tensor, rows: slice, cols: slice):
+    """fp32 [B, R, C]: the lightning indexer's scores of query rows `rows` with keys `cols` (slices of step 1), from
+    iq [B, Sq, Hi, Di], ik [B, Sk, Di] (CUDA, one 16-bit dtype) and w [B, Sq, Hi]; on tensor cores with fp32
+    accumulation. None where the kernel does not apply (other dtypes or head dims): the caller computes them."""
+    B, Sq, Hi, Di = iq.shape  # (returns torch.Tensor | None)
+    if iq.dtype not in (torch.float16, torch.bfloat16) or ik.dtype != iq.dtype or Di not in INDEXER_HEAD_DIMS:
+        return None
+    r0, r1 = rows.indices(Sq)[:2]
+    c0, c1 = cols.indices(ik.shape[1])[:2]
+    R, C = r1 - r0, c1 - c0
+    out = torch.empty(B, R, C, dtype=torch.float32, device=iq.device)
+    if out.numel():
+        iq, ik, w = iq.contiguous(), ik.contiguous(), w.to(torch.float32).contiguous()
+        dtype = "fp16" if iq.dtype == torch.float16 else "bf16"
+        args = [_u64(t.data_ptr()) for t in (iq, ik, w, out)]
+        args += [_i32(Sq), _i32(ik.shape[1]), _i32(Hi), _i32(r0), _i32(R), _i32(c0), _i32(C), _i64(C)]
+        binary = _binary(render_indexer_scores, iq.device.index, dtype, Di)
+        grid = (math.ceil(C / 64), math.ceil(R / 64), B)
+        launch(binary, "attngen_indexer_scores", grid, 128, indexer_smem(Di), args, iq.device)
+    return out

@@ -109,3 +109,23 @@ def render_key_lists(arch: str, tile: int) -> KernelSource:
     code = _env().get_template("key_lists.cu.j2").render(tile=tile, chunk=KEY_TILE_CHUNK)
     entries = ("attngen_key_lists", "attngen_tile_count", "attngen_tile_fill")
     return KernelSource(name=f"key_lists_t{tile}", code=code, entries=entries, arch=arch)
+
+
+TOPK_CACHED = 8192  # per-row top-k: rows this long or shorter are held in shared memory (32 KiB of keys)
+
+
+def render_topk_rows(arch: str) -> KernelSource:
+    """`attngen_topk_rows`: each row's k largest fp32 scores, ties to the lower column (tokenselect's choice)."""
+    code = _env().get_template("topk_rows.cu.j2").render(cached=TOPK_CACHED)
+    return KernelSource(name="topk_rows", code=code, entries=("attngen_topk_rows",), arch=arch)
+
+
+def indexer_smem(di: int) -> int:
+    """Dynamic shared memory of `attngen_indexer_scores`: 64 keys' rows and two heads' 64 query rows, padded."""
+    return (64 + 2 * 64) * (di + 8) * 2
+
+
+def render_indexer_scores(arch: str, dtype: str, di: int) -> KernelSource:
+    """`attngen_indexer_scores`: the lightning indexer's fp32 scores of a block of rows (tokenselect's scorer)."""
+    code = _env().get_template("indexer_scores.cu.j2").render(dtype=dtype, di=di, smem=indexer_smem(di))
+    return KernelSource(name=f"indexer_scores_{dtype}_d{di}", code=code, entries=("attngen_indexer_scores",), arch=arch)

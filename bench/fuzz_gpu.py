@@ -15,8 +15,11 @@ order the keys alike, so they are compared exactly as the others are. Cases whos
 `lsh(n, seed)`, `keep()`, on top of the pattern or nested in it) pass their bucket ids and keep masks to
 attngen.attention, which sorts the tokens by bucket, and to the reference, which works on the original positions
 (an lsh leaf is seeded: both hash q and k alike); the mma_sync ones run through attngen.attention too, with the
-forced kernels swapped in (launched through attngen.bind directly, the kernels would see unsorted tokens). Every
-exception is a failure: the generator makes valid input only.
+forced kernels swapped in (launched through attngen.bind directly, the kernels would see unsorted tokens). Cases with
+a top-k-by-token leaf (`topk(k, scorer)`) pass the scorer's tensors (`proj=`, or `index_q=`, `index_k=`, `index_w=`)
+to both attngen.attention, which chooses the keys in fp32, and the reference, which chooses them in float64: their q,
+k and scorer inputs make every score exact, so both choose the same keys and are compared exactly as the others are.
+Every exception is a failure: the generator makes valid input only.
 
 Kernels are compiled first, in parallel (--jobs processes, into the disk cache), so the run itself only loads
 cubins. Prints a progress line every 100 cases and a summary table; failures go to DIR/fuzz_failures.jsonl, one

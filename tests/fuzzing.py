@@ -14,11 +14,21 @@ of linear leaves (each query then keeps one range of sorted keys), or nested und
 pattern reorders (its tokens are sorted by bucket inside `attngen.attention`), and the case draws its bucket ids (one
 bucket to a few dozen, all distinct, sorted runs; int32 or int64, negative and extreme int32 values, shared by every
 head or not) and keep masks (any rate from every token dropped to none). `lsh` always has a seed, so that
-`attngen.reference` hashes q and k as the kernels' call does. Every case is valid input: the API must accept it and the
-kernels must match the reference. A rule chooses keys by their scores, and a near-tie could go either way between a
-kernel's fp32 scores and the reference's; so the cases with a rule draw q and k from a grid of quarters (`GRID`), where
-every dot product is exact in fp32 and float64 alike: the scores are ordered alike, exact ties go to the lower key index
-in both, and the comparison stays exact. `Case.repro()` is the one command line that runs it again on a GPU.
+`attngen.reference` hashes q and k as the kernels' call does. In other groups (`TOKEN_SHARE`, never with a rule,
+reordering, topk_blocks or key_indices(), which refuse it) the pattern has a top-k-by-token leaf `topk(k, scorer)`:
+on top (`A & topk`), NSA's `A & (topk | B)`, `documents() & (topk | A)`, `topk | A`, alone, or around any subtree
+outside ~ (`s & topk`, `s | topk`); the group draws the scorer (exact q·k, `lowrank()`, `indexer()`) and the place, each
+case its own k (1, a few, up to every key and past it) and the scorer's call-time tensors: `proj=` [D, r] or
+[Hq, D, r] (sparse as DSA's, dense signs, all 0; fp32, fp16, bf16 or fp64), `index_q=` [B, Sq, Hi, Di], `index_k=`
+[B, Sk, Di], `index_w=` [B, Sq, Hi] (random Hi and Di; 16-bit dtypes, fp32 or mixed; contiguous, column-major or
+expanded over the batch). Every case is valid input: the API must accept it and the kernels must match the reference.
+
+A rule or a topk(k) leaf chooses keys by their scores, and a near-tie could go either way between a kernel's fp32
+scores and the reference's float64 ones; so those cases draw q and k from a grid of quarters (`GRID`), where every dot
+product is exact in fp32 and float64 alike, and a topk leaf's scorer inputs alike: proj holds 0 and signed powers of
+two (r * D^2 <= 2^20: (qP)·(kP) stays below 2^24 of its units), index_q and index_k quarters, index_w quarters times a
+power of two (Hi * Di <= 2^13). The scores are then ordered alike, exact ties go to the lower key index in both, and
+the comparison stays exact. `Case.repro()` is the one command line that runs it again on a GPU.
 
 Consecutive seeds share a pattern *recipe*, head dim, dtype and kernel variant (`GROUP` of them: the tree, its
 constants, layout block sizes), so that a GPU run compiles a quarter as many kernels; each seed draws its own shapes,
@@ -64,7 +74,14 @@ LSH_SIZES = (2, 4, 8, 16, 32, 64)  # lsh(n): n buckets
 TOPK_SHARE = 0.15  # groups whose pattern has a topk_blocks leaf (never with a rule or reordering, which refuse it)
 TOPK_KS = (1, 2, 3, 5, 1000)  # topk_blocks(k): 1000 keeps every candidate
 INDEX_SHARE = 0.12  # groups whose pattern has a key_indices() leaf (never with reordering, which refuses it)
+# Groups whose pattern has a topk(k, scorer) leaf: never with a rule, reordering, topk_blocks or key_indices(), which
+# refuse it. Every share is of all groups: rule 0.2, reordering 0.2, topk_blocks 0.15 and topk 0.1 exclude each
+# other; key_indices 0.12 goes beside a rule or topk_blocks too; about 0.28 of the groups have none of them.
+TOKEN_SHARE = 0.1
+TOKEN_SCORERS = ("exact", "lowrank", "indexer")  # topk(k, scorer=None | lowrank() | indexer())
+TOKEN_SCORER_WEIGHTS = (4, 3, 3)
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+_SCORER_INPUTS = ("proj", "index_q", "index_k", "index_w")
 
 
 @dataclass
@@ -90,6 +107,10 @@ class Case:
     query_keep: torch.Tensor | None = None  # [B, Hq, Sq] bool, for keep()
     key_keep: torch.Tensor | None = None  # [B, Hkv, Sk]
     key_indices: torch.Tensor | None = None  # [B, Hkv or Hq, Sq, n] int32 / int64, for key_indices()
+    proj: torch.Tensor | None = None  # [D, r] or [Hq, D, r] float, for topk(k, scorer=lowrank())
+    index_q: torch.Tensor | None = None  # [B, Sq, Hi, Di] float, for topk(k, scorer=indexer())
+    index_k: torch.Tensor | None = None  # [B, Sk, Di]
+    index_w: torch.Tensor | None = None  # [B, Sq, Hi]
     layouts: dict = field(default_factory=dict)  # BlockLayout leaf -> the bool grid it was built from
     notes: tuple[str, ...] = ()  # what was drawn, for coverage checks: "doc:pair", "keylen:0", ...
 
@@ -99,8 +120,8 @@ class Case:
 
     @property
     def family(self) -> str:
-        """The kinds of leaf the pattern reads: affine, layout, documents, key_padding, buckets, lsh, keep, nm (joined
-        by +)."""
+        """The kinds of leaf the pattern reads: affine, layout, documents, key_padding, buckets, lsh, keep, nm,
+        topk_blocks, key_indices, topk (top-k by token), joined by +."""
         kinds = {
             P.Affine: "affine",
             P.BlockLayout: "layout",
@@ -112,6 +133,7 @@ class Case:
             NM: "nm",
             P.TopkBlocks: "topk_blocks",
             P.KeyIndices: "key_indices",
+            P.TopkTokens: "topk",
         }
         return "+".join(sorted({kinds.get(type(leaf), type(leaf).__name__) for leaf in self.pattern.leaves()}))
 
@@ -119,6 +141,12 @@ class Case:
     def selects(self) -> bool:
         """Whether the pattern has a selection rule (its q and k are then drawn from the grid)."""
         return any(isinstance(leaf, P.Selector) for leaf in self.pattern.leaves())
+
+    @property
+    def on_grid(self) -> bool:
+        """Whether q and k are drawn from the grid: the pattern chooses keys by their exact scores (a selection rule,
+        or a topk(k) leaf, whose scorer inputs are then exact too)."""
+        return self.selects or P.token_leaf(self.pattern) is not None
 
     @property
     def reorders(self) -> bool:
@@ -148,6 +176,10 @@ class Case:
         for name in ("query_keep", "key_keep"):
             if (t := getattr(self, name)) is not None:
                 extra.append(f"{name} {int(t.sum())}/{t.numel()} kept")
+        for name in _SCORER_INPUTS:
+            if (t := getattr(self, name)) is not None:
+                layout = " expanded" if 0 in t.stride() else "" if t.is_contiguous() else " column-major"
+                extra.append(f"{name} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}{layout}")
         return (
             f"seed={self.seed} pattern={self.pattern!r} B={self.B} Hq={self.Hq} Hkv={self.Hkv} Sq={self.Sq} "
             f"Sk={self.Sk} D={self.head_dim} {self.dtype} storage={self.storage} scale={scale} "
@@ -157,8 +189,9 @@ class Case:
 
     def runtime(self, device: torch.device | str = "cpu") -> dict:
         """The call-time keyword arguments (`document_ids=`, `key_lengths=`, `query_buckets=` and `key_buckets=`,
-        `query_keep=` and `key_keep=`) on `device`: what both `attngen.attention` and `attngen.reference.attention`
-        take (an `lsh(n, seed)` leaf needs none: both hash q and k)."""
+        `query_keep=` and `key_keep=`, `key_indices=`, a topk scorer's `proj=` or `index_q=`, `index_k=`,
+        `index_w=`) on `device`: what both `attngen.attention` and `attngen.reference.attention` take (an
+        `lsh(n, seed)` leaf needs none: both hash q and k)."""
         rt: dict = {}
         if self.document_ids is not None:
             ids = self.document_ids
@@ -166,15 +199,18 @@ class Case:
         for name in ("key_lengths", "query_buckets", "key_buckets", "query_keep", "key_keep", "key_indices"):
             if (t := getattr(self, name)) is not None:
                 rt[name] = t.to(device)
+        for name in _SCORER_INPUTS:  # strides kept (a copy to another device would make them contiguous)
+            if (t := getattr(self, name)) is not None:
+                rt[name] = t if t.device == torch.device(device) else _moved(t, device)
         return rt
 
     def inputs(self, device: torch.device | str, requires_grad: bool = False):
         """(q, k, v, dout, dlse) on `device`, drawn from the seed on the CPU (the same values on every machine).
         q, k, v are laid out as `storage` says; with `requires_grad` they are views of leaves that require grad.
-        With a selection rule, q and k lie on the grid (see the module's docstring)."""
+        With a selection rule or a topk(k) leaf, q and k lie on the grid (see the module's docstring)."""
         gen = torch.Generator().manual_seed(self.seed * 7919 + 17)
-        q = self._tensor(gen, self.Hq, self.Sq, device, requires_grad, query=True, grid=self.selects)
-        k = self._tensor(gen, self.Hkv, self.Sk, device, requires_grad, grid=self.selects)
+        q = self._tensor(gen, self.Hq, self.Sq, device, requires_grad, query=True, grid=self.on_grid)
+        k = self._tensor(gen, self.Hkv, self.Sk, device, requires_grad, grid=self.on_grid)
         v = self._tensor(gen, self.Hkv, self.Sk, device, requires_grad)
         dout = torch.randn(self.B, self.Hq, self.Sq, self.head_dim, generator=gen).to(device, self.torch_dtype)
         dlse = torch.randn(self.B, self.Hq, self.Sq, generator=gen).to(device)
@@ -649,6 +685,117 @@ def _key_lists(rng: random.Random, gen: torch.Generator, c: Case) -> tuple[torch
     return idx.to(rng.choice([torch.int32, torch.int64])), notes
 
 
+def _tokens(seed: int) -> random.Random | None:
+    """The generator of the seed's group's top-k-by-token recipe (the scorer, where the leaf goes), or None: never
+    with a rule, reordering, topk_blocks or key_indices(); TOKEN_SHARE of all groups (the others' draws are left as
+    they are: this one divides what they leave)."""
+    if any(f(seed) is not None for f in (_rule, _reorder, _topk, _indexed)):
+        return None
+    g = random.Random(f"attngen-fuzz-tokens-{seed // GROUP}")
+    free = (1 - RULE_SHARE - REORDER_SHARE - TOPK_SHARE) * (1 - INDEX_SHARE / (1 - REORDER_SHARE))
+    return g if g.random() < TOKEN_SHARE / free else None
+
+
+def _with_tokens(pat: ag.Pattern, t: random.Random, builder: _Builder) -> ag.Pattern:
+    """`pat` with a topk(k, scorer) leaf: on top (`pat & topk`), beside another subtree under | (`pat & (topk |
+    s)`; `documents() & (topk | pat)`), at the top of a | (`topk | pat`: its context is then every key), alone, or
+    wrapped around a subtree anywhere outside ~ (`s & topk`, `s | topk`: its context is what the enclosing &s
+    allow). The scorer and the place are the group's; k is the case's own (data: one structure for every k), from
+    1 to past every key."""
+    scorer = {"exact": None, "lowrank": ag.lowrank(), "indexer": ag.indexer()}[
+        t.choices(TOKEN_SCORERS, weights=TOKEN_SCORER_WEIGHTS)[0]
+    ]
+    form = t.choices(["and", "and-or", "documents", "or", "alone", "nested"], weights=[4, 3, 2, 2, 1, 2])[0]
+    wrap = t.choice([operator.and_, operator.or_])
+    path = t.choice(list(_open_paths(pat)))
+    rng, Sk = builder.rng, builder.case.Sk
+    ks = [1, rng.randint(2, 3), rng.randint(4, 64), rng.randint(1, max(1, Sk)), Sk, Sk + rng.randint(1, 9), 1 << 20]
+    k = rng.choices(ks, weights=[3, 2, 4, 3, 1, 1, 1])[0]  # from 1 to past every key (then all candidates kept)
+    leaf = ag.topk(k, scorer=scorer)
+    if form == "and":
+        return pat & leaf
+    if form == "and-or":
+        return pat & (leaf | builder.tree(1))
+    if form == "documents":  # packed sequences: the keys compete within the query's documents
+        return ag.documents() & (leaf | pat)
+    if form == "nested":
+        return _replaced(pat, path, lambda s: wrap(s, leaf))
+    return leaf | pat if form == "or" else leaf
+
+
+def _open_paths(pat: ag.Pattern, path: tuple[int, ...] = ()):
+    """The path of every node of `pat` outside ~ (where a top-k leaf may go)."""
+    yield path
+    if isinstance(pat, (P.And, P.Or)):
+        for i, child in enumerate(pat.parts):
+            yield from _open_paths(child, (*path, i))
+
+
+def _grid(gen: torch.Generator, shape: tuple[int, ...], low: int = -GRID) -> torch.Tensor:
+    """Quarters from low / GRID to 1 (as q and k with a rule): exact in every float dtype, exact products."""
+    return torch.randint(low, GRID + 1, shape, generator=gen) / GRID
+
+
+def _laid_out(rng: random.Random, t: torch.Tensor, notes: list[str], name: str) -> torch.Tensor:
+    """`t` as given (contiguous), with its last two dimensions in column-major order, or (its values taken from
+    batch 0) expanded over the batch: a stride-0 view."""
+    how = rng.choices(["contiguous", "column-major", "expanded"], weights=[6, 1, 1])[0]
+    if how == "expanded" and t.shape[0] > 1:
+        notes.append(f"{name}:expanded")
+        return t[:1].expand(t.shape)
+    if how == "column-major" and t.dim() >= 2:
+        notes.append(f"{name}:column-major")
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return t
+
+
+def _moved(t: torch.Tensor, device) -> torch.Tensor:
+    """`t` on `device` with its layout: stride-0 dimensions stay expanded (`.to` keeps a dense tensor's strides)."""
+    index = tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for st, n in zip(t.stride(), t.shape))
+    return t[index].to(device).expand(t.shape)
+
+
+def _scorer_inputs(rng: random.Random, gen: torch.Generator, c: Case, leaf: P.TopkTokens) -> list[str]:
+    """A topk leaf's call-time tensors, set on `c` (its notes returned). Every score is exact in fp32 and float64
+    alike, so that the call's fp32 choice and the reference's float64 one rank keys the same way (exact ties go to
+    the lower key in both): with q and k on the grid of quarters, lowrank()'s proj= [D, r] or [Hq, D, r] holds
+    -1, 0, 1 times a power of two (sparse as DSA's, dense signs, or all 0: every key tied), r at most 2^20 / D^2 (so
+    that (qP)·(kP), a multiple of 1/16 times the scale squared, stays below 2^24 units); indexer()'s index_q=
+    [B, Sq, Hi, Di] and index_k= [B, Sk, Di] are quarters (fp16, bf16 or fp32, mixed sometimes), index_w=
+    [B, Sq, Hi] quarters (any sign, or nonnegative) times a power of two, Hi * Di at most 64 * 128."""
+    notes = [f"tokens:k={'1' if leaf.k == 1 else '>=Sk' if leaf.k >= c.Sk else 'some'}"]
+    floats = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    if isinstance(leaf.scorer, P.LowRank):
+        D = c.head_dim
+        r = rng.choice([r for r in (1, 2, 3, 8, 16, 32, 64) if r * D * D <= 1 << 20])
+        per_head = rng.random() < 0.4
+        form = rng.choices(["sparse", "signs", "zero"], weights=[5, 4, 1])[0]
+        u = torch.rand((c.Hq, D, r) if per_head else (D, r), generator=gen)
+        if form == "sparse":  # DSA's: -1, 0, +1 with probabilities 1/6, 2/3, 1/6
+            p = (u < 1 / 6).float() - (u >= 5 / 6).float()
+        else:
+            p = torch.where(u < 0.5, -1.0, 1.0) * (form == "signs")
+        p = p * 2.0 ** rng.choice([0, 0, -2, 1, 3])
+        c.proj = p.to(rng.choices(floats, weights=[6, 1, 1, 1])[0])
+        return [*notes, f"tokens:lowrank {'[Hq, D, r]' if per_head else '[D, r]'}", f"proj:{form}"]
+    if isinstance(leaf.scorer, P.Indexer):
+        Hi, Di = rng.choice([1, 2, 4, 8, 16, 64]), rng.choice([1, 8, 16, 32, 48, 64, 128])
+        while Hi > 1 and c.B * c.Sq * c.Sk * Hi > MAX_SCORES:  # the reference's float64 logits, [B, Sq Hi, Sk]
+            Hi //= 2
+        while Di > 1 and c.B * max(c.Sq, c.Sk) * Hi * Di > MAX_INPUT:
+            Di //= 2
+        pair = rng.choices(["same", "mixed"], weights=[4, 1])[0]
+        dq = rng.choice(floats[:3])
+        dk = dq if pair == "same" else rng.choice([d for d in floats[:3] if d != dq])
+        c.index_q = _laid_out(rng, _grid(gen, (c.B, c.Sq, Hi, Di)).to(dq), notes, "index_q")
+        c.index_k = _laid_out(rng, _grid(gen, (c.B, c.Sk, Di)).to(dk), notes, "index_k")
+        sign = rng.choice(["any", "nonnegative"])
+        w = _grid(gen, (c.B, c.Sq, Hi), low=-GRID if sign == "any" else 0) * 2.0 ** rng.choice([0, 0, -3, 2])
+        c.index_w = _laid_out(rng, w.to(rng.choices(floats[:3], weights=[4, 1, 1])[0]), notes, "index_w")
+        return [*notes, "tokens:indexer", f"index:{pair} dtypes", f"index_w:{sign}"]
+    return [*notes, "tokens:exact"]
+
+
 # ------------------------------------------------------------------------------------------------ the case
 
 
@@ -695,6 +842,8 @@ def case(seed: int) -> Case:
         c.pattern = _with_indices(c.pattern, indexed, builder)
     if (topk := _topk(seed)) is not None:
         c.pattern = _with_topk(c.pattern, topk, builder)
+    if (tokens := _tokens(seed)) is not None:
+        c.pattern = _with_tokens(c.pattern, tokens, builder)
     need = c.pattern.runtime_inputs
     notes: list[str] = []
     if "document_ids" in need:
@@ -712,6 +861,8 @@ def case(seed: int) -> Case:
     if "key_indices" in need:
         c.key_indices, more = _key_lists(rng, gen, c)
         notes += more
+    if (leaf := P.token_leaf(c.pattern)) is not None:
+        notes += _scorer_inputs(rng, gen, c, leaf)
     c.notes = tuple(notes)
     return c
 

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import attngen
+from attngen.plan import make_plan
+from attngen.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = sorted((ROOT / "patterns").glob("*.py"))
@@ -42,6 +44,7 @@ def positions(n: int = S) -> tuple[torch.Tensor, torch.Tensor]:
 def test_catalogue_has_the_named_patterns():
     names = {f.stem for f in FILES}
     expected = {"longformer", "bigbird", "streaming_llm", "document_causal", "prefix_lm", "dilated_blocks", "dfss"}
+    expected |= {"dsa", "deepseek_indexer"}
     assert expected <= names
 
 
@@ -182,3 +185,45 @@ def test_dfss_keeps_two_of_every_four_allowed_keys():
     encoder = dfss.kept(dfss.pattern(causal=False), 64)
     assert (groups(encoder) == 2).all()
     assert not torch.equal(encoder, dfss.kept(dfss.pattern(causal=False), 64, seed=1))  # the scores choose
+
+
+def _best_earlier(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool [..., n, n]: per row of float64 scores, the k largest among the keys not after the query (all of them
+    where fewer exist), ties to the lower key (a stable sort; the indexer's ReLU makes ties at 0)."""
+    n = scores.shape[-1]
+    q, key = positions(n)
+    order = scores.masked_fill(key > q, -torch.inf).sort(dim=-1, descending=True, stable=True).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order[..., :k], True) & (key <= q)
+
+
+def test_dsa_keeps_the_k_best_keys_by_projected_scores():
+    dsa = load("dsa")
+    assert dsa.pattern() == attngen.causal() & attngen.topk(256, scorer=attngen.lowrank())
+    assert dsa.pattern(8, causal=False) == attngen.topk(8, scorer=attngen.lowrank())
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 64, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    proj = attngen.random_projection(16, 4, seed=0)
+    m = dsa.pattern(8).mask(64, 64, q=q, k=k, proj=proj)
+    P = proj.double()
+    assert torch.equal(m, _best_earlier((q @ P) @ (k @ P).transpose(-1, -2), 8))  # per head
+    assert (m.sum(-1) == torch.arange(64).clamp(max=7) + 1).all()
+    exact = (attngen.causal() & attngen.topk(8)).mask(64, 64, q=q, k=k)
+    assert torch.equal(dsa.pattern(8).mask(64, 64, q=q, k=k, proj=torch.eye(16)), exact)  # P = I: the exact top-k
+
+
+def test_deepseek_indexer_one_selection_for_every_head_on_the_gather_kernels():
+    indexer = load("deepseek_indexer")
+    assert indexer.pattern() == attngen.causal() & attngen.topk(2048, scorer=attngen.indexer())
+    inputs = indexer.indexer_inputs(48, heads=3, dim=8, seed=1)
+    assert [tuple(t.shape) for t in inputs.values()] == [(1, 48, 3, 8), (1, 48, 8), (1, 48, 3)]
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 4, 48, 16, generator=gen), torch.randn(1, 2, 48, 16, generator=gen)
+    m = indexer.pattern(6).mask(48, 48, q=q, k=k, **inputs)
+    iq, ik, w = (inputs[n].double() for n in ("index_q", "index_k", "index_w"))
+    scores = torch.einsum("bih,bihj->bij", w, torch.einsum("bihd,bjd->bihj", iq, ik).relu())
+    assert m.shape == (1, 1, 48, 48) and torch.equal(m[:, 0], _best_earlier(scores, 6))
+    lists = prepare(indexer.pattern(6), q, k, inputs).key_lists  # the call's fp32 pass: one list per KV head
+    assert lists.shape == (1, 2, 48, 6) and torch.equal(lists[:, 0], lists[:, 1])
+    assert torch.equal(attngen.key_indices().mask(48, 48, key_indices=lists, q=q), m.expand(1, 4, 48, 48))
+    plan = make_plan(indexer.pattern(), head_dim=128, dtype="bf16", arch="sm_90a")
+    assert plan.gather is not None and plan.gather.rest_c == "k <= q"

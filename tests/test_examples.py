@@ -1,10 +1,10 @@
 """The numbered examples run as a user runs them, in a fresh interpreter from the repository root.
 
-On the CPU: 02 prints the plan, the resource report and CUDA source and writes the full sources; the GPU
-examples, with the GPU hidden, explain that they need one, still show the plan, and exit 0. With a GPU (marker
-`gpu`): 01, 03, 04, 05, 06 and 08 run for real and pass their own checks against the reference, SDPA and dense
-attention (06, the transformers integration, when transformers is installed); 07 (context parallelism) runs
-under torchrun on several GPUs, by hand."""
+On the CPU: 02 prints the plan, the resource report and CUDA source and writes the full sources; 09 prints its
+table of top-k recall by rank; the GPU examples, with the GPU hidden, explain that they need one, still show the
+plan, and exit 0. With a GPU (marker `gpu`): 01, 03, 04, 05, 06 and 08 run for real and pass their own checks
+against the reference, SDPA and dense attention (06, the transformers integration, when transformers is installed);
+07 (context parallelism) runs under torchrun on several GPUs, by hand."""
 
 import importlib.util
 import os
@@ -66,6 +66,19 @@ def test_inspect_emitted_cuda_prints_plan_resources_and_source():
         assert "attngen_fwd" in written[0].read_text() and "attngen_bwd_dq" in written[1].read_text()
     finally:
         shutil.rmtree(written[0].parent)
+
+
+@pytest.mark.slow
+def test_topk_recall_prints_recall_by_rank():
+    result = run("09_topk_recall.py")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "exact: causal() & topk(32)   predicted: causal() & topk(32, scorer=lowrank())" in out
+    assert re.search(r"^exact q·k +1\.000 +0\.\d{3}$", out, re.M)
+    recall = {int(r): float(x) for r, x in re.findall(r"^lowrank, r = (\d+) +([0-9.]+) +[0-9.]+$", out, re.M)}
+    (chance,) = re.findall(r"^32 random earlier keys +([0-9.]+) +\1$", out, re.M)
+    assert list(recall) == [4, 8, 16, 32, 64]
+    assert float(chance) < recall[4] < recall[8] < recall[16] < recall[32] < recall[64] < 1  # seeded: grows with r
 
 
 @pytest.mark.slow

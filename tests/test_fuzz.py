@@ -13,6 +13,10 @@ the tokens' original positions (`q_order`, `k_order`), through the translator.
 Cases with a `topk_blocks` leaf check the selection `prepare` makes (fp32, on the CPU here) against the float64 one
 (they may differ only at near-ties), then go through the same stages with that selection; cases with
 `key_indices()` bind the lists' bits (per KV head or per query head) where the translator evaluates the C mask.
+Cases with a `topk(k, scorer)` leaf (top-k by token: exact scores, `lowrank()`, `indexer()`) check that the choice
+`prepare` makes (fp32, on the CPU here) is the float64 reference's exactly (their inputs make every score exact),
+then go through the same stages with its lists' bits; their scorer inputs are checked to give the same scores in fp32
+and float64, and a few of them run through the GPU script's checks.
 
 The same cases run on a GPU with `python bench/fuzz_gpu.py`; a failure here prints the line that runs its case
 there."""
@@ -23,6 +27,7 @@ import math
 import os
 import re
 
+import fuzzing
 import pytest
 import torch
 from fuzzing import BLOCK_SIZES, GRID, HEAD_DIMS, MAX_INPUT, MAX_SCORES, STORAGES, case, selection_errors
@@ -32,7 +37,7 @@ from test_lower import check as check_lowering
 from test_schedule import _truth
 
 import attngen as ag
-from attngen import kernel, prepare, schedule, tiling
+from attngen import kernel, prepare, schedule, tiling, tokentopk
 from attngen import pattern as P
 from attngen.plan import make_plan
 from attngen.schedule import EMPTY, FULL, PARTIAL
@@ -58,9 +63,9 @@ def _plans(c) -> dict:
 
 
 def _qk(c) -> tuple[torch.Tensor, torch.Tensor]:
-    """The case's q and k where the pattern hashes them (lsh), else CPU stand-ins (`prepare` reads their shapes and
-    device only)."""
-    if any(isinstance(leaf, (P.LSH, P.TopkBlocks)) for leaf in c.pattern.leaves()):
+    """The case's q and k where the pattern hashes them (lsh) or ranks keys by them (top-k), else CPU stand-ins
+    (`prepare` reads their shapes and device only)."""
+    if any(isinstance(leaf, (P.LSH, P.TopkBlocks, P.TopkTokens)) for leaf in c.pattern.leaves()):
         return c.inputs("cpu")[:2]
     q = torch.empty(1, dtype=c.torch_dtype).expand(c.B, c.Hq, c.Sq, c.head_dim)
     k = torch.empty(1, dtype=c.torch_dtype).expand(c.B, c.Hkv, c.Sk, c.head_dim)
@@ -74,7 +79,7 @@ def _prepared(c, q, k) -> prepare.Prepared:
 def _mask_elements(c) -> int:
     inputs = c.pattern.runtime_inputs
     per_head = any(grid.dim() == 3 and grid.shape[0] > 1 for grid in c.layouts.values())
-    per_head |= P.topk_leaf(c.pattern) is not None
+    per_head |= P.topk_leaf(c.pattern) is not None or P.token_leaf(c.pattern) is not None
     return (c.B if inputs or per_head else 1) * (c.Hq if per_head or inputs else 1) * (c.Sq + 5) * (c.Sk + 5)
 
 
@@ -218,6 +223,40 @@ def _check_sorted_lowering(c, plan, prep, want: torch.Tensor) -> None:
         raise AssertionError(f"C mask of the sorted tokens at (b, h, q, k) = {at}: {plan.mask_c}\n{_where(c)}")
 
 
+# -------------------------------------------------------------------------------------------- top-k by token
+
+
+def _as_listed(pat: ag.Pattern) -> ag.Pattern:
+    """`pat` with its topk leaf read as key_indices() (the lists of the choice then stand for it)."""
+    if isinstance(pat, (P.And, P.Or)):
+        parts = tuple(_as_listed(p) for p in pat.parts)
+        return P.And(parts) if isinstance(pat, P.And) else P.Or(parts)
+    if isinstance(pat, P.Not):
+        return P.Not(_as_listed(pat.part))
+    return ag.key_indices() if isinstance(pat, P.TopkTokens) else pat
+
+
+def _check_token_choice(c, leaf, prep, q, k) -> None:
+    """The keys `prepare` chose (fp32 scores) are the float64 reference's, exactly: within the leaf's &-context
+    (a choice shared by the heads may hold keys that only other heads' context allows)."""
+    shape = (c.B, c.Hq, c.Sq, c.Sk)
+    context = P.context_of(c.pattern, leaf)
+    lists = prep.key_lists
+    assert lists.dtype == torch.int32 and lists.shape[:3] == (c.B, c.Hkv if leaf.shared else c.Hq, c.Sq), _where(c)
+    assert lists.shape[3] == min(leaf.k, c.Sk), _where(c)
+    got = (context & ag.key_indices()).mask(c.Sq, c.Sk, q=q, k=k, key_indices=lists, **c.runtime()).expand(shape)
+    want = (context & leaf).mask(c.Sq, c.Sk, q=q, k=k, **c.runtime()).expand(shape)
+    if not torch.equal(got, want):
+        at = tuple(int(i) for i in (got != want).nonzero()[0])
+        raise AssertionError(f"the fp32 choice differs from the float64 one at (b, h, q, k) = {at}\n{_where(c)}")
+    rows = want.sum(-1)
+    allowed = context.mask(c.Sq, c.Sk, q=q, k=k, **c.runtime()).expand(shape).sum(-1)
+    if leaf.shared:  # at most k of the keys some head allows
+        assert (rows <= leaf.k).all(), _where(c)
+    else:  # k of them, or all where fewer are allowed
+        assert torch.equal(rows, allowed.clamp(max=leaf.k)), _where(c)
+
+
 # --------------------------------------------------------------------------------------------------- cases
 
 
@@ -236,7 +275,9 @@ def test_case_plans_schedules_and_lowers(seed):
         if arch == "sm_80":
             assert not (plan.fwd.wgmma or plan.dkdv.wgmma or plan.dq.wgmma), f"{arch} got wgmma\n{_where(c)}"
         else:
-            assert plan.fwd.wgmma == (c.head_dim in tiling.WGMMA_FORWARD_CONFIGS), _where(c)
+            # a gather plan's (rest & key lists) tilings are the mma.sync family's: its own kernels run instead
+            wgmma = c.head_dim in tiling.WGMMA_FORWARD_CONFIGS and plan.gather is None
+            assert plan.fwd.wgmma == wgmma, _where(c)
     assert plans["sm_80"].keep_c == plans["sm_90"].keep_c, _where(c)
     q, k = _qk(c)
     prep = _prepared(c, q, k)  # valid input: prepare accepts it
@@ -249,6 +290,8 @@ def test_case_plans_schedules_and_lowers(seed):
     if P.topk_leaf(c.pattern) is not None:  # the pass's choice: the float64 one but for near-ties
         assert not selection_errors(prep.blocks.bool(), q, k, c.pattern, c.runtime()), _where(c)
         selected["selected_blocks"] = prep.blocks.bool()
+    if (token := P.token_leaf(c.pattern)) is not None:  # the pass's choice: the float64 one exactly
+        _check_token_choice(c, token, prep, q, k)
     if _mask_elements(c) > BRUTE_FORCE_LIMIT:
         return
     if c.reorders:
@@ -262,10 +305,11 @@ def test_case_plans_schedules_and_lowers(seed):
     if c.reorders:
         _check_sorted_lowering(c, plans["sm_90"], prep, mask)
         return
-    lower = LowerCase(seed, c.pattern, c.Sq, c.Sk, B=c.B, H=c.Hq, layouts=dict(c.layouts))
+    pattern = c.pattern if token is None else _as_listed(c.pattern)  # a choice runs as its key lists
+    lower = LowerCase(seed, pattern, c.Sq, c.Sk, B=c.B, H=c.Hq, layouts=dict(c.layouts))
     lower.document_ids, lower.key_lengths = c.document_ids, c.key_lengths
     lower.blocks = selected.get("selected_blocks")
-    lower.key_indices = c.key_indices
+    lower.key_indices = c.key_indices if token is None else prep.key_lists
     try:
         check_lowering(lower, plans["sm_90"])
     except AssertionError as e:
@@ -282,6 +326,13 @@ def test_generator_is_reproducible():
         assert a.describe() == b.describe() and repr(a.pattern) == repr(b.pattern)
         ra, rb = a.runtime(), b.runtime()
         assert ra.keys() == rb.keys() and all(torch.equal(ra[n], rb[n]) for n in ra if n != "document_ids")
+    for seed in [s for s in SEEDS if P.token_leaf(case(s).pattern) is not None][:8]:  # k, the scorer's inputs too
+        a, b = case.__wrapped__(seed), case.__wrapped__(seed)
+        assert a.describe() == b.describe() and repr(a.pattern) == repr(b.pattern) and a.notes == b.notes
+        ra, rb = a.runtime(), b.runtime()
+        assert ra.keys() == rb.keys() and ra.keys() >= set(P.token_leaf(a.pattern)._inputs), _where(a)
+        for n in set(ra) - {"document_ids"}:
+            assert torch.equal(ra[n], rb[n]) and ra[n].stride() == rb[n].stride(), _where(a)
 
 
 def _nested_reordering(pat, under: bool = False) -> bool:
@@ -326,12 +377,34 @@ def _topk_kinds(c) -> set[str]:
     return seen
 
 
+def _token_kinds(c) -> set[str]:
+    leaf = P.token_leaf(c.pattern)
+    if leaf is None:
+        return set()
+    pat = c.pattern
+    if pat is leaf:
+        where = "alone"
+    elif isinstance(pat, (P.And, P.Or)) and any(p is leaf for p in pat.parts):
+        where = "on top" if isinstance(pat, P.And) else "at the top of |"
+    else:  # under a | (whose siblings add keys) that lies under & or not
+        where = "under |"
+    scorer = {P.LowRank: "lowrank", P.Indexer: "indexer"}.get(type(leaf.scorer), "exact")
+    seen = {f"topk(k) {where}", f"topk(k) {scorer}", f"topk(k) {c.variant}", f"topk(k) {c.dtype}"}
+    seen |= {"topk(k) k=1"} if leaf.k == 1 else {"topk(k) k>=Sk"} if leaf.k >= c.Sk else {"topk(k) 1<k<Sk"}
+    seen |= {"topk(k) backward"} if c.backward else set()
+    seen |= {"topk(k) GQA"} if c.Hq > c.Hkv else set()
+    seen |= {"topk(k) Sq != Sk"} if c.Sq != c.Sk else set()
+    seen |= {f"topk(k) {kind}" for kind in ("documents", "key_padding", "layout") if kind in c.family.split("+")}
+    return seen
+
+
 def test_generator_covers_every_kind():
     """Over the CI seeds: every constructor and operator, both aligns, == / != / chained predicates, // and %, Sq / Sk
     terms, shared and per-head layouts of every block size, every document-id form, key lengths 0 and Sk, every
     head dim, dtype, storage and variant, Sq != Sk, edge and long lengths; reordering patterns (buckets, lsh, keep;
     on top and nested, with key ranges and without) with every form of bucket ids and keep masks; block top-k in
-    every place; key lists of every form; and every case within the size caps."""
+    every place; key lists of every form; top-k by token in every place, with every scorer and its inputs' forms, k
+    from 1 to past every key; and every case within the size caps."""
     seen: set[str] = set()
     small = reordering = 0
     words = ("causal", "sliding_window", "local", "prefix_lm", "global_tokens", "predicate", "documents",
@@ -361,6 +434,7 @@ def test_generator_covers_every_kind():
         seen |= {f"rule {c.variant}", "rule backward" if c.backward else "rule forward"} if c.selects else set()
         seen |= {"tile edge"} if {c.Sq, c.Sk} & {63, 65, 127, 129, 191, 193} else set()
         seen |= _topk_kinds(c)
+        seen |= _token_kinds(c)
         for leaf, grid in c.layouts.items():
             seen.add(f"bs{leaf.block_size}")
             seen.add("per-head layout" if grid.dim() == 3 and grid.shape[0] > 1 else "shared layout")
@@ -384,6 +458,12 @@ def test_generator_covers_every_kind():
     expect |= {"topk backward", "topk mma_sync", "topk GQA", "topk Sq != Sk", "topk documents", "topk key_padding"}
     expect |= {f"indices:{x}" for x in ("random", "runs", "every", "none", "shared", "per query head")}
     expect |= {"key_indices()", "~key_indices()"}
+    expect |= {f"topk(k) {x}" for x in ("alone", "on top", "at the top of |", "under |", "exact", "lowrank", "indexer")}
+    expect |= {f"topk(k) {x}" for x in ("k=1", "k>=Sk", "1<k<Sk", "backward", "GQA", "Sq != Sk", "fp16", "bf16")}
+    expect |= {f"topk(k) {x}" for x in ("documents", "key_padding", "layout")}
+    expect |= {"tokens:exact", "tokens:indexer", "tokens:lowrank [D, r]", "tokens:lowrank [Hq, D, r]"}
+    expect |= {f"proj:{x}" for x in ("sparse", "signs", "zero")} | {"index:same dtypes", "index:mixed dtypes"}
+    expect |= {"index_w:any", "index_w:nonnegative"}
     assert expect <= seen, f"never generated: {sorted(expect - seen)}"
     assert small >= 0.8 * len(SEEDS), f"only {small} of {len(SEEDS)} cases are small enough to brute-force"
     assert 0.1 * len(SEEDS) <= reordering <= 0.4 * len(SEEDS), f"{reordering} of {len(SEEDS)} cases reorder"
@@ -394,17 +474,20 @@ def _first(predicate) -> int:
 
 
 # A fixed sample of distinct plans, rendered and compiled: the kernel families (wgmma and mma.sync forward and
-# backward, head dims 256 and 96), both mask forms (branch-free affine, guarded loads).
+# backward, head dims 256 and 96), both mask forms (branch-free affine, guarded loads), top-k by token (per-head
+# lists as bits, the indexer's on the gather kernels).
 COMPILE_SAMPLE = [
     ("sm_90", lambda c: c.head_dim == 256 and c.family == "affine"),
     ("sm_90", lambda c: c.head_dim == 128 and "layout" in c.family and "documents" in c.family),
     ("sm_90", lambda c: c.head_dim == 64 and c.family == "affine" and repr(c.pattern).count("(") >= 6),
-    ("sm_80", lambda c: c.head_dim == 96 and "key_padding" in c.family),
+    ("sm_80", lambda c: c.head_dim == 96 and not (c.selects or c.reorders)),  # key bits: guarded loads
     ("sm_80", lambda c: c.head_dim == 128 and c.family == "affine"),
     ("sm_80", lambda c: c.head_dim == 32 and c.dtype == "bf16"),
     ("sm_90", lambda c: c.selects and c.head_dim in (64, 128)),  # sparse P·V: wgmma.sp
     ("sm_90", lambda c: c.selects and c.head_dim == 96),  # sparse P·V: mma.sp
     ("sm_80", lambda c: c.selects and "layout" in c.family),
+    ("sm_90", lambda c: P.token_leaf(c.pattern) is not None and c.head_dim == 128 and c.family != "topk"),
+    ("sm_90", lambda c: (leaf := P.token_leaf(c.pattern)) is not None and leaf.shared),  # the indexer's: gathers
 ]
 
 
@@ -441,9 +524,77 @@ def test_rule_cases_draw_exact_scores():
             for t in (torch.float32, torch.float64)
         ]
         assert torch.equal(*keep), _where(c)
-    plain = next(case(s) for s in SEEDS if not case(s).selects)
+    plain = next(case(s) for s in SEEDS if not case(s).on_grid)
     q = plain.inputs("cpu")[0]
     assert not torch.equal(q * GRID, (q * GRID).round())
+
+
+def _token_seeds() -> list[int]:
+    return [s for s in SEEDS if P.token_leaf(case(s).pattern) is not None]
+
+
+def _few_bits(t: torch.Tensor, bits: int) -> bool:
+    """Whether every value of `t` has at most `bits` significant bits (1: 0 and signed powers of two)."""
+    mantissa = torch.frexp(t.double()).mantissa * 2**bits
+    return torch.equal(mantissa, mantissa.round())
+
+
+def test_token_cases_draw_exact_scores():
+    """Cases with a topk(k) leaf draw q and k from the grid, and scorer inputs whose products and sums are exact:
+    lowrank()'s proj holds 0 and signed powers of two, indexer()'s index_q and index_k quarters, index_w quarters
+    times a power of two. Their scores are then the same in fp32 and float64 (so the call's fp32 choice is the
+    reference's, ties included), and the tensors are valid scorer inputs (dtype, shape, layout as drawn)."""
+    seeds = _token_seeds()
+    assert len(seeds) >= 16, f"only {len(seeds)} cases with a topk(k) leaf among the first {len(SEEDS)} seeds"
+    checked = set()
+    for seed in seeds:
+        c = case(seed)
+        leaf = P.token_leaf(c.pattern)
+        rt = c.runtime()
+        inputs = {n: rt[n] for n in leaf._inputs}
+        assert c.on_grid and not c.selects and not c.reorders, _where(c)
+        assert set(rt) & {"proj", "index_q", "index_k", "index_w"} == set(leaf._inputs), _where(c)
+        q, k = c.inputs("cpu")[:2]
+        for t in (q, k, *(inputs[n] for n in ("index_q", "index_k") if n in inputs)):
+            assert t.abs().max() <= 1 and torch.equal(t * GRID, (t * GRID).round()), _where(c)
+        if "proj" in inputs:
+            p = inputs["proj"]
+            assert _few_bits(p, 1) and p.shape[-2] == c.head_dim and p.dim() in (2, 3), _where(c)
+            assert p.shape[-1] * c.head_dim**2 <= 1 << 20, _where(c)  # (qP)·(kP) below 2^24 sixteenths
+        if "index_w" in inputs:
+            assert _few_bits(inputs["index_w"], 2), _where(c)  # quarters times a power of two
+            B, Sq, Hi, Di = inputs["index_q"].shape
+            assert Hi * Di <= 64 * 128 and inputs["index_w"].shape == (B, Sq, Hi), _where(c)
+        tokentopk.check(leaf.scorer, inputs, c.B, c.Hq, c.Sq, c.Sk, c.head_dim)
+        hi = inputs["index_q"].shape[2] if "index_q" in inputs else 1
+        if c.scores * hi > 1 << 22:
+            continue
+        scores = {}
+        for dtype in (torch.float32, torch.float64):
+            keys = tokentopk.keys_of(leaf.scorer, k, inputs, c.Hq, dtype)
+            rows, cols = slice(0, c.Sq), slice(0, c.Sk)
+            scores[dtype] = tokentopk.scores(leaf.scorer, q, keys, inputs, rows, cols, dtype)
+        assert torch.equal(scores[torch.float32].double(), scores[torch.float64]), f"inexact fp32 scores\n{_where(c)}"
+        checked.add(type(leaf.scorer).__name__)
+    assert checked == {"NoneType", "LowRank", "Indexer"}, checked
+
+
+def test_token_groups_share():
+    """Over the GPU run's thousand seeds: about TOKEN_SHARE of the groups have a topk(k) leaf, never beside a rule,
+    reordering, topk_blocks or key_indices() (all refused with it), in both kernel variants."""
+    groups = range(0, 1000, fuzzing.GROUP)
+    with_leaf = [s for s in groups if fuzzing._tokens(s) is not None]
+    expected = fuzzing.TOKEN_SHARE * len(groups)
+    assert 0.6 * expected <= len(with_leaf) <= 1.5 * expected, f"{len(with_leaf)} of {len(groups)} groups"
+    seen = set()
+    for seed in with_leaf:
+        c = case(seed)
+        assert P.token_leaf(c.pattern) is not None and "topk" in c.family.split("+"), _where(c)
+        assert not (c.selects or c.reorders or P.topk_leaf(c.pattern) or "key_indices" in c.pattern.runtime_inputs)
+        seen |= _token_kinds(c)
+    assert {"topk(k) auto", "topk(k) mma_sync", "topk(k) exact", "topk(k) lowrank", "topk(k) indexer"} <= seen
+    for seed in range(0, 200, fuzzing.GROUP):  # and no topk(k) leaf elsewhere
+        assert (fuzzing._tokens(seed) is None) == (P.token_leaf(case(seed).pattern) is None), _where(case(seed))
 
 
 def test_every_generated_pattern_is_a_pattern():
@@ -496,6 +647,19 @@ def _small_seeds(n: int, **want) -> list[int]:
     return picked[:n]
 
 
+def _small_token_seeds() -> list[int]:
+    """The first small case of each topk(k) scorer (auto variant), and the first such with backward."""
+    picked: dict = {}
+    for s in _token_seeds():
+        c = case(s)
+        if c.scores <= 1 << 17 and c.variant == "auto":
+            scorer = type(P.token_leaf(c.pattern).scorer).__name__
+            for key in (scorer, "backward" if c.backward else None):
+                picked.setdefault(key, s)
+    picked.pop(None, None)
+    return sorted(set(picked.values()))
+
+
 def test_gpu_script_checks_pass_a_correct_kernel(fuzz_gpu, monkeypatch):
     """The GPU script's run and checks, on the CPU with the reference standing in for the kernels."""
     monkeypatch.setattr(ag, "attention", _stand_in())
@@ -505,9 +669,28 @@ def test_gpu_script_checks_pass_a_correct_kernel(fuzz_gpu, monkeypatch):
     seeds += _small_seeds(1, selects=True, backward=True) + _small_seeds(1, selects=True, backward=False)
     seeds += _small_seeds(2, reorders=True, backward=True) + _small_seeds(2, reorders=True, backward=False)
     assert len(seeds) == 15
+    tokens = _small_token_seeds()  # the scorer's inputs reach both attention and the reference
+    assert len(tokens) >= 3 and any(case(s).backward for s in tokens), tokens
+    seeds += tokens
     for seed in seeds:
         c = case(seed)
         assert fuzz_gpu.run_case(c, torch.device("cpu"), "sm_90", tol) == [], _where(c)
+
+
+def test_gpu_script_runs_token_cases_through_attention(fuzz_gpu, reference_kernels):
+    """attngen.attention itself on the CPU for small top-k-by-token cases (`reference_kernels`: the kernels replaced by
+    the reference, given the call's key lists): the API accepts each case's inputs (q, k, v as laid out, the scorer's
+    tensors), `prepare` chooses the keys in fp32, and the GPU script's checks against the float64 reference, which
+    chooses by itself, pass: the same keys, forward and backward."""
+    seeds = [s for s in _token_seeds() if case(s).scores <= 1 << 18 and case(s).variant == "auto"]
+    assert len(seeds) >= 8, seeds
+    scorers = set()
+    for seed in seeds:
+        c = case(seed)
+        assert fuzz_gpu.run_case(c, torch.device("cpu"), "sm_90", fuzz_gpu.tolerances()) == [], _where(c)
+        assert reference_kernels.calls[-1].prep.key_lists is not None, _where(c)
+        scorers.add(type(P.token_leaf(c.pattern).scorer).__name__)
+    assert scorers == {"NoneType", "LowRank", "Indexer"}, scorers
 
 
 def test_gpu_script_runs_reordering_mma_sync_cases_through_attention(fuzz_gpu, monkeypatch):
@@ -584,8 +767,49 @@ def test_gpu_script_checks_catch_ignored_buckets(fuzz_gpu, monkeypatch):
     assert caught >= 3, f"only {caught} of {len(seeds[:6])} cases tell buckets from none"
 
 
+def _without_tokens(pat):
+    """`pat` with its topk(k) leaf read as full(): what a kernel that ignored the choice would compute."""
+    if isinstance(pat, (P.And, P.Or)):
+        parts = tuple(_without_tokens(p) for p in pat.parts)
+        return P.And(parts) if isinstance(pat, P.And) else P.Or(parts)
+    if isinstance(pat, P.Not):
+        return P.Not(_without_tokens(pat.part))
+    return ag.full() if isinstance(pat, P.TopkTokens) else pat
+
+
+def test_gpu_script_checks_catch_ignored_topk(fuzz_gpu, monkeypatch):
+    """Top-k-by-token cases against a kernel that keeps every candidate (the leaf read as full()): no error where
+    that is the same mask (k past the candidates), caught where it differs."""
+    stand_in = _stand_in()
+    monkeypatch.setattr(
+        ag, "attention", lambda q, k, v, pattern=None, **kw: stand_in(q, k, v, _without_tokens(pattern), **kw)
+    )
+    caught = differ = 0
+    for seed in _token_seeds():
+        c = case(seed)
+        if c.scores > 1 << 18 or c.variant != "auto" or c.Sq < 16:
+            continue
+        errors = fuzz_gpu.run_case(c, torch.device("cpu"), "sm_90", fuzz_gpu.tolerances())
+        q, k = c.inputs("cpu")[:2]
+        shape = (c.B, c.Hq, c.Sq, c.Sk)
+        masks = [
+            p.mask(c.Sq, c.Sk, q=q, k=k, **c.runtime()).expand(shape) for p in (c.pattern, _without_tokens(c.pattern))
+        ]
+        changed = (masks[0] != masks[1]).any(-1).float().mean().item()  # share of rows the choice changes
+        if changed == 0:
+            assert errors == [], f"{errors}\n{_where(c)}"
+        elif changed > 0.1 and P.token_leaf(c.pattern).k <= 3:
+            differ += 1
+            caught += bool(errors)
+    assert differ >= 3 and caught == differ, f"caught {caught} of {differ}"
+
+
 def test_gpu_script_dry_run(fuzz_gpu, capsys):
     assert fuzz_gpu.main(["--seed", "40", "--cases", "3", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split("  #")[0] for line in out[:3]] == [case(s).repro() for s in (40, 41, 42)]
     assert out[-1].startswith("3 cases, ")
+    seed = next(s for s in _token_seeds() if "index_q" in case(s).runtime())
+    assert fuzz_gpu.main(["--seed", str(seed), "--cases", "1", "--dry-run"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith(case(seed).repro()) and "topk(" in line and "index_q (" in line and "index_w (" in line

@@ -63,13 +63,14 @@ def test_no_import_cycles():
 def test_the_cache_and_the_dsl_stay_at_the_bottom():
     graph = imports()
     assert graph["attngen.cache"] <= {"attngen._resources", "attngen.errors"}
-    # affine atoms, the symbols, the LSH hash and the block top-k scores sit under the DSL; plot (matplotlib) is
-    # loaded only to draw
+    # affine atoms, the symbols, the LSH hash and the block and token top-k scores sit under the DSL; plot
+    # (matplotlib) is loaded only to draw
     under = {"attngen.errors", "attngen.plot", "attngen.affine", "attngen.symbols", "attngen.hashing"}
-    assert graph["attngen.pattern"] <= under | {"attngen.blocktopk"}
+    assert graph["attngen.pattern"] <= under | {"attngen.blocktopk", "attngen.tokentopk"}
     assert graph["attngen.affine"] <= {"attngen.symbols"}
     assert graph["attngen.hashing"] <= {"attngen.errors"}
     assert graph["attngen.blocktopk"] == set()
+    assert graph["attngen.tokentopk"] <= {"attngen.errors"}
     assert graph["attngen.plot"] <= {"attngen.errors"}
     assert "attngen.schedule" not in graph["attngen.plan"]  # the plan is length-independent
 

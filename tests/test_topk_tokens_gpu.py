@@ -98,3 +98,37 @@ def test_empty_rows_give_zero_and_gradients_zero():
     assert (out[0] == 0).all() and torch.isneginf(lse[0]).all() and torch.isfinite(lse[1]).all()
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
     assert (dq[0] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all()
+
+
+@pytest.mark.parametrize("C", [1, 37, 300, 8192, 8193, 20000])
+def test_topk_rows_kernel_is_the_rule(C):
+    """device.topk_rows against blocktopk.choose (the rule: the k largest, ties to the lower column, -inf never
+    taken) on rows with many ties (small integers), some candidates masked, rows of no candidate, k below and
+    beyond the candidates; rows cached in shared memory (C <= 8192) or read from global memory."""
+    from attngen import blocktopk, device, tokentopk
+
+    gen = _gen("topk rows", C)
+    s = torch.randint(-4, 5, (64, C), generator=gen).float()
+    s[torch.rand(s.shape, generator=gen) < 0.3] = float("-inf")
+    s[5] = float("-inf")
+    s[6] = torch.randn(C, generator=gen)
+    for k in (1, 3, 64, C + 5):
+        got = device.topk_rows(s.cuda(), k, first=7).cpu()
+        keep = blocktopk.choose(s, torch.isfinite(s), k)
+        want = tokentopk.lists_of(keep, k)
+        assert torch.equal(got, torch.where(want >= 0, want + 7, -1)), k
+
+
+@pytest.mark.parametrize("Di", [32, 64, 128])
+def test_indexer_scores_kernel(Di):
+    """device.indexer_scores against float64 torch on a block of rows and keys that does not start at 0."""
+    from attngen import device
+
+    gen = _gen("indexer", Di)
+    iq = torch.randn(2, 200, 5, Di, generator=gen).to("cuda", torch.bfloat16)
+    ik = torch.randn(2, 150, Di, generator=gen).to("cuda", torch.bfloat16)
+    w = torch.rand(2, 200, 5, generator=gen).cuda()
+    got = device.indexer_scores(iq, ik, w, slice(30, 171), slice(7, 140))
+    logits = torch.einsum("brhd,bkd->brhk", iq[:, 30:171].double(), ik[:, 7:140].double()).relu()
+    want = torch.einsum("brhk,brh->brk", logits, w[:, 30:171].double())
+    assert got.shape == want.shape and torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)
