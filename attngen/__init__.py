@@ -42,6 +42,7 @@ _LAZY |= {
         "q",
         "random_projection",
         "sliding_window",
+        "threshold",
         "topk",
         "topk_blocks",
     )

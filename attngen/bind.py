@@ -212,7 +212,7 @@ def _gather_grads(binary, plan: KernelPlan, inputs, grads, scalars: list, extra:
     B, Hq, _Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     ptrs = [_u64(x.data_ptr()) for x in inputs]
-    strides = [s for x in (*inputs[:4],) for s in _strides(x)]
+    strides = [s for x in inputs[:4] for s in _strides(x)]  # q, k, v, dO
     args = [*ptrs, _u64(dq.data_ptr()), *strides, *_strides(dq), *scalars, *_list_args(prep, Hq), *extra]
     _launch_items(binary, "attngen_bwd_dq", plan, "dq", _list_items(prep, Hq), args, q.device)
 

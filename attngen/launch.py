@@ -150,7 +150,7 @@ def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict):
         raise InputError(f"scale must be a positive finite number, got {scale}")
     # Under torch.compile this runs at trace time: only tensor work and constants (the pattern's key); planning
     # and compiling happen inside the custom op, on its first call.
-    prep = prepare(pattern, q, k, inputs)
+    prep = prepare(pattern, q, k, inputs, scale)
     if prep.permutation is None:
         out, lse = attention_fn(q, k, v, pattern.key, scale, prep.tensors())
         return (out, lse) if return_lse else out
@@ -204,16 +204,17 @@ def selected_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, **inputs
     return prepare(pattern, q, k, inputs).blocks.bool()
 
 
-def selected_keys(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, **inputs) -> torch.Tensor:
+def selected_keys(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, scale=None, **inputs) -> torch.Tensor:
     """int32 [B, H, Sq, n]: the keys each row keeps under `pattern`'s `topk` leaf for these q, k and call-time
     inputs, computed as `attention` computes them (fp32 scores), increasing, -1 after them; H is the query heads, or
     the KV heads where the indexer's one selection per token serves every head. The rest of the pattern still
-    applies: `reference.attention(q, k, v, pattern.structure(), key_indices=lists)` attends as the call does."""
+    applies: `reference.attention(q, k, v, pattern.structure(), key_indices=lists)` attends as the call does. A
+    `threshold` on the exact scores needs the call's `scale` (default 1/sqrt(D))."""
     if not isinstance(pattern, Pattern) or token_leaf(pattern) is None:
-        raise InputError(f"selected_keys needs a pattern with a topk leaf, got {pattern!r:.80}")
+        raise InputError(f"selected_keys needs a pattern with a topk or threshold leaf, got {pattern!r:.80}")
     _check(q, k, k)
     inputs = {"document_ids": None, "key_lengths": None, **inputs}
-    return prepare(pattern, q, k, inputs).key_lists
+    return prepare(pattern, q, k, inputs, scale).key_lists
 
 
 def compile(

@@ -408,11 +408,14 @@ class Indexer:
 class TopkTokens(Pattern):
     """Top-k by token: per row (and per query head, unless the scorer is shared by the heads), the `k` keys with the
     largest score among the keys the leaf's &-context allows (`context_of`), ties to the lower key index; the exact
-    scores q·k, or a scorer's (`lowrank()`, `indexer()`). Selected per call (`attngen.tokentopk`) into key-index
-    lists, so its structure is `SelectedKeys`."""
+    scores, or a scorer's (`lowrank()`, `indexer()`). With `t` (`threshold`), the candidates whose softmax
+    probability over the candidates' scores is at least t, and always the row's maximum (the lowest key among equal
+    maxima); at most 1/t of them, so `k` bounds their lists. Selected per call (`attngen.tokenselect`) into
+    key-index lists, so its structure is `SelectedKeys`."""
 
     k: int
     scorer: LowRank | Indexer | None = None
+    t: float | None = None
 
     @property
     def _inputs(self) -> tuple[str, ...]:
@@ -427,7 +430,8 @@ class TopkTokens(Pattern):
         return SelectedKeys(self.shared)
 
     def __repr__(self):
-        return f"topk({self.k}" + (f", scorer={self.scorer!r})" if self.scorer is not None else ")")
+        head = f"topk({self.k}" if self.t is None else f"threshold({self.t!r}"
+        return head + (f", scorer={self.scorer!r})" if self.scorer is not None else ")")
 
 
 @dataclass(frozen=True, repr=False)
@@ -648,6 +652,18 @@ def topk(k: int, scorer: LowRank | Indexer | None = None) -> Pattern:
     if scorer is not None and not isinstance(scorer, (LowRank, Indexer)):
         raise InputError(f"topk(k, scorer=): the scorer must be lowrank() or indexer() (or None), got {scorer!r:.60}")
     return TopkTokens(k, scorer)
+
+
+def threshold(t: float, scorer: LowRank | Indexer | None = None) -> Pattern:
+    """Keep candidate j of row i where p(i, j) >= t, p the softmax over the candidates (the keys the rest of the
+    pattern allows) of their scores: the exact scaled scores s(i, j) = scale · qᵢ·kⱼ (then p(i, j) >= t means
+    s(i, j) >= LSEᵢ + ln t), or a scorer's values as they are (`lowrank()`, `indexer()`, as for `topk`). The row's
+    maximum is always kept (the lowest key among equal maxima). t is in (0, 1]; at most 1/t keys pass a row."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t <= 1):
+        raise InputError(f"threshold(t): t must be a number in (0, 1], got {t!r:.40}")
+    if scorer is not None and not isinstance(scorer, (LowRank, Indexer)):
+        raise InputError(f"threshold(t, scorer=): the scorer must be lowrank(), indexer() or None, got {scorer!r:.60}")
+    return TopkTokens(min(MAX_INT, math.floor(1 / t) + 1), scorer, float(t))  # + 1: fp32 rounding at p = t
 
 
 def lowrank() -> LowRank:
@@ -910,6 +926,7 @@ def dense_mask(
     index_q: torch.Tensor | None = None,
     index_k: torch.Tensor | None = None,
     index_w: torch.Tensor | None = None,
+    scale: float | None = None,
     device: torch.device | str = "cpu",
     _selected: torch.Tensor | None = None,
     **_,
@@ -925,7 +942,7 @@ def dense_mask(
     from `proj` or `index_q`, `index_k`, `index_w`) among the keys its &-context allows."""
     runtime = dict(document_ids=document_ids, key_lengths=key_lengths, query_buckets=query_buckets)
     runtime |= dict(key_buckets=key_buckets, query_keep=query_keep, key_keep=key_keep, q=q, k=k, order=order)
-    runtime |= dict(key_indices=key_indices, proj=proj, index_q=index_q, index_k=index_k, index_w=index_w)
+    runtime |= dict(key_indices=key_indices, proj=proj, index_q=index_q, index_k=index_k, index_w=index_w, scale=scale)
     leaf = topk_leaf(pat) or token_leaf(pat)
     if _selected is None and isinstance(leaf, TopkTokens):
         _selected = _token_mask(pat, leaf, Sq, Sk, device, runtime)
@@ -1035,7 +1052,10 @@ def _token_mask(pat, leaf: TopkTokens, Sq: int, Sk: int, device, runtime) -> tor
     keys = tokentopk.keys_of(leaf.scorer, k, inputs, Hq, torch.float64)
     scores = tokentopk.scores(leaf.scorer, q, keys, inputs, slice(0, Sq), slice(0, Sk), torch.float64)
     cand = context.any(1, keepdim=True) if leaf.shared else context
-    return blocktopk.choose(scores, cand, leaf.k)
+    if leaf.t is None:
+        return blocktopk.choose(scores, cand, leaf.k)
+    scale = runtime["scale"] if runtime["scale"] is not None else 1 / math.sqrt(D)
+    return tokentopk.above_threshold(scores * (scale if leaf.scorer is None else 1), cand, leaf.t)
 
 
 def _pairs(pat: Pattern, device, *, query_buckets, key_buckets, query_keep, key_keep, q, k, **_) -> torch.Tensor:
@@ -1107,5 +1127,6 @@ CONSTRUCTORS = {
         topk_blocks,
         key_indices,
         topk,
+        threshold,
     )
 }

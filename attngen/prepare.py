@@ -71,8 +71,9 @@ class Prepared:
         )
 
 
-def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict) -> Prepared:
+def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict, scale: float | None = None) -> Prepared:
     """Check the call-time `inputs` against what `pattern` needs and bring them to the kernels' device and types.
+    `scale` (default 1/sqrt(D)) is the attention's, which a threshold on the exact scores takes its softmax at.
     Traceable by torch.compile: tensor work and checks on constants only."""
     B, Hq, Sq, _ = q.shape
     Sk, device = k.shape[2], q.device
@@ -115,7 +116,8 @@ def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict) 
     if token is not None:  # likewise; the choice then runs as key-index lists
         scorer_inputs = {n: inputs[n] for n in token._inputs}
         tokentopk.check(token.scorer, scorer_inputs, B, Hq, Sq, Sk, q.shape[3])
-        chosen = tokenselect.select(pattern, q, k, prep, scorer_inputs)
+        scale = 1 / math.sqrt(q.shape[3]) if scale is None else scale
+        chosen = tokenselect.select(pattern, q, k, prep, scorer_inputs, scale)
         bits, lists, counts = keyindex.sorted_lists(chosen, Sk, device)
         prep = replace(prep, key_bits=bits, key_lists=lists, key_counts=counts)
     return prep

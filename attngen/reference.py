@@ -36,7 +36,8 @@ def attention(
     kf, vf = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (kf, vf))
     s = torch.einsum("bhqd,bhkd->bhqk", qf, kf) * scale
     positions, rule = split_selection(pat)
-    allowed = mask(positions, Sq, Sk, device=q.device, **{"q": q, "k": k, **runtime})  # lsh hashes q and k
+    # lsh hashes q and k; a threshold on the exact scores takes its softmax at this scale
+    allowed = mask(positions, Sq, Sk, device=q.device, **{"q": q, "k": k, "scale": scale, **runtime})
     if rule is not None:
         # The rule chooses among the allowed keys; it sees the scores but the choice carries no gradient.
         allowed = allowed & rule.reference_keep(s.detach(), allowed, q=q, k=k, **runtime)

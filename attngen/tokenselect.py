@@ -25,9 +25,10 @@ SPAN = 64  # keys: the granularity at which a chunk's candidate keys are bounded
 
 
 @torch.compiler.disable  # chunked host loop: a graph break under torch.compile
-def select(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, runtime, inputs: dict) -> torch.Tensor:
-    """The lists of the pattern's `topk` leaf for this call. `runtime` holds the context's call-time tensors (a
-    `prepare.Prepared` without the lists), `inputs` the scorer's (checked)."""
+def select(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, runtime, inputs: dict, scale: float) -> torch.Tensor:
+    """The lists of the pattern's `topk` (or `threshold`) leaf for this call. `runtime` holds the context's call-time
+    tensors (a `prepare.Prepared` without the lists), `inputs` the scorer's (checked); a threshold on the exact
+    scores takes its softmax at the attention's `scale`."""
     leaf, structure = P.token_leaf(pattern), pattern.structure()
     selected = next(x for x in structure.leaves() if isinstance(x, P.SelectedKeys))
     context = P.context_of(structure, selected)  # its layout slots number as the pattern's do
@@ -72,6 +73,10 @@ def select(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, runtime, inputs
                 cand = blockselect.allowed(context, b, h, qi, kj, Sq, Sk, runtime, Hq)
                 cand = cand.any(1, keepdim=True) if leaf.shared and cand.shape[1] > 1 else cand
                 s[..., p0 - c0 : p1 - c0].masked_fill_(~cand, float("-inf"))
+            if leaf.t is not None:  # the chunk holds every candidate of its rows: their softmax is the row's
+                if leaf.scorer is None:
+                    s.mul_(scale)
+                s.masked_fill_(~tokentopk.kept_by_threshold(s, leaf.t), float("-inf"))
             if fused:
                 best = device.topk_rows(s.view(-1, c1 - c0), leaf.k, c0).view(*s.shape[:3], -1)
             else:

@@ -9,6 +9,8 @@ from inputs converted to it."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import InputError
@@ -88,3 +90,19 @@ def lists_of(keep: torch.Tensor, k: int, first: int = 0) -> torch.Tensor:
     pos = torch.where(keep, torch.arange(C, device=keep.device), C)
     least = pos.topk(min(k, C), dim=-1, largest=False, sorted=True).values
     return torch.where(least < C, least + first, -1).to(torch.int32)
+
+
+def above_threshold(scores: torch.Tensor, cand: torch.Tensor, t: float) -> torch.Tensor:
+    """bool [..., C]: the candidates (`cand`, broadcasting) whose softmax probability over the row's candidates is
+    at least t, or where none is, the row's maximum (the lowest column among equal maxima); rows without a
+    candidate keep nothing. `scores` as the rule ranks them (the exact ones scaled)."""
+    return kept_by_threshold(scores.masked_fill(~cand, float("-inf")), t)
+
+
+def kept_by_threshold(s: torch.Tensor, t: float) -> torch.Tensor:
+    """`above_threshold` of scores whose non-candidates are -inf already: s >= LSE + ln t (p >= t), or the first
+    maximum of a row where nothing passes."""
+    kept = (s >= torch.logsumexp(s, -1, keepdim=True) + math.log(t)) & (s > float("-inf"))
+    none = ~kept.any(-1, keepdim=True) & (s > float("-inf")).any(-1, keepdim=True)
+    first = torch.zeros_like(kept).scatter_(-1, s.argmax(-1, keepdim=True), True)  # argmax: the first maximum
+    return kept | (none & first)

@@ -3,7 +3,7 @@
 
 - exact `causal() & topk(256)`, fp16, head dim 64, B4 H16, S = 4096: attngen forward and forward+backward; the naive
   way materialises the scores, masks them causally, keeps each row's 256 largest (torch.topk) and takes a masked
-  softmax; "selection" times `ag.selected_keys` alone.
+  softmax; "selection" times `ag.selected_keys` alone; `causal() & threshold(0.01)` forward on the same inputs.
 - DeepSeek-like indexer `causal() & topk(2048, scorer=indexer())`: 8 index heads of dim 64, 16 query heads of dim 128
   sharing one KV head, bf16, B1, S from 16k (`--indexer-lengths`); the selection feeds the gather kernels.
 - DSA `causal() & topk(k, scorer=lowrank())` with r = 16 (P [D, r] from `random_projection`), fp16, head dim 64,
@@ -52,6 +52,7 @@ def exact(args) -> None:
         "attngen topk fwd": timed(lambda: ag.attention(q, k, v, pat), 5),
         "attngen topk fwd+bwd": timed(both(lambda: ag.attention(q, k, v, pat)), 5),
         "attngen topk selection": timed(lambda: ag.selected_keys(q, k, pat), 5),
+        "attngen threshold(0.01) fwd": timed(lambda: ag.attention(q, k, v, ag.causal() & ag.threshold(0.01)), 5),
         "attngen dense causal fwd": timed(lambda: ag.attention(q, k, v, ag.causal()), 5),
         "attngen dense causal fwd+bwd": timed(both(lambda: ag.attention(q, k, v, ag.causal())), 5),
         "naive torch topk fwd": timed(lambda: _naive_topk(q, k, v, n), 3),
@@ -59,7 +60,8 @@ def exact(args) -> None:
     }
     for name, ms in t.items():
         f = 3.5 if "bwd" in name else 1
-        extra = dict(tflops=kept * 4 * D * f / ms / 1e9) if "selection" not in name and "dense" not in name else {}
+        plain = "selection" not in name and "dense" not in name and "threshold" not in name
+        extra = dict(tflops=kept * 4 * D * f / ms / 1e9) if plain else {}
         _row(f"exact topk({n}) S{S} D{D} B{B} H{H}: {name}", ms, **extra)
     print(
         f"  naive / attngen: fwd {t['naive torch topk fwd'] / t['attngen topk fwd']:.1f}x, fwd+bwd "

@@ -210,3 +210,68 @@ def test_calls_match_the_reference(name, reference_kernels):
     want = torch.autograd.grad(ref, (q, kk, v), dout.float())
     for a, b in zip(got, want):
         assert torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2)
+
+
+def _loop_threshold(scores: torch.Tensor, cand: torch.Tensor, t: float) -> torch.Tensor:
+    """p(i, j) >= t over each row's candidates, else the row's first maximum: one row at a time."""
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    for idx in torch.cartesian_prod(*(torch.arange(n) for n in scores.shape[:3])).tolist():
+        row, ok = scores[tuple(idx)], cand[tuple(idx)]
+        js = [j for j in range(len(row)) if ok[j]]
+        if not js:
+            continue
+        p = torch.softmax(row[js], 0)
+        passed = [j for j, pj in zip(js, p.tolist()) if pj >= t]
+        best = max(js, key=lambda j: (float(row[j]), -j))
+        keep[tuple(idx)][passed or [best]] = True
+    return keep
+
+
+@pytest.mark.parametrize("name", list(SCORERS))
+@pytest.mark.parametrize("t", [0.01, 0.2, 1.0])
+def test_threshold_reference_is_the_definition(name, t):
+    """The softmax over the candidates of the scores the rule ranks (the exact ones at the attention's scale, a
+    scorer's as they are), p >= t kept, the first maximum where nothing passes (t = 1 with ties: the lowest key)."""
+    gen = torch.Generator().manual_seed(int(t * 100))
+    scorer, Sq, Sk, scale = SCORERS[name], 11, 13, 0.3
+    q, kk = _grid(B, HQ, Sq, D, gen=gen), _grid(B, HKV, Sk, D, gen=gen)
+    q[0, 0, 5] = 0  # a row of equal scores
+    inputs = _inputs(scorer, Sq, Sk, gen)
+    pat = ag.causal() & ag.threshold(t, scorer=scorer)
+    got = pat.mask(Sq, Sk, q=q, k=kk, scale=scale, **inputs)
+    scores = _loop_scores(scorer, q, kk, inputs) * (scale if scorer is None else 1)
+    cand = ag.causal().mask(Sq, Sk).expand(B, got.shape[1], Sq, Sk)
+    assert torch.equal(got, _loop_threshold(scores, cand, t))
+    assert (got.sum(-1) <= max(1, int(1 / t))).all()  # at most 1/t keys pass a row
+
+
+@pytest.mark.parametrize("name", list(SCORERS))
+def test_threshold_call_time_matches_the_reference(name, monkeypatch):
+    """fp32 in chunks against float64. The thresholds sit away from the probabilities the grid's ties make (two equal
+    maxima and nothing else have p just under 1/2: a near-tie at t = 0.5, which fp32 may round either way)."""
+    monkeypatch.setattr(tokenselect, "CHUNK", 3000)
+    gen = torch.Generator().manual_seed(5)
+    scorer = SCORERS[name]
+    for pat, extra in [
+        (ag.causal() & ag.threshold(0.03, scorer=scorer), {}),
+        (ag.causal() & (ag.threshold(0.2, scorer=scorer) | ag.sliding_window(3)), {}),
+        (ag.key_padding() & ag.threshold(0.45, scorer=scorer), {"key_lengths": torch.tensor([0, 30])}),
+    ]:
+        q, kk = _grid(B, HQ, 40, D, gen=gen), _grid(B, HKV, 40, D, gen=gen)
+        inputs = _inputs(scorer, 40, 40, gen) | extra
+        lists = prepare(pat, q, kk, inputs, scale=0.125).key_lists
+        listed = P.dense_mask(ag.key_indices(), 40, 40, key_indices=lists, q=q)
+        leaf = P.token_leaf(pat)
+        runtime = {"q": q, "k": kk, "order": None, **_runtime(inputs), "scale": 0.125}
+        want = P._token_mask(pat, leaf, 40, 40, "cpu", runtime)
+        assert torch.equal(listed, want.expand_as(listed)), pat
+
+
+def test_threshold_constructor():
+    assert repr(ag.threshold(0.25, scorer=ag.indexer())) == "threshold(0.25, scorer=indexer())"
+    assert ag.threshold(0.25).structure() == ag.topk(3).structure()  # t is data: the same kernels
+    for bad in (0, 1.5, -0.1, True, "0.1", float("nan")):
+        with pytest.raises(InputError, match=r"t must be a number in \(0, 1\]"):
+            ag.threshold(bad)
+    with pytest.raises(InputError, match="~ cannot apply"):
+        ~ag.threshold(0.1)

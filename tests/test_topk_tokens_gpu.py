@@ -28,6 +28,7 @@ PATTERNS = {
     "causal": lambda s, n: ag.causal() & ag.topk(n, scorer=s),
     "causal&(topk|window)": lambda s, n: ag.causal() & (ag.topk(n, scorer=s) | ag.sliding_window(32)),
     "documents&topk": lambda s, n: ag.documents() & ag.topk(n, scorer=s),
+    "causal&threshold": lambda s, n: ag.causal() & ag.threshold(0.01, scorer=s),
 }
 LENGTHS = [(1, 1), (17, 17), (1000, 1000), (300, 517), (517, 300)]
 B, HQ, HKV = 2, 8, 2
@@ -72,16 +73,18 @@ def test_forward_and_backward(scorer, pattern, dtype, D):
         _check_grads(got, torch.autograd.grad(ref, (q, k, v), dout), dtype, where)
 
 
+@pytest.mark.parametrize("rule", ["topk", "threshold"])
 @pytest.mark.parametrize("scorer", list(SCORERS))
-def test_choice_matches_the_float64_reference(scorer):
+def test_choice_matches_the_float64_reference(scorer, rule):
     """Random inputs: the fp32 choice and the float64 one agree on at least 99.5% of the rows (the rest are
-    near-ties: scores a few ulps apart)."""
+    near-ties: scores a few ulps apart, or a probability a few ulps from the threshold)."""
     gen = _gen("fidelity", scorer)
     Sq = Sk = 1500
     q, k, _ = _inputs(1, HQ, HKV, Sq, Sk, 64, torch.bfloat16, gen)
     rt = _scorer_inputs(SCORERS[scorer], Sq, Sk, 64, gen)
     rt = {n: t[:1] if n.startswith("index") else t for n, t in rt.items()}  # batch 1
-    pat = ag.causal() & ag.topk(64, scorer=SCORERS[scorer])
+    make = ag.topk if rule == "topk" else lambda n, scorer: ag.threshold(1 / n, scorer=scorer)
+    pat = ag.causal() & make(64, scorer=SCORERS[scorer])
     lists = ag.selected_keys(q, k, pat, **rt)
     got = P.dense_mask(ag.key_indices(), Sq, Sk, key_indices=lists, device="cuda")
     want = pat.mask(Sq, Sk, q=q, k=k, device="cuda", **rt)
