@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from . import pattern as P
-from .affine import EMPTY
+from .affine import EMPTY, FULL
 from .errors import InputError
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -125,6 +125,7 @@ def plan(pattern: P.Pattern, world: int, shard_len: int, layout: str = "contiguo
     # Blocks are classified on the chunk grid of the whole sequence by the affine part of the pattern (documents and
     # key padding, call-time data, can only drop more keys: a block they empty is computed, and gives nothing).
     classes = tile_classes(_affine_bound(positions), chunk, chunk, S, S, "cpu", {})[0, 0]
+    affine_only = all(isinstance(leaf, P.Affine) for leaf in positions.leaves())  # then FULL is exact
     where = {c: (r, i) for r in range(world) for i, c in enumerate(chunks_of(layout, world, r))}
     per_rank = []
     for rank in range(world):
@@ -134,7 +135,10 @@ def plan(pattern: P.Pattern, world: int, shard_len: int, layout: str = "contiguo
                 if classes[a, b] == EMPTY:
                     continue
                 owner, k_slot = where[b]
-                moved = P.shifted(pattern, a * chunk, b * chunk, S, S, sliced_data=True)
+                if classes[a, b] == FULL and affine_only:  # every pair allowed: the structure of full() (or the rule)
+                    moved = rule if rule is not None else P.full()
+                else:
+                    moved = P.shifted(pattern, a * chunk, b * chunk, S, S, sliced_data=True)
                 blocks.append(Block(q_slot, owner, k_slot, a, b, moved))
         # Local keys first (they need no transfer), then the owners in a fixed order.
         blocks.sort(key=lambda bl: (bl.owner != rank, bl.owner, bl.q_slot, bl.k_slot))

@@ -1080,15 +1080,29 @@ def _pairs(pat: Pattern, device, *, query_buckets, key_buckets, query_keep, key_
     return qv[..., :, None] == kv[..., None, :]
 
 
+def _differences(expr):
+    """`expr` with every comparison a < b written as a - b < 0 (expanded): equal for predicates that compare the same
+    differences, such as k <= q and k + 5 <= q + 5."""
+    return expr.replace(
+        lambda e: isinstance(e, sp.core.relational.Relational), lambda r: type(r)(sp.expand(r.lhs - r.rhs), 0)
+    )
+
+
 def shifted(pat: Pattern, dq: int, dk: int, Sq: int, Sk: int, *, sliced_data: bool = False) -> Pattern:
     """`pat` on one block of a longer sequence, as a pattern over the block's own positions: query q of the block is
     query q + dq of a sequence of Sq queries, key k is key k + dk of Sk keys (context parallelism runs a sequence
     as such blocks). Affine leaves (with & | ~) move with the block; a selection rule whose key groups the shift
     keeps aligned (N:M with dk a multiple of m) stays as it is; documents() and key_padding() stay as they are with
     `sliced_data`, where the caller passes the block's slice of their call-time data (its query and key document
-    ids, key lengths less dk); other leaves (block layouts) are refused with an InputError."""
+    ids, key lengths less dk); other leaves (block layouts) are refused with an InputError. An affine leaf that reads
+    q - k only (causal(), windows) moves by dq - dk alone: blocks on the diagonal keep the leaf itself, and blocks as
+    far from it share one structure (one compile), whatever their place and the lengths."""
     if isinstance(pat, Affine):
         expr = pat.expr.subs({q: q + dq, k: k + dk, Sq_: Sq, Sk_: Sk}, simultaneous=True)
+        if not pat.expr.has(Sq_, Sk_) and _differences(pat.expr.subs({q: q + 1, k: k + 1})) == _differences(pat.expr):
+            if dq == dk:
+                return pat
+            return Affine(_differences(expr), f"{pat!r} with q - k {dq - dk:+d}")
         return Affine(expr, f"{pat!r} at +({dq}, {dk}) of {Sq}x{Sk}")
     if isinstance(pat, (And, Or)):
         parts = tuple(shifted(p, dq, dk, Sq, Sk, sliced_data=sliced_data) for p in pat.parts)

@@ -180,3 +180,16 @@ def test_context_parallel_matches_single_process_reference(world):
     causal, windows with global tokens, full, causal & nm(2, 4), packed documents and key padding."""
     cases = [(name, layout) for name in PATTERNS for layout in D.LAYOUTS]
     mp.spawn(_worker, args=(world, _free_port(), cases), nprocs=world, join=True)
+
+
+def test_blocks_share_few_structures():
+    """Each structure is a compile: blocks that a pattern allows whole run full(), and a leaf of q - k alone moves by
+    the block's distance from the diagonal only (the diagonal keeps the leaf itself), whatever the place, the number
+    of ranks and the lengths."""
+    for world in (2, 4, 8):
+        for shard_len in (2048, 65536):
+            zig = D.plan(ag.causal(), world, shard_len, "zigzag")
+            assert {bl.pattern.structure() for blocks in zig.blocks for bl in blocks} == {ag.causal(), ag.full()}
+            win = D.plan(ag.sliding_window(1000), world, shard_len, "contiguous")
+            moved = {bl.pattern.structure() for blocks in win.blocks for bl in blocks}
+            assert ag.sliding_window(1000) in moved and len(moved) <= 2
