@@ -264,8 +264,15 @@ def _draw_inputs(pattern: Any, sq: int, sk: int, args: argparse.Namespace) -> di
                 "the pattern uses key_indices(): give a number of random keys per query, e.g. --key-indices 8"
             )
         runtime["key_indices"] = torch.randint(0, max(sk, 1), (1, 1, sq, args.key_indices), generator=gen)
-    if any(isinstance(leaf, (P.LSH, P.TopkBlocks)) for leaf in pattern.leaves()):  # random q and k (head dim 64)
+    if any(isinstance(leaf, (P.LSH, P.TopkBlocks, P.TopkTokens)) for leaf in pattern.leaves()):  # random q, k (D 64)
         runtime["q"], runtime["k"] = (torch.randn(1, 1, n, 64, generator=gen) for n in (sq, sk))
+    token = P.token_leaf(pattern)
+    if token is not None and isinstance(token.scorer, P.LowRank):  # DSA's projection, rank 16
+        runtime["proj"] = P.random_projection(64, 16, seed=args.seed)
+    if token is not None and isinstance(token.scorer, P.Indexer):  # 4 random index heads of dim 32
+        runtime["index_q"] = torch.randn(1, sq, 4, 32, generator=gen)
+        runtime["index_k"] = torch.randn(1, sk, 32, generator=gen)
+        runtime["index_w"] = torch.rand(1, sq, 4, generator=gen)
     given = {"--documents": ("document_ids", args.documents), "--key-length": ("key_lengths", args.key_length)}
     given |= {"--buckets": ("query_buckets", args.buckets), "--keep": ("query_keep", args.keep)}
     given |= {"--key-indices": ("key_indices", args.key_indices)}
@@ -490,7 +497,7 @@ def _parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=0,
-        help="seed of the random buckets, keep masks, key lists and q, k (lsh, topk_blocks)",
+        help="seed of the random buckets, keep masks, key lists, q, k and scorer inputs (lsh, topk_blocks, topk)",
     )
     draw.set_defaults(run=_draw)
 

@@ -1142,5 +1142,7 @@ CONSTRUCTORS = {
         key_indices,
         topk,
         threshold,
+        lowrank,  # scorers, for topk(k, scorer=...) and threshold(t, scorer=...)
+        indexer,
     )
 }

@@ -336,6 +336,8 @@ def explain(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int) -> str:
         return "  schedule  built per call on the GPU, on the tokens sorted by bucket (reorder.py)"
     if P.topk_leaf(pat) is not None:
         return "  schedule  built per call on the GPU from the block top-k selection (blockselect.py)"
+    if P.token_leaf(pat) is not None:
+        return "  schedule  built per call on the GPU from the top-k by token's key lists (tokenselect.py)"
     if pat.runtime_inputs:
         names = ", ".join(sorted(pat.runtime_inputs))
         return f"  schedule  built per call on the GPU from {names}; affine and layout parts fixed per length"

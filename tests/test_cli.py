@@ -179,6 +179,19 @@ def test_draw_lists_random_keys_and_scores_random_blocks(capsys):
     assert capsys.readouterr().out == (ag.causal() & ag.topk_blocks(1)).draw(256, 256, cells=4, q=q, k=k) + "\n"
 
 
+def test_draw_and_plan_top_k_by_token(capsys):
+    """topk and threshold parse with their scorers; draw chooses from random q, k and scorer inputs of --seed (one key
+    per row with topk(1)); the plan says the schedule comes from the call's lists."""
+    assert cli.main(["draw", "causal() & topk(1, scorer=indexer())", "--sq", "12", "--seed", "1"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == 12 and all(r.count("█") == 1 for r in rows)
+    assert cli.main(["draw", "causal() & threshold(0.5, scorer=lowrank())", "--sq", "9"]) == 0
+    assert all(r.count("█") >= 1 for r in capsys.readouterr().out.splitlines())
+    argv = ["emit", "causal() & threshold(0.1)", "--head-dim", "64", "--dtype", "bf16", "--arch", "sm_90", "--plan"]
+    assert cli.main(argv) == 0
+    assert "top-k by token's key lists" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
