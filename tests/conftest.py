@@ -17,6 +17,13 @@ if "ATTNGEN_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["ATTNGEN_CACHE_DIR"], ignore_errors=True)
 
 
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """Outputs and gradients start as NaN (ATTNGEN_POISON_OUTPUTS=1), so an element a kernel fails to write shows;
+    every GPU test module uses it (test_kernels_gpu.GPU_TESTS)."""
+    monkeypatch.setenv("ATTNGEN_POISON_OUTPUTS", "1")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Run a module's many small CPU tensor operations on one thread: the pool only adds overhead there, and stalls

@@ -732,14 +732,19 @@ def test_gpu_script_checks_catch_wrong_results(fuzz_gpu, monkeypatch):
         assert any(expect in e for e in errors), f"{expect}: {errors}"
 
 
-def _without_reordering(pat):
-    """`pat` with its buckets / lsh / keep leaves read as full(): what a kernel that ignored them would compute."""
+def _without(pat, kinds):
+    """`pat` with its leaves of `kinds` read as full(): what a kernel that ignored them would compute."""
     if isinstance(pat, (P.And, P.Or)):
-        parts = tuple(_without_reordering(p) for p in pat.parts)
+        parts = tuple(_without(p, kinds) for p in pat.parts)
         return P.And(parts) if isinstance(pat, P.And) else P.Or(parts)
     if isinstance(pat, P.Not):
-        return P.Not(_without_reordering(pat.part))
-    return ag.full() if isinstance(pat, P.REORDERING) else pat
+        return P.Not(_without(pat.part, kinds))
+    return ag.full() if isinstance(pat, kinds) else pat
+
+
+def _without_reordering(pat):
+    """`pat` with its buckets / lsh / keep leaves read as full()."""
+    return _without(pat, P.REORDERING)
 
 
 def test_gpu_script_checks_catch_ignored_buckets(fuzz_gpu, monkeypatch):
@@ -769,12 +774,7 @@ def test_gpu_script_checks_catch_ignored_buckets(fuzz_gpu, monkeypatch):
 
 def _without_tokens(pat):
     """`pat` with its topk(k) leaf read as full(): what a kernel that ignored the choice would compute."""
-    if isinstance(pat, (P.And, P.Or)):
-        parts = tuple(_without_tokens(p) for p in pat.parts)
-        return P.And(parts) if isinstance(pat, P.And) else P.Or(parts)
-    if isinstance(pat, P.Not):
-        return P.Not(_without_tokens(pat.part))
-    return ag.full() if isinstance(pat, P.TopkTokens) else pat
+    return _without(pat, P.TopkTokens)
 
 
 def test_gpu_script_checks_catch_ignored_topk(fuzz_gpu, monkeypatch):

@@ -12,15 +12,13 @@ import torch
 import attngen as ag
 from attngen import reference
 
-pytestmark = [
+# Every GPU test module's marks: needs a CUDA GPU (skipped cleanly without one), outputs poisoned (conftest.py).
+GPU_TESTS = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.usefixtures("poison_outputs"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setenv("ATTNGEN_POISON_OUTPUTS", "1")
+pytestmark = GPU_TESTS
 
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -9,6 +9,7 @@ import torch
 from test_kernels_gpu import (
     DTYPES,
     FWD_TOL,
+    GPU_TESTS,
     _check_forward,
     _check_grads,
     _gen,
@@ -21,15 +22,7 @@ from test_kernels_gpu import (
 import attngen as ag
 from attngen import reference
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setenv("ATTNGEN_POISON_OUTPUTS", "1")
+pytestmark = GPU_TESTS
 
 
 PATTERNS = {

@@ -16,22 +16,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_kernels_gpu import DTYPES, FWD_TOL, _check_grads, _rel
+from test_kernels_gpu import DTYPES, FWD_TOL, GPU_TESTS, _check_grads, _rel
 
 import attngen as ag
 from attngen import bind, kernel, plan, prepare, reference, tiling
 from attngen.select.nm import nm_keep
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = GPU_TESTS
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setenv("ATTNGEN_POISON_OUTPUTS", "1")
 
 
 RULES = {"2:4": (2, 4), "1:2": (1, 2)}

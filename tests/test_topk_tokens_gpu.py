@@ -6,21 +6,13 @@ against the float64 reference's: sets may differ only on few rows (near-ties). O
 
 import pytest
 import torch
-from test_kernels_gpu import DTYPES, _check_forward, _check_grads, _gen, _inputs
+from test_kernels_gpu import DTYPES, GPU_TESTS, _check_forward, _check_grads, _gen, _inputs
 
 import attngen as ag
 from attngen import pattern as P
 from attngen import reference
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setenv("ATTNGEN_POISON_OUTPUTS", "1")
+pytestmark = GPU_TESTS
 
 
 SCORERS = {"exact": None, "lowrank": ag.lowrank(), "indexer": ag.indexer()}
