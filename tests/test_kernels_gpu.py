@@ -96,6 +96,15 @@ def _check_forward(out, lse, ref, ref_lse, dtype: str, where: str) -> None:
         assert _rel(out, ref) < FWD_TOL[dtype], f"output error {_rel(out, ref):.2e}: {where}"
 
 
+def _check_call(q, k, v, got, want, dtype: str, where: str) -> None:
+    """A call's (out, lse) `got` against the reference's `want`, both differentiable in q, k, v: the forward
+    (`_check_forward`), then the gradients for one random dout."""
+    (out, lse), (ref, ref_lse) = got, want
+    _check_forward(out, lse, ref, ref_lse, dtype, where)
+    dout = torch.randn_like(out)
+    _check_grads(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout), dtype, where)
+
+
 def _mma_sync_kernels(pat: ag.Pattern, D: int, dtype: str, arch: str = "sm_90"):
     """`kernel.Compiled` of `pat`'s plan with the mma.sync tilings, compiled for `arch`: on sm_90, the kernels GPUs
     other than Hopper run, verified on a Hopper GPU."""
