@@ -10,10 +10,12 @@ order, concatenated: "contiguous" gives rank r chunk r, "zigzag" gives it chunks
 balances causal work (`shard` and `unshard` convert a whole sequence to and from a rank's shard). Every (query
 chunk, key chunk) block is classified on the CPU from the pattern (`schedule.tile_classes` on the chunk grid), so a
 rank asks only the owners of the key chunks some block of its queries needs (a sliding window talks to its
-neighbours only) and computes only those blocks, each with attngen's kernels on the pattern moved to the block
-(`pattern.shifted`; a few distinct structures, compiled once). K and V travel point to point from owner to user,
-all transfers posted at once, and the blocks whose keys are local run while the others arrive. Partial results merge
-through the LSE the kernels return. The backward exchanges K and V again, runs each block's backward with the
+neighbours only) and computes only those blocks, each trimmed to the rectangle of rows and keys where the pattern
+allows anything and run with attngen's kernels on the pattern moved to it (`pattern.shifted`; a few distinct
+structures, compiled once). K and V travel point to point from owner to user, only the span of positions the
+user's blocks read (a window's last `window` keys), all transfers posted at once, and the blocks whose keys are
+local run while the others arrive. Partial results merge through the LSE the kernels return, in fp32 over the rows
+more than one block reaches. The backward exchanges K and V again, runs each block's backward with the
 merged output and LSE (which makes it that block's exact share of the gradient), and sends the dK, dV shares back
 to their owners, who add them in a fixed order: deterministic, like the single-GPU backward.
 
@@ -67,14 +69,16 @@ def unshard(shards: list[torch.Tensor], layout: str = "zigzag", dim: int = 2) ->
 
 @dataclass(frozen=True)
 class Block:
-    """One (query chunk, key chunk) pair a rank computes: chunk positions within the two shards, and the pattern
-    moved to the block."""
+    """One (query chunk, key chunk) pair a rank computes: the chunks' places, the rectangle of rows and keys within
+    them that holds every pair the pattern allows, and the pattern moved to that rectangle."""
 
     q_slot: int  # which of the rank's own chunks holds the queries
     owner: int  # the rank holding the keys
     k_slot: int  # which of the owner's chunks
     q_chunk: int  # the two chunks' places in the whole sequence
     k_chunk: int
+    rows: tuple[int, int]  # [start, stop) within the query chunk
+    keys: tuple[int, int]  # [start, stop) within the key chunk
     pattern: P.Pattern
 
 
@@ -100,11 +104,23 @@ class Plan:
         """The other ranks that receive `rank`'s K and V."""
         return tuple(r for r in range(self.world) if r != rank and rank in self.needs(r))
 
+    def span(self, owner: int, user: int) -> tuple[int, int]:
+        """The positions [start, stop) of `owner`'s shard that `user`'s blocks read: all `owner` sends it."""
+        if owner == user:
+            return 0, self.chunk * len(chunks_of(self.layout, self.world, owner))
+        keys = [(b.k_slot * self.chunk + b.keys[0], b.k_slot * self.chunk + b.keys[1]) for b in self.blocks[user]
+                if b.owner == owner]  # fmt: skip
+        return min(a for a, _ in keys), max(b for _, b in keys)
+
+
+TILE = 128  # granularity of the rectangles blocks are trimmed to
+
 
 @functools.lru_cache(maxsize=64)
-def plan(pattern: P.Pattern, world: int, shard_len: int, layout: str = "contiguous") -> Plan:
+def plan(pattern: P.Pattern, world: int, shard_len: int, layout: str = "contiguous", tile: int = TILE) -> Plan:
     """The blocks of every rank: all (query chunk, key chunk) pairs the pattern does not rule out, classified on the
-    chunk grid of the whole sequence (exact for affine patterns, conservative otherwise)."""
+    chunk grid of the whole sequence (exact for affine patterns, conservative otherwise), each trimmed to the rows
+    and keys (in steps of `tile`) where the pattern allows anything."""
     from .schedule import tile_classes
     from .select import split_selection
 
@@ -122,9 +138,12 @@ def plan(pattern: P.Pattern, world: int, shard_len: int, layout: str = "contiguo
         )
     if rule is not None and chunk % getattr(rule, "m", chunk + 1):
         raise InputError(f"{rule!r} needs chunks of a multiple of {rule.m} positions, got {chunk}")
+    if rule is not None and tile % getattr(rule, "m", 1):
+        raise InputError(f"blocks trimmed in steps of {tile} would split the groups of {rule!r}")
     # Blocks are classified on the chunk grid of the whole sequence by the affine part of the pattern (documents and
     # key padding, call-time data, can only drop more keys: a block they empty is computed, and gives nothing).
-    classes = tile_classes(_affine_bound(positions), chunk, chunk, S, S, "cpu", {})[0, 0]
+    bound = _affine_bound(positions)
+    classes = tile_classes(bound, chunk, chunk, S, S, "cpu", {})[0, 0]
     affine_only = all(isinstance(leaf, P.Affine) for leaf in positions.leaves())  # then FULL is exact
     where = {c: (r, i) for r in range(world) for i, c in enumerate(chunks_of(layout, world, r))}
     per_rank = []
@@ -136,14 +155,31 @@ def plan(pattern: P.Pattern, world: int, shard_len: int, layout: str = "contiguo
                     continue
                 owner, k_slot = where[b]
                 if classes[a, b] == FULL and affine_only:  # every pair allowed: the structure of full() (or the rule)
+                    rows = keys = (0, chunk)
                     moved = rule if rule is not None else P.full()
                 else:
-                    moved = P.shifted(pattern, a * chunk, b * chunk, S, S, sliced_data=True)
-                blocks.append(Block(q_slot, owner, k_slot, a, b, moved))
+                    rows, keys = _trimmed(bound, a * chunk, b * chunk, chunk, S, tile)
+                    moved = P.shifted(pattern, a * chunk + rows[0], b * chunk + keys[0], S, S, sliced_data=True)
+                blocks.append(Block(q_slot, owner, k_slot, a, b, rows, keys, moved))
         # Local keys first (they need no transfer), then the owners in a fixed order.
         blocks.sort(key=lambda bl: (bl.owner != rank, bl.owner, bl.q_slot, bl.k_slot))
         per_rank.append(tuple(blocks))
     return Plan(world, chunk, layout, tuple(per_rank))
+
+
+def _trimmed(bound: P.Pattern, q0: int, k0: int, chunk: int, S: int, tile: int):
+    """The rows and keys, in steps of `tile`, of the block at (q0, k0) where the affine `bound` allows some pair."""
+    from .schedule import tile_classes
+
+    moved = P.shifted(bound, q0, k0, S, S)
+    by_rows = tile_classes(moved, tile, chunk, chunk, chunk, "cpu", {})[0, 0, :, 0] != EMPTY
+    by_keys = tile_classes(moved, chunk, tile, chunk, chunk, "cpu", {})[0, 0, 0, :] != EMPTY
+
+    def extent(live: torch.Tensor) -> tuple[int, int]:
+        idx = live.nonzero().flatten()
+        return int(idx[0]) * tile, min(chunk, (int(idx[-1]) + 1) * tile)
+
+    return extent(by_rows), extent(by_keys)
 
 
 def _affine_bound(pat: P.Pattern) -> P.Pattern:
@@ -160,18 +196,19 @@ def _affine_bound(pat: P.Pattern) -> P.Pattern:
 
 
 def _block_inputs(pattern: P.Pattern, bl: Block, chunk: int, document_ids, key_lengths) -> dict:
-    """The call-time tensors of one block: its query and key chunks' document ids, key lengths less the key chunk's
-    start (clipped to the chunk)."""
+    """The call-time tensors of one block: its rows' and keys' document ids, key lengths less the block's first key
+    (clipped to its keys)."""
     need = pattern.runtime_inputs
     inputs = {"document_ids": None, "key_lengths": None}
+    q0, k0 = bl.q_chunk * chunk + bl.rows[0], bl.k_chunk * chunk + bl.keys[0]
     if "document_ids" in need:
         ids = document_ids
         inputs["document_ids"] = (
-            ids[..., bl.q_chunk * chunk : (bl.q_chunk + 1) * chunk],
-            ids[..., bl.k_chunk * chunk : (bl.k_chunk + 1) * chunk],
+            ids[..., q0 : q0 + bl.rows[1] - bl.rows[0]],
+            ids[..., k0 : k0 + bl.keys[1] - bl.keys[0]],
         )
     if "key_lengths" in need:
-        inputs["key_lengths"] = (key_lengths - bl.k_chunk * chunk).clamp(0, chunk)
+        inputs["key_lengths"] = (key_lengths - k0).clamp(0, bl.keys[1] - bl.keys[0])
     return inputs
 
 
@@ -200,39 +237,54 @@ def _block_backward(dout, q, k, v, out, lse, pat: P.Pattern, scale: float, input
 
 
 class _Transfers:
-    """Point-to-point transfers in flight: `get(rank)` waits once for what comes from `rank` (this rank's own
-    tensors need no wait), `finish()` waits for this rank's sends."""
+    """Point-to-point transfers in flight, one group per peer: `get(rank)` waits once for what comes from `rank`
+    (this rank's own tensors need no wait), `finish()` for every group not yet waited for (each is waited for
+    once: gloo does not return from a second wait)."""
 
-    def __init__(self, own: int, tensors: tuple, recvs: dict, sends: list):
+    def __init__(self, own: int, tensors: tuple, recvs: dict, groups: dict):
         self._ready = {own: tensors}
-        self._recvs, self._sends = recvs, sends
+        self._recvs, self._groups = recvs, groups
 
     def get(self, rank: int) -> tuple:
         if rank not in self._ready:
-            bufs, works = self._recvs.pop(rank)
-            for w in works:
+            for w in self._groups.pop(rank):
                 w.wait()
-            self._ready[rank] = bufs
+            self._ready[rank] = self._recvs.pop(rank)
         return self._ready[rank]
 
     def finish(self) -> None:
-        for w in self._sends:
-            w.wait()
-        self._sends = []
+        for works in self._groups.values():
+            for w in works:
+                w.wait()
+        self._groups = {}
 
 
 def _transfer(send: dict[int, tuple], recv: dict[int, tuple], own: int, tensors: tuple, group) -> _Transfers:
-    """Post every receive (into the given buffers, by source) and every send (by destination) at once."""
+    """Post every receive (into the given buffers, by source) and every send (by destination) at once.
+
+    The sends and receives between two ranks go as one group (`batch_isend_irecv`), and each rank posts its peers'
+    groups in increasing rank order. With NCCL a receive blocks the stream it runs on until the matching send
+    starts, so two ranks that each posted a receive before their send would wait for each other forever; one group
+    per pair, posted in an order every rank agrees on, cannot."""
     to_global = functools.partial(dist.get_global_rank, group)
-    recvs = {r: (bufs, [dist.irecv(b, src=to_global(r), group=group) for b in bufs]) for r, bufs in recv.items()}
-    sends = [dist.isend(t, dst=to_global(r), group=group) for r, ts in send.items() for t in ts]
-    return _Transfers(own, tensors, recvs, sends)
+    groups = {}
+    for peer in sorted(set(send) | set(recv)):
+        ops = [dist.P2POp(dist.isend, t, to_global(peer), group) for t in send.get(peer, ())]
+        ops += [dist.P2POp(dist.irecv, b, to_global(peer), group) for b in recv.get(peer, ())]
+        groups[peer] = dist.batch_isend_irecv(ops)
+    return _Transfers(own, tensors, dict(recv), groups)
 
 
 def _exchange(tensors: tuple[torch.Tensor, ...], p: Plan, rank: int, group) -> _Transfers:
-    """This rank's `tensors` (K, V) to every user of its keys; theirs from every owner this rank needs."""
-    recv = {owner: tuple(torch.empty_like(t) for t in tensors) for owner in p.needs(rank)}
-    return _transfer({user: tensors for user in p.users(rank)}, recv, rank, tensors, group)
+    """This rank's `tensors` (K, V) to every user of its keys, each the span it reads; theirs from every owner this
+    rank needs."""
+    spans = {user: p.span(rank, user) for user in p.users(rank)}
+    send = {user: tuple(t[:, :, a:b].contiguous() for t in tensors) for user, (a, b) in spans.items()}
+    recv = {}
+    for owner in p.needs(rank):
+        a, b = p.span(owner, rank)
+        recv[owner] = tuple(t.new_empty((*t.shape[:2], b - a, *t.shape[3:])) for t in tensors)
+    return _transfer(send, recv, rank, tensors, group)
 
 
 def _merge(out, lse, o, lse_o):
@@ -245,24 +297,82 @@ def _merge(out, lse, o, lse_o):
     return out * a + o.to(out.dtype) * b, new
 
 
+class _Sum:
+    """One [B, H, L, D] result added up, in a fixed order, from parts that each cover rows [start, stop) (with an
+    LSE: merged through it). When the first part covers every row it is kept as it is (no copy); only the rows the
+    later parts reach are summed, in fp32 (or wider). Rows no part reaches are 0 (LSE -inf)."""
+
+    def __init__(self, like: torch.Tensor, length: int, ranges: list, dtype: torch.dtype, lse: bool):
+        self.dtype, self.acc_dtype = dtype, torch.promote_types(dtype, torch.float32)
+        self.lead = bool(ranges) and tuple(ranges[0]) == (0, length)
+        rest = ranges[1:] if self.lead else ranges
+        self.lo, self.hi = (min(a for a, _ in rest), max(b for _, b in rest)) if rest else (0, 0)
+        shape = (*like.shape[:2], length, *like.shape[3:])
+        self.out = None if self.lead else like.new_zeros(shape, dtype=dtype)
+        self.lse = None if self.lead or not lse else like.new_full(shape[:3], -math.inf, dtype=self.acc_dtype)
+        span = (*shape[:2], self.hi - self.lo, *shape[3:])
+        self.acc = like.new_zeros(span, dtype=self.acc_dtype) if rest else None
+        self.acc_lse = like.new_full(span[:3], -math.inf, dtype=self.acc_dtype) if rest and lse else None
+        self.first = self.lead
+
+    def add(self, rows: tuple[int, int], x: torch.Tensor, lse: torch.Tensor | None = None) -> None:
+        lo, hi = self.lo, self.hi
+        if self.first:  # the part that covers every row
+            self.first = False
+            self.out, self.lse = x.to(self.dtype), lse
+            if self.acc is not None:
+                self.acc.copy_(x[:, :, lo:hi])
+                if lse is not None:
+                    self.acc_lse.copy_(lse[:, :, lo:hi])
+            return
+        a, b = rows[0] - lo, rows[1] - lo
+        if lse is None:
+            self.acc[:, :, a:b] += x
+        else:
+            self.acc[:, :, a:b], self.acc_lse[:, :, a:b] = _merge(self.acc[:, :, a:b], self.acc_lse[:, :, a:b], x, lse)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.acc is not None:
+            self.out[:, :, self.lo : self.hi] = self.acc
+            if self.acc_lse is not None:
+                self.lse[:, :, self.lo : self.hi] = self.acc_lse
+        return self.out, self.lse
+
+
+def _by_slot(p: Plan, rank: int) -> dict[int, list]:
+    """Each of the rank's query chunks: the row ranges of its blocks, in the order they run."""
+    slots: dict[int, list] = {s: [] for s in range(len(chunks_of(p.layout, p.world, rank)))}
+    for bl in p.blocks[rank]:
+        slots[bl.q_slot].append(bl.rows)
+    return slots
+
+
+def _by_owner(p: Plan, rank: int) -> dict[int, list]:
+    """Each owner of keys the rank reads: the key ranges of its blocks within what the owner sends, in order."""
+    owners: dict[int, list] = {}
+    for bl in p.blocks[rank]:
+        base = bl.k_slot * p.chunk - p.span(bl.owner, rank)[0]
+        owners.setdefault(bl.owner, []).append((base + bl.keys[0], base + bl.keys[1]))
+    return owners
+
+
 class _ContextParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, p: Plan, scale: float, group, pattern, document_ids, key_lengths):
         rank = dist.get_rank(group)
         k, v = k.contiguous(), v.contiguous()
         kv = _exchange((k, v), p, rank, group)
-        acc = torch.promote_types(q.dtype, torch.float32)  # partial results add up in fp32 (or wider)
-        out = torch.zeros(q.shape, dtype=acc, device=q.device)
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+        slots = {s: _Sum(q, p.chunk, ranges, q.dtype, lse=True) for s, ranges in _by_slot(p, rank).items()}
         for bl in p.blocks[rank]:
             kk, vv = kv.get(bl.owner)
-            rows = slice(bl.q_slot * p.chunk, (bl.q_slot + 1) * p.chunk)
-            keys = slice(bl.k_slot * p.chunk, (bl.k_slot + 1) * p.chunk)
+            rows, keys = _slices(p, bl, rank)
             inputs = _block_inputs(pattern, bl, p.chunk, document_ids, key_lengths)
             o, lse_o = _block_forward(q[:, :, rows], kk[:, :, keys], vv[:, :, keys], bl.pattern, scale, inputs)
-            out[:, :, rows], lse[:, :, rows] = _merge(out[:, :, rows], lse[:, :, rows], o, lse_o)
+            slots[bl.q_slot].add(bl.rows, o, lse_o)
         kv.finish()
-        out = out.to(q.dtype)
+        parts = [slots[s].result() for s in sorted(slots)]
+        out = torch.cat([o for o, _ in parts], dim=2) if len(parts) > 1 else parts[0][0]
+        lse = torch.cat([lse for _, lse in parts], dim=2) if len(parts) > 1 else parts[0][1]
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale, ctx.group = p, scale, group
         ctx.inputs = (pattern, document_ids, key_lengths)
@@ -277,34 +387,51 @@ class _ContextParallel(torch.autograd.Function):
         dout = dout.contiguous()
         kv = _exchange((k, v), p, rank, group)
         acc = torch.promote_types(q.dtype, torch.float32)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        shares: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # owner -> this rank's dK, dV shares of its keys
+        dq = {s: _Sum(q, p.chunk, ranges, q.dtype, lse=False) for s, ranges in _by_slot(p, rank).items()}
+        shares = {}  # owner -> this rank's dK, dV shares of the keys it sent (fp32)
+        for owner, ranges in _by_owner(p, rank).items():
+            a, b = p.span(owner, rank)
+            shares[owner] = tuple(_Sum(k, b - a, ranges, acc, lse=False) for _ in "kv")
         for bl in p.blocks[rank]:
             kk, vv = kv.get(bl.owner)
-            if bl.owner not in shares:
-                shares[bl.owner] = tuple(torch.zeros(k.shape, dtype=acc, device=k.device) for _ in "kv")
-            rows = slice(bl.q_slot * p.chunk, (bl.q_slot + 1) * p.chunk)
-            keys = slice(bl.k_slot * p.chunk, (bl.k_slot + 1) * p.chunk)
+            rows, keys = _slices(p, bl, rank)
             inputs = _block_inputs(pattern, bl, p.chunk, document_ids, key_lengths)
             gq, gk, gv = _block_backward(
                 dout[:, :, rows], q[:, :, rows], kk[:, :, keys], vv[:, :, keys], out[:, :, rows],
                 lse[:, :, rows].contiguous(), bl.pattern, scale, inputs,
             )  # fmt: skip
-            dq[:, :, rows] += gq
-            shares[bl.owner][0][:, :, keys] += gk
-            shares[bl.owner][1][:, :, keys] += gv
+            dq[bl.q_slot].add(bl.rows, gq)
+            key_range = (keys.start, keys.stop)
+            shares[bl.owner][0].add(key_range, gk)
+            shares[bl.owner][1].add(key_range, gv)
         kv.finish()
+        parts = [dq[s].result()[0] for s in sorted(dq)]
+        dq = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
         # The shares go back to their owners, who add them in rank order: deterministic.
-        zero = torch.zeros(k.shape, dtype=acc, device=k.device)
-        recv = {user: (torch.empty_like(zero), torch.empty_like(zero)) for user in p.users(rank)}
-        back = _transfer({owner: shares[owner] for owner in p.needs(rank)}, recv, rank, (), group)
-        dk, dv = (t.clone() for t in shares.get(rank, (zero, zero)))
+        send = {owner: tuple(s.result()[0] for s in shares[owner]) for owner in p.needs(rank)}
+        recv = {}
+        for user in p.users(rank):
+            a, b = p.span(rank, user)
+            recv[user] = tuple(k.new_empty((*k.shape[:2], b - a, *k.shape[3:]), dtype=acc) for _ in "kv")
+        back = _transfer(send, recv, rank, (), group)
+        if rank in shares:
+            dk, dv = (s.result()[0] for s in shares[rank])
+        else:
+            dk, dv = (k.new_zeros(k.shape, dtype=acc) for _ in "kv")
         for user in sorted(recv):
+            a, b = p.span(rank, user)
             sk, sv = back.get(user)
-            dk += sk
-            dv += sv
+            dk[:, :, a:b] += sk
+            dv[:, :, a:b] += sv
         back.finish()
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+def _slices(p: Plan, bl: Block, rank: int) -> tuple[slice, slice]:
+    """The block's rows in this rank's shard and its keys in what its owner sent."""
+    r0 = bl.q_slot * p.chunk
+    k0 = bl.k_slot * p.chunk - p.span(bl.owner, rank)[0]
+    return slice(r0 + bl.rows[0], r0 + bl.rows[1]), slice(k0 + bl.keys[0], k0 + bl.keys[1])
 
 
 def attention(
@@ -335,7 +462,7 @@ def attention(
             f"q [B, Hq, S, D] and k, v [B, Hkv, S, D] shards of one sequence expected, got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
-    p = plan(pattern, dist.get_world_size(group), q.shape[2], layout)
+    p = plan(pattern, dist.get_world_size(group), q.shape[2], layout, TILE)
     S = p.length
     need = pattern.runtime_inputs
     for name, value in (("document_ids", document_ids), ("key_lengths", key_lengths)):

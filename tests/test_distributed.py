@@ -40,24 +40,38 @@ def test_sliding_window_talks_to_neighbours_only():
 
 
 def test_blocks_carry_the_pattern_moved_to_them():
-    """Each block's pattern, on the block's own positions, is the whole sequence's mask there; blocks left out
-    are empty."""
+    """Each block's pattern, on its rectangle's own positions, is the whole sequence's mask there; the rest of its
+    chunk pair, and the blocks left out, are empty."""
     pat = ag.sliding_window(20) | ag.global_tokens(3)
     world, shard_len = 3, 32
     S = world * shard_len
     whole = dense_mask(pat, S, S)[0, 0]
     for layout in D.LAYOUTS:
-        p = D.plan(pat, world, shard_len, layout)
+        p = D.plan(pat, world, shard_len, layout, tile=4)
         L = p.chunk
         covered = torch.zeros(S, S, dtype=torch.bool)
+        trimmed = 0
         for rank, blocks in enumerate(p.blocks):
             for bl in blocks:
-                a = D.chunks_of(layout, world, rank)[bl.q_slot]
-                b = D.chunks_of(layout, world, bl.owner)[bl.k_slot]
-                got = dense_mask(bl.pattern, L, L)[0, 0]
-                assert torch.equal(got, whole[a * L : (a + 1) * L, b * L : (b + 1) * L])
-                covered[a * L : (a + 1) * L, b * L : (b + 1) * L] = True
+                a = D.chunks_of(layout, world, rank)[bl.q_slot] * L
+                b = D.chunks_of(layout, world, bl.owner)[bl.k_slot] * L
+                (r0, r1), (k0, k1) = bl.rows, bl.keys
+                got = dense_mask(bl.pattern, r1 - r0, k1 - k0)[0, 0]
+                assert torch.equal(got, whole[a + r0 : a + r1, b + k0 : b + k1])
+                covered[a + r0 : a + r1, b + k0 : b + k1] = True
+                trimmed += (r1 - r0) * (k1 - k0) < L * L
         assert not (whole & ~covered).any()
+        assert trimmed  # some blocks are smaller than their chunk pair
+
+
+def test_window_blocks_read_only_the_window():
+    """sliding_window(8192) over 2 ranks of 131072 positions: rank 1's block on rank 0's keys covers the window's
+    8192 rows and keys only, and rank 0 sends just those keys."""
+    p = D.plan(ag.sliding_window(8192), 2, 131072, "contiguous")
+    (off,) = [bl for bl in p.blocks[1] if bl.owner == 0]
+    assert off.rows == (0, 8192) and off.keys == (131072 - 8192, 131072)
+    assert p.span(0, 1) == (131072 - 8192, 131072)
+    assert p.span(1, 1) == (0, 131072)
 
 
 def test_blocks_between_unrelated_documents_are_dropped():
@@ -138,6 +152,7 @@ def _worker(rank, world, port, cases):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     D._block_forward, D._block_backward = ref_block_forward, ref_block_backward
+    D.TILE = 4  # blocks trimmed to rectangles of 4-position steps: chunks of 8 and 16 positions hold several
     try:
         for name, layout in cases:
             pat = PATTERNS[name]
