@@ -129,6 +129,56 @@ CASES = [
         300,
         runtime={"buckets": 3, "documents": 4},
     ),
+    # selection rules. N:M: the choice in registers, P·V on sparse tensor cores (wgmma.sp, mma.sp)
+    Case("nm_wgmma_d64", "causal & nm(2, 4): wgmma.sp forward, partial tiles", "causal_nm24", 64, 77, 131),
+    Case("nm_wgmma_d128", "nm(1, 2), D=128, bf16", "nm12", 128, 192, 256, dtype="bf16"),
+    Case("nm_mma_d64", "causal & nm(2, 4), mma.sp forward, mma.sync", "causal_nm24", 64, 77, 131, mma_sync=True),
+    # top-k by blocks: the block scores and choice on the GPU, then the grid as a mask
+    Case("topk_blocks", "causal & topk_blocks(2, 64)", "topk_blocks", 64, 300, 300, Hkv=2),
+    Case("topk_blocks_mma", "causal & topk_blocks(2, 64), mma.sync", "topk_blocks", 128, 300, 300, mma_sync=True),
+    # key-index lists: list preparation, gather forward, dQ, inverse lists and dK/dV; and as bits under |
+    Case(
+        "key_indices_gather",
+        "causal & key_indices(): gather kernels, GQA",
+        "key_indices",
+        64,
+        300,
+        300,
+        Hkv=2,
+        runtime={"key_indices": 24},
+    ),
+    Case(
+        "key_indices_gather_d128",
+        "key_indices(), D=128, bf16, Sq != Sk",
+        "key_indices_alone",
+        128,
+        77,
+        131,
+        dtype="bf16",
+        runtime={"key_indices": 40},
+    ),
+    Case(
+        "key_indices_bits",
+        "key_indices() | sliding_window: lists as bits",
+        "key_indices_or_window",
+        64,
+        200,
+        200,
+        runtime={"key_indices": 16},
+    ),
+    # top-k by token: scores (bmm or the indexer kernel), radix select, lists, then the kernels above
+    Case("topk_exact", "causal & topk(16): per-head lists, bits", "topk_exact", 64, 300, 300),
+    Case(
+        "topk_indexer",
+        "causal & topk(24, indexer()): indexer scores, gather",
+        "topk_indexer",
+        64,
+        300,
+        300,
+        Hkv=2,
+        runtime={"indexer": 4},
+    ),
+    Case("threshold", "causal & threshold(0.05)", "threshold", 64, 200, 200),
 ]
 BY_ID = {c.id: c for c in CASES}
 
@@ -155,6 +205,15 @@ def _patterns() -> dict:
         "window_global": ag.causal() & ag.sliding_window(64) | ag.global_tokens(8),
         "buckets_keep": ag.causal() & ag.buckets() & ag.keep(),
         "documents_buckets": ag.documents() & ag.causal() & ag.buckets(),
+        "causal_nm24": ag.causal() & ag.nm(2, 4),
+        "nm12": ag.nm(1, 2),
+        "topk_blocks": ag.causal() & ag.topk_blocks(2, block=64),
+        "key_indices": ag.causal() & ag.key_indices(),
+        "key_indices_alone": ag.key_indices(),
+        "key_indices_or_window": ag.key_indices() | ag.sliding_window(32),
+        "topk_exact": ag.causal() & ag.topk(16),
+        "topk_indexer": ag.causal() & ag.topk(24, scorer=ag.indexer()),
+        "threshold": ag.causal() & ag.threshold(0.05),
     }
 
 
@@ -195,6 +254,7 @@ def run_child(case_id: str) -> int:
 
     import attngen as ag
     from attngen import bind, prepare, reference
+    from attngen import pattern as P
     from attngen.nvrtc import device_arch
 
     c = BY_ID[case_id]
@@ -218,14 +278,30 @@ def run_child(case_id: str) -> int:
     if "keep" in c.runtime:
         rt_cpu["query_keep"] = torch.rand(c.B, c.Hq, c.Sq, generator=g) < c.runtime["keep"]
         rt_cpu["key_keep"] = torch.rand(c.B, c.Hkv, c.Sk, generator=g) < c.runtime["keep"]
+    if "key_indices" in c.runtime:  # lists with repeats and -1 pads
+        n = c.runtime["key_indices"]
+        rt_cpu["key_indices"] = torch.randint(-1, c.Sk, (c.B, c.Hkv, c.Sq, n), generator=g, dtype=torch.int32)
+    if "indexer" in c.runtime:
+        n = c.runtime["indexer"]
+        rt_cpu["index_q"] = torch.randn(c.B, c.Sq, n, 32, generator=g).to(torch.bfloat16)
+        rt_cpu["index_k"] = torch.randn(c.B, c.Sk, 32, generator=g).to(torch.bfloat16)
+        rt_cpu["index_w"] = torch.rand(c.B, c.Sq, n, generator=g)
     q, k, v = (t.to(dev).requires_grad_(c.backward) for t in cpu)
     dout = dout_cpu.to(dev)
     rt = {name: t.to(dev) for name, t in rt_cpu.items()}
     scale = c.D**-0.5
+    # What the reference is given for a rule whose choice the GPU makes: the choice itself.
+    ref_pat, ref_rt = pat, dict(rt_cpu)
+    if P.topk_leaf(pat) is not None:
+        ref_rt["selected_blocks"] = ag.selected_blocks(q.detach(), k.detach(), pat, **rt).cpu()
+    if P.token_leaf(pat) is not None:
+        lists = ag.selected_keys(q.detach(), k.detach(), pat, scale=scale, **rt).cpu()
+        ref_pat = pat.structure()
+        ref_rt = {"key_indices": lists} | {n: t for n, t in rt_cpu.items() if n == "document_ids"}
 
     if c.mma_sync and arch.startswith("sm_90"):
         kern = _compiled(c, arch)
-        prep = prepare.prepare(pat, q, k, {"document_ids": None, "key_lengths": None, **rt})
+        prep = prepare.prepare(pat, q, k, {"document_ids": None, "key_lengths": None, **rt}, scale)
         out, lse = bind.forward(kern, q.detach(), k.detach(), v.detach(), scale, prep)
         got = None
         if c.backward:
@@ -238,7 +314,7 @@ def run_child(case_id: str) -> int:
     got = [x.cpu() for x in got] if got is not None else None
 
     qc, kc, vc = (t.requires_grad_(c.backward) for t in cpu)
-    ref, ref_lse = reference.attention(qc, kc, vc, pat, dtype=torch.float32, **rt_cpu)
+    ref, ref_lse = reference.attention(qc, kc, vc, ref_pat, dtype=torch.float32, **ref_rt)
     errors = []
     empty = torch.isinf(ref_lse)
     if not torch.isfinite(out).all():
