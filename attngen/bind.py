@@ -61,6 +61,7 @@ def runtime_values(plan: KernelPlan, prep: Prepared, Hq: int) -> list:
         values += [_u64(t.data_ptr()) for t in prep.route.kernel_tensors()]
     if plan.rule is not None:
         values += plan.rule.bind(prep.rule)
+    values += [_u64(t.data_ptr()) for t in prep.score_mod]  # alibi slopes
     if len(values) != len(plan.runtime_args):  # the plan's declaration and this binding must agree
         raise AssertionError(f"bound {len(values)} run-time values for {len(plan.runtime_args)} arguments")
     return values

@@ -69,6 +69,7 @@ def _compile(plan: KernelPlan, render) -> tuple[KernelSource, Binary]:
 
 
 @functools.cache
-def compiled(structure: Pattern, head_dim: int, dtype: str, arch: str) -> Compiled:
-    """The kernels of a pattern structure (see `Pattern.structure`): one compile per structure, never per data."""
-    return Compiled(make_plan(structure, head_dim=head_dim, dtype=dtype, arch=arch))
+def compiled(structure: Pattern, head_dim: int, dtype: str, arch: str, score_mods: tuple = ()) -> Compiled:
+    """The kernels of a pattern structure (see `Pattern.structure`) with score modifications' structures (see
+    `scoremod`): one compile per structure, never per data."""
+    return Compiled(make_plan(structure, head_dim=head_dim, dtype=dtype, arch=arch, score_mods=score_mods))

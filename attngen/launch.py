@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from . import scoremod
 from .errors import InputError
 from .kernel import Compiled, compiled
 from .nvrtc import Binary, device_arch
@@ -138,7 +139,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise InputError(f"q, k, v are on {q.device}; attngen kernels run on CUDA tensors")
 
 
-def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict):
+def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict, mods: tuple = ()):
     D = q.shape[-1]
     if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)):
         raise InputError(f"scale must be a positive finite real number, got {type(scale).__name__} {scale!r:.60}")
@@ -150,9 +151,19 @@ def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict):
         raise InputError(f"scale must be a positive finite number, got {scale}")
     # Under torch.compile this runs at trace time: only tensor work and constants (the pattern's key); planning
     # and compiling happen inside the custom op, on its first call.
+    if mods and (token_leaf(pattern) is not None or pattern.reorders):
+        raise InputError(
+            f"score_mod with {pattern!r}: score modifications do not yet combine with top-k by token (topk, "
+            "threshold) or with buckets, lsh and keep masks"
+        )
     prep = prepare(pattern, q, k, inputs, scale)
+    mods_key = ""
+    if mods:
+        scoremod.check_call(mods, q)
+        prep = replace(prep, score_mod=tuple(scoremod.kernel_tensors(mods)))
+        mods_key = scoremod.key(tuple(m.structure() for m in mods))
     if prep.permutation is None:
-        out, lse = attention_fn(q, k, v, pattern.key, scale, prep.tensors())
+        out, lse = attention_fn(q, k, v, pattern.key, scale, prep.tensors(), mods_key)
         return (out, lse) if return_lse else out
     # Buckets / keep masks: the kernels run on the tokens sorted by bucket (attngen.reorder), then back.
     perm = prep.permutation
@@ -173,6 +184,7 @@ def attention(
     return_lse: bool = False,
     document_ids=None,
     key_lengths: torch.Tensor | None = None,
+    score_mod=None,
     **inputs,
 ):
     """softmax(scale · Q Kᵀ restricted to `pattern`) · V for q [B,Hq,Sq,D], k/v [B,Hkv,Sk,D] -> [B,Hq,Sq,D].
@@ -182,15 +194,17 @@ def attention(
     (query, key) pair when Sq != Sk) and `key_lengths` ([B]) feed `documents()` and `key_padding()`;
     `query_buckets` / `key_buckets` ([B, Hq, Sq] / [B, Hkv, Sk] integers) feed `buckets()`, `query_keep` /
     `key_keep` (bool, same shapes) feed `keep()`; a selection rule's call-time tensors are passed by the names it
-    documents. Differentiable in q, k, v."""
+    documents. `score_mod`: `softcap(c)`, `alibi(slopes)` or a tuple of them, applied in order to s = scale · q·k
+    before the pattern and any selection rule (attngen.scoremod). Differentiable in q, k, v."""
     _check(q, k, v)
     pattern = full() if pattern is None else pattern
     if not isinstance(pattern, Pattern):
         raise InputError(f"pattern must be an attngen pattern, got {type(pattern).__name__}")
     if q.shape[-1] not in HEAD_DIMS:
         raise InputError(f"head_dim {q.shape[-1]} is not supported; supported: {HEAD_DIMS}")
+    mods = scoremod.normalize(score_mod)
     inputs = {"document_ids": document_ids, "key_lengths": key_lengths, **inputs}
-    return _call(pattern, q, k, v, scale, return_lse, inputs)
+    return _call(pattern, q, k, v, scale, return_lse, inputs, mods)
 
 
 def selected_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, **inputs) -> torch.Tensor:
@@ -223,8 +237,10 @@ def compile(
     head_dim: int,
     dtype: torch.dtype = torch.float16,
     arch: str | None = None,
+    score_mod=None,
 ) -> Kernel:
-    """Plan, render and compile `pattern`'s kernels; `arch` defaults to the current GPU's (give it without one)."""
+    """Plan, render and compile `pattern`'s kernels (with `score_mod`'s modifications, as `attention` takes them);
+    `arch` defaults to the current GPU's (give it without one)."""
     if not isinstance(pattern, Pattern):
         raise InputError(f"pattern must be an attngen pattern, got {type(pattern).__name__}")
     if type(head_dim) is not int or head_dim not in HEAD_DIMS:
@@ -233,4 +249,5 @@ def compile(
         if not torch.cuda.is_available():
             raise InputError("no CUDA GPU here: pass arch= (e.g. 'sm_90') to compile without one")
         arch = device_arch(torch.cuda.current_device())
-    return Kernel(pattern, compiled(pattern.structure(), head_dim, normalize_dtype(dtype), arch))
+    mods = tuple(m.structure() for m in scoremod.normalize(score_mod))
+    return Kernel(pattern, compiled(pattern.structure(), head_dim, normalize_dtype(dtype), arch, mods))

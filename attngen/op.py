@@ -12,6 +12,7 @@ import functools
 
 import torch
 
+from . import scoremod
 from .bind import backward, forward
 from .device import gather_rows
 from .kernel import Compiled, compiled
@@ -25,9 +26,9 @@ def _device_of(q: torch.Tensor):
     return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
 
 
-def _compiled_for(name: str, q: torch.Tensor) -> Compiled:
+def _compiled_for(name: str, q: torch.Tensor, mods: str = "") -> Compiled:
     dtype = "fp16" if q.dtype == torch.float16 else "bf16"
-    return compiled(by_key(name), q.shape[-1], dtype, _arch(q.device.index))
+    return compiled(by_key(name), q.shape[-1], dtype, _arch(q.device.index), scoremod.by_key(mods))
 
 
 @functools.cache
@@ -37,15 +38,21 @@ def _arch(device_index: int | None) -> str:
 
 @torch.library.custom_op("attngen::attention", mutates_args=())
 def attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, structure: str, scale: float, tensors: list[torch.Tensor]
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    structure: str,
+    mods: str,
+    scale: float,
+    tensors: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    kern = _compiled_for(structure, q)
+    kern = _compiled_for(structure, q, mods)
     with _device_of(q):
         return forward(kern, q, k, v, scale, Prepared.from_tensors(kern.plan, tensors))
 
 
 @attention_op.register_fake
-def _(q, k, v, structure, scale, tensors):
+def _(q, k, v, structure, mods, scale, tensors):
     B, Hq, Sq, D = q.shape
     return q.new_empty(B, Hq, Sq, D), q.new_empty(B, Hq, Sq, dtype=torch.float32)
 
@@ -60,31 +67,32 @@ def attention_backward_op(
     out: torch.Tensor,
     lse: torch.Tensor,
     structure: str,
+    mods: str,
     scale: float,
     tensors: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    kern = _compiled_for(structure, q)
+    kern = _compiled_for(structure, q, mods)
     with _device_of(q):
         return backward(kern, dout, q, k, v, out, lse, dlse, scale, Prepared.from_tensors(kern.plan, tensors))
 
 
 @attention_backward_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, structure, scale, tensors):
+def _(dout, dlse, q, k, v, out, lse, structure, mods, scale, tensors):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, structure, scale, tensors = inputs
+    q, k, v, structure, mods, scale, tensors = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *tensors)
-    ctx.structure, ctx.scale = structure, scale
+    ctx.structure, ctx.mods, ctx.scale = structure, mods, scale
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(dout, dlse, q, k, v, out, lse, ctx.structure, ctx.scale, tensors)
-    # Layouts, ids and a rule's tensors get no gradient; the list's gradient has the list's structure.
-    return dq, dk, dv, None, None, [None] * len(tensors)
+    dq, dk, dv = attention_backward_op(dout, dlse, q, k, v, out, lse, ctx.structure, ctx.mods, ctx.scale, tensors)
+    # Layouts, ids, a rule's tensors and alibi slopes get no gradient; the list's gradient has the list's structure.
+    return dq, dk, dv, None, None, None, [None] * len(tensors)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -94,12 +102,12 @@ class _Attention(torch.autograd.Function):
     """The eager form: the same kernels and saved tensors as the custom op, without the dispatcher."""
 
     @staticmethod
-    def forward(ctx, q, k, v, structure, scale, *tensors):
-        kern = _compiled_for(structure, q)
+    def forward(ctx, q, k, v, structure, mods, scale, *tensors):
+        kern = _compiled_for(structure, q, mods)
         with _device_of(q):
             out, lse = forward(kern, q, k, v, scale, Prepared.from_tensors(kern.plan, list(tensors)))
         ctx.save_for_backward(q, k, v, out, lse, *tensors)
-        ctx.structure, ctx.scale = structure, scale
+        ctx.structure, ctx.mods, ctx.scale = structure, mods, scale
         ctx.set_materialize_grads(False)  # an unused LSE (or output) needs no zero-filled gradient
         return out, lse
 
@@ -108,20 +116,27 @@ class _Attention(torch.autograd.Function):
         q, k, v, out, lse, *tensors = ctx.saved_tensors
         if dout is None:  # only the LSE was used
             dout = torch.zeros_like(out)
-        kern = _compiled_for(ctx.structure, q)
+        kern = _compiled_for(ctx.structure, q, ctx.mods)
         with _device_of(q):
             prep = Prepared.from_tensors(kern.plan, tensors)
             dq, dk, dv = backward(kern, dout, q, k, v, out, lse, dlse, ctx.scale, prep)
-        return dq, dk, dv, None, None, *([None] * len(tensors))
+        return dq, dk, dv, None, None, None, *([None] * len(tensors))
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, structure: str, scale: float, tensors: list[torch.Tensor]
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    structure: str,
+    scale: float,
+    tensors: list[torch.Tensor],
+    mods: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse): the custom op while torch.compile traces, the autograd function otherwise."""
+    """(out, lse): the custom op while torch.compile traces, the autograd function otherwise. `structure` names the
+    pattern's structure (`Pattern.key`), `mods` the score modifications' (`scoremod.key`)."""
     if torch.compiler.is_compiling():
-        return attention_op(q, k, v, structure, scale, tensors)
-    return _Attention.apply(q, k, v, structure, scale, *tensors)
+        return attention_op(q, k, v, structure, mods, scale, tensors)
+    return _Attention.apply(q, k, v, structure, mods, scale, *tensors)
 
 
 # ------------------------------------------------------------------------------------------- reordered calls

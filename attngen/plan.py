@@ -58,13 +58,20 @@ class KernelPlan:
     runtime_args: tuple[RuntimeArg, ...]  # the position leaves' arguments, then the rule's
     layouts: tuple[P.LayoutSlot, ...]  # the pattern's block layouts, in argument order
     gather: Gather | None = None  # key-index lists walked by gather kernels instead of tiles (then fwd/dkdv/dq unused)
+    score_mods: tuple = ()  # scoremod structures (Softcap, AlibiSlot), applied in order to every visited score
 
     @property
     def name(self) -> str:
         """Readable prefix of cache keys, e.g. `causal_bf16_hd64`."""
         kinds = sorted({type(leaf).__name__.lower() for leaf in self.pattern.leaves()})
         stem = "dense" if self.is_dense and self.select.rule == "none" else "_".join(kinds)
-        return f"{stem}_{self.dtype}_hd{self.head_dim}"
+        mods = "".join(f"_{type(m).__name__.lower().removesuffix('slot')}" for m in self.score_mods)
+        return f"{stem}{mods}_{self.dtype}_hd{self.head_dim}"
+
+    @property
+    def mod_grad(self) -> bool:
+        """The score modifications' derivative is not 1 (a softcap): the backward multiplies dS by it."""
+        return any(hasattr(m, "cap") for m in self.score_mods)
 
     @property
     def is_dense(self) -> bool:
@@ -107,6 +114,7 @@ class KernelPlan:
 
     def __str__(self) -> str:
         args = ", ".join(map(str, self.runtime_args)) or "none"
+        mods = ", ".join(map(repr, self.score_mods))
         head = [f"KernelPlan for {self.pattern!r}", f"  problem   {self.dtype}, head_dim {self.head_dim}, {self.arch}"]
         if self.gather is not None:
             return "\n".join([*head, f"  gather    {self.gather}", f"  run-time  {args}"])
@@ -118,6 +126,7 @@ class KernelPlan:
                 f"  dQ        {self.dq}",
                 f"  mask      evaluated on partial tiles only: {self.mask_c}",
                 f"  select    {self.select}",
+                *([f"  score mod {mods}, on every visited tile"] if mods else []),
                 "  tiles     full tiles run with no mask, empty tiles are never visited (see Schedule)",
                 f"  run-time  {args}",
             ]
@@ -299,8 +308,9 @@ def next_tiling(plan: KernelPlan, kernel: str) -> KernelPlan | None:
     return None if lean is None else replace(plan, **{kernel: lean})
 
 
-def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str) -> KernelPlan:
-    """Plan the forward and backward kernels of `pattern`'s structure for one dtype, head dim and arch."""
+def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str, score_mods: tuple = ()) -> KernelPlan:
+    """Plan the forward and backward kernels of `pattern`'s structure for one dtype, head dim and arch, with the
+    score modifications' structures `score_mods` (scoremod: Softcap, AlibiSlot)."""
     if not isinstance(pattern, P.Pattern):
         raise InputError(f"expected an attngen pattern, got {type(pattern).__name__}")
     if type(head_dim) is not int or head_dim not in HEAD_DIMS:
@@ -321,7 +331,11 @@ def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str) ->
         mask_c = _lower(positions, affine.BRANCH_FREE if branch_free else affine.GUARDED, at)
     block_sizes = _block_sizes(structure, layouts)
     cheap_mask = branch_free or row_ranges
-    gather = _gather(positions, head_dim) if select.rule == "none" else None
+    score_mods = tuple(m.structure() if hasattr(m, "structure") else m for m in score_mods)  # slopes -> slot
+    if score_mods and positions.reorders:
+        raise InputError(f"{pattern!r}: score modifications on reordered (bucketed) calls are not supported yet")
+    # The gather kernels take no score modification: the lists then run as bits on the ordinary kernels.
+    gather = _gather(positions, head_dim) if select.rule == "none" and not score_mods else None
     # A gather plan's kernels are mma.sync kernels of their own; the tile tilings below are then unused, and kept to
     # the mma.sync family's so that nothing takes the plan for a TMA one.
     tile_arch = "sm_80" if gather is not None else arch
@@ -338,10 +352,17 @@ def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str) ->
         branch_free=branch_free,
         row_ranges=row_ranges,
         select=select,
-        runtime_args=_runtime_args(positions, layouts) + select.runtime_args,
+        runtime_args=_runtime_args(positions, layouts) + select.runtime_args + _score_mod_args(score_mods),
         layouts=layouts,
         gather=gather,
+        score_mods=tuple(score_mods),
     )
+
+
+def _score_mod_args(score_mods: tuple) -> tuple[RuntimeArg, ...]:
+    from .scoremod import AlibiSlot
+
+    return tuple(RuntimeArg("alibi_slopes", POINTER.format("float")) for m in score_mods if isinstance(m, AlibiSlot))
 
 
 def _gather(positions: P.Pattern, head_dim: int) -> Gather | None:

@@ -35,6 +35,7 @@ class Prepared:
     route: Route | None = None  # a reordering pattern's sorted tokens
     rule: tuple[torch.Tensor, ...] = ()  # the selection rule's tensors, in its run-time argument order
     permutation: Permutation | None = None  # how q, k, v move into the route's order and back (not a kernel input)
+    score_mod: tuple[torch.Tensor, ...] = ()  # the score modifications' tensors (alibi slopes, fp32 [Hq])
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the kernels read, in ABI order."""
@@ -43,7 +44,7 @@ class Prepared:
         listed = [] if self.key_bits is None else [self.key_bits, self.key_lists, self.key_counts]
         routed = [] if self.route is None else self.route.tensors()
         blocks = [] if self.blocks is None else [self.blocks]
-        return [*self.layouts, *blocks, *docs, *lengths, *listed, *routed, *self.rule]
+        return [*self.layouts, *blocks, *docs, *lengths, *listed, *routed, *self.rule, *self.score_mod]
 
     @staticmethod
     def from_tensors(plan: KernelPlan, tensors: list[torch.Tensor]) -> Prepared:
@@ -58,6 +59,9 @@ class Prepared:
         bits, lists, counts = (rest.pop(0), rest.pop(0), rest.pop(0)) if "key_indices" in inputs else (None,) * 3
         n = Route.count(plan.positions)
         routed = Route.from_tensors(plan.positions, rest[:n]) if n else None
+        m = sum(name == "alibi_slopes" for name in (a.name for a in plan.runtime_args))
+        mods = tuple(rest[len(rest) - m :]) if m else ()
+        del rest[len(rest) - m :]
         return Prepared(
             layouts,
             blocks,
@@ -68,6 +72,7 @@ class Prepared:
             key_counts=counts,
             route=routed,
             rule=tuple(rest[n:]),
+            score_mod=mods,
         )
 
 

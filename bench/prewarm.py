@@ -18,13 +18,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 def build(job):
     from attngen import kernel
 
-    pattern, head_dim, dtype, arch, mma_sync = job
-    if mma_sync:  # the mma.sync family on a Hopper GPU, as the tests' test_mma_sync_family_on_hopper plan it
+    pattern, head_dim, dtype, arch, mma_sync, *mods = job
+    mods = tuple(mods[0]) if mods else ()
+    if mma_sync and mods:  # as tests/test_score_mod_gpu.py plans them
+        from test_score_mod_gpu import _mma_sync_kernels as with_mods
+
+        kern = with_mods(pattern, mods, head_dim, dtype)
+    elif mma_sync:  # the mma.sync family on a Hopper GPU, as the tests' test_mma_sync_family_on_hopper plan it
         from test_kernels_gpu import _mma_sync_kernels
 
         kern = _mma_sync_kernels(pattern, head_dim, dtype, arch)
     else:
-        kern = kernel.compiled(pattern.structure(), head_dim, dtype, arch)
+        kern = kernel.compiled(pattern.structure(), head_dim, dtype, arch, mods)
     kern.backward_binary  # noqa: B018 - compiles and caches the backward kernels
     return repr(pattern), head_dim, dtype
 
@@ -73,6 +78,12 @@ def jobs(arch: str):
     tokens = [make(scorer, 1) for make in BY_TOKEN.values() for scorer in (None, ag.indexer())]
     tokens.append(ag.key_padding() & ag.topk(1, scorer=ag.indexer()))
     out += [(p, d, t, arch, False) for p in tokens for d in (64, 128) for t in dtypes]
+    # score modifications (test_score_mod_gpu.py)
+    from test_score_mod_gpu import kernel_sets
+
+    out += [(p, d, t, arch, mma, mods) for p, mods, d, t, mma in kernel_sets()]
+    benched = [(ag.causal(), (ag.alibi(torch.ones(16)).structure(),)), (ag.sliding_window(1024), (ag.softcap(50.0),))]
+    out += [(p, d, "fp16", arch, False, mods) for p, mods in benched for d in (64, 128)]  # bench_score_mod.py
     return out
 
 
@@ -80,7 +91,7 @@ if __name__ == "__main__":
     arch = sys.argv[1] if len(sys.argv) > 1 else "sm_90"
     todo = jobs(arch)
     if len(sys.argv) > 2:  # only the patterns whose repr matches this regular expression
-        todo = [job for job in todo if re.search(sys.argv[2], repr(job[0]))]
+        todo = [job for job in todo if re.search(sys.argv[2], repr(job[0]) + " " + repr(job[5:]))]
     with ProcessPoolExecutor(max_workers=16) as pool:
         for _ in pool.map(build, todo):
             pass

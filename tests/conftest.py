@@ -49,7 +49,7 @@ def reference_kernels(monkeypatch):
 
     import torch
 
-    from attngen import launch, op, reference
+    from attngen import launch, op, reference, scoremod
     from attngen import pattern as P
     from attngen.select import split_selection
 
@@ -63,11 +63,20 @@ def reference_kernels(monkeypatch):
             if "run on CUDA tensors" not in str(e):
                 raise
 
-    def compiled_for(name, q):
+    def compiled_for(name, q, mods=""):
         structure = P.by_key(name)
         layouts = tuple(dict.fromkeys(leaf for leaf in structure.leaves() if isinstance(leaf, P.LayoutSlot)))
-        plan = SimpleNamespace(layouts=layouts, positions=split_selection(structure)[0])
-        return SimpleNamespace(plan=plan, name=name)
+        mods = scoremod.by_key(mods)
+        slopes = tuple(SimpleNamespace(name="alibi_slopes") for m in mods if isinstance(m, scoremod.AlibiSlot))
+        plan = SimpleNamespace(layouts=layouts, positions=split_selection(structure)[0], runtime_args=slopes)
+        return SimpleNamespace(plan=plan, name=name, mods=mods)
+
+    def mods_of(kern, prep):
+        """The call's score modifications: the structures, with the slopes the call passed."""
+        slopes = iter(prep.score_mod)
+        return tuple(
+            scoremod.Alibi(next(slopes), m.align) if isinstance(m, scoremod.AlibiSlot) else m for m in kern.mods
+        )
 
     def rebuild(pat, grids):
         if isinstance(pat, (P.And, P.Or)):
@@ -89,7 +98,10 @@ def reference_kernels(monkeypatch):
 
     def reference_of(kern, q, k, v, scale, prep):
         pat = rebuild(P.by_key(kern.name), prep.layouts)
-        return reference.attention(q, k, v, pat, scale=scale, dtype=torch.float32, **inputs_of(prep)), pat
+        mods = mods_of(kern, prep)
+        return reference.attention(
+            q, k, v, pat, scale=scale, dtype=torch.float32, score_mod=mods, **inputs_of(prep)
+        ), pat
 
     def forward(kern, q, k, v, scale, prep):
         (out, lse), pat = reference_of(kern, q, k, v, scale, prep)
@@ -103,7 +115,10 @@ def reference_kernels(monkeypatch):
         inputs = inputs_of(prep)
         Sq, Sk, groups = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]
         qf, kf, vf = q.float(), k.float().repeat_interleave(groups, 1), v.float().repeat_interleave(groups, 1)
-        s = torch.einsum("bhqd,bhkd->bhqk", qf, kf) * scale
+        with torch.enable_grad():  # the score modifications' derivative, below
+            raw = (torch.einsum("bhqd,bhkd->bhqk", qf, kf) * scale).requires_grad_()
+            modified = scoremod.reference(mods_of(kern, prep), raw)
+        s = modified.detach()
         positions, rule = split_selection(pat)
         kept = P.dense_mask(positions, Sq, Sk, device=q.device, q=q, **inputs)
         if rule is not None:
@@ -115,6 +130,8 @@ def reference_kernels(monkeypatch):
         ds = p * (do @ vf.transpose(-1, -2) - (do * (p @ vf)).sum(-1, keepdim=True))
         if dlse is not None:
             ds = ds + p * dlse.float().unsqueeze(-1)
+        if modified.grad_fn is not None:
+            ds = torch.autograd.grad(modified, raw, ds)[0]
         dq = ds @ kf * scale
         dk, dv = (ds.transpose(-1, -2) @ qf) * scale, p.transpose(-1, -2) @ do
         dk, dv = (g.unflatten(1, (k.shape[1], groups)).sum(2) for g in (dk, dv))

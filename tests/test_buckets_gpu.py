@@ -177,7 +177,7 @@ def test_mma_sync_family_on_hopper(name, D, monkeypatch):
 
     pat = PATTERNS[name]
     kern = _mma_sync_kernels(pat, D, "bf16")
-    monkeypatch.setattr(op, "_compiled_for", lambda structure, q: kern)
+    monkeypatch.setattr(op, "_compiled_for", lambda structure, q, mods="": kern)
     for Sq, Sk in [(17, 17), (1000, 1000), (300, 517)]:
         gen = _gen("mma.sync", name, D, Sq, Sk)
         q, k, v = _inputs(B, HQ, HKV, Sq, Sk, D, torch.bfloat16, gen, requires_grad=True)

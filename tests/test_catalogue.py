@@ -44,7 +44,7 @@ def positions(n: int = S) -> tuple[torch.Tensor, torch.Tensor]:
 def test_catalogue_has_the_named_patterns():
     names = {f.stem for f in FILES}
     expected = {"longformer", "bigbird", "streaming_llm", "document_causal", "prefix_lm", "dilated_blocks", "dfss"}
-    expected |= {"dsa", "deepseek_indexer"}
+    expected |= {"dsa", "deepseek_indexer", "gemma2", "alibi"}
     assert expected <= names
 
 
@@ -227,3 +227,20 @@ def test_deepseek_indexer_one_selection_for_every_head_on_the_gather_kernels():
     assert torch.equal(attngen.key_indices().mask(48, 48, key_indices=lists, q=q), m.expand(1, 4, 48, 48))
     plan = make_plan(indexer.pattern(), head_dim=128, dtype="bf16", arch="sm_90a")
     assert plan.gather is not None and plan.gather.rest_c == "k <= q"
+
+
+def test_gemma2_alternates_window_and_global_layers_and_caps_logits():
+    gemma = load("gemma2")
+    i, j = positions()
+    assert torch.equal(mask2d(gemma.pattern(0, window=32)), (j <= i) & (j > i - 32))
+    assert torch.equal(mask2d(gemma.pattern(1, window=32)), j <= i)
+    assert gemma.score_mod() == attngen.softcap(50.0)
+
+
+def test_alibi_slopes_follow_the_paper():
+    """Geometric 2^(-8 i / n) for a power of two; otherwise the next lower power's, then every other of twice it."""
+    alibi = load("alibi")
+    assert alibi.slopes(8) == [2.0 ** -(i + 1) for i in range(8)]
+    assert alibi.slopes(12) == alibi.slopes(8) + [2.0 ** -(i + 0.5) for i in range(4)]
+    mod = alibi.score_mod(12)
+    assert torch.equal(mod.slopes, torch.tensor(alibi.slopes(12))) and alibi.pattern() == attngen.causal()

@@ -129,9 +129,9 @@ def test_custom_op_fake_implementations():
     q = torch.empty(2, 8, 100, 64, dtype=torch.bfloat16, device="meta")
     k = v = torch.empty(2, 2, 70, 64, dtype=torch.bfloat16, device="meta")
     name = pat.key
-    out, lse = torch.ops.attngen.attention(q, k, v, name, 0.125, [])
+    out, lse = torch.ops.attngen.attention(q, k, v, name, "", 0.125, [])
     assert (out.shape, out.dtype, lse.shape, lse.dtype) == (q.shape, q.dtype, (2, 8, 100), torch.float32)
-    dq, dk, dv = torch.ops.attngen.attention_backward(out, lse, q, k, v, out, lse, name, 0.125, [])
+    dq, dk, dv = torch.ops.attngen.attention_backward(out, lse, q, k, v, out, lse, name, "", 0.125, [])
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
     assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16
 
@@ -188,7 +188,7 @@ def cpu_kernels(monkeypatch):
         seen["backward"] = [t.data_ptr() for t in prep.tensors()]
         return tuple(g * 2 for g in (q, k, v))  # what the kernels would return, here easy to recognise
 
-    compiled = lambda name, q: ag.compile(seen["pattern"], head_dim=64, arch="sm_80").compiled
+    compiled = lambda name, q, mods="": ag.compile(seen["pattern"], head_dim=64, arch="sm_80").compiled
     monkeypatch.setattr(op, "_compiled_for", compiled)
     monkeypatch.setattr(op, "forward", forward)
     monkeypatch.setattr(op, "backward", backward)
@@ -211,8 +211,8 @@ def test_autograd_carries_the_tensor_list(cpu_kernels, form, uses):
     q, k, v = (torch.randn(1, 2, 8, 64, requires_grad=True) for _ in range(3))
     prep = prepare.prepare(LAYOUT_DOCS, q, k, {"document_ids": ids, "key_lengths": None})
     assert len(prep.tensors()) == 3  # the layout grid, query ids, key ids
-    run = op.attention_op if form == "custom_op" else lambda *a: op._Attention.apply(*a[:5], *a[5])
-    out, lse = run(q, k, v, LAYOUT_DOCS.key, 0.125, prep.tensors())
+    run = op.attention_op if form == "custom_op" else lambda *a: op._Attention.apply(*a[:6], *a[6])
+    out, lse = run(q, k, v, LAYOUT_DOCS.key, "", 0.125, prep.tensors())
     loss = {"out": out.sum(), "lse": lse.sum(), "both": out.sum() + lse.sum()}[uses]
     grads = torch.autograd.grad(loss, (q, k, v))
     assert all(torch.equal(g, 2 * t) for g, t in zip(grads, (q, k, v)))

@@ -161,7 +161,7 @@ def test_mma_sync_family_on_hopper(name, D, monkeypatch):
 
     pat = PATTERNS[name]
     kern = _mma_sync_kernels(pat, D, "bf16")
-    monkeypatch.setattr(op, "_compiled_for", lambda structure, q: kern)
+    monkeypatch.setattr(op, "_compiled_for", lambda structure, q, mods="": kern)
     for Sq, Sk in [(17, 17), (1000, 1000), (300, 517)]:
         _, _, (q, k, v), rt, grid, where = _case(name, "bf16", D, Sq, Sk, "mma.sync", requires_grad=True)
         got = ag.attention(q, k, v, pat, return_lse=True, **rt)

@@ -583,10 +583,22 @@ def test_set_pattern_validates():
 # -------------------------------------------------------------------------------------------------- errors
 
 
-def test_gemma2_softcapping_is_refused_clearly(reference_kernels):
-    agm = model("gemma2", "attngen", torch.bfloat16, attn_logit_softcapping=50.0)
-    with pytest.raises(InputError, match=r"soft-capping .* needs score modifications"):
-        agm(ids(1, 8))
+def test_gemma2_softcapping_runs_as_a_score_modification(float32_kernels):
+    """Gemma-2 with attn_logit_softcapping (a cap of 0.5, so that it bites): attngen's calls cap the scores, and
+    logits and gradients match eager attention, which caps the logits itself."""
+    agm, eager = models_fp32("gemma2", attn_logit_softcapping=0.5)
+    x = ids(2, 24)
+    ours, theirs = agm(x).logits, eager(x).logits
+    assert_exact(ours, theirs, "gemma2 softcapped logits")
+    assert float32_kernels.calls  # attngen's attention ran
+    plain = model("gemma2", "attngen", attn_logit_softcapping=None)  # the same weights without the cap
+    with torch.no_grad():
+        assert not torch.allclose(plain(x).logits, ours, atol=1e-3)
+    (ours.square().mean()).backward()
+    (theirs.square().mean()).backward()
+    for (name, a), b in zip(agm.named_parameters(), eager.parameters()):
+        if a.grad is not None:
+            assert_exact(a.grad, b.grad, f"gradient of {name}")
 
 
 def test_unsupported_settings_raise(reference_kernels):

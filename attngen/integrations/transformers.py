@@ -29,8 +29,9 @@ cache the window's first key is index 0, so position-dependent rules (`nm`'s key
 cache's indices there. Patterns that need call-time tensors of their own (`documents()`, `key_padding()`) are
 refused: the model's mask provides those. Block layouts work where Sq == Sk and are refused in decoding calls.
 
-**Refused with a clear error** (`attngen.InputError`): attention logit soft-capping (Gemma-2's
-`attn_logit_softcapping`: it needs score modifications, not supported yet); attention dropout while training;
+Gemma-2's attention logit soft-capping (`attn_logit_softcapping`) runs as the score modification `softcap`.
+
+**Refused with a clear error** (`attngen.InputError`): attention dropout while training;
 `output_attentions=True`; head dims attngen has no kernels for; dtypes other than fp16 / bf16 (outside autocast);
 CPU tensors (the kernels run on CUDA); a dense 4-D `attention_mask` handed to the model.
 
@@ -69,6 +70,7 @@ import torch
 from .. import pattern as P
 from ..errors import InputError
 from ..launch import attention as _attention
+from ..scoremod import softcap as softcap_mod
 from ..select import split_selection
 from ..symbols import Sk, Sq, q
 from ..tiling import HEAD_DIMS
@@ -481,12 +483,6 @@ def attngen_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention function for attn_implementation="attngen" (`AttentionInterface`): query
     [B, Hq, Sq, D], key / value [B, Hkv, Sk, D] (after the cache update) -> ([B, Sq, Hq, D], None)."""
-    if softcap is not None:
-        raise InputError(
-            f"attn_implementation='attngen': attention logit soft-capping (softcap={softcap}, Gemma-2's "
-            "attn_logit_softcapping) needs score modifications, which attngen does not support yet; set "
-            "config.attn_logit_softcapping = None or use another attn_implementation"
-        )
     if dropout:
         raise InputError(
             f"attn_implementation='attngen' does not support attention dropout ({dropout} while training); set the "
@@ -516,7 +512,8 @@ def attngen_attention(
     run = resolve(module, query.shape[2], key.shape[2], attention_mask, sliding_window, is_causal)
     if run.keys_used != key.shape[2]:
         key, value = key[:, :, : run.keys_used], value[:, :, : run.keys_used]
-    out = _attention(query, key, value, run.pattern, scale=scaling, **run.inputs)
+    score_mod = None if softcap is None else softcap_mod(softcap)  # Gemma-2's attn_logit_softcapping
+    out = _attention(query, key, value, run.pattern, scale=scaling, score_mod=score_mod, **run.inputs)
     return out.transpose(1, 2), None
 
 

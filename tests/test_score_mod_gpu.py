@@ -1,0 +1,118 @@
+"""GPU: score modifications (`softcap`, `alibi`) in both kernel families, forward and backward, against
+attngen.reference (float64) with the same modifications; N:M ranking the modified scores. Outputs are poisoned
+(ATTNGEN_POISON_OUTPUTS=1). Skipped cleanly without a CUDA GPU."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from test_kernels_gpu import DTYPES, GPU_TESTS, _check_call, _check_forward, _check_grads, _gen, _inputs
+
+import attngen as ag
+from attngen import bind, kernel, plan, prepare, reference, scoremod, tiling
+
+pytestmark = GPU_TESTS
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+HQ, HKV = 4, 2
+SLOPES = [2.0 ** -(h + 1) for h in range(HQ)]  # ALiBi's geometric slopes for 4 heads
+PATTERNS = {
+    "causal": ag.causal(),
+    "sliding_window": ag.sliding_window(100),
+    "full": ag.full(),
+}
+# softcap(2.0) bites: the scores of unit-normal q, k at D=64 spread over a few units.
+MODS = {
+    "softcap": lambda dev="cuda": (ag.softcap(2.0),),
+    "alibi": lambda dev="cuda": (ag.alibi(torch.tensor(SLOPES, device=dev)),),
+    "alibi_br+softcap": lambda dev="cuda": (
+        ag.alibi(torch.tensor(SLOPES, device=dev), "bottom_right"),
+        ag.softcap(5.0),
+    ),
+}
+LENGTHS = [(1, 1), (77, 77), (1000, 1000), (300, 517), (517, 300)]
+
+
+def _mma_sync_kernels(pat, mods, D: int, dtype: str):
+    """The mma.sync family's kernels of `pat` with `mods` (what GPUs other than Hopper run), on this GPU."""
+    p = plan.make_plan(pat, head_dim=D, dtype=dtype, arch="sm_90", score_mods=mods)
+    return kernel.Compiled(replace(p, fwd=tiling.forward_tiles(D), dkdv=tiling.dkdv_tiles(D), dq=tiling.dq_tiles(D)))
+
+
+def kernel_sets() -> list[tuple]:
+    """(pattern, modification structures, head dim, dtype, mma.sync forced) of every kernel set these tests run:
+    bench/prewarm.py compiles them ahead."""
+    out = []
+    for pat in PATTERNS.values():
+        for make in MODS.values():
+            mods = tuple(m.structure() for m in make("cpu"))
+            out += [(pat, mods, D, dtype, False) for D in (64, 128) for dtype in DTYPES]
+            out.append((pat, mods, 64, "bf16", True))
+    out.append((ag.causal() & ag.nm(2, 4), (ag.alibi(torch.ones(HQ)).structure(),), 64, "fp16", False))
+    return out
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("mods", list(MODS))
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_forward_and_backward(name, mods, dtype, D):
+    pat = PATTERNS[name]
+    for Sq, Sk in LENGTHS:
+        gen = _gen("score_mod", name, mods, dtype, D, Sq, Sk)
+        q, k, v = _inputs(2, HQ, HKV, Sq, Sk, D, DTYPES[dtype], gen, requires_grad=True)
+        score_mod = MODS[mods]()
+        got = ag.attention(q, k, v, pat, return_lse=True, score_mod=score_mod)
+        want = reference.attention(q, k, v, pat, dtype=torch.float64, score_mod=score_mod)
+        _check_call(q, k, v, got, want, dtype, f"{pat!r} {score_mod} {dtype} D={D} Sq={Sq} Sk={Sk}")
+
+
+@pytest.mark.skipif(not HOPPER, reason="the mma.sync family on a Hopper GPU (elsewhere the planner picks it)")
+@pytest.mark.parametrize("mods", list(MODS))
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_mma_sync_family_on_hopper(name, mods):
+    pat, D, dtype = PATTERNS[name], 64, "bf16"
+    score_mod = MODS[mods]()
+    kern = _mma_sync_kernels(pat, score_mod, D, dtype)
+    assert "mma.sync" in kern.forward_source.code and "struct ScoreMod" in kern.backward_source.code
+    for Sq, Sk in LENGTHS:
+        gen = _gen("score_mod mma", name, mods, Sq, Sk)
+        q, k, v = _inputs(2, HQ, HKV, Sq, Sk, D, DTYPES[dtype], gen)
+        prep = prepare.prepare(pat, q, k, {"document_ids": None, "key_lengths": None})
+        prep = replace(prep, score_mod=tuple(scoremod.kernel_tensors(score_mod)))
+        out, lse = bind.forward(kern, q, k, v, D**-0.5, prep)
+        qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+        ref, ref_lse = reference.attention(qr, kr, vr, pat, dtype=torch.float64, score_mod=score_mod)
+        where = f"mma.sync {pat!r} {score_mod} Sq={Sq} Sk={Sk}"
+        _check_forward(out, lse, ref, ref_lse, dtype, where)
+        dout = torch.randn_like(out)
+        got = bind.backward(kern, dout, q, k, v, out, lse, None, D**-0.5, prep)
+        _check_grads(got, torch.autograd.grad(ref, (qr, kr, vr), dout), dtype, where)
+
+
+def test_nm_ranks_the_modified_scores():
+    """causal & nm(2, 4) with ALiBi: on a grid of quarters (exact fp32 products, slopes powers of 2) the kernels and
+    the float64 reference keep the same keys; ALiBi changes which (the same call without it differs)."""
+    pat, D = ag.causal() & ag.nm(2, 4), 64
+    gen = _gen("score_mod nm")
+    Sq = Sk = 300
+    grid = lambda *s: (torch.randint(-4, 5, s, generator=gen) / 4).to("cuda", torch.float16).requires_grad_()
+    q, k, v = grid(2, HQ, Sq, D), grid(2, HKV, Sk, D), grid(2, HKV, Sk, D)
+    score_mod = (ag.alibi(torch.tensor([1.0, 0.5, 0.25, 0.125], device="cuda")),)
+    got = ag.attention(q, k, v, pat, return_lse=True, score_mod=score_mod)
+    want = reference.attention(q, k, v, pat, dtype=torch.float64, score_mod=score_mod)
+    _check_call(q, k, v, got, want, "fp16", f"{pat!r} {score_mod}")
+    plain = ag.attention(q, k, v, pat, score_mod=(ag.alibi(torch.zeros(HQ, device="cuda")),))
+    assert not torch.allclose(plain, got[0], atol=1e-2)
+
+
+def test_slopes_are_data_one_compile():
+    """New slopes, the same kernels: the result follows the slopes (zero slopes: plain attention)."""
+    gen = _gen("score_mod slopes")
+    q, k, v = _inputs(1, HQ, HKV, 200, 200, 64, torch.float16, gen)
+    zero = ag.attention(q, k, v, ag.causal(), score_mod=ag.alibi(torch.zeros(HQ, device="cuda")))
+    plain = ag.attention(q, k, v, ag.causal())
+    assert torch.allclose(zero, plain, atol=2e-3, rtol=0)
+    steep = ag.attention(q, k, v, ag.causal(), score_mod=ag.alibi(torch.full((HQ,), 32.0, device="cuda")))
+    assert torch.allclose(steep, v.repeat_interleave(HQ // HKV, 1), atol=1e-2)  # each query its own key
+    with pytest.raises(ag.InputError, match="one per query head"):
+        ag.attention(q, k, v, ag.causal(), score_mod=ag.alibi(torch.zeros(HQ + 1, device="cuda")))
