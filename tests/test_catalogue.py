@@ -5,6 +5,7 @@ draws the mask and prints the expression and tile schedule. CPU only: the schedu
 import functools
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ def positions(n: int = S) -> tuple[torch.Tensor, torch.Tensor]:
 def test_catalogue_has_the_named_patterns():
     names = {f.stem for f in FILES}
     expected = {"longformer", "bigbird", "streaming_llm", "document_causal", "prefix_lm", "dilated_blocks", "dfss"}
-    expected |= {"dsa", "deepseek_indexer", "gemma2", "alibi"}
+    expected |= {"dsa", "deepseek_indexer", "gemma2", "alibi", "natten", "dilated_window"}
     assert expected <= names
 
 
@@ -244,3 +245,32 @@ def test_alibi_slopes_follow_the_paper():
     assert alibi.slopes(12) == alibi.slopes(8) + [2.0 ** -(i + 0.5) for i in range(4)]
     mod = alibi.score_mod(12)
     assert torch.equal(mod.slopes, torch.tensor(alibi.slopes(12))) and alibi.pattern() == attngen.causal()
+
+
+def test_natten_2d_windows_shift_inwards_at_the_borders():
+    """Every query of a 16 x 16 grid sees exactly its 5 x 5 neighbourhood, clamped inside the grid."""
+    H = W = 16
+    qi, qj = torch.arange(S) // W, torch.arange(S) % W
+    start_i, start_j = (qi - 2).clamp(0, H - 5), (qj - 2).clamp(0, W - 5)
+    rows = (qi[None, :] >= start_i[:, None]) & (qi[None, :] < start_i[:, None] + 5)
+    cols = (qj[None, :] >= start_j[:, None]) & (qj[None, :] < start_j[:, None] + 5)
+    got = mask2d(load("natten").pattern(H, W, 5, 5))
+    assert torch.equal(got, rows & cols) and set(got.sum(1).tolist()) == {25}
+
+
+def test_natten_1d_and_its_tiles():
+    natten = load("natten")
+    _, j = positions()
+    start = (torch.arange(S) - 3).clamp(0, S - 7)[:, None]
+    assert torch.equal(mask2d(natten.pattern_1d(7)), (j >= start) & (j < start + 7))
+    # 7 x 7 neighbourhoods on 64 x 64 patches: the tiles of rows more than 3 grid rows apart are never visited
+    report = str(attngen.compile(natten.pattern(64, 64, 7, 7), head_dim=64, arch="sm_90").explain(4096, 4096))
+    (line,) = [t for t in report.splitlines() if t.startswith("  schedule  ")]
+    tiles, empty = re.search(r"(\d+) query tiles x (\d+) key tiles", line), re.search(r"(\d+) empty", line)
+    assert int(empty[1]) >= 0.85 * int(tiles[1]) * int(tiles[2]), line
+
+
+def test_dilated_window_keeps_every_dilation_th_key():
+    i, j = positions()
+    got = mask2d(load("dilated_window").pattern(16, 4))
+    assert torch.equal(got, (i >= j) & ((i - j) % 4 == 0) & (i - j < 64))
