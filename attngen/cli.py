@@ -161,7 +161,7 @@ def _emit(args: argparse.Namespace) -> int:
 
     arch = check_arch(args.arch) if args.arch else _local_arch(torch)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    kern = attngen.compile(pattern, head_dim=args.head_dim, dtype=dtype, arch=arch)
+    kern = attngen.compile(pattern, head_dim=args.head_dim, dtype=dtype, arch=arch, score_mod=_score_mods(args))
     if args.plan:
         print(kern.plan)
     elif args.resources:
@@ -169,6 +169,17 @@ def _emit(args: argparse.Namespace) -> int:
     else:
         print(kern.backward_source if args.backward else kern.source)
     return 0
+
+
+def _score_mods(args: argparse.Namespace) -> tuple:
+    """`--score-mod` values, in order: "softcap(c)", "alibi()" or "alibi(align='bottom_right')" (the kernels do not
+    depend on alibi's slopes, which are call-time data)."""
+    import torch
+
+    from attngen import scoremod
+
+    made = {"softcap": scoremod.softcap, "alibi": lambda align="top_left": scoremod.alibi(torch.ones(1), align)}
+    return tuple(parse_pattern(text, made) for text in args.score_mod)
 
 
 def resource_report(kern: Any, *, backward: bool = False) -> str:
@@ -464,6 +475,13 @@ def _parser() -> argparse.ArgumentParser:
     emit.add_argument("--dtype", choices=("bf16", "fp16"), required=True)
     emit.add_argument("--arch", help="target such as sm_80 or sm_90a (default: the local GPU)")
     emit.add_argument("--backward", action="store_true", help="the backward kernels instead of the forward one")
+    emit.add_argument(
+        "--score-mod",
+        action="append",
+        default=[],
+        metavar="MOD",
+        help='a score modification, applied in the order given: "softcap(30.0)", "alibi()" (repeatable)',
+    )
     shown = emit.add_mutually_exclusive_group()
     shown.add_argument(
         "--resources",

@@ -352,6 +352,20 @@ def test_emit_resources_prints_the_planned_dynamic_shared_memory(capsys, arch, b
     assert out.rstrip().endswith("performance notes: none")
 
 
+def test_emit_with_score_modifications(capsys):
+    """--score-mod, repeatable and in order: the plan names them and the source holds their code; anything else
+    is refused."""
+    argv = ["emit", "causal()", "--head-dim", "64", "--dtype", "bf16", "--arch", "sm_80"]
+    mods = ["--score-mod", "alibi(align='bottom_right')", "--score-mod", "softcap(30)"]
+    assert cli.main([*argv, *mods, "--plan"]) == 0
+    assert "score mod alibi(align='bottom_right'), softcap(30.0)" in capsys.readouterr().out
+    assert cli.main([*argv, *mods, "--backward"]) == 0
+    source = capsys.readouterr().out
+    assert "struct ScoreMod" in source and "mod.grad(" in source
+    assert cli.main([*argv, "--score-mod", "softcap(-1)"]) == 2
+    assert "positive finite" in capsys.readouterr().err
+
+
 def test_emit_for_a_gpu_older_than_sm80_exits_2(capsys):
     assert cli.main(["emit", "causal()", "--head-dim", "64", "--dtype", "fp16", "--arch", "sm_75"]) == 2
     assert "attngen needs an NVIDIA GPU of compute capability sm_80 or newer" in capsys.readouterr().err
