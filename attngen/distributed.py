@@ -21,7 +21,8 @@ to their owners, who add them in a fixed order: deterministic, like the single-G
 
 Patterns: affine ones (causal, windows, local, prefix_lm, global_tokens, predicates), documents() and key_padding()
 (their call-time data given for the whole sequence, as on one GPU, and sliced per block) with & | ~, and
-`A & nm(n, m)` with chunks a multiple of m. Block layouts are refused for now."""
+`A & nm(n, m)` with chunks a multiple of m; block layouts with chunks a multiple of their block size (a chunk
+pair the layout keeps no block of is neither computed nor exchanged)."""
 
 from __future__ import annotations
 
@@ -130,12 +131,17 @@ def plan(pattern: P.Pattern, world: int, shard_len: int, layout: str = "contiguo
     chunk = shard_len // n_own
     S = chunk * world * n_own
     positions, rule = split_selection(pattern)
-    if any(not isinstance(leaf, (P.Affine, P.Documents, P.KeyPadding)) for leaf in positions.leaves()):
+    if any(not isinstance(leaf, (P.Affine, P.Documents, P.KeyPadding, P.BlockLayout)) for leaf in positions.leaves()):
         raise InputError(
             f"{pattern!r}: context parallelism takes affine patterns (causal, windows, local, prefix_lm, "
-            "global_tokens, predicate), documents() and key_padding() with & | ~, and `A & nm(n, m)`; block "
-            "layouts, buckets, lsh and keep masks not yet"
+            "global_tokens, predicate), documents(), key_padding() and block layouts with & | ~, and "
+            "`A & nm(n, m)`; buckets, lsh, keep masks, key-index lists and top-k rules not yet"
         )
+    layouts = [leaf for leaf in positions.leaves() if isinstance(leaf, P.BlockLayout)]
+    for bs in sorted({leaf.block_size for leaf in layouts}):
+        if chunk % bs:
+            raise InputError(f"a block layout of {bs}-position blocks needs chunks of a multiple of {bs}, got {chunk}")
+    tile = math.lcm(tile, *(leaf.block_size for leaf in layouts))  # trimmed blocks start on layout blocks
     if rule is not None and chunk % getattr(rule, "m", chunk + 1):
         raise InputError(f"{rule!r} needs chunks of a multiple of {rule.m} positions, got {chunk}")
     if rule is not None and tile % getattr(rule, "m", 1):
@@ -151,7 +157,7 @@ def plan(pattern: P.Pattern, world: int, shard_len: int, layout: str = "contiguo
         blocks = []
         for q_slot, a in enumerate(chunks_of(layout, world, rank)):
             for b in range(S // chunk):
-                if classes[a, b] == EMPTY:
+                if classes[a, b] == EMPTY or not _layouts_reach(positions, a * chunk, b * chunk, chunk):
                     continue
                 owner, k_slot = where[b]
                 if classes[a, b] == FULL and affine_only:  # every pair allowed: the structure of full() (or the rule)
@@ -165,6 +171,16 @@ def plan(pattern: P.Pattern, world: int, shard_len: int, layout: str = "contiguo
         blocks.sort(key=lambda bl: (bl.owner != rank, bl.owner, bl.q_slot, bl.k_slot))
         per_rank.append(tuple(blocks))
     return Plan(world, chunk, layout, tuple(per_rank))
+
+
+def _layouts_reach(positions: P.Pattern, q0: int, k0: int, chunk: int) -> bool:
+    """False where a block layout among the pattern's top-level & parts keeps no block of this chunk pair."""
+    parts = positions.parts if isinstance(positions, P.And) else (positions,)
+    for lay in (p for p in parts if isinstance(p, P.BlockLayout)):
+        bs = lay.block_size
+        if not lay.grid[:, q0 // bs : math.ceil((q0 + chunk) / bs), k0 // bs : math.ceil((k0 + chunk) / bs)].any():
+            return False
+    return True
 
 
 def _trimmed(bound: P.Pattern, q0: int, k0: int, chunk: int, S: int, tile: int):

@@ -1094,7 +1094,8 @@ def shifted(pat: Pattern, dq: int, dk: int, Sq: int, Sk: int, *, sliced_data: bo
     as such blocks). Affine leaves (with & | ~) move with the block; a selection rule whose key groups the shift
     keeps aligned (N:M with dk a multiple of m) stays as it is; documents() and key_padding() stay as they are with
     `sliced_data`, where the caller passes the block's slice of their call-time data (its query and key document
-    ids, key lengths less dk); other leaves (block layouts) are refused with an InputError. An affine leaf that reads
+    ids, key lengths less dk); a block layout becomes its grid from the block's first blocks on, where dq and dk
+    are multiples of its block size; other leaves are refused with an InputError. An affine leaf that reads
     q - k only (causal(), windows) moves by dq - dk alone: blocks on the diagonal keep the leaf itself, and blocks as
     far from it share one structure (one compile), whatever their place and the lengths."""
     if isinstance(pat, Affine):
@@ -1111,14 +1112,19 @@ def shifted(pat: Pattern, dq: int, dk: int, Sq: int, Sk: int, *, sliced_data: bo
         return Not(shifted(pat.part, dq, dk, Sq, Sk, sliced_data=sliced_data))
     if sliced_data and isinstance(pat, (Documents, KeyPadding)):
         return pat
+    if isinstance(pat, BlockLayout) and dq % pat.block_size == 0 and dk % pat.block_size == 0:
+        bs = pat.block_size  # the grid from the block's first query and key blocks on (a larger grid is fine)
+        g = pat.grid[:, dq // bs :, dk // bs :].bool()
+        g = g if g.shape[1] and g.shape[2] else torch.zeros(g.shape[0], 1, 1, dtype=torch.bool)  # past the grid
+        return block_layout(g if pat.per_head else g[0], bs)
     m = getattr(pat, "m", None)  # a selection rule grouping keys by ⌊k / m⌋ (N:M)
     if isinstance(pat, Selector) and isinstance(m, int) and dk % m == 0:
         return pat
     raise InputError(
         f"{pat!r} cannot be moved to a block of a longer sequence (offsets {dq}, {dk}); supported: affine patterns "
         "(causal, windows, local, prefix_lm, global_tokens, predicate) combined with & | ~, documents() and "
-        "key_padding() where their call-time data is sliced to the block, and nm(n, m) on blocks that start at "
-        "multiples of m"
+        "key_padding() where their call-time data is sliced to the block, block layouts and nm(n, m) on blocks "
+        "that start at multiples of their block size and m"
     )
 
 

@@ -89,9 +89,9 @@ def test_blocks_between_unrelated_documents_are_dropped():
 
 
 def test_plan_refuses_what_it_cannot_split():
-    with pytest.raises(InputError, match="block layouts, buckets, lsh and keep masks not yet"):
-        D.plan(ag.block_layout(torch.ones(4, 4, dtype=torch.bool), 32) & ag.causal(), 2, 64)
-    with pytest.raises(InputError, match="buckets, lsh and keep masks not yet"):
+    with pytest.raises(InputError, match="multiple of 48"):
+        D.plan(ag.block_layout(torch.ones(4, 4, dtype=torch.bool), 48) & ag.causal(), 2, 64)
+    with pytest.raises(InputError, match="buckets, lsh, keep masks"):
         D.plan(ag.causal() & ag.lsh(8, seed=0), 2, 64)
     with pytest.raises(InputError, match="multiple of 4"):
         D.plan(ag.causal() & ag.nm(2, 4), 2, 30)
@@ -99,6 +99,18 @@ def test_plan_refuses_what_it_cannot_split():
         D.plan(ag.causal(), 2, 64, "striped")
     with pytest.raises(InputError, match="init_process_group"):
         D.attention(*(torch.randn(1, 1, 8, 64) for _ in range(3)), ag.causal())
+
+
+def test_block_layouts_skip_the_chunk_pairs_they_keep_nothing_of():
+    """A block-diagonal layout of 32-position blocks over 4 ranks of 32: each rank computes its own chunk only and
+    talks to nobody; each block's layout is the grid from its first blocks on."""
+    grid = torch.eye(4, dtype=torch.bool)
+    p = D.plan(ag.block_layout(grid, 32) | ag.block_layout(grid, 32) & ag.causal(), 4, 32)  # under | : no skipping
+    assert [len(b) for b in p.blocks] == [4, 4, 4, 4]
+    p = D.plan(ag.block_layout(grid, 32) & ag.causal(), 4, 32)
+    assert [len(b) for b in p.blocks] == [1, 1, 1, 1] and all(p.needs(r) == () for r in range(4))
+    (bl,) = p.blocks[2]
+    assert torch.equal(dense_mask(bl.pattern, 32, 32)[0, 0], torch.ones(32, 32, dtype=torch.bool).tril())
 
 
 def test_shard_and_unshard_are_inverse():
@@ -145,6 +157,8 @@ PATTERNS = {
     "causal_nm": ag.causal() & ag.nm(2, 4),
     "documents": ag.documents() & ag.causal(),  # packed sequences
     "padding": ag.key_padding() | ag.global_tokens(3),
+    # 8-position blocks, random, over up to 96 positions (the 3-rank sequences)
+    "layout": ag.block_layout(torch.rand(12, 12, generator=torch.Generator().manual_seed(3)) < 0.5, 8) & ag.causal(),
 }
 
 
@@ -192,7 +206,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("world", [2, 3])
 def test_context_parallel_matches_single_process_reference(world):
     """Forward and gradients of every rank's shard against the whole sequence's reference, in both layouts, for
-    causal, windows with global tokens, full, causal & nm(2, 4), packed documents and key padding."""
+    causal, windows with global tokens, full, causal & nm(2, 4), packed documents, key padding and a block layout."""
     cases = [(name, layout) for name in PATTERNS for layout in D.LAYOUTS]
     mp.spawn(_worker, args=(world, _free_port(), cases), nprocs=world, join=True)
 
