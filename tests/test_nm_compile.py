@@ -23,6 +23,11 @@ def test_nm_kernels_compile_sparse_and_without_spills(name, head_dim, arch):
     assert "struct Select" in bwd and "select.apply(" in bwd  # the same choice, on the recomputed scores
     n, m = kern.kernel_plan.select.param("n"), kern.kernel_plan.select.param("m")
     assert f"N = {n}, M = {m}" in fwd and f"N = {n}, M = {m}" in bwd
+    assert_no_spills(kern)
+
+
+def assert_no_spills(kern) -> None:
+    """Every kernel of an `attngen.compile` result, forward and backward: no spills and no stack frame."""
     binaries = {"attngen_fwd": kern.forward_binary}
     binaries |= {e: kern.backward_binary for e in ("attngen_bwd_preprocess", "attngen_bwd_dkdv", "attngen_bwd_dq")}
     for entry, binary in binaries.items():

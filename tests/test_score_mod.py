@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_nm_compile import assert_no_spills
 
 import attngen as ag
 from attngen import reference, scoremod
@@ -93,11 +94,7 @@ def test_kernels_compile_with_the_hooks_and_without_spills(name, head_dim, arch)
     assert "struct ScoreMod" in fwd and "mod.apply(" in fwd and bwd.count("mod.apply(") == 2
     grads = bwd.count("mod.grad(") + bwd.count("mod.grad_of_p(")
     assert grads == (2 if any(isinstance(m, scoremod.Softcap) for m in mods) else 0)
-    binaries = {"attngen_fwd": kern.forward_binary}
-    binaries |= {e: kern.backward_binary for e in ("attngen_bwd_preprocess", "attngen_bwd_dkdv", "attngen_bwd_dq")}
-    for entry, binary in binaries.items():
-        res = binary.resources_of(entry)
-        assert (res.spill_stores, res.spill_loads, res.stack_bytes) == (0, 0, 0), f"{entry}: {res}"
+    assert_no_spills(kern)
 
 
 def test_without_modifications_the_kernels_are_unchanged():
