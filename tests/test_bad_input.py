@@ -295,6 +295,29 @@ def test_unused_inputs_are_named(p, pattern, extra):
 
 
 @SETTINGS
+@given(
+    p=problems(),
+    defect=st.sampled_from(
+        ["string", "function", "number", "pattern", "two softcaps", "slopes", "meta slopes", "topk"]
+    ),
+)
+def test_bad_score_mod(p, defect):
+    """What `score_mod=` refuses, always before any kernel, with a message naming the modification."""
+    pattern = ag.causal() & ag.topk(2) if defect == "topk" else ag.causal()
+    mod = {
+        "string": "softcap",
+        "function": torch.tanh,
+        "number": 30.0,
+        "pattern": ag.causal(),
+        "two softcaps": (ag.softcap(1.0), ag.softcap(2.0)),
+        "slopes": ag.alibi(torch.ones(p["Hq"] + 1)),  # one slope per query head
+        "meta slopes": ag.alibi(torch.ones(p["Hq"], device="meta")),
+        "topk": ag.softcap(5.0),
+    }[defect]
+    _raises(lambda: _past_device_check(*_qkv(p), pattern, score_mod=mod), "score_mod", "alibi", "softcap")
+
+
+@SETTINGS
 @given(p=problems(), defect=st.sampled_from(["heads", "rows", "cols"]), bs=st.sampled_from([1, 2, 4]))
 def test_layout_that_does_not_fit_the_call(p, defect, bs):
     Hq, Sq, Sk = p["Hq"], p["Sq"], p["Sk"]
