@@ -78,12 +78,12 @@ def compiled_for(c: fuzzing.Case, arch: str):
 
     from attngen import kernel, plan, tiling
 
-    structure = c.pattern.structure()
+    structure, mods = c.pattern.structure(), tuple(m.structure() for m in c.score_mod)
     if kernel_variant(c, arch) == "auto":
-        return kernel.compiled(structure, c.head_dim, c.dtype, arch)
-    key = (structure, c.head_dim, c.dtype, arch)
+        return kernel.compiled(structure, c.head_dim, c.dtype, arch, mods)
+    key = (structure, mods, c.head_dim, c.dtype, arch)
     if key not in _FORCED:
-        p = plan.make_plan(structure, head_dim=c.head_dim, dtype=c.dtype, arch=arch)
+        p = plan.make_plan(structure, head_dim=c.head_dim, dtype=c.dtype, arch=arch, score_mods=mods)
         d = c.head_dim
         p = replace(p, fwd=tiling.forward_tiles(d), dkdv=tiling.dkdv_tiles(d), dq=tiling.dq_tiles(d))
         _FORCED[key] = kernel.Compiled(p)
@@ -196,20 +196,23 @@ def _run(c: fuzzing.Case, device: torch.device, tol: tuple[dict, dict], direct, 
     """The case through attngen.attention, or with `direct` (a `kernel.Compiled`: the mma.sync kernels, which
     attngen.attention would not take on Hopper) launched through attngen.bind. `forced` (the mma_sync variant)
     checks the LSE even where the case does not return it."""
+    from dataclasses import replace
+
     import attngen as ag
-    from attngen import bind, prepare, reference
+    from attngen import bind, prepare, reference, scoremod
     from attngen import pattern as P
 
     q, k, v, dout, dlse = c.inputs(device, requires_grad=c.backward)
-    rt = c.runtime(device)
+    rt, mods = c.runtime(device), c.mods(device)
     scale = 1.0 / math.sqrt(c.head_dim) if c.scale is None else c.scale
     if direct is not None:  # the mma.sync kernels, launched directly (attngen.attention would take the wgmma ones)
         prep = prepare.prepare(c.pattern, q, k, {"document_ids": None, "key_lengths": None, **rt})
+        prep = replace(prep, score_mod=tuple(scoremod.kernel_tensors(mods)))
         out, lse = bind.forward(direct, q.detach(), k.detach(), v.detach(), scale, prep)
     elif c.return_lse or forced:
-        out, lse = ag.attention(q, k, v, c.pattern, scale=c.scale, return_lse=True, **rt)
+        out, lse = ag.attention(q, k, v, c.pattern, scale=c.scale, return_lse=True, score_mod=mods, **rt)
     else:
-        out, lse = ag.attention(q, k, v, c.pattern, scale=c.scale, **rt), None
+        out, lse = ag.attention(q, k, v, c.pattern, scale=c.scale, score_mod=mods, **rt), None
     torch.cuda.synchronize(device)
     ref_dtype = torch.float64 if c.scores <= FLOAT64_SCORES else torch.float32
     selection = []
@@ -217,7 +220,7 @@ def _run(c: fuzzing.Case, device: torch.device, tol: tuple[dict, dict], direct, 
         grid = ag.selected_blocks(q.detach(), k.detach(), c.pattern, **rt)
         selection = fuzzing.selection_errors(grid, q, k, c.pattern, rt)
         rt = {**rt, "selected_blocks": grid}
-    ref, ref_lse = reference.attention(q, k, v, c.pattern, scale=c.scale, dtype=ref_dtype, **rt)
+    ref, ref_lse = reference.attention(q, k, v, c.pattern, scale=c.scale, dtype=ref_dtype, score_mod=mods, **rt)
     errors = selection + check_forward(c, out, lse if (c.return_lse or forced) else None, ref, ref_lse, tol[0][c.dtype])
     if not c.backward:
         return errors

@@ -47,6 +47,7 @@ import torch
 
 import attngen as ag
 from attngen import pattern as P
+from attngen import scoremod
 from attngen.select.nm import NM
 
 GROUP = 4  # consecutive seeds sharing a pattern recipe, head dim, dtype and variant (so, compiled kernels)
@@ -78,6 +79,9 @@ INDEX_SHARE = 0.12  # groups whose pattern has a key_indices() leaf (never with 
 # refuse it. Every share is of all groups: rule 0.2, reordering 0.2, topk_blocks 0.15 and topk 0.1 exclude each
 # other; key_indices 0.12 goes beside a rule or topk_blocks too; about 0.28 of the groups have none of them.
 TOKEN_SHARE = 0.1
+# Groups whose calls carry score modifications (softcap, alibi): never with a rule (its exact choice on grid
+# inputs would then depend on rounding the modification), reordering or a topk(k) leaf (both refuse them).
+MOD_SHARE = 0.15
 TOKEN_SCORERS = ("exact", "lowrank", "indexer")  # topk(k, scorer=None | lowrank() | indexer())
 TOKEN_SCORER_WEIGHTS = (4, 3, 3)
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -111,6 +115,7 @@ class Case:
     index_q: torch.Tensor | None = None  # [B, Sq, Hi, Di] float, for topk(k, scorer=indexer())
     index_k: torch.Tensor | None = None  # [B, Sk, Di]
     index_w: torch.Tensor | None = None  # [B, Sq, Hi]
+    score_mod: tuple = ()  # softcap / alibi (slopes on the CPU), passed as `score_mod=`
     layouts: dict = field(default_factory=dict)  # BlockLayout leaf -> the bool grid it was built from
     notes: tuple[str, ...] = ()  # what was drawn, for coverage checks: "doc:pair", "keylen:0", ...
 
@@ -169,6 +174,8 @@ class Case:
             extra.append("document_ids " + " / ".join(f"{tuple(t.shape)} {t.dtype}" for t in ids))
         if self.key_lengths is not None:
             extra.append(f"key_lengths {self.key_lengths.tolist()}")
+        if self.score_mod:
+            extra.append(f"score_mod {self.score_mod}")
         for name in ("query_buckets", "key_buckets"):
             if (t := getattr(self, name)) is not None:
                 distinct = len(torch.unique(t))
@@ -203,6 +210,11 @@ class Case:
             if (t := getattr(self, name)) is not None:
                 rt[name] = t if t.device == torch.device(device) else _moved(t, device)
         return rt
+
+    def mods(self, device: torch.device | str = "cpu") -> tuple:
+        """The call's `score_mod=`, alibi's slopes on `device` (what attngen.attention and the reference take)."""
+        move = lambda m: ag.alibi(m.slopes.to(device), m.align) if isinstance(m, scoremod.Alibi) else m
+        return tuple(move(m) for m in self.score_mod)
 
     def inputs(self, device: torch.device | str, requires_grad: bool = False):
         """(q, k, v, dout, dlse) on `device`, drawn from the seed on the CPU (the same values on every machine).
@@ -696,6 +708,25 @@ def _tokens(seed: int) -> random.Random | None:
     return g if g.random() < TOKEN_SHARE / free else None
 
 
+def _mods(seed: int) -> random.Random | None:
+    """The generator of the seed's group's score modifications, or None (MOD_SHARE of the groups it may take)."""
+    if any(f(seed) is not None for f in (_rule, _reorder, _tokens)):
+        return None
+    g = random.Random(f"attngen-fuzz-mods-{seed // GROUP}")
+    return g if g.random() < MOD_SHARE / (1 - RULE_SHARE - REORDER_SHARE - TOKEN_SHARE) else None
+
+
+def _draw_mods(g: random.Random, Hq: int) -> tuple:
+    """softcap (a cap that bites or not), alibi (slopes 2^-i, either alignment), or both in either order."""
+    kinds = g.choice([("softcap",), ("alibi",), ("alibi", "softcap"), ("softcap", "alibi")])
+    slopes = torch.tensor([2.0 ** -g.randint(0, 6) for _ in range(Hq)])
+    made = {
+        "softcap": lambda: ag.softcap(g.choice([0.5, 2.0, 5.0, 30.0])),
+        "alibi": lambda: ag.alibi(slopes, g.choice(["top_left", "bottom_right"])),
+    }
+    return tuple(made[kind]() for kind in kinds)
+
+
 def _with_tokens(pat: ag.Pattern, t: random.Random, builder: _Builder) -> ag.Pattern:
     """`pat` with a topk(k, scorer) leaf: on top (`pat & topk`), beside another subtree under | (`pat & (topk |
     s)`; `documents() & (topk | pat)`), at the top of a | (`topk | pat`: its context is then every key), alone, or
@@ -863,6 +894,9 @@ def case(seed: int) -> Case:
         notes += more
     if (leaf := P.token_leaf(c.pattern)) is not None:
         notes += _scorer_inputs(rng, gen, c, leaf)
+    if (m := _mods(seed)) is not None:
+        c.score_mod = _draw_mods(m, c.Hq)
+        notes.append("mods:" + "+".join(type(x).__name__.lower() for x in c.score_mod))
     c.notes = tuple(notes)
     return c
 

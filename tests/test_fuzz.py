@@ -37,7 +37,7 @@ from test_lower import check as check_lowering
 from test_schedule import _truth
 
 import attngen as ag
-from attngen import kernel, prepare, schedule, tiling, tokentopk
+from attngen import kernel, prepare, schedule, scoremod, tiling, tokentopk
 from attngen import pattern as P
 from attngen.plan import make_plan
 from attngen.schedule import EMPTY, FULL, PARTIAL
@@ -59,7 +59,15 @@ def _where(c) -> str:
 
 
 def _plans(c) -> dict:
+    """The case's plans (without its score modifications, which change no mask, schedule or argument the mask
+    reads)."""
     return {arch: make_plan(c.pattern, head_dim=c.head_dim, dtype=c.torch_dtype, arch=arch) for arch in ARCHS}
+
+
+def _plan(c, arch: str):
+    """The case's plan for `arch`, with its score modifications: what its kernels compile from."""
+    mods = tuple(m.structure() for m in c.score_mod)
+    return make_plan(c.pattern, head_dim=c.head_dim, dtype=c.torch_dtype, arch=arch, score_mods=mods)
 
 
 def _qk(c) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,6 +485,8 @@ def _first(predicate) -> int:
 # backward, head dims 256 and 96), both mask forms (branch-free affine, guarded loads), top-k by token (per-head
 # lists as bits, the indexer's on the gather kernels).
 COMPILE_SAMPLE = [
+    ("sm_90", lambda c: len(c.score_mod) == 2 and c.head_dim == 128),  # softcap and alibi, Hopper kernels
+    ("sm_80", lambda c: len(c.score_mod) == 2 and c.head_dim == 128),  # the mma.sync family's backward
     ("sm_90", lambda c: c.head_dim == 256 and c.family == "affine"),
     ("sm_90", lambda c: c.head_dim == 128 and "layout" in c.family and "documents" in c.family),
     ("sm_90", lambda c: c.head_dim == 64 and c.family == "affine" and repr(c.pattern).count("(") >= 6),
@@ -495,12 +505,26 @@ COMPILE_SAMPLE = [
 @pytest.mark.parametrize("arch,which", COMPILE_SAMPLE, ids=[f"{a}-{n}" for n, (a, _) in enumerate(COMPILE_SAMPLE)])
 def test_sample_compiles_without_spills(arch, which):
     c = case(_first(which))
-    plan = make_plan(c.pattern, head_dim=c.head_dim, dtype=c.torch_dtype, arch=arch)
+    plan = _plan(c, arch)
     plan, _, fwd = kernel.build_forward(plan)
     plan, _, bwd = kernel.build_backward(plan)
     for binary in (fwd, bwd):
         for entry, res in binary.resources:
             assert (res.spill_stores, res.spill_loads) == (0, 0), f"{arch} {entry} spills: {res}\n{_where(c)}"
+
+
+def test_score_modifications_are_drawn_where_calls_take_them():
+    """About MOD_SHARE of the cases carry softcap, alibi or both (either order, both alignments), never with a
+    rule, reordering or top-k by token, which refuse them or would rank rounded modified scores."""
+    from fuzzing import MOD_SHARE
+
+    drawn = [c for c in map(case, range(2000)) if c.score_mod]
+    assert abs(len(drawn) / 2000 - MOD_SHARE) < 0.05
+    kinds = {tuple(type(m).__name__ for m in c.score_mod) for c in drawn}
+    assert kinds == {("Softcap",), ("Alibi",), ("Alibi", "Softcap"), ("Softcap", "Alibi")}
+    assert {m.align for c in drawn for m in c.score_mod if isinstance(m, scoremod.Alibi)} == set(scoremod.ALIGNS)
+    assert not any(c.selects or c.reorders or P.token_leaf(c.pattern) is not None for c in drawn)
+    assert all(m.slopes.shape == (c.Hq,) for c in drawn for m in c.score_mod if isinstance(m, scoremod.Alibi))
 
 
 def test_rule_cases_draw_exact_scores():
