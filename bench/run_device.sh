@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: the GPU tests, the pattern fuzzer (1000 seeded cases), the N:M check, then the
-# benchmarks (static patterns, N:M, buckets and dropping, block top-k, key-index lists, top-k by token); full logs
-# and JSON under $OUT.
+# benchmarks (static patterns, N:M, buckets and dropping, block top-k, key-index lists, top-k by token, score
+# modifications); full logs and JSON under $OUT. Context parallelism has its own script (bench/run_cp.sh).
 #   bash bench/run_device.sh [--quick] [--baseline DIR]
 # --baseline DIR also benchmarks the attngen package found in DIR (e.g. `git archive` of an earlier commit) in the
 # same call, with its own kernel cache, and prints both runs side by side (bench/compare.py).
@@ -35,6 +35,8 @@ python3 bench/bench_topk_blocks.py --out "$OUT/bench_topk_blocks.json" $TOPK_LEN
 python3 bench/bench_key_indices.py --out "$OUT/bench_key_indices.json" 2>&1 | tee "$OUT/bench_key_indices.log"
 INDEXER_LENGTHS=""; [ -n "$QUICK" ] && INDEXER_LENGTHS="--indexer-lengths 16384 32768"
 python3 bench/bench_topk_tokens.py --out "$OUT/bench_topk_tokens.json" $INDEXER_LENGTHS 2>&1 | tee "$OUT/bench_topk_tokens.log"
+SCORE_MOD_LENGTHS=""; [ -n "$QUICK" ] && SCORE_MOD_LENGTHS="--lengths 16384"
+python3 bench/bench_score_mod.py --out "$OUT/bench_score_mod.json" $SCORE_MOD_LENGTHS 2>&1 | tee "$OUT/bench_score_mod.log"
 if [ -n "$BASELINE" ]; then
   echo "== baseline: $BASELINE"
   (cd "$BASELINE" && PYTHONPATH=$BASELINE:${PYTHONPATH#"$PWD:"} ATTNGEN_CACHE_DIR=/tmp/attngen-cache-baseline \
