@@ -161,7 +161,7 @@ def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict, mods: tupl
     if mods:
         scoremod.check_call(mods, q)
         prep = replace(prep, score_mod=tuple(scoremod.kernel_tensors(mods)))
-        mods_key = scoremod.key(tuple(m.structure() for m in mods))
+        mods_key = scoremod.key(scoremod.structures(mods))
     if prep.permutation is None:
         out, lse = attention_fn(q, k, v, pattern.key, scale, prep.tensors(), mods_key)
         return (out, lse) if return_lse else out
@@ -249,5 +249,5 @@ def compile(
         if not torch.cuda.is_available():
             raise InputError("no CUDA GPU here: pass arch= (e.g. 'sm_90') to compile without one")
         arch = device_arch(torch.cuda.current_device())
-    mods = tuple(m.structure() for m in scoremod.normalize(score_mod))
+    mods = scoremod.structures(scoremod.normalize(score_mod))
     return Kernel(pattern, compiled(pattern.structure(), head_dim, normalize_dtype(dtype), arch, mods))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import sympy as sp
 
-from . import affine, tiling
+from . import affine, scoremod, tiling
 from . import pattern as P
 from .abi import POINTER, RuntimeArg
 from .errors import InputError
@@ -71,7 +71,7 @@ class KernelPlan:
     @property
     def mod_grad(self) -> bool:
         """The score modifications' derivative is not 1 (a softcap): the backward multiplies dS by it."""
-        return any(hasattr(m, "cap") for m in self.score_mods)
+        return any(isinstance(m, scoremod.Softcap) for m in self.score_mods)
 
     @property
     def is_dense(self) -> bool:
@@ -331,7 +331,7 @@ def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str, sc
         mask_c = _lower(positions, affine.BRANCH_FREE if branch_free else affine.GUARDED, at)
     block_sizes = _block_sizes(structure, layouts)
     cheap_mask = branch_free or row_ranges
-    score_mods = tuple(m.structure() if hasattr(m, "structure") else m for m in score_mods)  # slopes -> slot
+    score_mods = scoremod.structures(score_mods)  # alibi's slopes -> its slot
     if score_mods and positions.reorders:
         raise InputError(f"{pattern!r}: score modifications on reordered (bucketed) calls are not supported yet")
     # The gather kernels take no score modification: the lists then run as bits on the ordinary kernels.
@@ -360,9 +360,8 @@ def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str, sc
 
 
 def _score_mod_args(score_mods: tuple) -> tuple[RuntimeArg, ...]:
-    from .scoremod import AlibiSlot
-
-    return tuple(RuntimeArg("alibi_slopes", POINTER.format("float")) for m in score_mods if isinstance(m, AlibiSlot))
+    slopes = RuntimeArg("alibi_slopes", POINTER.format("float"))
+    return tuple(slopes for m in score_mods if isinstance(m, scoremod.AlibiSlot))
 
 
 def _gather(positions: P.Pattern, head_dim: int) -> Gather | None:

@@ -59,9 +59,8 @@ class Prepared:
         bits, lists, counts = (rest.pop(0), rest.pop(0), rest.pop(0)) if "key_indices" in inputs else (None,) * 3
         n = Route.count(plan.positions)
         routed = Route.from_tensors(plan.positions, rest[:n]) if n else None
-        m = sum(name == "alibi_slopes" for name in (a.name for a in plan.runtime_args))
-        mods = tuple(rest[len(rest) - m :]) if m else ()
-        del rest[len(rest) - m :]
+        split = len(rest) - sum(a.name == "alibi_slopes" for a in plan.runtime_args)  # the modifications' last
+        rest, mods = rest[:split], tuple(rest[split:])
         return Prepared(
             layouts,
             blocks,

@@ -51,6 +51,9 @@ class AlibiSlot:
 
     align: str = "top_left"
 
+    def structure(self) -> AlibiSlot:
+        return self
+
     def __repr__(self) -> str:
         return "alibi()" if self.align == "top_left" else f"alibi(align={self.align!r})"
 
@@ -110,6 +113,11 @@ def normalize(score_mod) -> tuple[ScoreMod, ...]:
     if sum(isinstance(m, Softcap) for m in mods) > 1 or sum(isinstance(m, Alibi) for m in mods) > 1:
         raise InputError("score_mod: at most one softcap and one alibi")
     return mods
+
+
+def structures(mods) -> Structure:
+    """What kernels are compiled for: the structures of modifications (or of structures, unchanged)."""
+    return tuple(m.structure() for m in mods)
 
 
 _STRUCTURES: dict[str, Structure] = {"": ()}

@@ -76,9 +76,9 @@ def compiled_for(c: fuzzing.Case, arch: str):
     """The `kernel.Compiled` the case runs (for "auto", the one attngen.attention uses)."""
     from dataclasses import replace
 
-    from attngen import kernel, plan, tiling
+    from attngen import kernel, plan, scoremod, tiling
 
-    structure, mods = c.pattern.structure(), tuple(m.structure() for m in c.score_mod)
+    structure, mods = c.pattern.structure(), scoremod.structures(c.score_mod)
     if kernel_variant(c, arch) == "auto":
         return kernel.compiled(structure, c.head_dim, c.dtype, arch, mods)
     key = (structure, mods, c.head_dim, c.dtype, arch)

@@ -66,7 +66,7 @@ def _plans(c) -> dict:
 
 def _plan(c, arch: str):
     """The case's plan for `arch`, with its score modifications: what its kernels compile from."""
-    mods = tuple(m.structure() for m in c.score_mod)
+    mods = scoremod.structures(c.score_mod)
     return make_plan(c.pattern, head_dim=c.head_dim, dtype=c.torch_dtype, arch=arch, score_mods=mods)
 
 

@@ -44,7 +44,7 @@ def kernel_sets() -> list[tuple]:
     out = []
     for pat in PATTERNS.values():
         for make in MODS.values():
-            mods = tuple(m.structure() for m in make("cpu"))
+            mods = scoremod.structures(make("cpu"))
             out += [(pat, mods, D, dtype, False) for D in (64, 128) for dtype in DTYPES]
             out.append((pat, mods, 64, "bf16", True))
     out.append((ag.causal() & ag.nm(2, 4), (ag.alibi(torch.ones(HQ)).structure(),), 64, "fp16", False))
