@@ -16,7 +16,8 @@ from .errors import AttngenError, InputError
 
 # public name -> the module that defines it
 _LAZY = {name: ".launch" for name in ("Kernel", "attention", "compile", "selected_blocks", "selected_keys")}
-_LAZY |= {"nm": ".select.nm", "lsh_buckets": ".hashing", "softcap": ".scoremod", "alibi": ".scoremod"}
+_LAZY |= {"nm": ".select.nm", "lsh_buckets": ".hashing"}
+_LAZY |= {name: ".scoremod" for name in ("softcap", "alibi", "bias", "rel_bias")}
 _LAZY |= {
     name: ".pattern"
     for name in (

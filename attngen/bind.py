@@ -10,7 +10,7 @@ import os
 import numpy as np
 import torch
 
-from . import schedule, tensormap
+from . import schedule, scoremod, tensormap
 from .device import launch, sm_count, tile_rows
 from .kernel import Compiled
 from .plan import KernelPlan
@@ -40,8 +40,9 @@ def _strides(t: torch.Tensor) -> list:
     return [_i64(s) for s in t.stride()[:3]]
 
 
-def runtime_values(plan: KernelPlan, prep: Prepared, Hq: int) -> list:
-    """Values of the plan's run-time arguments, in order (position leaves, then the rule's), for Hq query heads."""
+def runtime_values(plan: KernelPlan, prep: Prepared, Hq: int, score_grad: torch.Tensor | None = None) -> list:
+    """Values of the plan's run-time arguments, in order (position leaves, the rule's, the score modifications'),
+    for Hq query heads; `score_grad` is where the dK/dV kernel writes dL/ds for a bias or a T5 table, if wanted."""
     values = []
     for lay in prep.layouts:
         head_stride = lay.shape[1] * lay.shape[2] if lay.shape[0] > 1 else 0  # 0: one grid for every head
@@ -61,9 +62,22 @@ def runtime_values(plan: KernelPlan, prep: Prepared, Hq: int) -> list:
         values += [_u64(t.data_ptr()) for t in prep.route.kernel_tensors()]
     if plan.rule is not None:
         values += plan.rule.bind(prep.rule)
-    values += [_u64(t.data_ptr()) for t in prep.score_mod]  # alibi slopes
+    values += _score_mod_values(plan, prep, score_grad)
     if len(values) != len(plan.runtime_args):  # the plan's declaration and this binding must agree
         raise AssertionError(f"bound {len(values)} run-time values for {len(plan.runtime_args)} arguments")
+    return values
+
+
+def _score_mod_values(plan: KernelPlan, prep: Prepared, score_grad: torch.Tensor | None) -> list:
+    """alibi's slopes and a T5 table as pointers, a bias as a pointer and its [B, Hq, Sq, Sk] element strides (0
+    where broadcast); then dL/ds's pointer (0: not wanted) where a bias or a table is there."""
+    values = []
+    for m, t in zip(scoremod.with_tensors(plan.score_mods), prep.score_mod):
+        values.append(_u64(t.data_ptr()))
+        if isinstance(m, scoremod.Bias):
+            values += [_i64(s) for s in t.stride()]
+    if plan.score_grad:
+        values.append(_u64(0 if score_grad is None else score_grad.data_ptr()))
     return values
 
 
@@ -126,7 +140,9 @@ def forward(kern: Compiled, q, k, v, scale: float, prep: Prepared) -> tuple[torc
     return out, lse
 
 
-def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: Prepared):
+def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: Prepared, score_grad=None):
+    """(dq, dk, dv); with a bias or a T5 table, `score_grad` (zeros, fp32 [B, Hq, Sq, Sk]) receives dL/ds at their
+    step from the dK/dV kernel, one write per visited pair (pairs no tile visits keep their 0)."""
     binary = kern.backward_binary  # compiles on first use, and settles the backward tilings
     plan = kern.plan
     B, Hq, Sq, _D = q.shape
@@ -164,7 +180,7 @@ def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: 
     else:
         args = [_u64(x.data_ptr()) for x in (q, k, v, dout, lse, delta, dk, dv)]
         args += [s for x in (q, k, v, dout, dk, dv) for s in _strides(x)]
-    args += scalars + _sched_args(sched_t) + extra
+    args += scalars + _sched_args(sched_t) + runtime_values(plan, prep, Hq, score_grad)
     launch(binary, "attngen_bwd_dkdv", (math.ceil(Sk / t.block_n), Hkv, B), 32 * t.warps, t.smem_bytes, args, dev)
 
     t = plan.dq

@@ -45,9 +45,10 @@ class Kernel:
     """The compiled kernels of one pattern for one dtype, head dim and arch. Patterns of one structure (the same
     expression with other layout grids) share the compiled kernels."""
 
-    def __init__(self, pattern: Pattern, kernels: Compiled):
+    def __init__(self, pattern: Pattern, kernels: Compiled, score_mod: tuple = ()):
         self.pattern = pattern
         self.compiled = kernels
+        self.score_mod = score_mod  # the modifications it was compiled with (scoremod.normalize)
 
     @property
     def kernel_plan(self) -> KernelPlan:
@@ -95,15 +96,16 @@ class Kernel:
     def backward_resources(self):
         return self.backward_binary.resources
 
-    def __call__(self, q, k, v, *, scale=None, return_lse=False, **inputs):
-        """Same as `attngen.attention(q, k, v, <this kernel's pattern>, ...)`."""
+    def __call__(self, q, k, v, *, scale=None, return_lse=False, bias=None, rel_table=None, **inputs):
+        """Same as `attngen.attention(q, k, v, <this kernel's pattern>, score_mod=<its modifications>, ...)`."""
         plan = self.compiled.plan
         _check(q, k, v)
         if q.shape[-1] != plan.head_dim or _dtype_name(q.dtype) != plan.dtype:
             raise InputError(
                 f"{self!r} was compiled for head_dim {plan.head_dim}, {plan.dtype}; got {q.shape[-1]}, {q.dtype}"
             )
-        return _call(self.pattern, q, k, v, scale, return_lse, inputs)
+        tensors = {"bias": bias, "rel_table": rel_table}
+        return _call(self.pattern, q, k, v, scale, return_lse, inputs, self.score_mod, tensors)
 
     def __repr__(self) -> str:
         p = self.compiled.plan
@@ -139,7 +141,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise InputError(f"q, k, v are on {q.device}; attngen kernels run on CUDA tensors")
 
 
-def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict, mods: tuple = ()):
+def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict, mods: tuple, tensors: dict):
+    """`mods` the score modifications (scoremod.normalize), `tensors` their call-time tensors (bias=, rel_table=)."""
     D = q.shape[-1]
     if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)):
         raise InputError(f"scale must be a positive finite real number, got {type(scale).__name__} {scale!r:.60}")
@@ -151,6 +154,7 @@ def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict, mods: tupl
         raise InputError(f"scale must be a positive finite number, got {scale}")
     # Under torch.compile this runs at trace time: only tensor work and constants (the pattern's key); planning
     # and compiling happen inside the custom op, on its first call.
+    mods = scoremod.bind(mods, q, k.shape[2], **tensors)
     if mods and (token_leaf(pattern) is not None or pattern.reorders):
         raise InputError(
             f"score_mod with {pattern!r}: score modifications do not yet combine with top-k by token (topk, "
@@ -159,7 +163,6 @@ def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict, mods: tupl
     prep = prepare(pattern, q, k, inputs, scale)
     mods_key = ""
     if mods:
-        scoremod.check_call(mods, q)
         prep = replace(prep, score_mod=tuple(scoremod.kernel_tensors(mods)))
         mods_key = scoremod.key(scoremod.structures(mods))
     if prep.permutation is None:
@@ -185,6 +188,8 @@ def attention(
     document_ids=None,
     key_lengths: torch.Tensor | None = None,
     score_mod=None,
+    bias: torch.Tensor | None = None,
+    rel_table: torch.Tensor | None = None,
     **inputs,
 ):
     """softmax(scale · Q Kᵀ restricted to `pattern`) · V for q [B,Hq,Sq,D], k/v [B,Hkv,Sk,D] -> [B,Hq,Sq,D].
@@ -194,8 +199,10 @@ def attention(
     (query, key) pair when Sq != Sk) and `key_lengths` ([B]) feed `documents()` and `key_padding()`;
     `query_buckets` / `key_buckets` ([B, Hq, Sq] / [B, Hkv, Sk] integers) feed `buckets()`, `query_keep` /
     `key_keep` (bool, same shapes) feed `keep()`; a selection rule's call-time tensors are passed by the names it
-    documents. `score_mod`: `softcap(c)`, `alibi(slopes)` or a tuple of them, applied in order to s = scale · q·k
-    before the pattern and any selection rule (attngen.scoremod). Differentiable in q, k, v."""
+    documents. `score_mod`: `softcap(c)`, `alibi(slopes)`, `bias()`, `rel_bias(...)` or a tuple of them, applied in
+    order to s = scale · q·k before the pattern and any selection rule (attngen.scoremod); `bias` (broadcastable to
+    [B, Hq, Sq, Sk]) and `rel_table` ([Hq, num_buckets]) are the tensors `bias()` and `rel_bias()` add. Differentiable
+    in q, k, v, bias and rel_table."""
     _check(q, k, v)
     pattern = full() if pattern is None else pattern
     if not isinstance(pattern, Pattern):
@@ -204,7 +211,7 @@ def attention(
         raise InputError(f"head_dim {q.shape[-1]} is not supported; supported: {HEAD_DIMS}")
     mods = scoremod.normalize(score_mod)
     inputs = {"document_ids": document_ids, "key_lengths": key_lengths, **inputs}
-    return _call(pattern, q, k, v, scale, return_lse, inputs, mods)
+    return _call(pattern, q, k, v, scale, return_lse, inputs, mods, {"bias": bias, "rel_table": rel_table})
 
 
 def selected_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, **inputs) -> torch.Tensor:
@@ -249,5 +256,6 @@ def compile(
         if not torch.cuda.is_available():
             raise InputError("no CUDA GPU here: pass arch= (e.g. 'sm_90') to compile without one")
         arch = device_arch(torch.cuda.current_device())
-    mods = scoremod.structures(scoremod.normalize(score_mod))
-    return Kernel(pattern, compiled(pattern.structure(), head_dim, normalize_dtype(dtype), arch, mods))
+    mods = scoremod.normalize(score_mod)
+    structures = scoremod.structures(mods)
+    return Kernel(pattern, compiled(pattern.structure(), head_dim, normalize_dtype(dtype), arch, structures), mods)

@@ -1,9 +1,10 @@
 """Attention as an autograd function in two forms: the torch.library custom ops `attngen::attention` and
 `attngen::attention_backward` (fake implementations, registered autograd), which torch.compile(fullgraph=True)
 traces, and for eager calls a plain `torch.autograd.Function` over the same forward and backward, which skips the
-dispatcher's per-call work. Both differentiate with respect to q, k, v and the LSE output. A pattern reaches them
-as the name of its structure (`Pattern.key`, a plain string that Dynamo passes through without tracing into the
-pattern) and its run-time tensors as one list in ABI order (`prepare.Prepared`)."""
+dispatcher's per-call work. Both differentiate with respect to q, k, v, the LSE output, and a score modification's
+bias or T5 table. A pattern reaches them as the name of its structure (`Pattern.key`, a plain string that Dynamo
+passes through without tracing into the pattern) and its run-time tensors as one list in ABI order
+(`prepare.Prepared`)."""
 
 from __future__ import annotations
 
@@ -70,15 +71,42 @@ def attention_backward_op(
     mods: str,
     scale: float,
     tensors: list[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    score_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     kern = _compiled_for(structure, q, mods)
+    ds = _score_grad_buffer(q, k, mods, score_grad)
     with _device_of(q):
-        return backward(kern, dout, q, k, v, out, lse, dlse, scale, Prepared.from_tensors(kern.plan, tensors))
+        prep = Prepared.from_tensors(kern.plan, tensors)
+        dq, dk, dv = backward(kern, dout, q, k, v, out, lse, dlse, scale, prep, ds if score_grad else None)
+    return dq, dk, dv, ds
 
 
 @attention_backward_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, structure, mods, scale, tensors):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(dout, dlse, q, k, v, out, lse, structure, mods, scale, tensors, score_grad):
+    grads = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return *grads, _score_grad_buffer(q, k, mods, score_grad)
+
+
+def _score_grad_buffer(q: torch.Tensor, k: torch.Tensor, mods: str, wanted: bool) -> torch.Tensor:
+    """Zeros for dL/ds at a bias's or a T5 table's step, [B, Hq, Sq, Sk] in `scoremod.score_grad_dtype` (empty
+    where not wanted)."""
+    shape = (*q.shape[:3], k.shape[2]) if wanted else (0,)
+    return q.new_zeros(shape, dtype=scoremod.score_grad_dtype(scoremod.by_key(mods), q.dtype))
+
+
+def _wants_score_grad(mods: str, tensors) -> bool:
+    """Whether a bias or a T5 table among the modifications' tensors (the last of `tensors`) needs a gradient."""
+    n = len(scoremod.with_tensors(scoremod.by_key(mods)))
+    return any(t.requires_grad for t in tensors[len(tensors) - n :])
+
+
+def _grads_of_tensors(mods: str, tensors, ds: torch.Tensor) -> list:
+    """The gradients of `tensors`: None but for a bias or a T5 table (from dL/ds at their step)."""
+    n = len(scoremod.with_tensors(scoremod.by_key(mods)))
+    rest = [None] * (len(tensors) - n)
+    if ds.numel() == 0:
+        return rest + [None] * n
+    return rest + scoremod.tensor_grads(scoremod.by_key(mods), tensors[len(tensors) - n :], ds)
 
 
 def _setup_context(ctx, inputs, output):
@@ -86,13 +114,16 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *tensors)
     ctx.structure, ctx.mods, ctx.scale = structure, mods, scale
+    ctx.score_grad = _wants_score_grad(mods, tensors)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(dout, dlse, q, k, v, out, lse, ctx.structure, ctx.mods, ctx.scale, tensors)
-    # Layouts, ids, a rule's tensors and alibi slopes get no gradient; the list's gradient has the list's structure.
-    return dq, dk, dv, None, None, None, [None] * len(tensors)
+    dq, dk, dv, ds = attention_backward_op(
+        dout, dlse, q, k, v, out, lse, ctx.structure, ctx.mods, ctx.scale, tensors, ctx.score_grad
+    )
+    # Layouts, ids, a rule's tensors and alibi slopes get no gradient; a bias and a T5 table get theirs from dL/ds.
+    return dq, dk, dv, None, None, None, _grads_of_tensors(ctx.mods, tensors, ds)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -108,6 +139,7 @@ class _Attention(torch.autograd.Function):
             out, lse = forward(kern, q, k, v, scale, Prepared.from_tensors(kern.plan, list(tensors)))
         ctx.save_for_backward(q, k, v, out, lse, *tensors)
         ctx.structure, ctx.mods, ctx.scale = structure, mods, scale
+        ctx.score_grad = _wants_score_grad(mods, tensors)
         ctx.set_materialize_grads(False)  # an unused LSE (or output) needs no zero-filled gradient
         return out, lse
 
@@ -117,10 +149,11 @@ class _Attention(torch.autograd.Function):
         if dout is None:  # only the LSE was used
             dout = torch.zeros_like(out)
         kern = _compiled_for(ctx.structure, q, ctx.mods)
+        ds = _score_grad_buffer(q, k, ctx.mods, ctx.score_grad)
         with _device_of(q):
             prep = Prepared.from_tensors(kern.plan, tensors)
-            dq, dk, dv = backward(kern, dout, q, k, v, out, lse, dlse, ctx.scale, prep)
-        return dq, dk, dv, None, None, None, *([None] * len(tensors))
+            dq, dk, dv = backward(kern, dout, q, k, v, out, lse, dlse, ctx.scale, prep, ds if ctx.score_grad else None)
+        return dq, dk, dv, None, None, None, *_grads_of_tensors(ctx.mods, tensors, ds)
 
 
 def attention(

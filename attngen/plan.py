@@ -58,7 +58,7 @@ class KernelPlan:
     runtime_args: tuple[RuntimeArg, ...]  # the position leaves' arguments, then the rule's
     layouts: tuple[P.LayoutSlot, ...]  # the pattern's block layouts, in argument order
     gather: Gather | None = None  # key-index lists walked by gather kernels instead of tiles (then fwd/dkdv/dq unused)
-    score_mods: tuple = ()  # scoremod structures (Softcap, AlibiSlot), applied in order to every visited score
+    score_mods: tuple = ()  # scoremod structures (Softcap, AlibiSlot, Bias, RelBias), in order, on every visited score
 
     @property
     def name(self) -> str:
@@ -72,6 +72,21 @@ class KernelPlan:
     def mod_grad(self) -> bool:
         """The score modifications' derivative is not 1 (a softcap): the backward multiplies dS by it."""
         return any(isinstance(m, scoremod.Softcap) for m in self.score_mods)
+
+    @property
+    def score_grad(self) -> bool:
+        """A bias or a T5 table: the dK/dV kernel can write dL/ds at their step, for their gradients."""
+        return scoremod.takes_grad(self.score_mods)
+
+    @property
+    def score_grad_kind(self) -> str:
+        """The dtype dL/ds is written in: "input" (the kernels') or "float32" (scoremod.score_grad_kind)."""
+        return scoremod.score_grad_kind(self.score_mods)
+
+    @property
+    def score_grad_capped(self) -> bool:
+        """A softcap follows the bias / table: dL/ds at their step carries the softcap's derivative."""
+        return scoremod.grad_after_softcap(self.score_mods)
 
     @property
     def is_dense(self) -> bool:
@@ -302,9 +317,10 @@ def next_tiling(plan: KernelPlan, kernel: str) -> KernelPlan | None:
         return None  # one gather tiling (tiling.gather_tiles), which fits every head dim it is planned for
     if kernel == "fwd":
         tilings = forward_tilings(plan.head_dim, plan.arch, plan.positions, plan.block_sizes, plan.cheap_mask)
+        tilings = [replace(t, bias_preload=plan.fwd.bias_preload) for t in tilings]
         at = tilings.index(plan.fwd)
         return replace(plan, fwd=tilings[at + 1]) if at + 1 < len(tilings) else None
-    lean = tiling.leaner(plan.tiles_of(kernel))
+    lean = tiling.leaner(plan.tiles_of(kernel), kernel)
     return None if lean is None else replace(plan, **{kernel: lean})
 
 
@@ -340,12 +356,16 @@ def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str, sc
     # the mma.sync family's so that nothing takes the plan for a TMA one.
     tile_arch = "sm_80" if gather is not None else arch
     dkdv, dq = backward_tilings(head_dim, tile_arch, block_sizes, cheap_mask)
+    fwd = forward_tilings(head_dim, tile_arch, positions, block_sizes, cheap_mask)[0]
+    if any(isinstance(m, scoremod.Bias) for m in score_mods):
+        fwd, dq = replace(fwd, bias_preload=True), replace(dq, bias_preload=True)
+        dkdv = replace(dkdv, bias_preload=dkdv.wgmma)  # the mma.sync dK/dV kernel reads its bias where it uses it
     return KernelPlan(
         pattern=structure,
         dtype=normalize_dtype(dtype),
         head_dim=head_dim,
         arch=arch,
-        fwd=forward_tilings(head_dim, tile_arch, positions, block_sizes, cheap_mask)[0],
+        fwd=fwd,
         dkdv=dkdv,
         dq=dq,
         mask_c=mask_c,
@@ -360,8 +380,21 @@ def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str, sc
 
 
 def _score_mod_args(score_mods: tuple) -> tuple[RuntimeArg, ...]:
-    slopes = RuntimeArg("alibi_slopes", POINTER.format("float"))
-    return tuple(slopes for m in score_mods if isinstance(m, scoremod.AlibiSlot))
+    """alibi's slopes, a bias (its pointer and [B, Hq, Sq, Sk] element strides), a T5 table, in the modifications'
+    order; then, with a bias or a table, where the backward writes dL/ds at their step (null: not wanted)."""
+    args = []
+    for m in score_mods:
+        if isinstance(m, scoremod.AlibiSlot):
+            args.append(RuntimeArg("alibi_slopes", POINTER.format("float")))
+        elif isinstance(m, scoremod.Bias):
+            args.append(RuntimeArg("bias", POINTER.format("float" if m.dtype == "float32" else "elem_t")))
+            args += [RuntimeArg(f"bias_s{dim}", "long long") for dim in "bhqk"]
+        elif isinstance(m, scoremod.RelBias):
+            args.append(RuntimeArg("rel_table", POINTER.format("float")))
+    if scoremod.takes_grad(score_mods):
+        ctype = "float" if scoremod.score_grad_kind(score_mods) == "float32" else "elem_t"
+        args.append(RuntimeArg("score_grad", f"{ctype} * __restrict__"))
+    return tuple(args)
 
 
 def _gather(positions: P.Pattern, head_dim: int) -> Gather | None:

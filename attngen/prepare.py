@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import blockselect, keyindex, tokenselect, tokentopk
+from . import blockselect, keyindex, scoremod, tokenselect, tokentopk
 from . import pattern as P
 from .errors import InputError
 from .plan import KernelPlan
@@ -35,7 +35,7 @@ class Prepared:
     route: Route | None = None  # a reordering pattern's sorted tokens
     rule: tuple[torch.Tensor, ...] = ()  # the selection rule's tensors, in its run-time argument order
     permutation: Permutation | None = None  # how q, k, v move into the route's order and back (not a kernel input)
-    score_mod: tuple[torch.Tensor, ...] = ()  # the score modifications' tensors (alibi slopes, fp32 [Hq])
+    score_mod: tuple[torch.Tensor, ...] = ()  # the score modifications' tensors (scoremod.kernel_tensors)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the kernels read, in ABI order."""
@@ -59,7 +59,7 @@ class Prepared:
         bits, lists, counts = (rest.pop(0), rest.pop(0), rest.pop(0)) if "key_indices" in inputs else (None,) * 3
         n = Route.count(plan.positions)
         routed = Route.from_tensors(plan.positions, rest[:n]) if n else None
-        split = len(rest) - sum(a.name == "alibi_slopes" for a in plan.runtime_args)  # the modifications' last
+        split = len(rest) - len(scoremod.with_tensors(plan.score_mods))  # the modifications' tensors come last
         rest, mods = rest[:split], tuple(rest[split:])
         return Prepared(
             layouts,

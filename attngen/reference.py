@@ -28,16 +28,20 @@ def attention(
     scale: float | None = None,
     dtype: torch.dtype = torch.float64,
     score_mod=None,
+    bias: torch.Tensor | None = None,
+    rel_table: torch.Tensor | None = None,
     **runtime,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference (out, lse) for q [B,Hq,Sq,D], k/v [B,Hkv,Sk,D]; differentiable; computed in `dtype`. `score_mod`
-    as `attngen.attention` takes it, applied to the scores before the pattern and any selection rule."""
+    """Reference (out, lse) for q [B,Hq,Sq,D], k/v [B,Hkv,Sk,D]; differentiable (in bias and rel_table too);
+    computed in `dtype`. `score_mod` (with `bias`, `rel_table`) as `attngen.attention` takes it, applied to the
+    scores before the pattern and any selection rule."""
     _B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     qf, kf, vf = (t.to(dtype) for t in (q, k, v))
     kf, vf = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (kf, vf))
-    s = scoremod.reference(scoremod.normalize(score_mod), torch.einsum("bhqd,bhkd->bhqk", qf, kf) * scale)
+    mods = scoremod.bind(scoremod.normalize(score_mod), q, Sk, bias=bias, rel_table=rel_table)
+    s = scoremod.reference(mods, torch.einsum("bhqd,bhkd->bhqk", qf, kf) * scale)
     positions, rule = split_selection(pat)
     # lsh hashes q and k; a threshold on the exact scores takes its softmax at this scale
     allowed = mask(positions, Sq, Sk, device=q.device, **{"q": q, "k": k, "scale": scale, **runtime})

@@ -8,12 +8,22 @@ mask, the selection rules and the softmax (so N:M ranks the modified scores).
 - `alibi(slopes, align="top_left")`: s -> s + slopes[h] · (k - q'), slopes fp32 [Hq] given with the call (a run-time
   argument: new slopes never mean a new kernel); q' is the query's position under the alignment (top-left: q,
   bottom-right: q + Sk - Sq, as for causal()).
+- `bias()`: s -> s + bias[b, h, q, k], the call's `bias=` tensor, broadcastable to [B, Hq, Sq, Sk] (broadcast batch,
+  head and query dims are read with stride 0, never copied), read in q's dtype or fp32. The kernels read two
+  adjacent keys at once: a bias whose keys are not contiguous at an even pitch (an odd Sk, keys broadcast, a
+  transposed view) is copied once per call into that layout. Differentiable.
+- `rel_bias(num_buckets, max_distance, bidirectional=True)`: s -> s + rel_table[h, bucket(k - q)], T5's relative
+  position buckets, the call's `rel_table=` [Hq, num_buckets]. Differentiable.
 
-A modification's *structure* (`structure()`) is what the kernels are compiled for: softcap's c, alibi's alignment;
-`key()` names a tuple of them as a plain string, which the custom op carries (like `Pattern.key`). Kernels keep raw
-scores (q·k, unscaled) and fold the scale into the exponential, so the C code works on raw scores: softcap with
-c / scale, alibi with slopes[h] / scale. The backward multiplies dS by the modification's derivative at the
-modified score: 1 - tanh² for softcap, 1 for alibi."""
+A modification's *structure* (`structure()`) is what the kernels are compiled for: softcap's c, alibi's alignment,
+the bias's dtype, rel_bias's buckets; `key()` names a tuple of them as a plain string, which the custom op carries
+(like `Pattern.key`). `bias()` and `rel_bias()` are their own structures; `bind` attaches the call's tensors. Kernels
+keep raw scores (q·k, unscaled) and fold the scale into the exponential, so the C code works on raw scores: softcap
+with c / scale, the additive terms divided by the scale. The backward multiplies dS by the modifications'
+derivative at the modified score: 1 - tanh² for softcap, 1 for the additive ones. Where `bias` or `rel_table` needs a
+gradient, the dK/dV kernel also writes dL/ds at their step (once per pair: deterministic) into a [B, Hq, Sq, Sk]
+buffer (the bias's dtype, or fp32 with a T5 table); torch sums it to the bias's shape and, over T5's buckets, to the
+table's."""
 
 from __future__ import annotations
 
@@ -79,8 +89,112 @@ class Alibi:
         return s + slopes * (kpos - qpos - shift).to(s.dtype)
 
 
-ScoreMod = Softcap | Alibi
-Structure = tuple  # of Softcap | AlibiSlot
+@dataclass(frozen=True)
+class Bias:
+    """`bias()`: adds the call's `bias=` tensor; the structure, with the dtype the kernels read it in ("input":
+    q's dtype, or "float32")."""
+
+    dtype: str = "input"
+
+    def structure(self) -> Bias:
+        return self
+
+    def __repr__(self) -> str:
+        return "bias()" if self.dtype == "input" else f"bias(dtype={self.dtype!r})"
+
+
+@dataclass(frozen=True, eq=False)
+class BoundBias:
+    """`bias()` with its call's tensor, as the kernels read it: [B, Hq, Sq, Sk], broadcast dims of stride 0."""
+
+    tensor: torch.Tensor
+    dtype: str
+
+    def structure(self) -> Bias:
+        return Bias(self.dtype)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.tensor,)
+
+    def __repr__(self) -> str:
+        return repr(self.structure())
+
+    def reference(self, s: torch.Tensor, h: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        return s + self.tensor.to(s.device, s.dtype)
+
+
+@dataclass(frozen=True)
+class RelBias:
+    """`rel_bias(num_buckets, max_distance, bidirectional)`: T5's relative-position buckets (a structure: the
+    kernels are compiled for the buckets; the table is call-time data)."""
+
+    num_buckets: int
+    max_distance: int
+    bidirectional: bool = True
+
+    def structure(self) -> RelBias:
+        return self
+
+    def __repr__(self) -> str:
+        tail = "" if self.bidirectional else ", bidirectional=False"
+        return f"rel_bias({self.num_buckets}, {self.max_distance}{tail})"
+
+    @property
+    def per_direction(self) -> int:
+        """Buckets of one direction: half of them when bidirectional."""
+        return self.num_buckets // 2 if self.bidirectional else self.num_buckets
+
+    @property
+    def exact(self) -> int:
+        """Distances below this have a bucket each; the rest share log-spaced buckets up to max_distance."""
+        return self.per_direction // 2
+
+    def distance_bucket(self, n: torch.Tensor) -> torch.Tensor:
+        """The bucket of distances n >= 0 within one direction, with T5's float32 arithmetic (int64)."""
+        exact, top = self.exact, self.per_direction
+        ratio = torch.log(n.float().clamp(min=1) / exact) / math.log(self.max_distance / exact)
+        return torch.where(n < exact, n, (exact + (ratio * (top - exact)).long()).clamp(max=top - 1))
+
+    def bucket(self, rel: torch.Tensor) -> torch.Tensor:
+        """The bucket of each relative position rel = k - q (int64); unidirectional: later keys share bucket 0."""
+        if self.bidirectional:
+            return (rel > 0).long() * self.per_direction + self.distance_bucket(rel.abs())
+        return self.distance_bucket((-rel).clamp(min=0))
+
+    def thresholds(self) -> tuple[int, ...]:
+        """The first distance of each bucket past the exact ones: a distance n >= exact has bucket exact + the
+        number of thresholds <= n (the kernels' form of `distance_bucket`, equal to it by construction)."""
+        top = self.per_direction - 1
+        b = self.distance_bucket(torch.arange(self.max_distance + 1))
+        if (b.diff() < 0).any() or b[-1] != top:  # T5's never are
+            raise AssertionError(f"{self!r}: buckets not increasing in the distance up to max_distance")
+        return tuple(int(torch.nonzero(b >= j)[0]) for j in range(self.exact + 1, top + 1))
+
+
+@dataclass(frozen=True, eq=False)
+class BoundRelBias:
+    """`rel_bias(...)` with its call's table, fp32 [Hq, num_buckets]."""
+
+    spec: RelBias
+    table: torch.Tensor
+
+    def structure(self) -> RelBias:
+        return self.spec
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.table,)
+
+    def __repr__(self) -> str:
+        return repr(self.spec)
+
+    def reference(self, s: torch.Tensor, h: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        buckets = self.spec.bucket(kpos - qpos)  # [Sq, Sk]
+        return s + self.table.to(s.device, s.dtype)[:, buckets]  # [Hq, Sq, Sk]
+
+
+ScoreMod = Softcap | Alibi | Bias | RelBias | BoundBias | BoundRelBias
+Structure = tuple  # of Softcap | AlibiSlot | Bias | RelBias
+ADDITIVE = (Bias, RelBias)  # structures whose tensors take a gradient (through dL/ds at their step)
 
 
 def softcap(cap: float) -> Softcap:
@@ -100,19 +214,124 @@ def alibi(slopes: torch.Tensor, align: str = "top_left") -> Alibi:
     return Alibi(slopes, align)
 
 
+def bias() -> Bias:
+    """s -> s + bias[b, h, q, k], the call's `bias=` tensor (broadcastable to [B, Hq, Sq, Sk]; differentiable)."""
+    return Bias()
+
+
+def rel_bias(num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = True) -> RelBias:
+    """s -> s + rel_table[h, bucket(k - q)]: T5's relative-position buckets, `bidirectional` for an encoder (later
+    keys get their own buckets) or not (a decoder: every later key shares bucket 0). The call's `rel_table=` is a
+    float tensor [Hq, num_buckets] (differentiable)."""
+    for name, value in (("num_buckets", num_buckets), ("max_distance", max_distance)):
+        if type(value) is not int:
+            raise InputError(f"rel_bias: {name} must be an int, got {value!r:.60}")
+    if not isinstance(bidirectional, bool):
+        raise InputError(f"rel_bias: bidirectional must be a bool, got {bidirectional!r:.60}")
+    least = 4 if bidirectional else 2
+    if not least <= num_buckets <= 1024 or (bidirectional and num_buckets % 2):
+        raise InputError(
+            f"rel_bias: num_buckets must be {'an even number ' if bidirectional else ''}in [{least}, 1024], "
+            f"got {num_buckets}"
+        )
+    spec = RelBias(num_buckets, max_distance, bidirectional)
+    if not spec.exact < max_distance <= 1 << 20:
+        raise InputError(
+            f"rel_bias: max_distance must be in ({spec.exact}, 2**20] for {num_buckets} buckets, got {max_distance}"
+        )
+    return spec
+
+
+_KINDS = (Softcap, Alibi, Bias, RelBias)
+
+
 def normalize(score_mod) -> tuple[ScoreMod, ...]:
     """None, one modification or a sequence of them -> a tuple, checked."""
     if score_mod is None:
         return ()
     mods = tuple(score_mod) if isinstance(score_mod, (tuple, list)) else (score_mod,)
     for m in mods:
-        if not isinstance(m, (Softcap, Alibi)):
+        if not isinstance(m, (*_KINDS, BoundBias, BoundRelBias)):
             raise InputError(
-                f"score_mod takes ag.softcap(c), ag.alibi(slopes) or a tuple of them, got {type(m).__name__}"
+                "score_mod takes ag.softcap(c), ag.alibi(slopes), ag.bias(), ag.rel_bias(...) or a tuple of them, "
+                f"got {type(m).__name__}"
             )
-    if sum(isinstance(m, Softcap) for m in mods) > 1 or sum(isinstance(m, Alibi) for m in mods) > 1:
-        raise InputError("score_mod: at most one softcap and one alibi")
+    for kind in _KINDS:
+        if sum(isinstance(m, kind) or isinstance(m.structure(), kind) for m in mods) > 1:
+            raise InputError(f"score_mod: at most one {kind.__name__.lower()} (got {mods!r:.100})")
+    kinds = [type(m.structure()) for m in mods]
+    if Bias in kinds and RelBias in kinds and Softcap in kinds:
+        a, b, c = (kinds.index(k) for k in (Bias, RelBias, Softcap))
+        if min(a, b) < c < max(a, b):
+            raise InputError("score_mod: a softcap between bias() and rel_bias() is not supported; put them together")
     return mods
+
+
+def bind(mods: tuple, q: torch.Tensor, Sk: int, bias=None, rel_table=None) -> tuple[ScoreMod, ...]:
+    """The modifications with the call's tensors attached (`bias()` -> BoundBias, `rel_bias()` -> BoundRelBias) and
+    checked against q [B, Hq, Sq, D] and Sk keys. Differentiable in `bias` and `rel_table`."""
+    Hq = q.shape[1]
+    wants = {type(m.structure()) for m in mods}
+    for name, value, kind in (("bias", bias, Bias), ("rel_table", rel_table, RelBias)):
+        maker = "ag.bias()" if kind is Bias else "ag.rel_bias(...)"
+        if value is not None and kind not in wants:
+            raise InputError(f"{name}= is given but score_mod has no {maker}")
+        if value is not None and (not isinstance(value, torch.Tensor) or not value.is_floating_point()):
+            got = f"{value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise InputError(f"{name}= must be a float tensor, got a {got}")
+        if isinstance(value, torch.Tensor) and value.device != q.device:
+            raise InputError(f"{name}= is on {value.device}, q on {q.device}: put them on one device")
+    bound = []
+    for m in mods:
+        if isinstance(m, Alibi):
+            if m.slopes.shape[0] != Hq:
+                raise InputError(f"alibi slopes: one per query head expected ({Hq}), got {m.slopes.shape[0]}")
+            if m.slopes.device != q.device:
+                raise InputError(f"alibi slopes are on {m.slopes.device}, q on {q.device}: put them on one device")
+        elif isinstance(m, Bias):
+            if bias is None:
+                raise InputError("score_mod ag.bias() needs the call's bias= tensor, broadcastable to [B, Hq, Sq, Sk]")
+            m = _bind_bias(bias, q, Sk)
+        elif isinstance(m, RelBias):
+            if rel_table is None:
+                raise InputError(f"score_mod {m!r} needs the call's rel_table= tensor [Hq, {m.num_buckets}]")
+            if tuple(rel_table.shape) != (Hq, m.num_buckets):
+                got = tuple(rel_table.shape)
+                raise InputError(f"rel_table= must be [Hq, num_buckets] = [{Hq}, {m.num_buckets}], got {got}")
+            m = BoundRelBias(m, rel_table.float().contiguous())
+        bound.append(m)
+    return tuple(bound)
+
+
+def _bind_bias(bias: torch.Tensor, q: torch.Tensor, Sk: int) -> BoundBias:
+    B, Hq, Sq, _ = q.shape
+    full = (B, Hq, Sq, Sk)
+    if bias.dim() > 4 or any(n not in (1, want) for n, want in zip(bias.shape[::-1], full[::-1])):
+        raise InputError(
+            f"bias= of shape {tuple(bias.shape)} does not broadcast to [B, Hq, Sq, Sk] = {list(full)} "
+            "(each dim must match or be 1)"
+        )
+    dtype = "input" if bias.dtype == q.dtype else "float32"
+    x = bias.to(q.dtype if dtype == "input" else torch.float32)
+    view = x.expand(full)
+    if not _pairable(view):  # keys contiguous, even pitch, aligned: the layout the kernels read in pairs
+        x = x.reshape((1,) * (4 - x.dim()) + tuple(x.shape))
+        x = x.expand(*x.shape[:3], Sk)  # keys broadcast: made real
+        view = torch.nn.functional.pad(x, (0, Sk % 2))[..., :Sk].expand(full)  # a copy, rows padded to even
+    if view.stride(2) >= 1 << 22:  # the kernels' offsets within a tile are 32-bit
+        raise InputError(f"bias= over {Sk} keys: at most {(1 << 22) - 2} keys are supported")
+    return BoundBias(view, dtype)
+
+
+def _pairable(view: torch.Tensor) -> bool:
+    """Elements (q, 2j) and (q, 2j + 1) of every (b, h) are adjacent and start an aligned pair; key Sk is there."""
+    b, h, q, k = view.stride()
+    return (
+        k == 1
+        and b % 2 == h % 2 == q % 2 == 0
+        and view.data_ptr() % (2 * view.element_size()) == 0
+        and (view.shape[3] % 2 == 0 or q > view.shape[3])
+    )
 
 
 def structures(mods) -> Structure:
@@ -134,23 +353,75 @@ def by_key(name: str) -> Structure:
     return _STRUCTURES[name]
 
 
-def check_call(mods: tuple[ScoreMod, ...], q: torch.Tensor) -> None:
-    """Call-time checks of the modifications' tensors against q [B, Hq, Sq, D]."""
-    for m in mods:
-        if isinstance(m, Alibi):
-            if m.slopes.shape[0] != q.shape[1]:
-                raise InputError(f"alibi slopes: one per query head expected ({q.shape[1]}), got {m.slopes.shape[0]}")
-            if m.slopes.device != q.device:
-                raise InputError(f"alibi slopes are on {m.slopes.device}, q on {q.device}: put them on one device")
+def with_tensors(structure: Structure) -> tuple:
+    """The structures that take one run-time tensor each (alibi, bias, rel_bias), in argument order."""
+    return tuple(m for m in structure if not isinstance(m, Softcap))
 
 
 def kernel_tensors(mods: tuple[ScoreMod, ...]) -> list[torch.Tensor]:
-    """The modifications' run-time tensors as the kernels read them (alibi slopes: contiguous fp32)."""
-    return [t.detach().float().contiguous() for m in mods for t in m.tensors()]
+    """The modifications' run-time tensors as the kernels read them, one per `with_tensors` structure: alibi slopes
+    (contiguous fp32, no gradient), the bias and the T5 table (differentiable)."""
+    return [t.detach().float().contiguous() if isinstance(m, Alibi) else t for m in mods for t in m.tensors()]
+
+
+def takes_grad(structure: Structure) -> bool:
+    """A bias or a T5 table: the backward can write dL/ds at their step for their gradients."""
+    return any(isinstance(m, ADDITIVE) for m in structure)
+
+
+def score_grad_kind(structure: Structure) -> str:
+    """How the dK/dV kernel writes dL/ds: "input" (the bias's dtype, q's) for a bias alone, else "float32" (a T5
+    table's gradient sums it in fp32, as does an fp32 bias's)."""
+    biases = [m for m in structure if isinstance(m, Bias)]
+    if any(isinstance(m, RelBias) for m in structure) or not biases:
+        return "float32"
+    return biases[0].dtype
+
+
+def score_grad_dtype(structure: Structure, input_dtype: torch.dtype) -> torch.dtype:
+    """`score_grad_kind` as a torch dtype, for inputs of `input_dtype`."""
+    return input_dtype if score_grad_kind(structure) == "input" else torch.float32
+
+
+def grad_after_softcap(structure: Structure) -> bool:
+    """The additive tensors' step precedes a softcap: their gradient carries the softcap's derivative."""
+    kinds = [type(m) for m in structure]
+    firsts = [kinds.index(k) for k in ADDITIVE if k in kinds]
+    return bool(firsts) and Softcap in kinds and min(firsts) < kinds.index(Softcap)
+
+
+def tensor_grads(structure: Structure, tensors: list, score_grad: torch.Tensor) -> list:
+    """The gradients of the modifications' tensors (`kernel_tensors`, in order) from dL/ds at the additive step,
+    `score_grad` [B, Hq, Sq, Sk] (`score_grad_dtype`): the bias's is it (its broadcast is summed by autograd), the
+    T5 table's its sums over each bucket's diagonals. Deterministic: plain torch reductions, no atomics."""
+    grads = []
+    for m, t in zip(with_tensors(structure), tensors):
+        if isinstance(m, Bias):
+            grads.append(score_grad.to(t.dtype))
+        elif isinstance(m, RelBias):
+            grads.append(_table_grad(m, score_grad.float()))
+        else:
+            grads.append(None)
+    return grads
+
+
+def _table_grad(spec: RelBias, g: torch.Tensor) -> torch.Tensor:
+    """d rel_table [Hq, num_buckets] from g [B, Hq, Sq, Sk]: sums over each diagonal k - q, then over each bucket's
+    diagonals (a matrix product with the diagonals' one-hot buckets)."""
+    _B, Hq, Sq, Sk = g.shape
+    g = g.sum(0)  # [Hq, Sq, Sk]
+    # Row q shifted right by Sq - 1 - q: column j then holds diagonal k - q = j - (Sq - 1) of every row.
+    padded = torch.nn.functional.pad(g, (Sq - 1, Sq - 1)).contiguous()  # [Hq, Sq, W]
+    W = padded.shape[-1]
+    skewed = padded.as_strided((Hq, Sq, Sk + Sq - 1), (Sq * W, W + 1, 1))
+    diagonals = skewed.sum(1)  # [Hq, Sk + Sq - 1]
+    rel = torch.arange(-(Sq - 1), Sk, device=g.device)
+    onehot = torch.nn.functional.one_hot(spec.bucket(rel), spec.num_buckets).to(g.dtype)
+    return diagonals @ onehot
 
 
 def reference(mods, s: torch.Tensor) -> torch.Tensor:
-    """The modifications applied to scores s [B, Hq, Sq, Sk] (any float dtype), differentiably."""
+    """The (bound) modifications applied to scores s [B, Hq, Sq, Sk] (any float dtype), differentiably."""
     if not mods:
         return s
     Hq, Sq, Sk = s.shape[1:]
@@ -158,5 +429,7 @@ def reference(mods, s: torch.Tensor) -> torch.Tensor:
     qpos = torch.arange(Sq, device=s.device).view(Sq, 1)
     kpos = torch.arange(Sk, device=s.device).view(1, Sk)
     for m in mods:
+        if isinstance(m, (Bias, RelBias)):
+            raise InputError(f"{m!r} needs its call-time tensor (scoremod.bind)")
         s = m.reference(s, h, qpos, kpos)
     return s

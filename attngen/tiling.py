@@ -38,6 +38,9 @@ class Tiles:
     # that loads run-time tensors, the per-item value held across the tile loop made ptxas schedule the loop worse
     # (+12% forward time on the H200 for a block layout).
     coords_per_tile: bool = False
+    # A bias() score modification: each tile's bias is loaded into registers while its products run (the forward
+    # and dQ always; dK/dV's transposed tiles load element by element, which the leaner step turns off).
+    bias_preload: bool = False
 
     @property
     def wgmma(self) -> bool:
@@ -50,8 +53,10 @@ class Tiles:
         if self.wgmma:
             ring = f"{self.stages}-stage ring" + (", coordinates per tile" if self.coords_per_tile else "")
             ring += f", {self.min_blocks} blocks per SM" if self.min_blocks > 1 else ""
+            ring += ", bias preloaded" if self.bias_preload else ""
             return f"{size}, {self.consumers} wgmma warpgroups + a TMA producer, {ring}, {mask}, {smem}"
         regs = ", operands in registers" if self.operands_in_regs else ""
+        regs += ", bias preloaded" if self.bias_preload else ""
         split = ", dK and dV in two sweeps" if self.split else ""
         return f"{size}, {self.warps} warps{regs}{split}, {self.stages}-stage cp.async pipeline, {mask}, {smem}"
 
@@ -199,15 +204,20 @@ def with_guarded_mask(t: Tiles) -> Tiles:
     return replace(t, mask_unroll=min(t.mask_unroll, 4))
 
 
-def leaner(t: Tiles) -> Tiles | None:
-    """The next leaner variant of a backward tiling (fewer live registers, a little slower), or None: operands
-    re-read from shared memory, then the mask evaluated 4, then 1 element at a time."""
+def leaner(t: Tiles, kernel: str) -> Tiles | None:
+    """The next leaner variant of backward kernel `kernel`'s ("dkdv", "dq") tiling (fewer live registers, a little
+    slower), or None: dK/dV's bias read where it is used, operands re-read from shared memory, then the mask
+    evaluated 4, then 1 element at a time, then (mma.sync dK/dV) dK and dV in two sweeps."""
+    if t.bias_preload and kernel == "dkdv":
+        return replace(t, bias_preload=False)
     if t.operands_in_regs:
         return replace(t, operands_in_regs=False)
     if t.mask_unroll > 4:
         return replace(t, mask_unroll=4)
     if t.mask_unroll > 1:
         return replace(t, mask_unroll=1)
+    if kernel == "dkdv" and not t.wgmma and not t.split:
+        return replace(t, split=True)
     return None
 
 

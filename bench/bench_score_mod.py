@@ -1,8 +1,10 @@
 """Score modifications against FlexAttention (score_mod and block_mask, compiled with dynamic=False: Flex at its
 best), same process: ALiBi + causal and softcap(50) + sliding_window(1024), fp16, B4 H16, head dims 64 and 128,
-S 4096 and 16384, forward and forward+backward. Ratios are Flex / attngen (above 1: attngen is faster).
+S 4096 and 16384, forward and forward+backward; a bias [1, H, S, S] + causal and T5's rel_bias(32, 128) + full at
+S 4096 (--additive-lengths), forward and forward+backward with the bias's / table's gradient. Ratios are
+Flex / attngen (above 1: attngen is faster).
 
-    python bench/bench_score_mod.py [--out results.json] [--lengths 4096 16384]"""
+    python bench/bench_score_mod.py [--out results.json] [--lengths 4096 16384] [--additive-lengths 4096]"""
 
 import argparse
 import os
@@ -40,7 +42,8 @@ def cases(slopes: torch.Tensor) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_score_mod.json"))
-    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--lengths", type=int, nargs="*", default=[4096, 16384])
+    ap.add_argument("--additive-lengths", type=int, nargs="*", default=[4096])
     args = ap.parse_args()
     results = Results(args.out)
     slopes = torch.tensor([2.0 ** -(8 * (h + 1) / H) for h in range(H)], device="cuda")  # ALiBi's slopes for H heads
@@ -48,6 +51,10 @@ def main() -> None:
         for D in (64, 128):
             for S in args.lengths:
                 run(results, name, case, D, S)
+    for D in (64, 128):
+        for S in args.additive_lengths:
+            run_bias(results, D, S)
+            run_rel_bias(results, D, S)
 
 
 def run(results: Results, name: str, case: tuple, D: int, S: int) -> None:
@@ -64,6 +71,49 @@ def run(results: Results, name: str, case: tuple, D: int, S: int) -> None:
         results.add(f"{name} fwd D{D} S{S}", timed(ours, 20), n, D, False, {"flex": timed(theirs, 20)})
     grad = lambda fn: lambda: torch.autograd.grad(fn(), (q, k, v), g)
     results.add(f"{name} fwd+bwd D{D} S{S}", timed(grad(ours), 10), n, D, True, {"flex": timed(grad(theirs), 10)})
+
+
+def run_bias(results: Results, D: int, S: int) -> None:
+    """bias() [1, H, S, S] fp16 + causal; forward+backward also differentiates the bias."""
+    torch._dynamo.reset()
+    flex = torch.compile(flex_attention, dynamic=False)
+    q, k, v, g = (torch.randn(B, H, S, D, device="cuda", dtype=torch.float16) for _ in range(4))
+    bias = torch.randn(1, H, S, S, device="cuda", dtype=torch.float16)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v, bias))
+    bm = create_block_mask(lambda b, h, i, j: i >= j, None, None, S, S)
+    ours = lambda: ag.attention(q, k, v, ag.causal(), score_mod=ag.bias(), bias=bias)
+    theirs = lambda: flex(q, k, v, score_mod=lambda s, b, h, i, j: s + bias[0, h, i, j], block_mask=bm)
+    _add(results, f"bias [1,H,S,S] + causal D{D} S{S}", ours, theirs, inputs, g, B * H * S * (S + 1) // 2, D)
+
+
+def run_rel_bias(results: Results, D: int, S: int) -> None:
+    """T5's rel_bias(32, 128) + full; forward+backward also differentiates the table."""
+    torch._dynamo.reset()
+    flex = torch.compile(flex_attention, dynamic=False)
+    q, k, v, g = (torch.randn(B, H, S, D, device="cuda", dtype=torch.float16) for _ in range(4))
+    spec = ag.rel_bias(32, 128)
+    table = torch.randn(H, 32, device="cuda")
+    inputs = tuple(t.requires_grad_() for t in (q, k, v, table))
+    buckets = spec.bucket(torch.arange(-(S - 1), S, device="cuda"))  # by k - q + S - 1
+    ours = lambda: ag.attention(q, k, v, score_mod=spec, rel_table=table)
+    theirs = lambda: flex(q, k, v, score_mod=lambda s, b, h, i, j: s + table[h, buckets[j - i + S - 1]])
+    _add(results, f"rel_bias(32, 128) + full D{D} S{S}", ours, theirs, inputs, g, B * H * S * S, D)
+
+
+def _add(results: Results, name: str, ours, theirs, inputs: tuple, g, pairs: int, D: int) -> None:
+    with torch.no_grad():
+        results.add(f"{name} fwd", timed(ours, 20), pairs, D, False, _baseline(theirs, 20))
+    grad = lambda fn: lambda: torch.autograd.grad(fn(), inputs, g)
+    results.add(f"{name} fwd+bwd", timed(grad(ours), 10), pairs, D, True, _baseline(grad(theirs), 10))
+
+
+def _baseline(fn, reps: int) -> dict:
+    """{"flex": its milliseconds}, or {} where Flex cannot run the case (said on stdout)."""
+    try:
+        return {"flex": timed(fn, reps)}
+    except Exception as e:  # e.g. Inductor finds no kernel configuration that fits shared memory
+        print(f"    flex failed: {type(e).__name__}: {str(e).splitlines()[-1][:160]}", flush=True)
+        return {}
 
 
 if __name__ == "__main__":

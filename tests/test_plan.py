@@ -126,15 +126,17 @@ def test_every_kernel_has_a_leaner_tiling(kernel, arch):
     assert steps >= 1 and p.tiles_of(kernel).mask_unroll <= 4
 
 
-def test_leaner_steps_end_at_one_element_at_a_time():
-    t = tiling.dkdv_tiles(32)
-    seen = [t]
-    while (t := tiling.leaner(t)) is not None:
-        seen.append(t)
-    assert [(s.operands_in_regs, s.mask_unroll) for s in seen] == [(True, 4), (False, 4), (False, 1)]
+def test_leaner_steps_end_at_one_element_at_a_time_then_split_sweeps():
+    """Operands to shared memory, the mask one element at a time, then (mma.sync dK/dV only) two sweeps."""
+    for kernel, t, last in (("dkdv", tiling.dkdv_tiles(32), [(False, 1, True)]), ("dq", tiling.dq_tiles(32), [])):
+        seen = [t]
+        while (t := tiling.leaner(t, kernel)) is not None:
+            seen.append(t)
+        steps = [(s.operands_in_regs, s.mask_unroll, s.split) for s in seen]
+        assert steps[-1 - len(last) :] == [(False, 1, False), *last] and len(steps) == len(set(steps))
 
 
 def test_backward_rendering_follows_the_plan():
     p = plan(ag.documents() & ag.causal(), d=64, arch="sm_80")
-    lean = dataclasses.replace(p, dkdv=tiling.leaner(p.dkdv))
+    lean = dataclasses.replace(p, dkdv=tiling.leaner(p.dkdv, "dkdv"))
     assert render_backward(p).code != render_backward(lean).code  # the knob reaches the template

@@ -49,7 +49,7 @@ def test_reference_attention_applies_them_before_the_pattern():
         (lambda: ag.alibi(SLOPES, align="middle"), "align"),
         (lambda: scoremod.normalize((ag.softcap(1.0), ag.softcap(2.0))), "at most one softcap"),
         (lambda: scoremod.normalize(torch.tanh), "score_mod takes"),
-        (lambda: scoremod.check_call((ag.alibi(SLOPES),), torch.zeros(1, 3, 4, 8)), "one per query head"),
+        (lambda: scoremod.bind((ag.alibi(SLOPES),), torch.zeros(1, 3, 4, 8), 4), "one per query head"),
     ],
 )
 def test_bad_modifications_are_refused(bad, match):
@@ -100,3 +100,110 @@ def test_kernels_compile_with_the_hooks_and_without_spills(name, head_dim, arch)
 def test_without_modifications_the_kernels_are_unchanged():
     plain = ag.compile(ag.causal(), head_dim=64, dtype="bf16", arch="sm_90")
     assert "ScoreMod" not in plain.source and "ScoreMod" not in plain.backward_source
+
+
+# ------------------------------------------------------------------------------------ bias() and rel_bias()
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("num_buckets, max_distance", [(32, 128), (8, 20), (64, 256), (6, 9)])
+def test_rel_bias_buckets_are_t5s(num_buckets, max_distance, bidirectional):
+    """The buckets equal transformers' T5 on every relative position, and the kernels' threshold form equals them."""
+    t5 = pytest.importorskip("transformers.models.t5.modeling_t5").T5Attention
+    spec = ag.rel_bias(num_buckets, max_distance, bidirectional)
+    rel = torch.arange(-3 * max_distance, 3 * max_distance)
+    want = t5._relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
+    assert torch.equal(spec.bucket(rel), want)
+    n = torch.arange(0, 3 * max_distance)
+    by_thresholds = spec.exact + sum((n >= t).long() for t in spec.thresholds())
+    assert torch.equal(torch.where(n < spec.exact, n, by_thresholds), spec.distance_bucket(n))
+
+
+def test_bias_broadcasts_and_is_differentiable_in_the_reference():
+    B, Sq, Sk = 2, 5, 7
+    q, k, v = torch.randn(B, 4, Sq, 8, dtype=torch.float64), *(torch.randn(B, 2, Sk, 8, dtype=torch.float64),) * 2
+    for shape in [(B, 4, Sq, Sk), (1, 4, Sq, Sk), (Sq, Sk), (B, 1, 1, Sk), (Sk,)]:
+        bias = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        out, _ = reference.attention(q, k, v, ag.causal(), score_mod=ag.bias(), bias=bias)
+        s = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(2, 1)) / math.sqrt(8) + bias
+        s = s.masked_fill(~torch.ones(Sq, Sk, dtype=torch.bool).tril(), float("-inf"))
+        assert torch.allclose(out, torch.softmax(s, -1) @ v.repeat_interleave(2, 1))
+        (grad,) = torch.autograd.grad(out.sum(), bias)
+        assert grad.shape == bias.shape and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("Sq, Sk", [(1, 1), (5, 9), (9, 5), (33, 33)])
+def test_t5_table_gradient_from_the_score_gradient(Sq, Sk):
+    """scoremod.tensor_grads: the bias's gradient is dL/ds itself, the T5 table's its sums over each bucket's
+    diagonals; both equal autograd through the reference (float64)."""
+    spec = ag.rel_bias(8, 6)
+    table = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, 3, Sq, Sk, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(2, 3, Sq, Sk, dtype=torch.float64)
+    q = torch.empty(2, 3, Sq, 4, dtype=torch.float64)
+    mods = scoremod.bind((ag.bias(), spec), q, Sk, bias=bias, rel_table=table)
+    upstream = torch.randn(2, 3, Sq, Sk, dtype=torch.float64)
+    modified = scoremod.reference(mods, s)
+    want = torch.autograd.grad(modified, (bias, table), upstream)
+    tensors = scoremod.kernel_tensors(mods)
+    got = scoremod.tensor_grads(scoremod.structures(mods), tensors, upstream.float())
+    assert torch.allclose(got[0].double(), want[0], atol=1e-6) and torch.allclose(got[1].double(), want[1], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda q: scoremod.bind((ag.bias(),), q, 6), "needs the call's bias="),
+        (lambda q: scoremod.bind((), q, 6, bias=torch.zeros(6)), "no ag.bias"),
+        (lambda q: scoremod.bind((ag.bias(),), q, 6, bias=torch.zeros(3, 6)), "does not broadcast"),
+        (lambda q: scoremod.bind((ag.bias(),), q, 6, bias=torch.zeros(2, 4, 5, 6, 1)), "does not broadcast"),
+        (lambda q: scoremod.bind((ag.bias(),), q, 6, bias=torch.zeros(5, 6, dtype=torch.bool)), "float tensor"),
+        (lambda q: scoremod.bind((ag.rel_bias(8, 20),), q, 6), "needs the call's rel_table="),
+        (lambda q: scoremod.bind((ag.rel_bias(8, 20),), q, 6, rel_table=torch.zeros(4, 9)), r"\[4, 8\]"),
+        (lambda q: ag.rel_bias(7, 20), "even number"),
+        (lambda q: ag.rel_bias(8, 2), "max_distance"),
+        (lambda q: ag.rel_bias(8.0, 20), "must be an int"),
+        (lambda q: scoremod.normalize((ag.bias(), ag.bias())), "at most one bias"),
+        (lambda q: scoremod.normalize((ag.bias(), ag.softcap(2.0), ag.rel_bias())), "between bias"),
+    ],
+)
+def test_bad_bias_and_rel_bias_are_refused(call, match):
+    with pytest.raises(InputError, match=match):
+        call(torch.zeros(2, 4, 5, 8))
+
+
+def test_plan_of_a_bias_and_a_t5_table():
+    """Their tensors are run-time arguments (a bias with its four strides), then where dL/ds goes; the bias's dtype
+    is the structure, its values and strides are not."""
+    mods = (ag.softcap(9.0), ag.rel_bias(32, 128), scoremod.Bias("float32"))
+    p = make_plan(ag.causal(), head_dim=64, dtype="bf16", arch="sm_90", score_mods=mods)
+    names = [a.name for a in p.runtime_args]
+    assert names == ["rel_table", "bias", "bias_sb", "bias_sh", "bias_sq", "bias_sk", "score_grad"]
+    assert p.score_grad and not p.score_grad_capped and p.mod_grad
+    before = make_plan(ag.causal(), head_dim=64, dtype="bf16", arch="sm_90", score_mods=(ag.bias(), ag.softcap(9.0)))
+    assert before.score_grad_capped and "const elem_t * __restrict__ bias" in map(str, before.runtime_args)
+    assert "elem_t * __restrict__ score_grad" in map(str, before.runtime_args)  # written in the bias's dtype
+    assert "float * __restrict__ score_grad" in map(str, p.runtime_args)  # summed in fp32 for the table
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(
+    "mods",
+    [
+        (ag.bias(),),
+        (ag.rel_bias(32, 128),),
+        (ag.rel_bias(16, 40, False), ag.softcap(5.0)),
+        (ag.bias(), ag.softcap(5.0)),
+    ],
+    ids=["bias", "rel_bias", "rel_bias softcap", "bias softcap"],
+)
+def test_additive_kernels_compile_with_their_hooks_and_without_spills(mods, head_dim, arch):
+    """A bias and a T5 table before any softcap: the kernels read them in apply, and the dK/dV kernel writes dL/ds.
+    (After a softcap, the backward re-reads them to undo them before the softcap's derivative; those kernels can
+    spill: docs/performance.md, Score modifications.)"""
+    kern = ag.compile(ag.causal(), head_dim=head_dim, dtype="bf16", arch=arch, score_mod=mods)
+    fwd, bwd = kern.source, kern.backward_source
+    assert "struct ScoreMod" in fwd and "mod.store_grad(" in bwd and "* __restrict__ score_grad" in bwd
+    assert ("bias_at(" in fwd) == isinstance(mods[0], scoremod.Bias) and ("rel_bucket(" in fwd) != ("bias_at(" in fwd)
+    assert_no_spills(kern)

@@ -1,12 +1,23 @@
-"""GPU: score modifications (`softcap`, `alibi`) in both kernel families, forward and backward, against
-attngen.reference (float64) with the same modifications; N:M ranking the modified scores. Outputs are poisoned
+"""GPU: score modifications (`softcap`, `alibi`, `bias`, `rel_bias`) in both kernel families, forward and backward
+(the bias's and the T5 table's gradients too), against attngen.reference (float64) with the same modifications;
+N:M ranking the modified scores. Outputs are poisoned
 (ATTNGEN_POISON_OUTPUTS=1). Skipped cleanly without a CUDA GPU."""
 
 from dataclasses import replace
 
 import pytest
 import torch
-from test_kernels_gpu import DTYPES, GPU_TESTS, _check_call, _check_forward, _check_grads, _gen, _inputs
+from test_kernels_gpu import (
+    BWD_TOL,
+    DTYPES,
+    GPU_TESTS,
+    _check_call,
+    _check_forward,
+    _check_grads,
+    _gen,
+    _inputs,
+    _rel,
+)
 
 import attngen as ag
 from attngen import bind, kernel, plan, prepare, reference, scoremod, tiling
@@ -48,7 +59,126 @@ def kernel_sets() -> list[tuple]:
             out += [(pat, mods, D, dtype, False) for D in (64, 128) for dtype in DTYPES]
             out.append((pat, mods, 64, "bf16", True))
     out.append((ag.causal() & ag.nm(2, 4), (ag.alibi(torch.ones(HQ)).structure(),), 64, "fp16", False))
+    for _name, pat, _shape, bias_dtype, make in ADDITIVE:
+        mods = tuple(scoremod.Bias(bias_dtype) if isinstance(m, scoremod.Bias) else m for m in make())
+        out += [(pat, mods, D, dtype, False) for D in (64, 128) for dtype in DTYPES]
+        out.append((pat, mods, 64, "bf16", True))
     return out
+
+
+# (name, pattern, bias shape (None: no bias), the bias's dtype, the modifications): every broadcast of a bias, T5's
+# buckets both ways, and a softcap before and after the additive steps.
+ADDITIVE = [
+    ("bias full fp32", ag.causal(), "full", "float32", lambda: (ag.bias(),)),
+    ("bias heads", ag.full(), "heads", "input", lambda: (ag.bias(), ag.softcap(5.0))),
+    ("bias plane", ag.sliding_window(100), "plane", "input", lambda: (ag.softcap(5.0), ag.bias())),
+    ("bias keys -inf", ag.causal(), "keys", "float32", lambda: (ag.bias(),)),
+    ("rel_bias", ag.full(), None, "", lambda: (ag.rel_bias(32, 128),)),
+    ("rel_bias causal", ag.causal(), None, "", lambda: (ag.rel_bias(16, 40, bidirectional=False), ag.softcap(5.0))),
+    (
+        "alibi rel_bias bias",
+        ag.causal(),
+        "heads",
+        "float32",
+        lambda: (ag.alibi(torch.tensor(SLOPES)), ag.rel_bias(8, 20), ag.bias()),
+    ),
+]
+ADDITIVE_LENGTHS = [(1, 1), (77, 77), (300, 517), (517, 300), (1000, 1000)]
+
+
+def _additive_inputs(shape, bias_dtype, mods, B, Sq, Sk, dtype, gen) -> tuple[tuple, dict]:
+    """The modifications on the GPU and their call tensors (fresh random, differentiable): a bias of `shape` in
+    `bias_dtype` ("keys": a key mask, -inf on every third key past the first, so no row is left empty), a T5 table."""
+    mods = tuple(ag.alibi(m.slopes.cuda()) if isinstance(m, scoremod.Alibi) else m for m in mods)
+    tensors = {}
+    if shape is not None:
+        dims = {"full": (B, HQ, Sq, Sk), "heads": (1, HQ, Sq, Sk), "plane": (Sq, Sk), "keys": (B, 1, 1, Sk)}[shape]
+        x = torch.randn(*dims, generator=gen) * 2
+        if shape == "keys":
+            x[..., 1::3] = float("-inf")
+        tensors["bias"] = x.to("cuda", torch.float32 if bias_dtype == "float32" else dtype).requires_grad_()
+    for m in mods:
+        if isinstance(m, scoremod.RelBias):
+            table = torch.randn(HQ, m.num_buckets, generator=gen) * 2
+            tensors["rel_table"] = table.cuda().requires_grad_()
+    return mods, tensors
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("case", range(len(ADDITIVE)), ids=[c[0] for c in ADDITIVE])
+def test_bias_and_rel_bias_forward_and_backward(case, dtype, D):
+    """Out, LSE and the gradients of q, k, v and of the bias / T5 table against the float64 reference."""
+    name, pat, shape, bias_dtype, make = ADDITIVE[case]
+    for Sq, Sk in ADDITIVE_LENGTHS:
+        gen = _gen("score_mod additive", name, dtype, D, Sq, Sk)
+        q, k, v = _inputs(2, HQ, HKV, Sq, Sk, D, DTYPES[dtype], gen, requires_grad=True)
+        mods, tensors = _additive_inputs(shape, bias_dtype, make(), 2, Sq, Sk, DTYPES[dtype], gen)
+        where = f"{name} {pat!r} {dtype} D={D} Sq={Sq} Sk={Sk}"
+        out, lse = ag.attention(q, k, v, pat, return_lse=True, score_mod=mods, **tensors)
+        ref, ref_lse = reference.attention(q, k, v, pat, dtype=torch.float64, score_mod=mods, **tensors)
+        _check_forward(out, lse, ref, ref_lse, dtype, where)
+        dout = torch.randn_like(out)
+        inputs = (q, k, v, *tensors.values())
+        got, want = torch.autograd.grad(out, inputs, dout), torch.autograd.grad(ref, inputs, dout)
+        _check_grads(got[:3], want[:3], dtype, where)
+        for label, g, r in zip(tensors, got[3:], want[3:]):
+            assert g.dtype == tensors[label].dtype, f"d{label} dtype: {where}"
+            _check_tensor_grad(label, g, r, dtype, where)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the mma.sync family on a Hopper GPU (elsewhere the planner picks it)")
+@pytest.mark.parametrize("case", range(len(ADDITIVE)), ids=[c[0] for c in ADDITIVE])
+def test_bias_and_rel_bias_mma_sync_family_on_hopper(case):
+    name, pat, shape, bias_dtype, make = ADDITIVE[case]
+    D, dtype = 64, "bf16"
+    for Sq, Sk in ADDITIVE_LENGTHS[1:]:
+        gen = _gen("score_mod additive mma", name, Sq, Sk)
+        q, k, v = _inputs(2, HQ, HKV, Sq, Sk, D, DTYPES[dtype], gen)
+        mods, tensors = _additive_inputs(shape, bias_dtype, make(), 2, Sq, Sk, DTYPES[dtype], gen)
+        bound = scoremod.bind(mods, q, Sk, **tensors)
+        kern = _mma_sync_kernels(pat, bound, D, dtype)
+        assert "mma.sync" in kern.forward_source.code and "store_grad" in kern.backward_source.code
+        prep = prepare.prepare(pat, q, k, {"document_ids": None, "key_lengths": None})
+        prep = replace(prep, score_mod=tuple(t.detach() for t in scoremod.kernel_tensors(bound)))
+        out, lse = bind.forward(kern, q, k, v, D**-0.5, prep)
+        qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+        ref, ref_lse = reference.attention(qr, kr, vr, pat, dtype=torch.float64, score_mod=mods, **tensors)
+        where = f"mma.sync {name} Sq={Sq} Sk={Sk}"
+        _check_forward(out, lse, ref, ref_lse, dtype, where)
+        dout = torch.randn_like(out)
+        ds = torch.zeros(2, HQ, Sq, Sk, device="cuda", dtype=scoremod.score_grad_dtype(kern.plan.score_mods, q.dtype))
+        got = bind.backward(kern, dout, q, k, v, out, lse, None, D**-0.5, prep, ds)
+        inputs = (qr, kr, vr, *tensors.values())
+        want = torch.autograd.grad(ref, inputs, dout)
+        _check_grads(got, want[:3], dtype, where)
+        grads = scoremod.tensor_grads(kern.plan.score_mods, list(prep.score_mod), ds)
+        structures = scoremod.with_tensors(kern.plan.score_mods)
+        by_label = {"bias" if isinstance(m, scoremod.Bias) else "rel_table": g for m, g in zip(structures, grads)}
+        for label, r in zip(tensors, want[3:]):
+            g = by_label[label]
+            _check_tensor_grad(label, g.sum_to_size(r.shape) if label == "bias" else g, r, dtype, where)
+
+
+def _check_tensor_grad(label: str, g: torch.Tensor, r: torch.Tensor, dtype: str, where: str) -> None:
+    """A bias's or a T5 table's gradient against the reference's (one key per row: dS is 0 up to rounding)."""
+    assert torch.isfinite(g).all(), f"d{label} not finite: {where}"
+    if r.abs().max() == 0:
+        assert g.abs().max() < 1e-4, f"d{label} must vanish: {where}"
+    else:
+        assert _rel(g, r) < BWD_TOL[dtype], f"d{label} error {_rel(g, r):.2e}: {where}"
+
+
+def test_a_bias_that_empties_rows_gives_zeros():
+    """A -inf bias over whole rows (no pattern masks them): those rows are 0 with LSE -inf, never NaN."""
+    gen = _gen("score_mod empty rows")
+    q, k, v = _inputs(1, HQ, HKV, 130, 200, 64, torch.bfloat16, gen)
+    bias = torch.zeros(130, 200, device="cuda")
+    bias[::7] = float("-inf")
+    out, lse = ag.attention(q, k, v, ag.full(), return_lse=True, score_mod=ag.bias(), bias=bias)
+    assert torch.isfinite(out).all() and (out[:, :, ::7] == 0).all() and torch.isinf(lse[:, :, ::7]).all()
+    ref, ref_lse = reference.attention(q, k, v, ag.full(), score_mod=ag.bias(), bias=bias)
+    _check_forward(out, lse, ref, ref_lse, "bf16", "rows emptied by the bias")
 
 
 @pytest.mark.parametrize("D", [64, 128])
