@@ -172,14 +172,26 @@ def _emit(args: argparse.Namespace) -> int:
 
 
 def _score_mods(args: argparse.Namespace) -> tuple:
-    """`--score-mod` values, in order: "softcap(c)", "alibi()" or "alibi(align='bottom_right')" (the kernels do not
-    depend on alibi's slopes, which are call-time data)."""
+    """`--score-mod` values, in order: "softcap(c)", "alibi()" or "alibi(align='bottom_right')", "bias()" or
+    "bias(dtype='float32')", "rel_bias(32, 128)" (the kernels do not depend on alibi's slopes, the bias or the T5
+    table, which are call-time data)."""
     import torch
 
     from attngen import scoremod
 
-    made = {"softcap": scoremod.softcap, "alibi": lambda align="top_left": scoremod.alibi(torch.ones(1), align)}
+    made = {
+        "softcap": scoremod.softcap,
+        "alibi": lambda align="top_left": scoremod.alibi(torch.ones(1), align),
+        "bias": lambda dtype="input": scoremod.Bias(_bias_dtype(dtype)),
+        "rel_bias": scoremod.rel_bias,
+    }
     return tuple(parse_pattern(text, made) for text in args.score_mod)
+
+
+def _bias_dtype(dtype: str) -> str:
+    if dtype not in ("input", "float32"):
+        raise InputError(f"bias(dtype=...) is 'input' (the kernels' dtype) or 'float32', got {dtype!r}")
+    return dtype
 
 
 def resource_report(kern: Any, *, backward: bool = False) -> str:
@@ -480,7 +492,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="MOD",
-        help='a score modification, applied in the order given: "softcap(30.0)", "alibi()" (repeatable)',
+        help='a score modification, applied in the order given: "softcap(30.0)", "alibi()", "bias()", '
+        '"rel_bias(32, 128)" (repeatable)',
     )
     shown = emit.add_mutually_exclusive_group()
     shown.add_argument(

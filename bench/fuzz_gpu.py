@@ -76,9 +76,9 @@ def compiled_for(c: fuzzing.Case, arch: str):
     """The `kernel.Compiled` the case runs (for "auto", the one attngen.attention uses)."""
     from dataclasses import replace
 
-    from attngen import kernel, plan, scoremod, tiling
+    from attngen import kernel, plan, tiling
 
-    structure, mods = c.pattern.structure(), scoremod.structures(c.score_mod)
+    structure, mods = c.pattern.structure(), c.mod_structures()
     if kernel_variant(c, arch) == "auto":
         return kernel.compiled(structure, c.head_dim, c.dtype, arch, mods)
     key = (structure, mods, c.head_dim, c.dtype, arch)
@@ -203,16 +203,17 @@ def _run(c: fuzzing.Case, device: torch.device, tol: tuple[dict, dict], direct, 
     from attngen import pattern as P
 
     q, k, v, dout, dlse = c.inputs(device, requires_grad=c.backward)
-    rt, mods = c.runtime(device), c.mods(device)
+    rt, mods, mt = c.runtime(device), c.mods(device), c.mod_tensors(device)
     scale = 1.0 / math.sqrt(c.head_dim) if c.scale is None else c.scale
     if direct is not None:  # the mma.sync kernels, launched directly (attngen.attention would take the wgmma ones)
         prep = prepare.prepare(c.pattern, q, k, {"document_ids": None, "key_lengths": None, **rt})
-        prep = replace(prep, score_mod=tuple(scoremod.kernel_tensors(mods)))
+        bound = scoremod.bind(mods, q, c.Sk, **mt)
+        prep = replace(prep, score_mod=tuple(t.detach() for t in scoremod.kernel_tensors(bound)))
         out, lse = bind.forward(direct, q.detach(), k.detach(), v.detach(), scale, prep)
     elif c.return_lse or forced:
-        out, lse = ag.attention(q, k, v, c.pattern, scale=c.scale, return_lse=True, score_mod=mods, **rt)
+        out, lse = ag.attention(q, k, v, c.pattern, scale=c.scale, return_lse=True, score_mod=mods, **mt, **rt)
     else:
-        out, lse = ag.attention(q, k, v, c.pattern, scale=c.scale, score_mod=mods, **rt), None
+        out, lse = ag.attention(q, k, v, c.pattern, scale=c.scale, score_mod=mods, **mt, **rt), None
     torch.cuda.synchronize(device)
     ref_dtype = torch.float64 if c.scores <= FLOAT64_SCORES else torch.float32
     selection = []
@@ -220,7 +221,7 @@ def _run(c: fuzzing.Case, device: torch.device, tol: tuple[dict, dict], direct, 
         grid = ag.selected_blocks(q.detach(), k.detach(), c.pattern, **rt)
         selection = fuzzing.selection_errors(grid, q, k, c.pattern, rt)
         rt = {**rt, "selected_blocks": grid}
-    ref, ref_lse = reference.attention(q, k, v, c.pattern, scale=c.scale, dtype=ref_dtype, score_mod=mods, **rt)
+    ref, ref_lse = reference.attention(q, k, v, c.pattern, scale=c.scale, dtype=ref_dtype, score_mod=mods, **mt, **rt)
     errors = selection + check_forward(c, out, lse if (c.return_lse or forced) else None, ref, ref_lse, tol[0][c.dtype])
     if not c.backward:
         return errors

@@ -115,7 +115,9 @@ class Case:
     index_q: torch.Tensor | None = None  # [B, Sq, Hi, Di] float, for topk(k, scorer=indexer())
     index_k: torch.Tensor | None = None  # [B, Sk, Di]
     index_w: torch.Tensor | None = None  # [B, Sq, Hi]
-    score_mod: tuple = ()  # softcap / alibi (slopes on the CPU), passed as `score_mod=`
+    score_mod: tuple = ()  # softcap / alibi (slopes on the CPU) / bias() / rel_bias(), passed as `score_mod=`
+    bias: torch.Tensor | None = None  # bias()'s call tensor, broadcastable to [B, Hq, Sq, Sk]
+    rel_table: torch.Tensor | None = None  # rel_bias()'s [Hq, num_buckets]
     layouts: dict = field(default_factory=dict)  # BlockLayout leaf -> the bool grid it was built from
     notes: tuple[str, ...] = ()  # what was drawn, for coverage checks: "doc:pair", "keylen:0", ...
 
@@ -215,6 +217,17 @@ class Case:
         """The call's `score_mod=`, alibi's slopes on `device` (what attngen.attention and the reference take)."""
         move = lambda m: ag.alibi(m.slopes.to(device), m.align) if isinstance(m, scoremod.Alibi) else m
         return tuple(move(m) for m in self.score_mod)
+
+    def mod_tensors(self, device: torch.device | str = "cpu") -> dict:
+        """The call's `bias=` and `rel_table=` on `device` (those the modifications take)."""
+        named = {"bias": self.bias, "rel_table": self.rel_table}
+        return {name: t.to(device) for name, t in named.items() if t is not None}
+
+    def mod_structures(self) -> tuple:
+        """The modifications' structures as a call binds them (a bias read in q's dtype or fp32)."""
+        same = self.bias is not None and self.bias.dtype == self.torch_dtype
+        as_bound = lambda m: scoremod.Bias("input" if same else "float32") if isinstance(m, scoremod.Bias) else m
+        return scoremod.structures(tuple(as_bound(m) for m in self.score_mod))
 
     def inputs(self, device: torch.device | str, requires_grad: bool = False):
         """(q, k, v, dout, dlse) on `device`, drawn from the seed on the CPU (the same values on every machine).
@@ -716,15 +729,55 @@ def _mods(seed: int) -> random.Random | None:
     return g if g.random() < MOD_SHARE / (1 - RULE_SHARE - REORDER_SHARE - TOKEN_SHARE) else None
 
 
+MOD_KINDS = [
+    ("softcap",),
+    ("alibi",),
+    ("alibi", "softcap"),
+    ("softcap", "alibi"),
+    ("bias",),
+    ("rel_bias",),
+    ("bias", "softcap"),
+    ("softcap", "bias"),
+    ("alibi", "rel_bias", "bias"),
+]
+BIAS_SHAPES = ("full", "heads", "plane", "keys", "rows")
+
+
 def _draw_mods(g: random.Random, Hq: int) -> tuple:
-    """softcap (a cap that bites or not), alibi (slopes 2^-i, either alignment), or both in either order."""
-    kinds = g.choice([("softcap",), ("alibi",), ("alibi", "softcap"), ("softcap", "alibi")])
+    """softcap (a cap that bites or not), alibi (slopes 2^-i, either alignment), bias(), T5's rel_bias (buckets
+    both ways), alone or combined in either order (`MOD_KINDS`); the tensors are the case's (`_mod_tensors`)."""
+    kinds = g.choice(MOD_KINDS)
     slopes = torch.tensor([2.0 ** -g.randint(0, 6) for _ in range(Hq)])
     made = {
         "softcap": lambda: ag.softcap(g.choice([0.5, 2.0, 5.0, 30.0])),
         "alibi": lambda: ag.alibi(slopes, g.choice(["top_left", "bottom_right"])),
+        "bias": ag.bias,
+        "rel_bias": lambda: ag.rel_bias(*g.choice([(32, 128, True), (8, 20, False), (16, 40, True)])),
     }
     return tuple(made[kind]() for kind in kinds)
+
+
+def _mod_tensors(rng: random.Random, gen: torch.Generator, c: Case) -> list[str]:
+    """A bias() of one of BIAS_SHAPES (every broadcast; finite: a row the bias alone empties has no float64
+    gradient to compare with), in q's dtype or fp32; rel_bias()'s table."""
+    notes = []
+    if any(isinstance(m, scoremod.Bias) for m in c.score_mod):
+        shape = rng.choice(BIAS_SHAPES)
+        dims = {
+            "full": (c.B, c.Hq, c.Sq, c.Sk),
+            "heads": (1, c.Hq, c.Sq, c.Sk),
+            "plane": (c.Sq, c.Sk),
+            "keys": (c.B, 1, 1, c.Sk),
+            "rows": (c.B, c.Hq, c.Sq, 1),
+        }[shape]
+        dtype = rng.choice([c.torch_dtype, torch.float32])
+        c.bias = (torch.randn(*dims, generator=gen) * rng.choice([0.5, 3.0])).to(dtype)
+        notes.append(f"bias:{shape}:{'input' if dtype == c.torch_dtype else 'float32'}")
+    for m in c.score_mod:
+        if isinstance(m, scoremod.RelBias):
+            c.rel_table = torch.randn(c.Hq, m.num_buckets, generator=gen) * 2
+            notes.append(f"rel_bias:{m.num_buckets}")
+    return notes
 
 
 def _with_tokens(pat: ag.Pattern, t: random.Random, builder: _Builder) -> ag.Pattern:
@@ -897,6 +950,7 @@ def case(seed: int) -> Case:
     if (m := _mods(seed)) is not None:
         c.score_mod = _draw_mods(m, c.Hq)
         notes.append("mods:" + "+".join(type(x).__name__.lower() for x in c.score_mod))
+        notes += _mod_tensors(rng, gen, c)
     c.notes = tuple(notes)
     return c
 

@@ -66,7 +66,7 @@ def _plans(c) -> dict:
 
 def _plan(c, arch: str):
     """The case's plan for `arch`, with its score modifications: what its kernels compile from."""
-    mods = scoremod.structures(c.score_mod)
+    mods = c.mod_structures()
     return make_plan(c.pattern, head_dim=c.head_dim, dtype=c.torch_dtype, arch=arch, score_mods=mods)
 
 
@@ -477,6 +477,10 @@ def test_generator_covers_every_kind():
     assert 0.1 * len(SEEDS) <= reordering <= 0.4 * len(SEEDS), f"{reordering} of {len(SEEDS)} cases reorder"
 
 
+def _mod_kinds(c) -> set[str]:
+    return {type(m).__name__ for m in c.score_mod}
+
+
 def _first(predicate) -> int:
     return next(s for s in SEEDS if predicate(case(s)))
 
@@ -485,8 +489,9 @@ def _first(predicate) -> int:
 # backward, head dims 256 and 96), both mask forms (branch-free affine, guarded loads), top-k by token (per-head
 # lists as bits, the indexer's on the gather kernels).
 COMPILE_SAMPLE = [
-    ("sm_90", lambda c: len(c.score_mod) == 2 and c.head_dim == 128),  # softcap and alibi, Hopper kernels
-    ("sm_80", lambda c: len(c.score_mod) == 2 and c.head_dim == 128),  # the mma.sync family's backward
+    ("sm_90", lambda c: _mod_kinds(c) == {"Softcap", "Alibi"}),  # Hopper kernels
+    ("sm_80", lambda c: _mod_kinds(c) == {"Softcap", "Alibi"}),  # the mma.sync backward
+    ("sm_90", lambda c: _mod_kinds(c) == {"Bias"} and c.head_dim == 64),  # a bias, preloaded
     ("sm_90", lambda c: c.head_dim == 256 and c.family == "affine"),
     ("sm_90", lambda c: c.head_dim == 128 and "layout" in c.family and "documents" in c.family),
     ("sm_90", lambda c: c.head_dim == 64 and c.family == "affine" and repr(c.pattern).count("(") >= 6),
@@ -514,14 +519,23 @@ def test_sample_compiles_without_spills(arch, which):
 
 
 def test_score_modifications_are_drawn_where_calls_take_them():
-    """About MOD_SHARE of the cases carry softcap, alibi or both (either order, both alignments), never with a
-    rule, reordering or top-k by token, which refuse them or would rank rounded modified scores."""
+    """About MOD_SHARE of the cases carry softcap, alibi, a bias, T5's buckets or combinations (either order, both
+    alignments, every broadcast of a bias), never with a rule, reordering or top-k by token, which refuse them or
+    would rank rounded modified scores."""
     from fuzzing import MOD_SHARE
 
     drawn = [c for c in map(case, range(2000)) if c.score_mod]
     assert abs(len(drawn) / 2000 - MOD_SHARE) < 0.05
-    kinds = {tuple(type(m).__name__ for m in c.score_mod) for c in drawn}
-    assert kinds == {("Softcap",), ("Alibi",), ("Alibi", "Softcap"), ("Softcap", "Alibi")}
+    kinds = {tuple(type(m).__name__.lower().replace("relbias", "rel_bias") for m in c.score_mod) for c in drawn}
+    assert kinds == set(fuzzing.MOD_KINDS)
+    shapes = {n.split(":")[1] for c in drawn for n in c.notes if n.startswith("bias:")}
+    assert shapes == set(fuzzing.BIAS_SHAPES)
+    for c in drawn:
+        takes = {type(m) for m in c.score_mod}
+        assert (c.bias is not None) == (scoremod.Bias in takes)
+        assert (c.rel_table is not None) == (scoremod.RelBias in takes)
+        if c.bias is not None:  # broadcastable, as the call checks
+            scoremod.bind(c.mods(), torch.empty(c.B, c.Hq, c.Sq, 8), c.Sk, **c.mod_tensors())
     assert {m.align for c in drawn for m in c.score_mod if isinstance(m, scoremod.Alibi)} == set(scoremod.ALIGNS)
     assert not any(c.selects or c.reorders or P.token_leaf(c.pattern) is not None for c in drawn)
     assert all(m.slopes.shape == (c.Hq,) for c in drawn for m in c.score_mod if isinstance(m, scoremod.Alibi))
