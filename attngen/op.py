@@ -71,10 +71,10 @@ def attention_backward_op(
     mods: str,
     scale: float,
     tensors: list[torch.Tensor],
-    score_grad: bool,
+    score_grad: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     kern = _compiled_for(structure, q, mods)
-    ds = _score_grad_buffer(q, k, mods, score_grad)
+    ds = _score_grad_buffer(q, k, score_grad)
     with _device_of(q):
         prep = Prepared.from_tensors(kern.plan, tensors)
         dq, dk, dv = backward(kern, dout, q, k, v, out, lse, dlse, scale, prep, ds if score_grad else None)
@@ -84,20 +84,23 @@ def attention_backward_op(
 @attention_backward_op.register_fake
 def _(dout, dlse, q, k, v, out, lse, structure, mods, scale, tensors, score_grad):
     grads = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-    return *grads, _score_grad_buffer(q, k, mods, score_grad)
+    return *grads, _score_grad_buffer(q, k, score_grad)
 
 
-def _score_grad_buffer(q: torch.Tensor, k: torch.Tensor, mods: str, wanted: bool) -> torch.Tensor:
-    """Zeros for dL/ds at a bias's or a T5 table's step, [B, Hq, Sq, Sk] in `scoremod.score_grad_dtype` (empty
-    where not wanted)."""
-    shape = (*q.shape[:3], k.shape[2]) if wanted else (0,)
-    return q.new_zeros(shape, dtype=scoremod.score_grad_dtype(scoremod.by_key(mods), q.dtype))
+def _score_grad_buffer(q: torch.Tensor, k: torch.Tensor, kind: str) -> torch.Tensor:
+    """Zeros for dL/ds at a bias's or a T5 table's step, [B, Hq, Sq, Sk] in q's dtype (`kind` "input") or fp32
+    ("float32"); empty where not wanted (""). A plain string: the fake implementation needs no registry."""
+    shape = (*q.shape[:3], k.shape[2]) if kind else (0,)
+    return q.new_zeros(shape, dtype=q.dtype if kind == "input" else torch.float32)
 
 
-def _wants_score_grad(mods: str, tensors) -> bool:
-    """Whether a bias or a T5 table among the modifications' tensors (the last of `tensors`) needs a gradient."""
-    n = len(scoremod.with_tensors(scoremod.by_key(mods)))
-    return any(t.requires_grad for t in tensors[len(tensors) - n :])
+def _score_grad_kind(mods: str, tensors) -> str:
+    """How dL/ds is written where a bias or a T5 table among the modifications' tensors (the last of `tensors`)
+    needs a gradient (scoremod.score_grad_kind), else ""."""
+    structure = scoremod.by_key(mods)
+    n = len(scoremod.with_tensors(structure))
+    wanted = any(t.requires_grad for t in tensors[len(tensors) - n :])
+    return scoremod.score_grad_kind(structure) if wanted else ""
 
 
 def _grads_of_tensors(mods: str, tensors, ds: torch.Tensor) -> list:
@@ -114,7 +117,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *tensors)
     ctx.structure, ctx.mods, ctx.scale = structure, mods, scale
-    ctx.score_grad = _wants_score_grad(mods, tensors)
+    ctx.score_grad = _score_grad_kind(mods, tensors)
 
 
 def _backward(ctx, dout, dlse):
@@ -139,7 +142,7 @@ class _Attention(torch.autograd.Function):
             out, lse = forward(kern, q, k, v, scale, Prepared.from_tensors(kern.plan, list(tensors)))
         ctx.save_for_backward(q, k, v, out, lse, *tensors)
         ctx.structure, ctx.mods, ctx.scale = structure, mods, scale
-        ctx.score_grad = _wants_score_grad(mods, tensors)
+        ctx.score_grad = _score_grad_kind(mods, tensors)
         ctx.set_materialize_grads(False)  # an unused LSE (or output) needs no zero-filled gradient
         return out, lse
 
@@ -149,7 +152,7 @@ class _Attention(torch.autograd.Function):
         if dout is None:  # only the LSE was used
             dout = torch.zeros_like(out)
         kern = _compiled_for(ctx.structure, q, ctx.mods)
-        ds = _score_grad_buffer(q, k, ctx.mods, ctx.score_grad)
+        ds = _score_grad_buffer(q, k, ctx.score_grad)
         with _device_of(q):
             prep = Prepared.from_tensors(kern.plan, tensors)
             dq, dk, dv = backward(kern, dout, q, k, v, out, lse, dlse, ctx.scale, prep, ds if ctx.score_grad else None)

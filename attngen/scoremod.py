@@ -27,6 +27,8 @@ table's."""
 
 from __future__ import annotations
 
+import ast
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -339,18 +341,30 @@ def structures(mods) -> Structure:
     return tuple(m.structure() for m in mods)
 
 
-_STRUCTURES: dict[str, Structure] = {"": ()}
-
-
 def key(structure: Structure) -> str:
-    """A plain-string name of a tuple of structures (the custom op's argument); `by_key` inverts it."""
-    name = ", ".join(map(repr, structure))
-    _STRUCTURES.setdefault(name, tuple(structure))
-    return name
+    """A plain-string name of a tuple of structures (the custom op's argument): their reprs, which `by_key` parses
+    back (no registry: a traced call's fake and autograd steps read it before the call has run)."""
+    return ", ".join(map(repr, structure))
 
 
+_BY_NAME = {
+    "softcap": lambda cap: Softcap(float(cap)),
+    "alibi": lambda align="top_left": AlibiSlot(align),
+    "bias": lambda dtype="input": Bias(dtype),
+    "rel_bias": lambda n, d, bidirectional=True: RelBias(n, d, bidirectional),
+}
+
+
+@functools.cache
 def by_key(name: str) -> Structure:
-    return _STRUCTURES[name]
+    """The structures `key` named."""
+    if not name:
+        return ()
+    calls = ast.parse(f"({name},)", mode="eval").body.elts
+    return tuple(
+        _BY_NAME[c.func.id](*map(ast.literal_eval, c.args), **{a.arg: ast.literal_eval(a.value) for a in c.keywords})
+        for c in calls
+    )
 
 
 def with_tensors(structure: Structure) -> tuple:

@@ -4,6 +4,7 @@ and `reference_kernels`, which runs `attngen.attention` end to end on the CPU wi
 reference (for code built on attngen, such as the integrations)."""
 
 import atexit
+import concurrent.futures
 import functools
 import operator
 import os
@@ -67,16 +68,25 @@ def reference_kernels(monkeypatch):
         structure = P.by_key(name)
         layouts = tuple(dict.fromkeys(leaf for leaf in structure.leaves() if isinstance(leaf, P.LayoutSlot)))
         mods = scoremod.by_key(mods)
-        slopes = tuple(SimpleNamespace(name="alibi_slopes") for m in mods if isinstance(m, scoremod.AlibiSlot))
-        plan = SimpleNamespace(layouts=layouts, positions=split_selection(structure)[0], runtime_args=slopes)
+        plan = SimpleNamespace(layouts=layouts, positions=split_selection(structure)[0], score_mods=mods)
         return SimpleNamespace(plan=plan, name=name, mods=mods)
 
-    def mods_of(kern, prep):
-        """The call's score modifications: the structures, with the slopes the call passed."""
-        slopes = iter(prep.score_mod)
-        return tuple(
-            scoremod.Alibi(next(slopes), m.align) if isinstance(m, scoremod.AlibiSlot) else m for m in kern.mods
-        )
+    def mods_of(kern, prep, probe=None):
+        """The call's score modifications: the structures, with the tensors the call passed (slopes, a bias, a T5
+        table); `probe` (zeros) is added just before the first bias or table: its gradient is dL/ds there."""
+        tensors, bound = iter(prep.score_mod), []
+        for m in kern.mods:
+            if isinstance(m, scoremod.ADDITIVE) and probe is not None:
+                bound.append(scoremod.BoundBias(probe, "float32"))
+                probe = None
+            if isinstance(m, scoremod.AlibiSlot):
+                m = scoremod.Alibi(next(tensors), m.align)
+            elif isinstance(m, scoremod.Bias):
+                m = scoremod.BoundBias(next(tensors), m.dtype)
+            elif isinstance(m, scoremod.RelBias):
+                m = scoremod.BoundRelBias(m, next(tensors))
+            bound.append(m)
+        return tuple(bound)
 
     def rebuild(pat, grids):
         if isinstance(pat, (P.And, P.Or)):
@@ -108,16 +118,15 @@ def reference_kernels(monkeypatch):
         calls.append(SimpleNamespace(pattern=pat, prep=prep, shapes=(tuple(q.shape), tuple(k.shape))))
         return out.to(q.dtype), lse
 
-    def backward(kern, dout, q, k, v, out, lse, dlse, scale, prep):
+    def backward(kern, dout, q, k, v, out, lse, dlse, scale, prep, score_grad=None):
         # Written out (the custom op's implementation runs below autograd): the softmax backward over the kept keys,
         # the choice of a selection rule held fixed, as the kernels do.
         pat = rebuild(P.by_key(kern.name), prep.layouts)
         inputs = inputs_of(prep)
         Sq, Sk, groups = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]
         qf, kf, vf = q.float(), k.float().repeat_interleave(groups, 1), v.float().repeat_interleave(groups, 1)
-        with torch.enable_grad():  # the score modifications' derivative, below
-            raw = (torch.einsum("bhqd,bhkd->bhqk", qf, kf) * scale).requires_grad_()
-            modified = scoremod.reference(mods_of(kern, prep), raw)
+        raw = torch.einsum("bhqd,bhkd->bhqk", qf, kf) * scale
+        modified = scoremod.reference(mods_of(kern, prep), raw)
         s = modified.detach()
         positions, rule = split_selection(pat)
         kept = P.dense_mask(positions, Sq, Sk, device=q.device, q=q, **inputs)
@@ -130,12 +139,28 @@ def reference_kernels(monkeypatch):
         ds = p * (do @ vf.transpose(-1, -2) - (do * (p @ vf)).sum(-1, keepdim=True))
         if dlse is not None:
             ds = ds + p * dlse.float().unsqueeze(-1)
-        if modified.grad_fn is not None:
-            ds = torch.autograd.grad(modified, raw, ds)[0]
+        if kern.mods:  # the modifications' derivative, and dL/ds at a bias's / table's step as dK/dV writes it
+            ds, at_step = _through_mods(kern, prep, raw, ds, score_grad is not None)
+            if score_grad is not None:
+                score_grad.copy_(at_step)
         dq = ds @ kf * scale
         dk, dv = (ds.transpose(-1, -2) @ qf) * scale, p.transpose(-1, -2) @ do
         dk, dv = (g.unflatten(1, (k.shape[1], groups)).sum(2) for g in (dk, dv))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+    def _through_mods(kern, prep, raw, ds, at_step: bool):
+        """(dL/d raw, dL/ds at the first bias / table) from dL/d modified, by autograd on a thread of its own: the
+        custom op's implementation runs below autograd, whose dispatch exclusion is per thread."""
+
+        def run():
+            r = raw.detach().requires_grad_()
+            probe = torch.zeros_like(r).requires_grad_() if at_step else None
+            modified = scoremod.reference(mods_of(kern, prep, probe), r)
+            grads = torch.autograd.grad(modified, (r, probe) if at_step else (r,), ds)
+            return grads[0], grads[1] if at_step else None
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(run).result()
 
     monkeypatch.setattr(launch, "_check", check_on_cpu)
     monkeypatch.setattr(op, "_compiled_for", compiled_for)
