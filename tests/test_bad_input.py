@@ -286,7 +286,7 @@ def test_bad_key_lengths(p, defect):
 @given(
     p=problems(),
     pattern=st.sampled_from([ag.causal(), ag.full(), ag.sliding_window(3)]),
-    extra=st.sampled_from(["document_ids", "key_lengths", "bias", "lengths", "alibi"]),
+    extra=st.sampled_from(["document_ids", "key_lengths", "lengths", "alibi", "rel_tables"]),
 )
 def test_unused_inputs_are_named(p, pattern, extra):
     value = torch.zeros(p["B"], dtype=torch.int64)
@@ -315,6 +315,29 @@ def test_bad_score_mod(p, defect):
         "topk": ag.softcap(5.0),
     }[defect]
     _raises(lambda: _past_device_check(*_qkv(p), pattern, score_mod=mod), "score_mod", "alibi", "softcap")
+
+
+@SETTINGS
+@given(
+    p=problems(),
+    defect=st.sampled_from(
+        ["bias without bias()", "bias() without bias", "shape", "ints", "device", "table without", "table shape"]
+    ),
+)
+def test_bad_bias_and_table(p, defect):
+    """What `bias=` and `rel_table=` refuse, before any kernel, with a message naming the argument."""
+    B, Hq, Sq, Sk = p["B"], p["Hq"], p["Sq"], p["Sk"]
+    mods, tensors = {
+        "bias without bias()": ((ag.softcap(2.0),), {"bias": torch.zeros(Sq, Sk)}),
+        "bias() without bias": ((ag.bias(),), {}),
+        "shape": ((ag.bias(),), {"bias": torch.zeros(B, Hq + 1, Sq, Sk)}),
+        "ints": ((ag.bias(),), {"bias": torch.zeros(Sq, Sk, dtype=torch.int32)}),
+        "device": ((ag.bias(),), {"bias": torch.zeros(Sq, Sk, device="meta")}),
+        "table without": ((ag.rel_bias(8, 20),), {}),
+        "table shape": ((ag.rel_bias(8, 20),), {"rel_table": torch.zeros(Hq, 9)}),
+    }[defect]
+    call = lambda: _past_device_check(*_qkv(p), ag.causal(), score_mod=mods, **tensors)
+    _raises(call, "bias", "rel_table")
 
 
 @SETTINGS
