@@ -358,8 +358,9 @@ def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str, sc
     dkdv, dq = backward_tilings(head_dim, tile_arch, block_sizes, cheap_mask)
     fwd = forward_tilings(head_dim, tile_arch, positions, block_sizes, cheap_mask)[0]
     if any(isinstance(m, scoremod.Bias) for m in score_mods):
-        fwd, dq = replace(fwd, bias_preload=True), replace(dq, bias_preload=True)
-        dkdv = replace(dkdv, bias_preload=dkdv.wgmma)  # the mma.sync dK/dV kernel reads its bias where it uses it
+        ahead = fwd.wgmma and head_dim <= 64
+        fwd, dq = replace(fwd, bias_preload="ahead" if ahead else "tile"), replace(dq, bias_preload="tile")
+        dkdv = replace(dkdv, bias_preload="tile" if dkdv.wgmma else "")  # mma.sync dK/dV: read where it is used
     return KernelPlan(
         pattern=structure,
         dtype=normalize_dtype(dtype),

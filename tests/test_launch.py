@@ -131,9 +131,13 @@ def test_custom_op_fake_implementations():
     name = pat.key
     out, lse = torch.ops.attngen.attention(q, k, v, name, "", 0.125, [])
     assert (out.shape, out.dtype, lse.shape, lse.dtype) == (q.shape, q.dtype, (2, 8, 100), torch.float32)
-    dq, dk, dv = torch.ops.attngen.attention_backward(out, lse, q, k, v, out, lse, name, "", 0.125, [])
-    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    dq, dk, dv, ds = torch.ops.attngen.attention_backward(out, lse, q, k, v, out, lse, name, "", 0.125, [], "")
+    assert (dq.shape, dk.shape, dv.shape, ds.numel()) == (q.shape, k.shape, v.shape, 0)
     assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16
+    # with a bias that needs its gradient: dL/ds [B, Hq, Sq, Sk] in the bias's dtype (or fp32 for a T5 table)
+    for kind, dtype in (("input", torch.bfloat16), ("float32", torch.float32)):
+        *_, ds = torch.ops.attngen.attention_backward(out, lse, q, k, v, out, lse, name, "bias()", 0.125, [], kind)
+        assert (ds.shape, ds.dtype) == ((2, 8, 100, 70), dtype)
 
 
 def test_tensor_map_describes_strided_views():
