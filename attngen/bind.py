@@ -141,8 +141,8 @@ def forward(kern: Compiled, q, k, v, scale: float, prep: Prepared) -> tuple[torc
 
 
 def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: Prepared, score_grad=None):
-    """(dq, dk, dv); with a bias or a T5 table, `score_grad` (zeros, fp32 [B, Hq, Sq, Sk]) receives dL/ds at their
-    step from the dK/dV kernel, one write per visited pair (pairs no tile visits keep their 0)."""
+    """(dq, dk, dv); with a bias or a T5 table, `score_grad` (zeros [B, Hq, Sq, Sk] in scoremod.score_grad_dtype)
+    receives dL/ds at their step from the dK/dV kernel, one write per visited pair (others keep their 0)."""
     binary = kern.backward_binary  # compiles on first use, and settles the backward tilings
     plan = kern.plan
     B, Hq, Sq, _D = q.shape

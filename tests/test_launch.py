@@ -188,7 +188,7 @@ def cpu_kernels(monkeypatch):
         # The kernels read the grids and ids from `prep`; the reference needs the user's pattern, set by the test.
         return reference.attention(q, k, v, seen["pattern"], scale=scale, dtype=torch.float32, **seen["inputs"])
 
-    def backward(kern, dout, q, k, v, out, lse, dlse, scale, prep):
+    def backward(kern, dout, q, k, v, out, lse, dlse, scale, prep, score_grad=None):
         seen["backward"] = [t.data_ptr() for t in prep.tensors()]
         return tuple(g * 2 for g in (q, k, v))  # what the kernels would return, here easy to recognise
 
@@ -231,7 +231,8 @@ def test_attention_traces_as_one_graph(cpu_kernels):
     q, k, v = (torch.randn(1, 2, 8, 64) for _ in range(3))
 
     def fn(q, k, v, ids):
-        return launch._call(LAYOUT_DOCS, q, k, v, None, False, {"document_ids": ids, "key_lengths": None})
+        inputs = {"document_ids": ids, "key_lengths": None}
+        return launch._call(LAYOUT_DOCS, q, k, v, None, False, inputs, (), {"bias": None, "rel_table": None})
 
     eager = fn(q, k, v, ids)
     traced = torch.compile(fn, fullgraph=True, backend="eager")(q, k, v, ids)
