@@ -45,7 +45,7 @@ def positions(n: int = S) -> tuple[torch.Tensor, torch.Tensor]:
 def test_catalogue_has_the_named_patterns():
     names = {f.stem for f in FILES}
     expected = {"longformer", "bigbird", "streaming_llm", "document_causal", "prefix_lm", "dilated_blocks", "dfss"}
-    expected |= {"dsa", "deepseek_indexer", "gemma2", "alibi", "natten", "dilated_window"}
+    expected |= {"dsa", "deepseek_indexer", "gemma2", "alibi", "natten", "dilated_window", "t5"}
     assert expected <= names
 
 
@@ -274,3 +274,21 @@ def test_dilated_window_keeps_every_dilation_th_key():
     i, j = positions()
     got = mask2d(load("dilated_window").pattern(16, 4))
     assert torch.equal(got, (i >= j) & ((i - j) % 4 == 0) & (i - j < 64))
+
+
+def test_t5_bias_is_the_models():
+    """patterns/t5.py adds exactly what transformers' T5 attention adds to its scores (its compute_bias), for a
+    random relative_attention_bias, decoder and encoder."""
+    t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
+    module = load("t5")
+    for decoder in (True, False):
+        config = t5.T5Config(num_heads=4, d_model=32, d_kv=8, is_decoder=decoder)
+        layer = t5.T5Attention(config, has_relative_attention_bias=True)
+        with torch.no_grad():
+            layer.relative_attention_bias.weight.normal_()
+            want = layer.compute_bias(37, 37)  # [1, heads, q, k]
+        table = module.table_of(layer.relative_attention_bias)
+        q = torch.empty(1, 4, 37, 8)
+        mods = attngen.scoremod.bind((module.score_mod(decoder=decoder),), q, 37, rel_table=table)
+        got = attngen.scoremod.reference(mods, torch.zeros(1, 4, 37, 37))
+        assert torch.allclose(got, want)
