@@ -16,7 +16,7 @@ from .errors import AttngenError, InputError
 
 # public name -> the module that defines it
 _LAZY = {name: ".launch" for name in ("Kernel", "attention", "compile", "selected_blocks", "selected_keys")}
-_LAZY |= {"nm": ".select.nm", "lsh_buckets": ".hashing"}
+_LAZY |= {"nm": ".select.nm"}
 _LAZY |= {name: ".scoremod" for name in ("softcap", "alibi", "bias", "rel_bias")}
 _LAZY |= {
     name: ".pattern"
@@ -49,7 +49,10 @@ _LAZY |= {
     )
 }
 
-__all__ = ["AttngenError", "InputError", "__version__", *sorted(_LAZY), "distributed"]
+# Bound only when asked for: its graph break (torch.compiler.disable) imports torch._dynamo, ~0.7 s.
+_ON_DEMAND = {"lsh_buckets": ".hashing"}
+
+__all__ = ["AttngenError", "InputError", "__version__", *sorted(_LAZY | _ON_DEMAND), "distributed"]
 
 
 _SUBMODULES = ("distributed",)  # attngen.distributed: context parallelism over torch.distributed
@@ -58,6 +61,9 @@ _SUBMODULES = ("distributed",)  # attngen.distributed: context parallelism over 
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name in _ON_DEMAND:
+        globals()[name] = getattr(importlib.import_module(_ON_DEMAND[name], __name__), name)
+        return globals()[name]
     if name not in _LAZY:
         raise AttributeError(f"module 'attngen' has no attribute {name!r}")
     # Everything at once: the first use of any public name (building a pattern, usually) binds them all, so that code
@@ -68,4 +74,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+    return sorted(set(globals()) | set(_LAZY) | set(_ON_DEMAND) | set(_SUBMODULES))

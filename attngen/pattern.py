@@ -19,7 +19,7 @@ from functools import cached_property
 import sympy as sp
 import torch
 
-from . import affine, blocktopk, hashing, tokentopk
+from . import affine, blocktopk, tokentopk
 from .errors import InputError
 from .symbols import SYMBOLS, Sk, Sq, k, q  # positions are integers: query q, key k; Sq, Sk the lengths
 
@@ -610,6 +610,8 @@ def lsh(n: int, seed: int | None = None) -> Pattern:
     """Buckets by angular LSH of q and k (Sparse Flash Attention's hash): per KV head a D x n/2 standard-normal R,
     bucket(x) = argmax([xR, -xR]); queries use their KV head's R. `seed=None` draws a fresh R on every call.
     `attngen.lsh_buckets(q, k, n, seed)` returns the buckets it uses."""
+    from . import hashing  # imported where used: its graph break imports torch._dynamo (~0.7 s)
+
     hashing.check(n, seed)
     return LSH(n, seed)
 
@@ -1064,7 +1066,9 @@ def _pairs(pat: Pattern, device, *, query_buckets, key_buckets, query_keep, key_
     if isinstance(pat, LSH):
         if pat.seed is None or q is None or k is None:
             raise InputError(f"the mask of {pat!r} needs q=, k= and a seed (lsh(n, seed=...) hashes them)")
-        qv, kv = hashing.lsh_buckets(q, k, pat.n, pat.seed)
+        from .hashing import lsh_buckets
+
+        qv, kv = lsh_buckets(q, k, pat.n, pat.seed)
     elif isinstance(pat, Buckets):
         if query_buckets is None or key_buckets is None:
             raise InputError("the pattern uses buckets(): pass query_buckets= and key_buckets=")

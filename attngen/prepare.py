@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import blockselect, keyindex, scoremod, tokenselect, tokentopk
+from . import keyindex, scoremod, tokentopk
 from . import pattern as P
 from .errors import InputError
 from .plan import KernelPlan
@@ -114,13 +114,19 @@ def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict, 
         rule=tuple(extra),
         permutation=permutation,
     )
+    # The selections are imported where a pattern needs them: their graph breaks (torch.compiler.disable) import
+    # torch._dynamo, ~0.7 s that a call without them does not pay.
     if P.topk_leaf(pattern) is not None:  # selected among what the rest allows, so after the rest is prepared
+        from . import blockselect
+
         prep = replace(prep, blocks=blockselect.select(pattern, q, k, prep))
     token = P.token_leaf(pattern)
     if token is not None:  # likewise; the choice then runs as key-index lists
         scorer_inputs = {n: inputs[n] for n in token._inputs}
         tokentopk.check(token.scorer, scorer_inputs, B, Hq, Sq, Sk, q.shape[3])
         scale = 1 / math.sqrt(q.shape[3]) if scale is None else scale
+        from . import tokenselect
+
         chosen = tokenselect.select(pattern, q, k, prep, scorer_inputs, scale)
         bits, lists, counts = keyindex.sorted_lists(chosen, Sk, device)
         prep = replace(prep, key_bits=bits, key_lists=lists, key_counts=counts)

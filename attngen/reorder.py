@@ -18,7 +18,6 @@ import torch
 
 from . import pattern as P
 from .errors import InputError
-from .hashing import lsh_buckets
 
 _INT32_MIN = -(2**31)
 
@@ -149,6 +148,8 @@ def route(
     bucket = _leaf(pattern, (P.Buckets, P.LSH))
     qb = kb = qk = kk = None
     if isinstance(bucket, P.LSH):
+        from .hashing import lsh_buckets  # imported where used: its graph break imports torch._dynamo (~0.7 s)
+
         qb, kb = lsh_buckets(q.detach(), k.detach(), bucket.n, bucket.seed)
     elif bucket is not None:
         qb = _ids(inputs["query_buckets"], "query_buckets", (B, Hq, Sq), device)

@@ -2,6 +2,9 @@
 grids and shared memory follow the plan, and bad input raises clear errors before anything is launched."""
 
 import re
+import subprocess
+import sys
+import textwrap
 from types import SimpleNamespace
 
 import numpy as np
@@ -237,3 +240,27 @@ def test_attention_traces_as_one_graph(cpu_kernels):
     eager = fn(q, k, v, ids)
     traced = torch.compile(fn, fullgraph=True, backend="eager")(q, k, v, ids)
     assert torch.allclose(traced, eager)
+
+
+def test_an_eager_call_does_not_import_dynamo():
+    """An eager call of a pattern without lsh, top-k or a graph break of its own never imports torch._dynamo (~0.7 s
+    of a process's first call): run in a fresh interpreter, with the kernels replaced by the reference."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import torch
+        import attngen as ag
+        from attngen import launch, op, reference
+
+        launch._check = lambda q, k, v: None  # CPU tensors
+        op._compiled_for = lambda name, q, mods="": ag.compile(pat, head_dim=64, arch="sm_80").compiled
+        op.forward = lambda kern, q, k, v, scale, prep: reference.attention(q, k, v, pat, scale=scale)
+        pat = ag.causal() & ag.sliding_window(8) | ag.global_tokens(2)
+        q, k, v = (torch.randn(1, 2, 16, 64, dtype=torch.float16) for _ in range(3))
+        assert ag.attention(q, k, v, pat, score_mod=ag.softcap(5.0)).shape == q.shape
+        print("torch._dynamo" in sys.modules, ag.lsh_buckets.__module__, "torch._dynamo" in sys.modules)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "attngen.hashing", "True"]  # lsh_buckets loads when asked for
