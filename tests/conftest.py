@@ -44,7 +44,7 @@ def reference_kernels(monkeypatch):
     `attngen.reference.attention` of the pattern rebuilt from the op's arguments (its structure, its layout grids,
     document ids, key lengths, the block top-k choice and key lists), and the backward its exact gradient (a
     selection rule's choice held fixed, as in the kernels). For tests of code built on attngen without a GPU. Records
-    every call (pattern, run-time tensors, shapes) in `calls`. Inputs must still be fp16 / bf16, as for the
+    every call (pattern, run-time tensors, shapes, score modifications) in `calls`. Inputs must still be fp16 / bf16, as for the
     kernels."""
     from types import SimpleNamespace
 
@@ -115,7 +115,8 @@ def reference_kernels(monkeypatch):
 
     def forward(kern, q, k, v, scale, prep):
         (out, lse), pat = reference_of(kern, q, k, v, scale, prep)
-        calls.append(SimpleNamespace(pattern=pat, prep=prep, shapes=(tuple(q.shape), tuple(k.shape))))
+        shapes = (tuple(q.shape), tuple(k.shape))
+        calls.append(SimpleNamespace(pattern=pat, prep=prep, shapes=shapes, mods=mods_of(kern, prep)))
         return out.to(q.dtype), lse
 
     def backward(kern, dout, q, k, v, out, lse, dlse, scale, prep, score_grad=None):

@@ -601,6 +601,27 @@ def test_gemma2_softcapping_runs_as_a_score_modification(float32_kernels):
             assert_exact(a.grad, b.grad, f"gradient of {name}")
 
 
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_a_dense_4d_mask_runs_as_a_bias(float32_kernels, kind):
+    """A custom 4-D mask handed to the model (causal with holes, each row keeping its own token; bool or additive
+    float): attngen adds it as a bias() on a full() pattern, and logits and gradients match those of SDPA (a bool
+    mask: True keeps a key; eager attention would add it as 0 / 1) or of eager attention (a float mask)."""
+    agm, eager = model("llama", "attngen"), model("llama", "sdpa" if kind == "bool" else "eager")
+    x = ids(2, 20)
+    gen = torch.Generator().manual_seed(3)
+    keep = torch.ones(20, 20, dtype=torch.bool).tril() & (torch.rand(2, 1, 20, 20, generator=gen) < 0.7)
+    keep |= torch.eye(20, dtype=torch.bool)
+    mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    ours, theirs = agm(x, attention_mask=mask).logits, eager(x, attention_mask=mask).logits
+    assert_exact(ours, theirs, f"logits with a dense {kind} mask")
+    assert any(type(m).__name__ == "BoundBias" for c in float32_kernels.calls for m in c.mods)  # it ran as a bias
+    (ours.square().mean()).backward()
+    (theirs.square().mean()).backward()
+    for (name, a), b in zip(agm.named_parameters(), eager.parameters()):
+        if a.grad is not None:
+            assert_exact(a.grad, b.grad, f"gradient of {name}")
+
+
 def test_unsupported_settings_raise(reference_kernels):
     with pytest.raises(InputError, match="fp16 and bf16"):
         model("llama", "attngen", torch.float32)(ids(1, 8))
@@ -612,8 +633,8 @@ def test_unsupported_settings_raise(reference_kernels):
     agm = model("llama", "attngen", torch.bfloat16)
     with pytest.raises(InputError, match="output_attentions"):
         agm(ids(1, 8), output_attentions=True)
-    with pytest.raises(InputError, match="prepared attention mask"):
-        agm(ids(1, 8), attention_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
+    with pytest.raises(InputError, match="dense attention mask must be"):
+        agm(ids(1, 8), attention_mask=torch.ones(1, 1, 8, 7, dtype=torch.bool))
 
 
 def test_unknown_mask_parts_are_refused():

@@ -33,7 +33,11 @@ Gemma-2's attention logit soft-capping (`attn_logit_softcapping`) runs as the sc
 
 **Refused with a clear error** (`attngen.InputError`): attention dropout while training;
 `output_attentions=True`; head dims attngen has no kernels for; dtypes other than fp16 / bf16 (outside autocast);
-CPU tensors (the kernels run on CUDA); a dense 4-D `attention_mask` handed to the model.
+CPU tensors (the kernels run on CUDA).
+
+**Dense 4-D masks.** A 4-D `attention_mask` handed to the model (bool, True keeping a key, or additive float) runs
+as a `bias()` score modification on a `full()` pattern: correct for any mask, but it visits every tile (no skipping)
+and reads the mask as a bias; a layer with a `set_pattern` pattern refuses it.
 
 **Rows with no key.** A query row that may attend to no key (a left-padded position) gets output 0 from attngen.
 transformers' eager path gives such rows the mean of V over all keys (its masked scores are all the dtype's
@@ -70,6 +74,7 @@ import torch
 from .. import pattern as P
 from ..errors import InputError
 from ..launch import attention as _attention
+from ..scoremod import bias as bias_mod
 from ..scoremod import softcap as softcap_mod
 from ..select import split_selection
 from ..symbols import Sk, Sq, q
@@ -509,12 +514,38 @@ def attngen_attention(
             )
         dtype = torch.get_autocast_dtype(device)  # what autocast gives SDPA
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    score_mod = None if softcap is None else softcap_mod(softcap)  # Gemma-2's attn_logit_softcapping
+    if isinstance(attention_mask, torch.Tensor):  # a dense 4-D mask handed to the model: added as a bias
+        bias = _dense_mask_bias(module, attention_mask, query, key)
+        score_mod = (*([] if score_mod is None else [score_mod]), bias_mod())  # after the softcap, as eager adds it
+        out = _attention(query, key, value, P.full(), scale=scaling, score_mod=score_mod, bias=bias)
+        return out.transpose(1, 2), None
     run = resolve(module, query.shape[2], key.shape[2], attention_mask, sliding_window, is_causal)
     if run.keys_used != key.shape[2]:
         key, value = key[:, :, : run.keys_used], value[:, :, : run.keys_used]
-    score_mod = None if softcap is None else softcap_mod(softcap)  # Gemma-2's attn_logit_softcapping
     out = _attention(query, key, value, run.pattern, scale=scaling, score_mod=score_mod, **run.inputs)
     return out.transpose(1, 2), None
+
+
+def _dense_mask_bias(module, mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """A dense 4-D attention mask ([B or 1, H or 1, Sq, Sk]; bool: True keeps, or additive float) as the bias the
+    kernels add: 0 where kept, -inf where not (a float mask as given). A row it keeps nothing of gives 0."""
+    if getattr(module, "_attngen_token", -1) >= 0:
+        raise InputError(
+            "attn_implementation='attngen': a dense 4-D attention_mask and a set_pattern pattern on one layer are "
+            "not supported together; pass the 2-D padding mask, or no set_pattern"
+        )
+    want = (query.shape[2], key.shape[2])
+    if mask.dim() != 4 or tuple(mask.shape[2:]) != want:
+        raise InputError(
+            f"attn_implementation='attngen': a dense attention mask must be [batch, heads or 1, {want[0]}, {want[1]}], "
+            f"got {tuple(mask.shape)}"
+        )
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    if not mask.is_floating_point():
+        raise InputError(f"attn_implementation='attngen': a dense attention mask is bool or float, got {mask.dtype}")
+    return mask
 
 
 # -------------------------------------------------------------------------------------- user patterns, API
