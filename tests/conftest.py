@@ -44,8 +44,8 @@ def reference_kernels(monkeypatch):
     `attngen.reference.attention` of the pattern rebuilt from the op's arguments (its structure, its layout grids,
     document ids, key lengths, the block top-k choice and key lists), and the backward its exact gradient (a
     selection rule's choice held fixed, as in the kernels). For tests of code built on attngen without a GPU. Records
-    every call (pattern, run-time tensors, shapes, score modifications) in `calls`. Inputs must still be fp16 / bf16, as for the
-    kernels."""
+    every call (pattern, run-time tensors, shapes, score modifications) in `calls`. Inputs must still be fp16 / bf16,
+    as for the kernels."""
     from types import SimpleNamespace
 
     import torch
