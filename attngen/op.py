@@ -105,11 +105,12 @@ def _score_grad_kind(mods: str, tensors) -> str:
 
 def _grads_of_tensors(mods: str, tensors, ds: torch.Tensor) -> list:
     """The gradients of `tensors`: None but for a bias or a T5 table (from dL/ds at their step)."""
-    n = len(scoremod.with_tensors(scoremod.by_key(mods)))
+    structure = scoremod.by_key(mods)
+    n = len(scoremod.with_tensors(structure))
     rest = [None] * (len(tensors) - n)
     if ds.numel() == 0:
         return rest + [None] * n
-    return rest + scoremod.tensor_grads(scoremod.by_key(mods), tensors[len(tensors) - n :], ds)
+    return rest + scoremod.tensor_grads(structure, tensors[len(tensors) - n :], ds)
 
 
 def _setup_context(ctx, inputs, output):

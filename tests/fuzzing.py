@@ -224,10 +224,9 @@ class Case:
         return {name: t.to(device) for name, t in named.items() if t is not None}
 
     def mod_structures(self) -> tuple:
-        """The modifications' structures as a call binds them (a bias read in q's dtype or fp32)."""
-        same = self.bias is not None and self.bias.dtype == self.torch_dtype
-        as_bound = lambda m: scoremod.Bias("input" if same else "float32") if isinstance(m, scoremod.Bias) else m
-        return scoremod.structures(tuple(as_bound(m) for m in self.score_mod))
+        """The modifications' structures as a call binds them (`scoremod.bind`: a bias read in q's dtype or fp32)."""
+        q = torch.empty(self.B, self.Hq, self.Sq, self.head_dim, dtype=self.torch_dtype)
+        return scoremod.structures(scoremod.bind(self.mods(), q, self.Sk, **self.mod_tensors()))
 
     def inputs(self, device: torch.device | str, requires_grad: bool = False):
         """(q, k, v, dout, dlse) on `device`, drawn from the seed on the CPU (the same values on every machine).
