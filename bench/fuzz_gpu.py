@@ -72,6 +72,11 @@ def kernel_variant(c: fuzzing.Case, arch: str) -> str:
 _FORCED: dict = {}
 
 
+def kernel_set(c: fuzzing.Case, arch: str) -> tuple:
+    """What one compile serves: cases equal in it run the same kernels (score modifications included)."""
+    return (c.pattern.structure(), c.mod_structures(), c.head_dim, c.dtype, kernel_variant(c, arch))
+
+
 def compiled_for(c: fuzzing.Case, arch: str):
     """The `kernel.Compiled` the case runs (for "auto", the one attngen.attention uses)."""
     from dataclasses import replace
@@ -104,14 +109,14 @@ def _compile_job(job: tuple[int, str, bool]) -> str | None:
 
 
 def prewarm(todo: list[fuzzing.Case], arch: str, jobs: int) -> None:
-    """Compile each distinct (structure, head dim, dtype, variant) once, in `jobs` processes (spawned: CUDA is
+    """Compile each distinct kernel set (`kernel_set`) once, in `jobs` processes (spawned: CUDA is
     never touched there), into the disk cache that the run then loads from."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     first: dict = {}
     for c in todo:
-        key = (c.pattern.structure(), c.head_dim, c.dtype, kernel_variant(c, arch))
+        key = kernel_set(c, arch)
         seed, backward = first.get(key, (c.seed, False))
         first[key] = (seed, backward or c.backward)
     work = [(seed, arch, backward) for seed, backward in first.values()]
@@ -294,9 +299,9 @@ def dry_run(todo: list[fuzzing.Case], arch: str) -> int:
 
     structures = set()
     for c in todo:
-        p = make_plan(c.pattern, head_dim=c.head_dim, dtype=c.dtype, arch=arch)
+        p = make_plan(c.pattern, head_dim=c.head_dim, dtype=c.dtype, arch=arch, score_mods=c.mod_structures())
         family = "mma.sync" if kernel_variant(c, arch) == "mma_sync" or not p.fwd.wgmma else "wgmma"
-        structures.add((c.pattern.structure(), c.head_dim, c.dtype, kernel_variant(c, arch)))
+        structures.add(kernel_set(c, arch))
         print(f"{c.repro()}  # {c.describe()} [{family} on {arch}]")
     scores = sum(c.scores for c in todo)
     print(f"{len(todo)} cases, {len(structures)} kernel sets to compile for {arch}, {scores / 1e9:.2f} G scores")

@@ -14,8 +14,12 @@ backward of a pattern on CUDA (through attngen.attention, or, for the mma.sync f
 kernel.Compiled + prepare.prepare + bind.forward/backward as tests/test_kernels_gpu.py does), compares against
 attngen.reference (float32, computed on the CPU so that the sanitizer sees few other kernels) loosely and exits 0.
 
-ATTNGEN_POISON_OUTPUTS is unset in the children: outputs are allocated with torch.empty and the kernels must write
-every element, so initcheck (reads of uninitialised device memory by a kernel) must be clean without the NaN fill.
+ATTNGEN_POISON_OUTPUTS=1 in the children: outputs start as NaN, and a child checks every element of every output
+(O finite, LSE finite except -inf exactly on empty rows, gradients finite), so an element a kernel leaves unwritten
+fails the case. initcheck cannot be the check for those: it records no write made by a bulk or TMA store
+(bench/probe_initcheck.py shows it on a minimal kernel), and the sm_90a kernels write O, dQ, dK and dV that way.
+The fill makes those outputs initialised memory, so initcheck stays clean and checks every other read (inputs,
+LSE, the backward's row statistics, schedules, lists, a bias and the score-gradient buffer) as before.
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 in the children: every tensor is its own cudaMalloc, so memcheck sees an access
 past a tensor's end (torch's caching allocator would hide it inside a larger block) and initcheck sees fresh memory.
 
@@ -57,6 +61,7 @@ class Case:
     mma_sync: bool = False  # force the mma.sync kernels (only differs from "auto" on Hopper)
     backward: bool = True
     runtime: dict = field(default_factory=dict, hash=False)
+    mods: str = ""  # a key of _mods(): score modifications and their tensors (which then need gradients too)
 
 
 CASES = [
@@ -179,6 +184,11 @@ CASES = [
         runtime={"indexer": 4},
     ),
     Case("threshold", "causal & threshold(0.05)", "threshold", 64, 200, 200),
+    # score modifications: a bias read per pair, a T5 table by bucket, and dL/ds written once per pair for their
+    # gradients (the score-gradient buffer)
+    Case("bias_wgmma", "causal & bias [1,H,Sq,Sk], its gradient", "causal", 64, 77, 131, mods="bias"),
+    Case("rel_bias_wgmma", "softcap then rel_bias(32, 64), D=128", "full", 128, 130, 130, dtype="bf16", mods="rel"),
+    Case("bias_mma", "window & bias, mma.sync", "sliding_window", 128, 77, 131, mma_sync=True, mods="bias"),
 ]
 BY_ID = {c.id: c for c in CASES}
 
@@ -217,16 +227,34 @@ def _patterns() -> dict:
     }
 
 
+def _mods(c: Case) -> tuple:
+    """The case's `score_mod=`."""
+    import attngen as ag
+
+    return {"": (), "bias": (ag.bias(),), "rel": (ag.softcap(20.0), ag.rel_bias(32, 64))}[c.mods]
+
+
+def _mod_tensors(c: Case, g) -> dict:
+    """The tensors of the case's score modifications (CPU, random from `g`)."""
+    import torch
+
+    if c.mods == "bias":
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[c.dtype]
+        return {"bias": torch.randn(1, c.Hq, c.Sq, c.Sk, generator=g).to(dtype)}
+    return {"rel_table": torch.randn(c.Hq, 32, generator=g)} if c.mods == "rel" else {}
+
+
 def _compiled(c: Case, arch: str):
     """The kernel.Compiled the case runs: forced mma.sync tilings, or the one attngen.attention picks."""
     from dataclasses import replace
 
-    from attngen import kernel, plan, tiling
+    from attngen import kernel, plan, scoremod, tiling
 
     pat = _patterns()[c.pattern]
+    mods = scoremod.structures(_mods(c))
     if not c.mma_sync:
-        return kernel.compiled(pat.structure(), c.D, c.dtype, arch)
-    p = plan.make_plan(pat.structure(), head_dim=c.D, dtype=c.dtype, arch=arch)
+        return kernel.compiled(pat.structure(), c.D, c.dtype, arch, mods)
+    p = plan.make_plan(pat.structure(), head_dim=c.D, dtype=c.dtype, arch=arch, score_mods=mods)
     p = replace(p, fwd=tiling.forward_tiles(c.D), dkdv=tiling.dkdv_tiles(c.D), dq=tiling.dq_tiles(c.D))
     return kernel.Compiled(p)
 
@@ -253,7 +281,7 @@ def run_child(case_id: str) -> int:
     import torch
 
     import attngen as ag
-    from attngen import bind, prepare, reference
+    from attngen import op, reference
     from attngen import pattern as P
     from attngen.nvrtc import device_arch
 
@@ -286,9 +314,11 @@ def run_child(case_id: str) -> int:
         rt_cpu["index_q"] = torch.randn(c.B, c.Sq, n, 32, generator=g).to(torch.bfloat16)
         rt_cpu["index_k"] = torch.randn(c.B, c.Sk, 32, generator=g).to(torch.bfloat16)
         rt_cpu["index_w"] = torch.rand(c.B, c.Sq, n, generator=g)
+    mods, mt_cpu = _mods(c), _mod_tensors(c, g)
     q, k, v = (t.to(dev).requires_grad_(c.backward) for t in cpu)
     dout = dout_cpu.to(dev)
     rt = {name: t.to(dev) for name, t in rt_cpu.items()}
+    mt = {name: t.to(dev).requires_grad_(c.backward) for name, t in mt_cpu.items()}
     scale = c.D**-0.5
     # What the reference is given for a rule whose choice the GPU makes: the choice itself.
     ref_pat, ref_rt = pat, dict(rt_cpu)
@@ -299,22 +329,22 @@ def run_child(case_id: str) -> int:
         ref_pat = pat.structure()
         ref_rt = {"key_indices": lists} | {n: t for n, t in rt_cpu.items() if n == "document_ids"}
 
-    if c.mma_sync and arch.startswith("sm_90"):
+    planner = op._compiled_for
+    if c.mma_sync and arch.startswith("sm_90"):  # the mma.sync kernels, which the planner would not pick here
         kern = _compiled(c, arch)
-        prep = prepare.prepare(pat, q, k, {"document_ids": None, "key_lengths": None, **rt}, scale)
-        out, lse = bind.forward(kern, q.detach(), k.detach(), v.detach(), scale, prep)
-        got = None
-        if c.backward:
-            got = bind.backward(kern, dout, q.detach(), k.detach(), v.detach(), out, lse, None, scale, prep)
-    else:
-        out, lse = ag.attention(q, k, v, pat, return_lse=True, **rt)
-        got = torch.autograd.grad(out, (q, k, v), dout) if c.backward else None
+        op._compiled_for = lambda structure, q, mods="": kern
+    try:
+        out, lse = ag.attention(q, k, v, pat, return_lse=True, score_mod=mods, **mt, **rt)
+        got = torch.autograd.grad(out, (q, k, v, *mt.values()), dout) if c.backward else None
+    finally:
+        op._compiled_for = planner
     torch.cuda.synchronize()
     out, lse = out.detach().cpu(), lse.detach().cpu()
     got = [x.cpu() for x in got] if got is not None else None
 
     qc, kc, vc = (t.requires_grad_(c.backward) for t in cpu)
-    ref, ref_lse = reference.attention(qc, kc, vc, ref_pat, dtype=torch.float32, **ref_rt)
+    mtc = {name: t.requires_grad_(c.backward) for name, t in mt_cpu.items()}
+    ref, ref_lse = reference.attention(qc, kc, vc, ref_pat, dtype=torch.float32, score_mod=mods, **mtc, **ref_rt)
     errors = []
     empty = torch.isinf(ref_lse)
     if not torch.isfinite(out).all():
@@ -323,11 +353,11 @@ def run_child(case_id: str) -> int:
         errors.append("rows with no allowed key are not 0")
     elif not empty.all() and _rel(out, ref) > TOL:
         errors.append(f"output error {_rel(out, ref):.2e}")
-    if not torch.equal(torch.isinf(lse), empty):
-        errors.append("LSE not -inf exactly on empty rows")
+    if not torch.equal(torch.isinf(lse), empty) or lse.isnan().any():
+        errors.append("LSE not finite, or not -inf exactly on empty rows")
     if c.backward:
-        want = torch.autograd.grad(ref, (qc, kc, vc), dout_cpu.float())
-        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        want = torch.autograd.grad(ref, (qc, kc, vc, *mtc.values()), dout_cpu.float())
+        for name, a, b in zip(("dq", "dk", "dv", *mtc), got, want):
             if not torch.isfinite(a).all():
                 errors.append(f"{name} not finite")
             elif b.abs().max() > 1e-6 and _rel(a, b) > TOL:
@@ -393,7 +423,7 @@ def sanitizer_command(tool: str, case_id: str, extra: list[str]) -> list[str]:
 
 def child_env() -> dict:
     env = dict(os.environ)
-    env.pop("ATTNGEN_POISON_OUTPUTS", None)  # initcheck: the kernels must write every output element
+    env["ATTNGEN_POISON_OUTPUTS"] = "1"  # the child checks every output element (see the top of this file)
     env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"

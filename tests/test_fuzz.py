@@ -851,3 +851,43 @@ def test_gpu_script_dry_run(fuzz_gpu, capsys):
     assert fuzz_gpu.main(["--seed", str(seed), "--cases", "1", "--dry-run"]) == 0
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith(case(seed).repro()) and "topk(" in line and "index_q (" in line and "index_w (" in line
+
+
+
+def test_gpu_script_prewarms_what_the_cases_run(fuzz_gpu, monkeypatch):
+    """The prewarm compiles one case of each kernel set, and cases of one kernel set run the same kernels: cases of
+    one pattern structure with other score modifications are other sets (else the run compiles them one by one)."""
+    from attngen import kernel as kernel_module
+
+    monkeypatch.setattr(kernel_module, "compiled", lambda *args: args)  # what a case's kernels are compiled from
+    todo = [case(s) for s in SEEDS if case(s).variant == "auto"]
+    runs = {}
+    for c in todo:
+        runs.setdefault(fuzz_gpu.kernel_set(c, "sm_90"), set()).add(fuzz_gpu.compiled_for(c, "sm_90"))
+    assert all(len(compiles) == 1 for compiles in runs.values())
+    assert len({next(iter(compiles)) for compiles in runs.values()}) == len(runs)
+    assert len({(s[0], *s[2:]) for s in runs}) < len(runs), "the seeds should hold a structure under two mod sets"
+
+    jobs = []
+
+    class Pool:  # the prewarm's process pool, in this process: which seeds it would compile
+        def __init__(self, **_):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, fn, work, chunksize=1):
+            jobs.extend(work)
+            return [None] * len(work)
+
+    import concurrent.futures
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Pool)
+    fuzz_gpu.prewarm(todo, "sm_90", 2)
+    prewarmed = {fuzz_gpu.kernel_set(case(seed), "sm_90"): backward for seed, _arch, backward in jobs}
+    assert len(prewarmed) == len(jobs) and set(prewarmed) == set(runs)
+    assert all(prewarmed[fuzz_gpu.kernel_set(c, "sm_90")] for c in todo if c.backward)
