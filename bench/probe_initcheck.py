@@ -6,7 +6,8 @@ every element.
     python bench/probe_initcheck.py --way tma    # one way, without the sanitizer
 
 Ways: `plain` (st.global from every thread), `bulk` (one cp.async.bulk shared -> global copy), `tma`
-(cp.async.bulk.tensor store through a tensor map, as the sm_90a forward writes O). All three write every byte and
+(cp.async.bulk.tensor store through a tensor map, as the sm_90a forward writes O), `cublas` (torch.bmm's fp32
+scores from fp16 operands, as top-k by token scores keys; read as words). All three write every byte and
 the reader checks the values, so a report on a way whose values check out is initcheck not recording the write."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROWS = COLS = 64
-WAYS = ("plain", "bulk", "tma")
+WAYS = ("plain", "bulk", "tma", "cublas")
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -65,6 +66,10 @@ extern "C" __global__ void write_tma(const __grid_constant__ TensorMap map) {
 extern "C" __global__ void read(const u16* src, int* out) {
   for (int i = threadIdx.x; i < 64 * 64; i += blockDim.x) out[i] = src[i];
 }
+
+extern "C" __global__ void read_words(const u32* src, u32* out, int n) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) out[i] = src[i];
+}
 """
 
 
@@ -78,8 +83,19 @@ def run_way(way: str) -> None:
     from attngen.render import KernelSource
 
     dev = torch.device("cuda", 0)
-    binary = nvrtc_compile(KernelSource("probe_initcheck", SOURCE, ("write_plain", "write_bulk", "write_tma", "read"),
-                                        "sm_90a"))  # fmt: skip
+    entries = ("write_plain", "write_bulk", "write_tma", "read", "read_words")
+    binary = nvrtc_compile(KernelSource("probe_initcheck", SOURCE, entries, "sm_90a"))
+    if way == "cublas":  # fp32 scores from fp16 operands, as top-k by token and the threshold compute them
+        a, b = (torch.randn(8, 200, 64, device=dev, dtype=torch.float16) for _ in range(2))
+        s = torch.bmm(a, b.transpose(1, 2), out_dtype=torch.float32)
+        words = torch.empty(s.numel(), dtype=torch.int32, device=dev)
+        n = np.int32(s.numel())
+        device.launch(
+            binary, "read_words", (64,), 256, 0, [np.uint64(s.data_ptr()), np.uint64(words.data_ptr()), n], dev
+        )
+        torch.cuda.synchronize(dev)
+        print(f"{way}: values {'correct' if torch.equal(words, s.flatten().view(torch.int32)) else 'WRONG'}")
+        return
     dst = torch.empty(1, 1, ROWS, COLS, dtype=torch.float16, device=dev)
     out = torch.empty(ROWS * COLS, dtype=torch.int32, device=dev)
     if way == "tma":

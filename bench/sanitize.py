@@ -19,7 +19,9 @@ ATTNGEN_POISON_OUTPUTS=1 in the children: outputs start as NaN, and a child chec
 fails the case. initcheck cannot be the check for those: it records no write made by a bulk or TMA store
 (bench/probe_initcheck.py shows it on a minimal kernel), and the sm_90a kernels write O, dQ, dK and dV that way.
 The fill makes those outputs initialised memory, so initcheck stays clean and checks every other read (inputs,
-LSE, the backward's row statistics, schedules, lists, a bias and the score-gradient buffer) as before.
+LSE, the backward's row statistics, schedules, lists, a bias and the score-gradient buffer) as before. cuBLAS
+writes its GEMM outputs on Hopper the same way: torch reading top-k scores made by `torch.bmm` shows as reads of
+uninitialised memory (the probe's `cublas` way) in the `threshold` case.
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 in the children: every tensor is its own cudaMalloc, so memcheck sees an access
 past a tensor's end (torch's caching allocator would hide it inside a larger block) and initcheck sees fresh memory.
 
