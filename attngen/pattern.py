@@ -22,6 +22,7 @@ import torch
 from . import affine, blocktopk, tokentopk
 from .errors import InputError
 from .symbols import SYMBOLS, Sk, Sq, k, q  # positions are integers: query q, key k; Sq, Sk the lengths
+from .tracing import built_when_traced
 
 Sq_, Sk_, q_sym, k_sym = Sq, Sk, q, k  # the symbols, for code whose arguments shadow the names
 
@@ -54,12 +55,15 @@ class Pattern:
         # The key-range form of a reordering pattern (sympy analysis), likewise made once and read as a constant.
         object.__setattr__(self, "range_atoms", _range_atoms(self) if self.reorders else None)
 
+    @built_when_traced
     def __and__(self, other: Pattern) -> Pattern:
         return And(_flatten(And, (self, _check(other))))
 
+    @built_when_traced
     def __or__(self, other: Pattern) -> Pattern:
         return Or(_flatten(Or, (self, _check(other))))
 
+    @built_when_traced
     def __invert__(self) -> Pattern:
         if any(isinstance(leaf, BY_SCORE) for leaf in self.leaves()):
             raise InputError(
@@ -554,16 +558,19 @@ def _suffix(align: str) -> str:
     return "" if align == "top_left" else f"align={align!r}"
 
 
+@built_when_traced
 def full() -> Pattern:
     """Every query sees every key."""
     return Affine(sp.true, "full()")
 
 
+@built_when_traced
 def causal(align: str = "top_left") -> Pattern:
     """Query q sees keys k <= q. `align="bottom_right"` puts the last query on the last key (k <= q + Sk - Sq)."""
     return Affine(sp.Le(k, _diag(align)), f"causal({_suffix(align)})")
 
 
+@built_when_traced
 def sliding_window(window: int, align: str = "top_left") -> Pattern:
     """Causal window of `window` keys ending at the query's diagonal: q - window < k <= q."""
     w = _int("window", window, 1)
@@ -572,40 +579,47 @@ def sliding_window(window: int, align: str = "top_left") -> Pattern:
     return Affine(sp.And(sp.Le(k, d), sp.Gt(k, d - w)), f"sliding_window({w}{sep}{_suffix(align)})")
 
 
+@built_when_traced
 def local(left: int, right: int) -> Pattern:
     """Two-sided band: q - left <= k <= q + right."""
     a, b = _int("left", left), _int("right", right)
     return Affine(sp.And(sp.Ge(k, q - a), sp.Le(k, q + b)), f"local({a}, {b})")
 
 
+@built_when_traced
 def prefix_lm(n: int) -> Pattern:
     """Bidirectional over the first n keys, causal after: k < n or k <= q."""
     n = _int("n", n)
     return Affine(sp.Or(sp.Lt(k, n), sp.Le(k, q)), f"prefix_lm({n})")
 
 
+@built_when_traced
 def global_tokens(n: int) -> Pattern:
     """The first n tokens see and are seen by everyone: k < n or q < n."""
     n = _int("n", n)
     return Affine(sp.Or(sp.Lt(k, n), sp.Lt(q, n)), f"global_tokens({n})")
 
 
+@built_when_traced
 def documents() -> Pattern:
     """Attend only within a document; pass `document_ids=` to `attention`."""
     return Documents()
 
 
+@built_when_traced
 def key_padding() -> Pattern:
     """Ignore keys at or past each batch's length; pass `key_lengths=` to `attention`."""
     return KeyPadding()
 
 
+@built_when_traced
 def buckets() -> Pattern:
     """Attend only within a bucket: pass `query_buckets=` [B, Hq, Sq] and `key_buckets=` [B, Hkv, Sk] (integers) to
     `attention`. The rest of the pattern applies to the original positions (`causal() & buckets()`)."""
     return Buckets()
 
 
+@built_when_traced
 def lsh(n: int, seed: int | None = None) -> Pattern:
     """Buckets by angular LSH of q and k (Sparse Flash Attention's hash): per KV head a D x n/2 standard-normal R,
     bucket(x) = argmax([xR, -xR]); queries use their KV head's R. `seed=None` draws a fresh R on every call.
@@ -616,6 +630,7 @@ def lsh(n: int, seed: int | None = None) -> Pattern:
     return LSH(n, seed)
 
 
+@built_when_traced
 def keep() -> Pattern:
     """Drop queries and keys: pass `query_keep=` [B, Hq, Sq] and `key_keep=` [B, Hkv, Sk] (bool, True = kept) to
     `attention`. Dropped keys are never attended; a dropped query outputs 0 (LSE -inf) and gets zero gradients."""
@@ -625,6 +640,7 @@ def keep() -> Pattern:
 TOPK_BLOCK_SIZES = (64, 128)
 
 
+@built_when_traced
 def topk_blocks(k: int, block: int = 64) -> Pattern:
     """Block top-k: each query block of `block` rows attends to the `k` key blocks whose mean key has the largest dot
     product with its mean query (per batch and query head; blocks aligned at 0), among the key blocks the rest of the
@@ -636,6 +652,7 @@ def topk_blocks(k: int, block: int = 64) -> Pattern:
     return TopkBlocks(k, block)
 
 
+@built_when_traced
 def key_indices() -> Pattern:
     """Attend only to listed keys: pass `key_indices=` [B, Hkv, Sq, n] (one list per KV head, shared by its query
     heads) or [B, Hq, Sq, n], int32 or int64, to `attention`. Entries outside [0, Sk) are ignored (-1 pads a list),
@@ -643,6 +660,7 @@ def key_indices() -> Pattern:
     return KeyIndices()
 
 
+@built_when_traced
 def topk(k: int, scorer: LowRank | Indexer | None = None) -> Pattern:
     """Top-k by token: each query row attends to the `k` keys with the largest score among the keys the rest of the
     pattern allows for it (`causal() & topk(256)`; inside |, the other branches add their keys), ties to the lower
@@ -656,6 +674,7 @@ def topk(k: int, scorer: LowRank | Indexer | None = None) -> Pattern:
     return TopkTokens(k, scorer)
 
 
+@built_when_traced
 def threshold(t: float, scorer: LowRank | Indexer | None = None) -> Pattern:
     """Keep candidate j of row i where p(i, j) >= t, p the softmax over the candidates (the keys the rest of the
     pattern allows) of their scores: the exact scaled scores s(i, j) = scale · qᵢ·kⱼ (then p(i, j) >= t means
@@ -668,12 +687,14 @@ def threshold(t: float, scorer: LowRank | Indexer | None = None) -> Pattern:
     return TopkTokens(min(MAX_INT, math.floor(1 / t) + 1), scorer, float(t))  # + 1: fp32 rounding at p = t
 
 
+@built_when_traced
 def lowrank() -> LowRank:
     """DSA's scorer for `topk(k, scorer=lowrank())`: ranks by (qᵢ P)·(kⱼ P), P = `proj=` [D, r] or [Hq, D, r] given
     at call time (`random_projection` makes DSA's sparse one)."""
     return LowRank()
 
 
+@built_when_traced
 def indexer() -> Indexer:
     """DeepSeek's lightning indexer for `topk(k, scorer=indexer())`: ranks by Σₕ w[b, i, h] · ReLU(q̃[b, i, h] ·
     k̃[b, j]) from `index_q=` [B, Sq, Hi, Di], `index_k=` [B, Sk, Di], `index_w=` [B, Sq, Hi] given at call time; one
@@ -695,6 +716,7 @@ def token_leaf(pat: Pattern) -> TopkTokens | None:
     return found[0] if found else None
 
 
+@built_when_traced
 def block_layout(layout: torch.Tensor, block_size: int) -> Pattern:
     """A bool grid `layout[qb, kb]` (or `[head, qb, kb]`): query block qb sees key block kb."""
     bs = _int("block_size", block_size, 1)
@@ -711,6 +733,7 @@ def block_layout(layout: torch.Tensor, block_size: int) -> Pattern:
     return BlockLayout(data, tuple(layout.shape), bs, hashlib.sha256(data).hexdigest(), grid)
 
 
+@built_when_traced
 def predicate(expr: str | sp.Basic) -> Pattern:
     """An arbitrary boolean combination of affine (in)equalities in q, k, Sq, Sk, e.g. "k <= q - 4"."""
     e = _parse_predicate(expr) if isinstance(expr, str) else expr

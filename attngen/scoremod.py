@@ -316,24 +316,29 @@ def _bind_bias(bias: torch.Tensor, q: torch.Tensor, Sk: int) -> BoundBias:
     dtype = "input" if bias.dtype == q.dtype else "float32"
     x = bias.to(q.dtype if dtype == "input" else torch.float32)
     view = x.expand(full)
-    if not _pairable(view):  # keys contiguous, even pitch, aligned: the layout the kernels read in pairs
-        x = x.reshape((1,) * (4 - x.dim()) + tuple(x.shape))
-        x = x.expand(*x.shape[:3], Sk)  # keys broadcast: made real
-        view = torch.nn.functional.pad(x, (0, Sk % 2))[..., :Sk].expand(full)  # a copy, rows padded to even
+    if not pairable(view):
+        view = paired(x, full)
     if view.stride(2) >= 1 << 22:  # the kernels' offsets within a tile are 32-bit
         raise InputError(f"bias= over {Sk} keys: at most {(1 << 22) - 2} keys are supported")
     return BoundBias(view, dtype)
 
 
-def _pairable(view: torch.Tensor) -> bool:
-    """Elements (q, 2j) and (q, 2j + 1) of every (b, h) are adjacent and start an aligned pair; key Sk is there."""
+def pairable(view: torch.Tensor) -> bool:
+    """Whether the kernels can read bias view [B, Hq, Sq, Sk] as it is: elements (q, 2j) and (q, 2j + 1) of every
+    (b, h) adjacent and starting an aligned pair, key Sk there. Traced by torch.compile, a tensor has no address:
+    the strides decide, and `bind` checks the address at launch."""
     b, h, q, k = view.stride()
-    return (
-        k == 1
-        and b % 2 == h % 2 == q % 2 == 0
-        and view.data_ptr() % (2 * view.element_size()) == 0
-        and (view.shape[3] % 2 == 0 or q > view.shape[3])
-    )
+    aligned = torch.compiler.is_compiling() or view.data_ptr() % (2 * view.element_size()) == 0
+    return k == 1 and b % 2 == h % 2 == q % 2 == 0 and aligned and (view.shape[3] % 2 == 0 or q > view.shape[3])
+
+
+def paired(x: torch.Tensor, full: tuple[int, ...]) -> torch.Tensor:
+    """A copy of bias `x` (broadcastable to `full` = [B, Hq, Sq, Sk]) that the kernels can read in pairs, as a view
+    of `full`: row-major, rows padded to an even length, keys made real, its other broadcast dims left broadcast."""
+    Sk = full[3]
+    x = x.reshape((1,) * (4 - x.dim()) + tuple(x.shape))
+    x = x.expand(*x.shape[:3], Sk)
+    return torch.nn.functional.pad(x, (0, Sk % 2)).contiguous()[..., :Sk].expand(full)
 
 
 def structures(mods) -> Structure:

@@ -853,7 +853,6 @@ def test_gpu_script_dry_run(fuzz_gpu, capsys):
     assert line.startswith(case(seed).repro()) and "topk(" in line and "index_q (" in line and "index_w (" in line
 
 
-
 def test_gpu_script_prewarms_what_the_cases_run(fuzz_gpu, monkeypatch):
     """The prewarm compiles one case of each kernel set, and cases of one kernel set run the same kernels: cases of
     one pattern structure with other score modifications are other sets (else the run compiles them one by one)."""

@@ -172,6 +172,41 @@ def test_bad_bias_and_rel_bias_are_refused(call, match):
         call(torch.zeros(2, 4, 5, 8))
 
 
+@pytest.mark.parametrize("Sk", [8, 9])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda Sk: torch.randn(1, 3, Sk, 8).transpose(-1, -2),  # keys strided
+        lambda Sk: torch.randn(1, 3, 8, Sk + 1)[..., 1:],  # off a pair's address
+        lambda Sk: torch.randn(8, 1).expand(8, Sk),  # keys broadcast
+        lambda Sk: torch.randn(2, 3, 8, Sk),  # as it is when Sk is even
+    ],
+    ids=["transposed", "offset", "keys broadcast", "dense"],
+)
+def test_a_bias_is_bound_as_the_kernels_read_it(make, Sk):
+    """Whatever its layout, the bound bias has the same values, keys adjacent from an aligned pair with an even
+    row pitch (copied where needed, its broadcast dims left broadcast); `bind` re-pairs a view whose address only
+    the launch knows (a traced call) the same way."""
+    q = torch.zeros(2, 3, 8, 16, dtype=torch.float16)
+    bias = make(Sk).to(torch.float16)
+    (bound,) = scoremod.bind((ag.bias(),), q, Sk, bias=bias)
+    view = bound.tensors()[0]
+    assert scoremod.pairable(view) and torch.equal(view, bias.expand(2, 3, 8, Sk))
+    *_, row, key = view.stride()
+    assert key == 1 and row % 2 == 0 and view.data_ptr() % 4 == 0
+    sizes = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+    assert all(st == 0 for st, n in zip(view.stride()[:3], sizes) if n == 1)  # no copy along broadcast dims
+    if bias.dim() == 4 and bias.is_contiguous() and Sk % 2 == 0:
+        assert view.data_ptr() == bias.data_ptr()  # read in place, no copy
+    odd = bias.expand(2, 3, 8, Sk)[..., 1:]  # a view no launch may read in pairs
+    if Sk % 2 == 1 and odd.stride(-1) == 1:
+        assert not scoremod.pairable(odd)
+        again = scoremod.paired(
+            odd[tuple(slice(0, 1) if st == 0 else slice(None) for st in odd.stride()[:3])], odd.shape
+        )
+        assert scoremod.pairable(again) and torch.equal(again, odd)
+
+
 def test_plan_of_a_bias_and_a_t5_table():
     """Their tensors are run-time arguments (a bias with its four strides), then where dL/ds goes; the bias's dtype
     is the structure, its values and strides are not."""

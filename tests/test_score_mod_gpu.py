@@ -10,6 +10,7 @@ import torch
 from test_kernels_gpu import (
     BWD_TOL,
     DTYPES,
+    FWD_TOL,
     GPU_TESTS,
     _check_call,
     _check_forward,
@@ -73,6 +74,7 @@ ADDITIVE = [
     ("bias heads", ag.full(), "heads", "input", lambda: (ag.bias(), ag.softcap(5.0))),
     ("bias plane", ag.sliding_window(100), "plane", "input", lambda: (ag.softcap(5.0), ag.bias())),
     ("bias keys -inf", ag.causal(), "keys", "float32", lambda: (ag.bias(),)),
+    ("bias transposed", ag.causal(), "transposed", "input", lambda: (ag.bias(),)),
     ("rel_bias", ag.full(), None, "", lambda: (ag.rel_bias(32, 128),)),
     ("rel_bias causal", ag.causal(), None, "", lambda: (ag.rel_bias(16, 40, bidirectional=False), ag.softcap(5.0))),
     (
@@ -88,15 +90,17 @@ ADDITIVE_LENGTHS = [(1, 1), (77, 77), (300, 517), (517, 300), (1000, 1000)]
 
 def _additive_inputs(shape, bias_dtype, mods, B, Sq, Sk, dtype, gen) -> tuple[tuple, dict]:
     """The modifications on the GPU and their call tensors (fresh random, differentiable): a bias of `shape` in
-    `bias_dtype` ("keys": a key mask, -inf on every third key past the first, so no row is left empty), a T5 table."""
+    `bias_dtype` ("keys": a key mask, -inf on every third key past the first, so no row is left empty; "transposed":
+    keys strided, which the kernels cannot read in pairs), a T5 table."""
     mods = tuple(ag.alibi(m.slopes.cuda()) if isinstance(m, scoremod.Alibi) else m for m in mods)
     tensors = {}
     if shape is not None:
-        dims = {"full": (B, HQ, Sq, Sk), "heads": (1, HQ, Sq, Sk), "plane": (Sq, Sk), "keys": (B, 1, 1, Sk)}[shape]
-        x = torch.randn(*dims, generator=gen) * 2
+        dims = {"full": (B, HQ, Sq, Sk), "heads": (1, HQ, Sq, Sk), "plane": (Sq, Sk), "keys": (B, 1, 1, Sk)}
+        x = torch.randn(*dims.get(shape, (1, HQ, Sk, Sq)), generator=gen) * 2
         if shape == "keys":
             x[..., 1::3] = float("-inf")
-        tensors["bias"] = x.to("cuda", torch.float32 if bias_dtype == "float32" else dtype).requires_grad_()
+        x = x.to("cuda", torch.float32 if bias_dtype == "float32" else dtype)
+        tensors["bias"] = (x.transpose(-1, -2) if shape == "transposed" else x).requires_grad_()
     for m in mods:
         if isinstance(m, scoremod.RelBias):
             table = torch.randn(HQ, m.num_buckets, generator=gen) * 2
@@ -179,6 +183,28 @@ def test_a_bias_that_empties_rows_gives_zeros():
     assert torch.isfinite(out).all() and (out[:, :, ::7] == 0).all() and torch.isinf(lse[:, :, ::7]).all()
     ref, ref_lse = reference.attention(q, k, v, ag.full(), score_mod=ag.bias(), bias=bias)
     _check_forward(out, lse, ref, ref_lse, "bf16", "rows emptied by the bias")
+
+
+def test_a_traced_call_reads_a_bias_at_any_address():
+    """Traced by torch.compile (the pattern and modifications built inside), a tensor has no address: a bias one
+    element into its storage passes the layout checks on its strides, and the launch copies it to a pair's
+    address. Same result and gradient as eager."""
+    gen = _gen("score_mod traced offset bias")
+    q, k, v = _inputs(2, HQ, HKV, 77, 130, 64, torch.float16, gen, requires_grad=True)
+    storage = (torch.randn(1, HQ, 77, 132, generator=gen) * 2).to("cuda", torch.float16)
+    bias = storage[..., 1:131].requires_grad_()  # 130 keys, an even pitch, one element off a pair's address
+
+    def call(q, k, v, bias):
+        return ag.attention(q, k, v, ag.causal() & ag.sliding_window(64), score_mod=ag.bias(), bias=bias)
+
+    assert not scoremod.pairable(bias)  # eager copies it when binding; the traced call only at the launch
+    out = torch.compile(call, fullgraph=True, dynamic=False)(q, k, v, bias)
+    ref = reference.attention(q, k, v, ag.causal() & ag.sliding_window(64), score_mod=ag.bias(), bias=bias)[0]
+    assert _rel(out, ref) < FWD_TOL["fp16"], "traced call with an offset bias"
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, bias), dout)
+    want = torch.autograd.grad(call(q, k, v, bias), (q, bias), dout)
+    assert all(_rel(g, w) < BWD_TOL["fp16"] for g, w in zip(got, want)), "traced gradients differ from eager"
 
 
 @pytest.mark.parametrize("D", [64, 128])

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..pattern import Selector
+from ..tracing import built_when_traced
 from . import Selection
 
 SUPPORTED_NM = ((2, 4), (1, 2))
@@ -45,6 +46,7 @@ class NM(Selector):
         return nm_keep(scores, allowed, self.n, self.m)
 
 
+@built_when_traced
 def nm(n: int, m: int) -> NM:
     """Keep the n largest scores (signed; ties to the lower key index) of every m consecutive keys among the keys
     the rest of the pattern allows: `causal() & nm(2, 4)`. Supported: (2, 4) and (1, 2)."""
