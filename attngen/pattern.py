@@ -19,7 +19,7 @@ from functools import cached_property
 import sympy as sp
 import torch
 
-from . import affine, blocktopk, tokentopk
+from . import affine, blocktopk, tokentopk, tracing
 from .errors import InputError
 from .symbols import SYMBOLS, Sk, Sq, k, q  # positions are integers: query q, key k; Sq, Sk the lengths
 from .tracing import built_when_traced
@@ -39,10 +39,11 @@ def by_key(key: str) -> Pattern:
     return _STRUCTURES[key]
 
 
-class Pattern:
+class Pattern(tracing.Numbered):
     """Base of every pattern node. Subclasses are frozen dataclasses."""
 
     def __post_init__(self) -> None:
+        tracing.register(self)
         # The structure and its name are computed once, when the pattern is built (outside any compiled region):
         # attention() reads them on every call, and under torch.compile they are plain constants.
         structure = self._restructure({})
@@ -386,23 +387,29 @@ class KeyIndices(Pattern):
 
 
 @dataclass(frozen=True)
-class LowRank:
+class LowRank(tracing.Numbered):
     """DSA's scorer: s̃(i, j) = (qᵢ P)·(kⱼ P) with P = `proj` given at call time, [D, r] or one per query head
     [Hq, D, r] (a key is projected with its query head's P)."""
 
     inputs = ("proj",)
+
+    def __post_init__(self):
+        tracing.register(self)
 
     def __repr__(self):
         return "lowrank()"
 
 
 @dataclass(frozen=True)
-class Indexer:
+class Indexer(tracing.Numbered):
     """DeepSeek's lightning indexer: s̃(i, j) = Σₕ index_w[b, i, h] · ReLU(index_q[b, i, h] · index_k[b, j]) with
     index_q [B, Sq, Hi, Di], index_k [B, Sk, Di], index_w [B, Sq, Hi] given at call time: one selection per token,
     shared by every query head."""
 
     inputs = ("index_q", "index_k", "index_w")
+
+    def __post_init__(self):
+        tracing.register(self)
 
     def __repr__(self):
         return "indexer()"

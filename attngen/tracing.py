@@ -12,6 +12,8 @@ Eager calls run the constructor directly (the only cost is one flag test)."""
 from __future__ import annotations
 
 import functools
+import itertools
+import weakref
 
 import torch
 
@@ -27,13 +29,47 @@ _BUILT = _Built()
 _NAMES: dict = {}  # (constructor, args, kwargs) -> attribute of _BUILT
 _CONSTRUCTORS: dict = {}  # qualified name -> the undecorated constructor
 
+# Every pattern and scorer carries a number (`register`) by which traced code names it to `_build`: Dynamo hands
+# an assume-constant function only constants, and some of its versions cannot hand over a frozen dataclass.
+_LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # number -> pattern or scorer
+_NUMBERS = itertools.count()
+_REF = "attngen.tracing.ref"  # (_REF, number) stands for the object in `_build`'s arguments
+
+
+def register(obj) -> None:
+    """Number a new pattern or scorer (its `__post_init__` calls this; unpickled ones too, see `Pattern`)."""
+    number = next(_NUMBERS)
+    _LIVE[number] = obj
+    object.__setattr__(obj, "_trace_ref", number)
+
+
+class Numbered:
+    """Base of patterns and scorers: a copy or an unpickled object gets a number of its own (numbers are per
+    process and per object)."""
+
+    def __getstate__(self) -> dict:
+        return {name: value for name, value in vars(self).items() if name != "_trace_ref"}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)
+        register(self)
+
+
+def _ref(value):
+    number = getattr(value, "_trace_ref", None)
+    return value if number is None else (_REF, number)
+
+
+def _deref(value):
+    return _LIVE[value[1]] if isinstance(value, tuple) and len(value) == 2 and value[0] == _REF else value
+
 
 def _build(constructor: str, *args, **kwargs) -> str:
     """Build a pattern for real (at trace time) and name it; the same arguments give the same name."""
     key = (constructor, args, tuple(sorted(kwargs.items())))
     name = _NAMES.get(key)
     if name is None:
-        built = _CONSTRUCTORS[constructor](*args, **kwargs)
+        built = _CONSTRUCTORS[constructor](*map(_deref, args), **{k: _deref(v) for k, v in kwargs.items()})
         name = f"p{len(_NAMES)}"
         setattr(_BUILT, name, built)
         _NAMES[key] = name
@@ -62,6 +98,7 @@ def built_when_traced(fn):
                     f"{fn.__name__}() with a tensor argument inside a function torch.compile traces: its values "
                     "would be frozen into the graph. Build the pattern outside the compiled function and pass it in"
                 )
+        args, kwargs = tuple(map(_ref, args)), {k: _ref(v) for k, v in kwargs.items()}
         return getattr(_BUILT, _build(constructor, *args, **kwargs))
 
     return constructor_or_constant

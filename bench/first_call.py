@@ -4,7 +4,9 @@ kernel cache (a never-seen pattern: planning, rendering, NVRTC), then the same w
 
     python bench/first_call.py [--profile]     # on a GPU; --profile also prints the warm call's top functions
 
-The newcomer target: warm, import + first call <= SDPA's first call + 0.25 s."""
+The newcomer target: warm, import + first call <= SDPA's first call + 0.25 s. Python's bytecode is cached first, by
+one discarded run, under PYTHONPYCACHEPREFIX: an installed package has its .pyc files, but a read-only
+site-packages without them (as on some GPU images) recompiles sympy's source in every process (~2 s)."""
 
 from __future__ import annotations
 
@@ -46,10 +48,9 @@ print(json.dumps({"import": t1 - t0, "call": t2 - t1, "total": t2 - t0, "dynamo_
 """
 
 
-def child(which: str, cache: str, profile: bool = False) -> dict:
-    env = dict(
-        os.environ, ATTNGEN_CACHE_DIR=cache, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
+def child(which: str, cache: str, pycache: str, profile: bool = False) -> dict:
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, ATTNGEN_CACHE_DIR=cache, PYTHONPATH=path, PYTHONPYCACHEPREFIX=pycache)
     p = subprocess.run([sys.executable, "-c", CHILD, which, "1" if profile else "0"], capture_output=True, text=True,
                        env=env, cwd=ROOT)  # fmt: skip
     if p.returncode:
@@ -64,14 +65,17 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="print the warm attngen call's profile")
     ap.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as warmup:
+        pycache = str(Path(warmup) / "pycache")
+        child("attngen", warmup, pycache)  # bytecode for every module both children import
+        child("sdpa", warmup, pycache)
         rows = {
-            "sdpa": child("sdpa", cache),
-            "attngen, cold cache": child("attngen", cache),
-            "attngen, warm cache": child("attngen", cache),
+            "sdpa": child("sdpa", cache, pycache),
+            "attngen, cold cache": child("attngen", cache, pycache),
+            "attngen, warm cache": child("attngen", cache, pycache),
         }
         if args.profile:
-            child("attngen", cache, profile=True)
+            child("attngen", cache, pycache, profile=True)
     print(f"{'first call':22} {'import':>8} {'call':>8} {'total':>8}  torch._dynamo imported")
     for name, r in rows.items():
         print(f"{name:22} {r['import']:8.3f} {r['call']:8.3f} {r['total']:8.3f}  {r['dynamo_imported']}")
