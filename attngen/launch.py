@@ -137,6 +137,11 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise InputError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
     if k.shape[1] == 0 or Hq % k.shape[1]:
         raise InputError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
+    _require_cuda(q)
+
+
+def _require_cuda(q: torch.Tensor) -> None:
+    """The last of `_check`'s checks (tests without a GPU lift only this one)."""
     if q.device.type != "cuda":
         raise InputError(f"q, k, v are on {q.device}; attngen kernels run on CUDA tensors")
 

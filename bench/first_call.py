@@ -51,6 +51,7 @@ print(json.dumps({"import": t1 - t0, "call": t2 - t1, "total": t2 - t0, "dynamo_
 def child(which: str, cache: str, pycache: str, profile: bool = False) -> dict:
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, ATTNGEN_CACHE_DIR=cache, PYTHONPATH=path, PYTHONPYCACHEPREFIX=pycache)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     p = subprocess.run([sys.executable, "-c", CHILD, which, "1" if profile else "0"], capture_output=True, text=True,
                        env=env, cwd=ROOT)  # fmt: skip
     if p.returncode:

@@ -55,14 +55,6 @@ def reference_kernels(monkeypatch):
     from attngen.select import split_selection
 
     calls = []
-    check = launch._check
-
-    def check_on_cpu(q, k, v):
-        try:
-            check(q, k, v)
-        except launch.InputError as e:
-            if "run on CUDA tensors" not in str(e):
-                raise
 
     def compiled_for(name, q, mods=""):
         structure = P.by_key(name)
@@ -163,7 +155,7 @@ def reference_kernels(monkeypatch):
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             return pool.submit(run).result()
 
-    monkeypatch.setattr(launch, "_check", check_on_cpu)
+    monkeypatch.setattr(launch, "_require_cuda", lambda q: None)  # every other check of the call still runs
     monkeypatch.setattr(op, "_compiled_for", compiled_for)
     monkeypatch.setattr(op, "forward", forward)
     monkeypatch.setattr(op, "backward", backward)
