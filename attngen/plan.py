@@ -320,7 +320,7 @@ def next_tiling(plan: KernelPlan, kernel: str) -> KernelPlan | None:
         tilings = [replace(t, bias_preload=plan.fwd.bias_preload) for t in tilings]
         at = tilings.index(plan.fwd)
         return replace(plan, fwd=tilings[at + 1]) if at + 1 < len(tilings) else None
-    lean = tiling.leaner(plan.tiles_of(kernel), kernel)
+    lean = tiling.leaner(plan.tiles_of(kernel), kernel, plan.head_dim)
     return None if lean is None else replace(plan, **{kernel: lean})
 
 

@@ -99,8 +99,11 @@ def dkdv_tiles(d: int) -> Tiles:
     (BLOCK_M), they leave room for ~60 registers of addresses and temporaries; head_dim > 128 splits the sweep.
     Shared memory: K, V, the Q and dO stages, and the stages' row statistics (lse2 and Δ, fp32)."""
     bn, bm, warps = {32: (128, 128, 8), 64: (128, 96, 8), 96: (128, 64, 8), 128: (128, 64, 8), 256: (64, 32, 4)}[d]
-    smem = 2 * padded_smem(bn, d) + 2 * 2 * padded_smem(bm, d) + 2 * 2 * bm * 4
-    return Tiles(bm, bn, warps, 2, smem, operands_in_regs=d + bm + d // 2 <= 176, split=d > 128)
+    return Tiles(bm, bn, warps, 2, _dkdv_smem(bm, bn, d), operands_in_regs=d + bm + d // 2 <= 176, split=d > 128)
+
+
+def _dkdv_smem(bm: int, bn: int, d: int) -> int:
+    return 2 * padded_smem(bn, d) + 2 * 2 * padded_smem(bm, d) + 2 * 2 * bm * 4
 
 
 def dq_tiles(d: int) -> Tiles:
@@ -205,10 +208,11 @@ def with_guarded_mask(t: Tiles) -> Tiles:
     return replace(t, mask_unroll=min(t.mask_unroll, 4))
 
 
-def leaner(t: Tiles, kernel: str) -> Tiles | None:
+def leaner(t: Tiles, kernel: str, head_dim: int) -> Tiles | None:
     """The next leaner variant of backward kernel `kernel`'s ("dkdv", "dq") tiling (fewer live registers, a little
     slower), or None: dK/dV's bias read where it is used, operands re-read from shared memory, then the mask
-    evaluated 4, then 1 element at a time, then (mma.sync dK/dV) dK and dV in two sweeps."""
+    evaluated 4, then 1 element at a time, then (mma.sync dK/dV) dK and dV in two sweeps, then query steps of 64
+    rows (the Pᵀ and dPᵀ fragments shrink with them)."""
     if t.bias_preload and kernel == "dkdv":
         return replace(t, bias_preload="")
     if t.operands_in_regs:
@@ -219,6 +223,8 @@ def leaner(t: Tiles, kernel: str) -> Tiles | None:
         return replace(t, mask_unroll=1)
     if kernel == "dkdv" and not t.wgmma and not t.split:
         return replace(t, split=True)
+    if kernel == "dkdv" and not t.wgmma and t.block_m > 64:
+        return replace(t, block_m=64, smem_bytes=_dkdv_smem(64, t.block_n, head_dim))
     return None
 
 

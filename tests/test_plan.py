@@ -127,16 +127,24 @@ def test_every_kernel_has_a_leaner_tiling(kernel, arch):
 
 
 def test_leaner_steps_end_at_one_element_at_a_time_then_split_sweeps():
-    """Operands to shared memory, the mask one element at a time, then (mma.sync dK/dV only) two sweeps."""
-    for kernel, t, last in (("dkdv", tiling.dkdv_tiles(32), [(False, 1, True)]), ("dq", tiling.dq_tiles(32), [])):
+    """Operands to shared memory, the mask one element at a time, then (mma.sync dK/dV only) two sweeps, then query
+    steps of 64 rows, with the shared memory of that tile."""
+    dkdv_last = [(False, 1, True, 128), (False, 1, True, 64)]
+    for kernel, t, last in (("dkdv", tiling.dkdv_tiles(32), dkdv_last), ("dq", tiling.dq_tiles(32), [])):
         seen = [t]
-        while (t := tiling.leaner(t, kernel)) is not None:
+        while (t := tiling.leaner(t, kernel, 32)) is not None:
             seen.append(t)
-        steps = [(s.operands_in_regs, s.mask_unroll, s.split) for s in seen]
-        assert steps[-1 - len(last) :] == [(False, 1, False), *last] and len(steps) == len(set(steps))
+        steps = [(s.operands_in_regs, s.mask_unroll, s.split, s.block_m) for s in seen]
+        first = (False, 1, False, seen[0].block_m)
+        assert steps[-1 - len(last) :] == [first, *last] and len(steps) == len(set(steps))
+    assert seen[-1].smem_bytes == tiling.dq_tiles(32).smem_bytes  # dQ's tiling never changes shape
+    lean = dataclasses.replace(tiling.dkdv_tiles(64), split=True, operands_in_regs=False, mask_unroll=1)
+    smallest = tiling.leaner(lean, "dkdv", 64)
+    # K and V (128 keys), two stages of Q and dO (64 rows), their row statistics: rows of 64 + 8 padding elements
+    assert smallest.block_m == 64 and smallest.smem_bytes == 2 * 128 * 72 * 2 + 4 * 64 * 72 * 2 + 4 * 64 * 4
 
 
 def test_backward_rendering_follows_the_plan():
     p = plan(ag.documents() & ag.causal(), d=64, arch="sm_80")
-    lean = dataclasses.replace(p, dkdv=tiling.leaner(p.dkdv, "dkdv"))
+    lean = dataclasses.replace(p, dkdv=tiling.leaner(p.dkdv, "dkdv", 64))
     assert render_backward(p).code != render_backward(lean).code  # the knob reaches the template
