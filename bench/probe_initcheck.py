@@ -28,38 +28,40 @@ typedef unsigned int u32;
 typedef unsigned short u16;  // the elements are only moved: written as bit patterns, read back as integers
 struct alignas(64) TensorMap { unsigned char bytes[128]; };
 
-__device__ __forceinline__ void fill(u16* tile) {  // element i holds the bits i
-  for (int i = threadIdx.x; i < 64 * 64; i += blockDim.x) tile[i] = static_cast<u16>(i);
+extern "C" __global__ void write_plain(u16* dst) {  // element i holds the bits i
+  for (int i = threadIdx.x; i < 64 * 64; i += blockDim.x) dst[i] = static_cast<u16>(i);
 }
 
-extern "C" __global__ void write_plain(u16* dst) {
-  for (int i = threadIdx.x; i < 64 * 64; i += blockDim.x) dst[i] = static_cast<u16>(i);
+// The tile filled as write_plain fills dst and made visible to the async proxy; its shared-memory address.
+__device__ __forceinline__ u32 staged(u16* tile) {
+  for (int i = threadIdx.x; i < 64 * 64; i += blockDim.x) tile[i] = static_cast<u16>(i);
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  __syncthreads();
+  return static_cast<u32>(__cvta_generic_to_shared(tile));
+}
+
+__device__ __forceinline__ void drain() {  // this thread's bulk stores complete
+  asm volatile("cp.async.bulk.commit_group;\ncp.async.bulk.wait_group 0;" ::: "memory");
 }
 
 extern "C" __global__ void write_bulk(u16* dst) {
   __shared__ __align__(1024) u16 tile[64 * 64];
-  fill(tile);
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-  __syncthreads();
+  const u32 src = staged(tile);
   if (threadIdx.x == 0) {
-    const u32 src = static_cast<u32>(__cvta_generic_to_shared(tile));
     asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" :: "l"(dst), "r"(src), "r"(64 * 64 * 2)
                  : "memory");
-    asm volatile("cp.async.bulk.commit_group;\ncp.async.bulk.wait_group 0;" ::: "memory");
+    drain();
   }
 }
 
 // The map's 128-byte swizzle permutes 16-byte chunks within each 128-byte row; the reader undoes it.
 extern "C" __global__ void write_tma(const __grid_constant__ TensorMap map) {
   __shared__ __align__(1024) u16 tile[64 * 64];
-  fill(tile);
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-  __syncthreads();
+  const u32 src = staged(tile);
   if (threadIdx.x == 0) {
-    const u32 src = static_cast<u32>(__cvta_generic_to_shared(tile));
     asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.tile.bulk_group [%0, {0, 0, 0, 0}], [%1];"
                  :: "l"(&map), "r"(src) : "memory");
-    asm volatile("cp.async.bulk.commit_group;\ncp.async.bulk.wait_group 0;" ::: "memory");
+    drain();
   }
 }
 
