@@ -6,7 +6,9 @@ graph reads the pattern it built as a constant: `ag.attention(q, k, v, ag.causal
 inside `forward` traces with fullgraph=True, and a second call with the same arguments compiles nothing new.
 
 Arguments must be plain values (ints, floats, strings, None) or patterns and scorers; a tensor argument (a block
-layout's grid, which is data) is refused: such a pattern is built outside the compiled function and passed in.
+layout's grid, which is data) is refused: such a pattern is built outside the compiled function and passed in. A
+pattern passed in and combined inside is one object of the graph: another object (a new layout each step) builds
+and compiles again, so a pattern that changes per call is best combined outside too.
 Eager calls run the constructor directly (the only cost is one flag test)."""
 
 from __future__ import annotations
@@ -29,23 +31,24 @@ _BUILT = _Built()
 _NAMES: dict = {}  # (constructor, args, kwargs) -> attribute of _BUILT
 _CONSTRUCTORS: dict = {}  # qualified name -> the undecorated constructor
 
-# Every pattern and scorer carries a number (`register`) by which traced code names it to `_build`: Dynamo hands
-# an assume-constant function only constants, and some of its versions cannot hand over a frozen dataclass.
-_LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # number -> pattern or scorer
+# Every pattern and scorer carries a name (`register`) by which traced code hands it to `_build`: Dynamo hands an
+# assume-constant function only constants, some of its versions cannot hand over a frozen dataclass, and an int
+# attribute of a graph input may be traced as a symbolic int. A string is always a constant.
+_LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # name -> pattern or scorer
 _NUMBERS = itertools.count()
-_REF = "attngen.tracing.ref"  # (_REF, number) stands for the object in `_build`'s arguments
+_REF = "attngen.tracing.ref:"  # the names' prefix
 
 
 def register(obj) -> None:
-    """Number a new pattern or scorer (its `__post_init__` calls this; unpickled ones too, see `Pattern`)."""
-    number = next(_NUMBERS)
-    _LIVE[number] = obj
-    object.__setattr__(obj, "_trace_ref", number)
+    """Name a new pattern or scorer (its `__post_init__` calls this; unpickled ones too, see `Numbered`)."""
+    name = f"{_REF}{next(_NUMBERS)}"
+    _LIVE[name] = obj
+    object.__setattr__(obj, "_trace_ref", name)
 
 
 class Numbered:
-    """Base of patterns and scorers: a copy or an unpickled object gets a number of its own (numbers are per
-    process and per object)."""
+    """Base of patterns and scorers: a copy or an unpickled object gets a name of its own (names are per process
+    and per object)."""
 
     def __getstate__(self) -> dict:
         return {name: value for name, value in vars(self).items() if name != "_trace_ref"}
@@ -56,12 +59,11 @@ class Numbered:
 
 
 def _ref(value):
-    number = getattr(value, "_trace_ref", None)
-    return value if number is None else (_REF, number)
+    return getattr(value, "_trace_ref", value)
 
 
 def _deref(value):
-    return _LIVE[value[1]] if isinstance(value, tuple) and len(value) == 2 and value[0] == _REF else value
+    return _LIVE[value] if isinstance(value, str) and value.startswith(_REF) else value
 
 
 def _build(constructor: str, *args, **kwargs) -> str:

@@ -82,15 +82,22 @@ def test_arguments_from_the_graph_make_one_pattern_each(reference_kernels):
 
 
 def test_a_pattern_from_outside_combines_inside(reference_kernels):
-    layout = ag.block_layout(torch.tensor([[True, False], [True, True]]), 8)
+    """A layout pattern passed in and combined inside: each new layout object is built and compiled again (its
+    grid is never taken from an earlier call); the same object again compiles nothing."""
+    from torch._dynamo.testing import CompileCounter
 
-    def forward(q, k, v):
+    def forward(q, k, v, layout):
         return ag.attention(q, k, v, layout & ag.causal())
 
     q, k, v = (torch.randn(1, 2, 16, 32).to(torch.float16) for _ in range(3))
-    out = torch.compile(forward, fullgraph=True, backend="eager")(q, k, v)
-    want, _ = reference.attention(q, k, v, layout & ag.causal(), dtype=torch.float64)
-    assert (out.double() - want).abs().max() < 1e-2
+    counter = CompileCounter()
+    compiled = torch.compile(forward, fullgraph=True, backend=counter)
+    first = ag.block_layout(torch.tensor([[True, False], [True, True]]), 8)
+    second = ag.block_layout(torch.tensor([[True, False], [False, True]]), 8)
+    for layout, frames in ((first, 1), (second, 2), (first, 2)):
+        want, _ = reference.attention(q, k, v, layout & ag.causal(), dtype=torch.float64)
+        assert (compiled(q, k, v, layout).double() - want).abs().max() < 1e-2
+        assert counter.frame_count == frames
 
 
 def test_a_layout_built_inside_is_refused_or_built_eagerly(reference_kernels):
