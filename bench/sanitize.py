@@ -10,8 +10,8 @@ only loads cubins), then for each tool and case runs
     compute-sanitizer --tool TOOL [--racecheck-report all] --error-exitcode 99 python bench/sanitize.py --child ID
 
 A child runs ONE tiny case (B <= 2, H <= 4, S <= 300: the sanitizer slows kernels ~100x): the forward and the
-backward of a pattern on CUDA (through attngen.attention, or, for the mma.sync family on Hopper, through
-kernel.Compiled + prepare.prepare + bind.forward/backward as tests/test_kernels_gpu.py does), compares against
+backward of a pattern, with its score modifications if any, on CUDA through attngen.attention (for the mma.sync
+family on Hopper with the planner's choice replaced by those kernels, as bench/fuzz_gpu.py does), compares against
 attngen.reference (float32, computed on the CPU so that the sanitizer sees few other kernels) loosely and exits 0.
 
 ATTNGEN_POISON_OUTPUTS=1 in the children: outputs start as NaN, and a child checks every element of every output
