@@ -100,6 +100,7 @@ def test_a_pattern_from_outside_combines_inside(reference_kernels):
         assert counter.frame_count == frames
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace the builtin:UserWarning")  # the eager fallback
 def test_a_layout_built_inside_is_refused_or_built_eagerly(reference_kernels):
     """A block layout's grid is data: built inside, its values would be frozen into the graph. With fullgraph=True
     that is an error naming the way out; without, the graph breaks there and the layout is built eagerly. A
