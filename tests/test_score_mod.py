@@ -177,7 +177,7 @@ def test_bad_bias_and_rel_bias_are_refused(call, match):
     "make",
     [
         lambda Sk: torch.randn(1, 3, Sk, 8).transpose(-1, -2),  # keys strided
-        lambda Sk: torch.randn(1, 3, 8, Sk + 1)[..., 1:],  # off a pair's address
+        lambda Sk: torch.randn(1, 3, 8, Sk + 1, dtype=torch.float16)[..., 1:],  # off a pair's address or odd pitch
         lambda Sk: torch.randn(8, 1).expand(8, Sk),  # keys broadcast
         lambda Sk: torch.randn(2, 3, 8, Sk),  # as it is when Sk is even
     ],
@@ -198,13 +198,12 @@ def test_a_bias_is_bound_as_the_kernels_read_it(make, Sk):
     assert all(st == 0 for st, n in zip(view.stride()[:3], sizes) if n == 1)  # no copy along broadcast dims
     if bias.dim() == 4 and bias.is_contiguous() and Sk % 2 == 0:
         assert view.data_ptr() == bias.data_ptr()  # read in place, no copy
-    odd = bias.expand(2, 3, 8, Sk)[..., 1:]  # a view no launch may read in pairs
-    if Sk % 2 == 1 and odd.stride(-1) == 1:
-        assert not scoremod.pairable(odd)
-        again = scoremod.paired(
-            odd[tuple(slice(0, 1) if st == 0 else slice(None) for st in odd.stride()[:3])], odd.shape
-        )
-        assert scoremod.pairable(again) and torch.equal(again, odd)
+
+    # What `bind` does at launch with a view that passed on its strides alone: one element off a pair's address.
+    odd = torch.randn(1, 3, 8, Sk + 2, dtype=torch.float16)[..., 1 : Sk + 1].expand(2, 3, 8, Sk)
+    assert not scoremod.pairable(odd)
+    again = scoremod.paired(odd[tuple(slice(0, 1) if st == 0 else slice(None) for st in odd.stride()[:3])], odd.shape)
+    assert scoremod.pairable(again) and torch.equal(again, odd) and again.stride(0) == 0
 
 
 def test_plan_of_a_bias_and_a_t5_table():
