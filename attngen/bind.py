@@ -44,9 +44,12 @@ def runtime_values(plan: KernelPlan, prep: Prepared, Hq: int, score_grad: torch.
     """Values of the plan's run-time arguments, in order (position leaves, the rule's, the score modifications'),
     for Hq query heads; `score_grad` is where the dK/dV kernel writes dL/ds for a bias or a T5 table, if wanted."""
     values = []
-    for lay in prep.layouts:
-        head_stride = lay.shape[1] * lay.shape[2] if lay.shape[0] > 1 else 0  # 0: one grid for every head
-        values += [_u64(lay.data_ptr()), _i64(head_stride), _i32(lay.shape[2])]
+    for lay in prep.layouts:  # [H or 1, nbq, nbk], or [B or 1, H or 1, nbq, nbk] per batch element (contiguous)
+        values.append(_u64(lay.data_ptr()))
+        if lay.dim() == 4:
+            values.append(_i64(lay.stride(0) if lay.shape[0] > 1 else 0))  # 0: one grid for every batch element
+        heads = lay.shape[-3]
+        values += [_i64(lay.shape[-2] * lay.shape[-1] if heads > 1 else 0), _i32(lay.shape[-1])]  # 0: every head
     if prep.blocks is not None:
         _B, Hq, nbq, nbk = prep.blocks.shape
         values += [_u64(prep.blocks.data_ptr()), _i64(Hq * nbq * nbk), _i64(nbq * nbk), _i32(nbk)]

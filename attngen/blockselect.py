@@ -85,7 +85,8 @@ def allowed(pat: P.Pattern, b, h, qi, kj, Sq: int, Sk: int, runtime, heads=None)
         return torch.as_tensor(value, device=qi.device).expand(torch.broadcast_shapes(qi.shape, kj.shape))
     if isinstance(pat, P.LayoutSlot):
         lay, bs = runtime.layouts[pat.index], pat.block_size
-        return lay[h.clamp(max=lay.shape[0] - 1), qc // bs, kc // bs] != 0
+        lay = lay if lay.dim() == 4 else lay[None]  # [B or 1, H or 1, nbq, nbk]
+        return lay[b.clamp(max=lay.shape[0] - 1), h.clamp(max=lay.shape[1] - 1), qc // bs, kc // bs] != 0
     if isinstance(pat, P.Documents):
         qd, kd = runtime.document_ids
         return qd[b.clamp(max=qd.shape[0] - 1), qc] == kd[b.clamp(max=kd.shape[0] - 1), kc]

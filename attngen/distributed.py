@@ -178,7 +178,7 @@ def _layouts_reach(positions: P.Pattern, q0: int, k0: int, chunk: int) -> bool:
     parts = positions.parts if isinstance(positions, P.And) else (positions,)
     for lay in (p for p in parts if isinstance(p, P.BlockLayout)):
         bs = lay.block_size
-        if not lay.grid[:, q0 // bs : math.ceil((q0 + chunk) / bs), k0 // bs : math.ceil((k0 + chunk) / bs)].any():
+        if not lay.grid[..., q0 // bs : math.ceil((q0 + chunk) / bs), k0 // bs : math.ceil((k0 + chunk) / bs)].any():
             return False
     return True
 

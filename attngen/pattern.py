@@ -210,25 +210,32 @@ class Affine(Pattern):
 
 @dataclass(frozen=True, repr=False)
 class BlockLayout(Pattern):
-    """A boolean grid over (query block, key block), optionally one per query head."""
+    """A boolean grid over (query block, key block), optionally one per query head, optionally one per batch
+    element."""
 
     data: bytes = field(repr=False)  # uint8, C order, shape `shape`
-    shape: tuple[int, ...]  # (nbq, nbk) or (H, nbq, nbk)
+    shape: tuple[int, ...]  # (nbq, nbk), (H, nbq, nbk) or (B, H or 1, nbq, nbk)
     block_size: int
     digest: str = field(compare=False)
-    grid: torch.Tensor = field(compare=False, repr=False)  # the same bytes as uint8 [H or 1, nbq, nbk] on the CPU
+    # The same bytes as uint8 on the CPU: [H or 1, nbq, nbk], or [B, H or 1, nbq, nbk] per batch element.
+    grid: torch.Tensor = field(compare=False, repr=False)
 
     @property
     def per_head(self) -> bool:
-        return len(self.shape) == 3
+        return len(self.shape) >= 3
+
+    @property
+    def per_batch(self) -> bool:
+        return len(self.shape) == 4
 
     def tensor(self) -> torch.Tensor:
-        """The grid, uint8 [H or 1, nbq, nbk] on the CPU (what kernels read as `layout{n}`)."""
+        """The grid, uint8 [H or 1, nbq, nbk] (or [B, H or 1, nbq, nbk]) on the CPU (what kernels read as
+        `layout{n}`)."""
         return self.grid
 
     def _restructure(self, slots):
         if self not in slots:
-            slots[self] = LayoutSlot(len(slots), self.block_size, self.per_head)
+            slots[self] = LayoutSlot(len(slots), self.block_size, self.per_head, self.per_batch)
         return slots[self]
 
     def __repr__(self):
@@ -245,9 +252,10 @@ class LayoutSlot(Pattern):
     index: int
     block_size: int
     per_head: bool
+    per_batch: bool = False  # a grid per batch element: the kernels step over its batch stride too
 
     def __repr__(self):
-        heads = "per head, " if self.per_head else ""
+        heads = ("per batch, " if self.per_batch else "") + ("per head, " if self.per_head else "")
         return f"block_layout(<layout {self.index}: {heads}run-time grid>, {self.block_size})"
 
 
@@ -725,10 +733,14 @@ def token_leaf(pat: Pattern) -> TopkTokens | None:
 
 @built_when_traced
 def block_layout(layout: torch.Tensor, block_size: int) -> Pattern:
-    """A bool grid `layout[qb, kb]` (or `[head, qb, kb]`): query block qb sees key block kb."""
+    """A bool grid `layout[qb, kb]` (or `[head, qb, kb]`, or `[batch, head or 1, qb, kb]`: one grid per batch
+    element): query block qb sees key block kb."""
     bs = _int("block_size", block_size, 1)
-    if not isinstance(layout, torch.Tensor) or layout.dim() not in (2, 3):
-        raise InputError("layout must be a 2-d [q_blocks, k_blocks] or 3-d [heads, q_blocks, k_blocks] tensor")
+    if not isinstance(layout, torch.Tensor) or layout.dim() not in (2, 3, 4):
+        raise InputError(
+            "layout must be a 2-d [q_blocks, k_blocks], 3-d [heads, q_blocks, k_blocks] or 4-d [batch, heads or 1, "
+            "q_blocks, k_blocks] tensor"
+        )
     if layout.dtype != torch.bool:
         raise InputError(f"layout must be a torch.bool tensor (True = the blocks see each other), got {layout.dtype}")
     if layout.is_meta or layout.numel() == 0:
@@ -736,7 +748,7 @@ def block_layout(layout: torch.Tensor, block_size: int) -> Pattern:
         raise InputError(f"layout must hold data with at least one block a side, got {got}")
     data = layout.detach().to("cpu", torch.bool).contiguous().to(torch.uint8).numpy().tobytes()
     grid = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(layout.shape)
-    grid = grid if layout.dim() == 3 else grid.unsqueeze(0)
+    grid = grid if layout.dim() >= 3 else grid.unsqueeze(0)
     return BlockLayout(data, tuple(layout.shape), bs, hashlib.sha256(data).hexdigest(), grid)
 
 
@@ -1006,8 +1018,10 @@ def dense_mask(
         nq, nk = math.ceil(Sq / pat.block_size), math.ceil(Sk / pat.block_size)
         if lay.shape[-2] < nq or lay.shape[-1] < nk:
             raise InputError(f"layout {tuple(lay.shape)} does not cover {nq}x{nk} blocks of {pat.block_size}")
-        heads = torch.arange(lay.shape[0], device=device).view(1, -1, 1, 1)
-        return lay[heads, qi // pat.block_size, kj // pat.block_size]
+        lay = lay if pat.per_batch else lay[None]
+        batches = torch.arange(lay.shape[0], device=device).view(-1, 1, 1, 1)
+        heads = torch.arange(lay.shape[1], device=device).view(1, -1, 1, 1)
+        return lay[batches, heads, qi // pat.block_size, kj // pat.block_size]
     if isinstance(pat, Documents):
         if document_ids is None:
             raise InputError("the pattern uses documents(): pass document_ids=")
@@ -1148,8 +1162,8 @@ def shifted(pat: Pattern, dq: int, dk: int, Sq: int, Sk: int, *, sliced_data: bo
         return pat
     if isinstance(pat, BlockLayout) and dq % pat.block_size == 0 and dk % pat.block_size == 0:
         bs = pat.block_size  # the grid from the block's first query and key blocks on (a larger grid is fine)
-        g = pat.grid[:, dq // bs :, dk // bs :].bool()
-        g = g if g.shape[1] and g.shape[2] else torch.zeros(g.shape[0], 1, 1, dtype=torch.bool)  # past the grid
+        g = pat.grid[..., dq // bs :, dk // bs :].bool()
+        g = g if g.shape[-2] and g.shape[-1] else torch.zeros(*g.shape[:-2], 1, 1, dtype=torch.bool)  # past the grid
         return block_layout(g if pat.per_head else g[0], bs)
     m = getattr(pat, "m", None)  # a selection rule grouping keys by ⌊k / m⌋ (N:M)
     if isinstance(pat, Selector) and isinstance(m, int) and dk % m == 0:

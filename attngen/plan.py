@@ -180,7 +180,8 @@ def _lower(pat: P.Pattern, ops: tuple[str, str], at: tuple[str, str] = affine.PO
         return f"((kbits[{row} + {word}] >> ({kp} & 31)) & 1) != 0"
     if isinstance(pat, P.LayoutSlot):
         n, bs = pat.index, pat.block_size
-        return f"layout{n}[h * layout{n}_sh + ({qp} / {bs}) * layout{n}_nk + {kp} / {bs}] != 0"
+        batch = f"b * layout{n}_sb + " if pat.per_batch else ""
+        return f"layout{n}[{batch}h * layout{n}_sh + ({qp} / {bs}) * layout{n}_nk + {kp} / {bs}] != 0"
     if isinstance(pat, P.SelectedBlocks):
         bs = pat.block
         return f"blocks[b * blocks_sb + h * blocks_sh + ({qp} / {bs}) * blocks_nk + {kp} / {bs}] != 0"
@@ -209,12 +210,10 @@ def _keep_c(mask_c: str, branch_free: bool, reordered: bool, row_ranges: bool) -
 
 def _runtime_args(pat: P.Pattern, layouts: tuple[P.LayoutSlot, ...]) -> tuple[RuntimeArg, ...]:
     args: list[RuntimeArg] = []
-    for n in range(len(layouts)):
-        args += [
-            RuntimeArg(f"layout{n}", POINTER.format("unsigned char")),
-            RuntimeArg(f"layout{n}_sh", "long long"),
-            RuntimeArg(f"layout{n}_nk", "int"),
-        ]
+    for n, slot in enumerate(layouts):
+        args.append(RuntimeArg(f"layout{n}", POINTER.format("unsigned char")))
+        args += [RuntimeArg(f"layout{n}_sb", "long long")] if slot.per_batch else []
+        args += [RuntimeArg(f"layout{n}_sh", "long long"), RuntimeArg(f"layout{n}_nk", "int")]
     if P.topk_leaf(pat) is not None:  # blockselect.select's grid
         args += [
             RuntimeArg("blocks", POINTER.format("unsigned char")),

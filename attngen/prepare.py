@@ -93,7 +93,7 @@ def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict, 
     if missing:
         raise InputError(f"pattern {pattern!r} needs {', '.join(f'{n}=' for n in sorted(missing))}")
 
-    layouts = tuple(_layout(leaf, device, Hq, Sq, Sk) for leaf in pattern.layouts())
+    layouts = tuple(_layout(leaf, device, B, Hq, Sq, Sk) for leaf in pattern.layouts())
     docs = _documents(inputs["document_ids"], B, Sq, Sk, device) if "document_ids" in need else None
     lengths = _key_lengths(inputs["key_lengths"], B, device) if "key_lengths" in need else None
     extra = rule.prepare(q, k, {n: inputs[n] for n in rule.runtime_inputs}) if rule is not None else ()
@@ -137,7 +137,7 @@ def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict, 
 _UPLOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _layout(leaf: P.BlockLayout, device: torch.device, Hq: int, Sq: int, Sk: int) -> torch.Tensor:
+def _layout(leaf: P.BlockLayout, device: torch.device, B: int, Hq: int, Sq: int, Sk: int) -> torch.Tensor:
     if torch.compiler.is_compiling():
         lay = leaf.tensor().to(device)  # the compiled graph copies it (the grid is a constant of the graph)
     else:
@@ -147,12 +147,14 @@ def _layout(leaf: P.BlockLayout, device: torch.device, Hq: int, Sq: int, Sk: int
         lay = grids[device]
     bs = leaf.block_size
     nq, nk = math.ceil(Sq / bs), math.ceil(Sk / bs)
-    if lay.shape[1] < nq or lay.shape[2] < nk:
+    if lay.shape[-2] < nq or lay.shape[-1] < nk:
         raise InputError(
-            f"block layout {tuple(lay.shape[1:])} does not cover {nq}x{nk} blocks of {bs} for Sq={Sq}, Sk={Sk}"
+            f"block layout {tuple(lay.shape[-2:])} does not cover {nq}x{nk} blocks of {bs} for Sq={Sq}, Sk={Sk}"
         )
-    if lay.shape[0] not in (1, Hq):
-        raise InputError(f"a per-head block layout has {lay.shape[0]} heads; the query has {Hq}")
+    if lay.shape[-3] not in (1, Hq):
+        raise InputError(f"a per-head block layout has {lay.shape[-3]} heads; the query has {Hq}")
+    if leaf.per_batch and lay.shape[0] not in (1, B):
+        raise InputError(f"a per-batch block layout has {lay.shape[0]} batch elements; the query has {B}")
     return lay
 
 

@@ -113,7 +113,11 @@ def tile_classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, run
     if isinstance(pat, P.Affine):
         return _affine_classes(pat.expr, bm, bn, Sq, Sk, str(device))
     if isinstance(pat, P.LayoutSlot):
-        return _layout_classes(runtime.layouts[pat.index], pat.block_size, bm, bn, Sq, Sk)
+        lay = runtime.layouts[pat.index]
+        if lay.dim() == 4:  # a grid per batch element: [B or 1, H or 1, Tq, Tk]
+            cls = _layout_classes(lay.flatten(0, 1), pat.block_size, bm, bn, Sq, Sk)
+            return cls.view(*lay.shape[:2], -1, math.ceil(Sk / bn))
+        return _layout_classes(lay, pat.block_size, bm, bn, Sq, Sk)
     if isinstance(pat, P.SelectedBlocks):  # the call's block top-k grid, [B, Hq, nbq, nbk]
         grid = runtime.blocks
         return _layout_classes(grid.flatten(0, 1), pat.block, bm, bn, Sq, Sk).view(
@@ -183,10 +187,12 @@ def _sorted_classes(pat: P.Pattern, tiles: _SortedTiles, runtime) -> torch.Tenso
         return torch.where(kh < n, FULL, torch.where(kl >= n, EMPTY, PARTIAL)).to(torch.int8)
     if isinstance(pat, P.LayoutSlot):
         lay, bs = runtime.layouts[pat.index], pat.block_size
+        lay = lay if lay.dim() == 4 else lay[None]  # [B or 1, H or 1, nbq, nbk]
         csum = torch.nn.functional.pad(lay.to(torch.int64).cumsum(-1).cumsum(-2), (1, 0, 1, 0))
-        heads = torch.arange(lay.shape[0], device=lay.device).view(1, -1, 1, 1)
+        at = (torch.arange(lay.shape[0], device=lay.device).view(-1, 1, 1, 1),
+              torch.arange(lay.shape[1], device=lay.device).view(1, -1, 1, 1))  # fmt: skip
         r0, r1, c0, c1 = ql // bs, qh // bs + 1, kl // bs, kh // bs + 1
-        ones = csum[heads, r1, c1] - csum[heads, r0, c1] - csum[heads, r1, c0] + csum[heads, r0, c0]
+        ones = csum[(*at, r1, c1)] - csum[(*at, r0, c1)] - csum[(*at, r1, c0)] + csum[(*at, r0, c0)]
         area = (r1 - r0) * (c1 - c0)
         return torch.where(ones == area, FULL, torch.where(ones == 0, EMPTY, PARTIAL)).to(torch.int8)
     if isinstance(pat, P.Documents):

@@ -159,6 +159,9 @@ PATTERNS = {
     "padding": ag.key_padding() | ag.global_tokens(3),
     # 8-position blocks, random, over up to 96 positions (the 3-rank sequences)
     "layout": ag.block_layout(torch.rand(12, 12, generator=torch.Generator().manual_seed(3)) < 0.5, 8) & ag.causal(),
+    # a grid per batch element (the workers' B = 2) and per head, under |
+    "layout_per_batch": ag.block_layout(torch.rand(2, 4, 12, 12, generator=torch.Generator().manual_seed(4)) < 0.4, 8)
+    | ag.causal(),
 }
 
 
@@ -206,7 +209,8 @@ def _free_port() -> int:
 @pytest.mark.parametrize("world", [2, 3])
 def test_context_parallel_matches_single_process_reference(world):
     """Forward and gradients of every rank's shard against the whole sequence's reference, in both layouts, for
-    causal, windows with global tokens, full, causal & nm(2, 4), packed documents, key padding and a block layout."""
+    causal, windows with global tokens, full, causal & nm(2, 4), packed documents, key padding and block layouts
+    (one grid, and one per batch element and head)."""
     cases = [(name, layout) for name in PATTERNS for layout in D.LAYOUTS]
     mp.spawn(_worker, args=(world, _free_port(), cases), nprocs=world, join=True)
 

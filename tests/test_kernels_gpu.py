@@ -312,6 +312,32 @@ def test_mma_sync_family_on_hopper(dtype, D):
             _check_grads(got, torch.autograd.grad(ref, (q, k, v), dout), dtype, where)
 
 
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_per_batch_layouts(dtype, D):
+    """A block layout with a grid per batch element ([B, H or 1, nbq, nbk]), alone and under | with a window, in
+    both kernel families: out, LSE and gradients against the reference, partial tiles and GQA included."""
+    from attngen import bind, prepare
+
+    gen = _gen("per-batch layouts", dtype, D)
+    B, Hq, Hkv = 3, 4, 2
+    for shape, Sq, Sk in (((B, Hq, 12, 10), 700, 600), ((B, 1, 5, 5), 300, 300)):
+        grid = torch.rand(shape, generator=gen) < 0.4
+        for pat in (ag.block_layout(grid, 64), ag.block_layout(grid, 64) | ag.sliding_window(100)):
+            q, k, v = _inputs(B, Hq, Hkv, Sq, Sk, D, DTYPES[dtype], gen, requires_grad=True)
+            where = f"{pat!r} {dtype} D={D} Sq={Sq} Sk={Sk}"
+            got = ag.attention(q, k, v, pat, return_lse=True)
+            _check_call(q, k, v, got, _reference(q, k, v, pat, {}), dtype, where)
+            kern = _mma_sync_kernels(pat, D, dtype)  # the other family, launched directly
+            prep = prepare.prepare(pat, q, k, {"document_ids": None, "key_lengths": None})
+            out, lse = bind.forward(kern, q.detach(), k.detach(), v.detach(), D**-0.5, prep)
+            ref, ref_lse = _reference(q, k, v, pat, {})
+            _check_forward(out, lse, ref, ref_lse, dtype, f"mma.sync {where}")
+            dout = torch.randn_like(out)
+            grads = bind.backward(kern, dout, q.detach(), k.detach(), v.detach(), out, lse, None, D**-0.5, prep)
+            _check_grads(grads, torch.autograd.grad(ref, (q, k, v), dout), dtype, f"mma.sync {where}")
+
+
 def test_layouts_are_run_time_data():
     """Patterns that differ only in their layout grids share one compiled kernel, and each call runs with its own
     grid (a layout built per training step compiles once and is never confused with the previous one)."""

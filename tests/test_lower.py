@@ -344,10 +344,12 @@ def runtime_values(case: Case) -> dict[str, tuple[str, object]]:
     order = list(dict.fromkeys(leaf for leaf in case.pattern.leaves() if leaf in case.layouts))
     for n, leaf in enumerate(order):
         grid = case.layouts[leaf]
-        grid = grid if grid.dim() == 3 else grid.unsqueeze(0)
+        grid = grid if grid.dim() >= 3 else grid.unsqueeze(0)  # [H or 1, nbq, nbk] or [B or 1, H or 1, nbq, nbk]
         out[f"layout{n}"] = ("ptr", grid.to(torch.uint8).contiguous().reshape(-1))
-        out[f"layout{n}_sh"] = ("int", grid.shape[1] * grid.shape[2] if grid.shape[0] > 1 else 0)
-        out[f"layout{n}_nk"] = ("int", grid.shape[2])
+        if grid.dim() == 4:
+            out[f"layout{n}_sb"] = ("int", grid[0].numel() if grid.shape[0] > 1 else 0)
+        out[f"layout{n}_sh"] = ("int", grid.shape[-2] * grid.shape[-1] if grid.shape[-3] > 1 else 0)
+        out[f"layout{n}_nk"] = ("int", grid.shape[-1])
     if case.document_ids is not None:
         for name, ids in zip(("qdoc", "kdoc"), _doc_pair(case.document_ids)):
             out[name] = ("ptr", ids.to(torch.int32).contiguous().reshape(-1))
@@ -454,7 +456,8 @@ def _random_layout(rng: random.Random, gen: torch.Generator, case: Case) -> ag.P
     bs = rng.choice([1, 2, 3, 7, 16, 32, 48, 64, 100, 128, 256, rng.randint(1, 300)])
     nbq = math.ceil(case.Sq / bs) + rng.choice([0, 0, 0, 1, 2])
     nbk = math.ceil(case.Sk / bs) + rng.choice([0, 0, 0, 1, 2])
-    heads = rng.choice([(), (), (case.H,), (1,)])  # shared, per head, or 3-d with one head
+    # shared, per head, 3-d with one head, or per batch element (each with its heads or one)
+    heads = rng.choice([(), (), (case.H,), (1,), (case.B, case.H), (case.B, 1), (1, case.H)])
     density = rng.choice([0.0, 1.0, 0.2, 0.5, 0.8])
     grid = torch.rand((*heads, nbq, nbk), generator=gen) < density
     return layout(case, grid, bs)
@@ -569,8 +572,10 @@ def test_random_cases_cover_every_kind():
             seen |= {"key_len Sk"} if (case.key_lengths == case.Sk).any() else set()
         for grid in case.layouts.values():
             seen.add("per-head layout" if grid.dim() == 3 and grid.shape[0] > 1 else f"{grid.dim()}-d layout")
+            seen |= {"per-batch layout"} if grid.dim() == 4 and grid.shape[0] > 1 else set()
     expect = {*_SPELLINGS, "branch_free", "guarded", "layout1", "Sq != Sk", "doc pair", "doc ids 1-d", "doc ids 2-d"}
-    expect |= {"key_len 0", "key_len Sk", "per-head layout", "2-d layout", "3-d layout"}
+    expect |= {"key_len 0", "key_len Sk", "per-head layout", "2-d layout", "3-d layout", "4-d layout"}
+    expect |= {"per-batch layout"}
     assert expect <= seen, f"never generated: {sorted(expect - seen)}"
 
 

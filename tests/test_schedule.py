@@ -118,6 +118,18 @@ def test_layouts_documents_key_padding():
     _check(ag.block_layout(lay, 32) & ~ag.key_padding(), 64, 32, 280, 270, {"key_lengths": lens})
 
 
+def test_per_batch_layouts():
+    """A grid per batch element ([B, H or 1, nbq, nbk], or one broadcast batch): classes per (batch, head), alone
+    and with documents, whose ids differ per batch element too."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.sort(torch.randint(0, 4, (3, 200), generator=gen), dim=-1).values
+    for shape, bs, bm, bn in [((3, 2, 7, 7), 32, 64, 32), ((3, 1, 4, 4), 64, 64, 64), ((1, 2, 10, 10), 20, 16, 32)]:
+        grid = torch.rand(shape, generator=gen) < 0.5
+        _check(ag.block_layout(grid, bs), bm, bn, 200, 200, exact=(bs % bm == 0 and bs % bn == 0))
+        _check(ag.block_layout(grid, bs) & ag.documents(), bm, bn, 200, 200, {"document_ids": ids})
+        _check(ag.causal() | ag.block_layout(grid, bs), bm, bn, 200, 190)
+
+
 def test_schedule_lists_nonempty_tiles_in_order():
     pat = ag.causal() & ag.sliding_window(100)
     s = schedule.build(pat, 64, 32, 300, 300, "cpu")
