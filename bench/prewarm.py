@@ -47,6 +47,9 @@ def jobs(arch: str):
     out += [(p, d, t, arch, True) for p in some for d in (64, 128) for t in dtypes]
     layout = ag.block_layout(torch.rand(128, 128) < 0.25, 128)  # the benchmark's kind of layout (same code)
     out.append((layout, 64, "fp16", arch, False))
+    per_batch = ag.block_layout(torch.rand(2, 1, 4, 4) < 0.5, 64)  # test_kernels_gpu.py::test_per_batch_layouts
+    for p in (per_batch, per_batch | ag.sliding_window(100)):
+        out += [(p, d, t, arch, mma) for d in (64, 128) for t in dtypes for mma in (False, True)]
     # N:M, as the N:M tests and benchmark use it (bench/nm_check.py compiles its own set in parallel)
     nms = [ag.nm(2, 4), ag.nm(1, 2), ag.causal() & ag.nm(2, 4), ag.full()]
     out += [(p, d, t, arch, False) for p in nms for d in (64, 128) for t in dtypes]

@@ -104,6 +104,7 @@ CASES = [
     Case("gqa_bottom_right", "GQA Hq=4 Hkv=2, bottom-right causal", "causal_bottom_right", 64, 77, 131, Hkv=2),
     Case("layout_causal", "per-head block layout & causal", "layout", 64, 300, 300, B=1),
     Case("layout_mma", "per-head block layout & causal, mma.sync", "layout", 128, 300, 300, B=1, mma_sync=True),
+    Case("layout_per_batch", "a grid per batch element | window", "layout_per_batch", 64, 300, 300),
     Case("documents_causal", "documents & causal", "documents", 64, 200, 200, runtime={"documents": 4}),
     Case(
         "documents_mma",
@@ -213,6 +214,7 @@ def _patterns() -> dict:
         "not_causal": ~ag.causal(),
         "key_padding": ag.key_padding(),
         "layout": ag.block_layout(layout, 64) & ag.causal(),
+        "layout_per_batch": ag.block_layout(torch.rand(2, 4, 5, 5, generator=g) < 0.5, 64) | ag.sliding_window(64),
         "documents": ag.documents() & ag.causal(),
         "window_global": ag.causal() & ag.sliding_window(64) | ag.global_tokens(8),
         "buckets_keep": ag.causal() & ag.buckets() & ag.keep(),
