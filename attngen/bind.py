@@ -77,8 +77,7 @@ def _score_mod_values(plan: KernelPlan, prep: Prepared, score_grad: torch.Tensor
     values = []
     for m, t in zip(scoremod.with_tensors(plan.score_mods), prep.score_mod):
         if isinstance(m, scoremod.Bias) and not scoremod.pairable(t):  # a traced call's view off a pair's address
-            broadcast = tuple(slice(0, 1) if st == 0 else slice(None) for st in t.stride()[:3])
-            t = scoremod.paired(t[broadcast], tuple(t.shape))
+            t = scoremod.paired(t)
         values.append(_u64(t.data_ptr()))
         if isinstance(m, scoremod.Bias):
             values += [_i64(s) for s in t.stride()]

@@ -189,10 +189,10 @@ def _sorted_classes(pat: P.Pattern, tiles: _SortedTiles, runtime) -> torch.Tenso
         lay, bs = runtime.layouts[pat.index], pat.block_size
         lay = lay if lay.dim() == 4 else lay[None]  # [B or 1, H or 1, nbq, nbk]
         csum = torch.nn.functional.pad(lay.to(torch.int64).cumsum(-1).cumsum(-2), (1, 0, 1, 0))
-        at = (torch.arange(lay.shape[0], device=lay.device).view(-1, 1, 1, 1),
-              torch.arange(lay.shape[1], device=lay.device).view(1, -1, 1, 1))  # fmt: skip
+        bi = torch.arange(lay.shape[0], device=lay.device).view(-1, 1, 1, 1)
+        hi = torch.arange(lay.shape[1], device=lay.device).view(1, -1, 1, 1)
         r0, r1, c0, c1 = ql // bs, qh // bs + 1, kl // bs, kh // bs + 1
-        ones = csum[(*at, r1, c1)] - csum[(*at, r0, c1)] - csum[(*at, r1, c0)] + csum[(*at, r0, c0)]
+        ones = csum[bi, hi, r1, c1] - csum[bi, hi, r0, c1] - csum[bi, hi, r1, c0] + csum[bi, hi, r0, c0]
         area = (r1 - r0) * (c1 - c0)
         return torch.where(ones == area, FULL, torch.where(ones == 0, EMPTY, PARTIAL)).to(torch.int8)
     if isinstance(pat, P.Documents):

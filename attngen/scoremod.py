@@ -317,7 +317,7 @@ def _bind_bias(bias: torch.Tensor, q: torch.Tensor, Sk: int) -> BoundBias:
     x = bias.to(q.dtype if dtype == "input" else torch.float32)
     view = x.expand(full)
     if not pairable(view):
-        view = paired(x, full)
+        view = paired(view)
     if view.stride(2) >= 1 << 22:  # the kernels' offsets within a tile are 32-bit
         raise InputError(f"bias= over {Sk} keys: at most {(1 << 22) - 2} keys are supported")
     return BoundBias(view, dtype)
@@ -332,13 +332,13 @@ def pairable(view: torch.Tensor) -> bool:
     return k == 1 and b % 2 == h % 2 == q % 2 == 0 and aligned and (view.shape[3] % 2 == 0 or q > view.shape[3])
 
 
-def paired(x: torch.Tensor, full: tuple[int, ...]) -> torch.Tensor:
-    """A copy of bias `x` (broadcastable to `full` = [B, Hq, Sq, Sk]) that the kernels can read in pairs, as a view
-    of `full`: row-major, rows padded to an even length, keys made real, its other broadcast dims left broadcast."""
-    Sk = full[3]
-    x = x.reshape((1,) * (4 - x.dim()) + tuple(x.shape))
-    x = x.expand(*x.shape[:3], Sk)
-    return torch.nn.functional.pad(x, (0, Sk % 2)).contiguous()[..., :Sk].expand(full)
+def paired(view: torch.Tensor) -> torch.Tensor:
+    """A copy of bias view [B, Hq, Sq, Sk] that the kernels can read in pairs, as a view of the same shape:
+    row-major, rows padded to an even length, keys made real, its broadcast batch, head and query dims (stride 0)
+    left broadcast."""
+    Sk = view.shape[3]
+    x = view[tuple(slice(0, 1) if st == 0 else slice(None) for st in view.stride()[:3])]
+    return torch.nn.functional.pad(x, (0, Sk % 2)).contiguous()[..., :Sk].expand(view.shape)
 
 
 def structures(mods) -> Structure:
