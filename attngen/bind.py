@@ -76,8 +76,6 @@ def _score_mod_values(plan: KernelPlan, prep: Prepared, score_grad: torch.Tensor
     where broadcast); then dL/ds's pointer (0: not wanted) where a bias or a table is there."""
     values = []
     for m, t in zip(scoremod.with_tensors(plan.score_mods), prep.score_mod):
-        if isinstance(m, scoremod.Bias) and not scoremod.pairable(t):  # a traced call's view off a pair's address
-            t = scoremod.paired(t)
         values.append(_u64(t.data_ptr()))
         if isinstance(m, scoremod.Bias):
             values += [_i64(s) for s in t.stride()]

@@ -59,8 +59,15 @@ class Prepared:
         bits, lists, counts = (rest.pop(0), rest.pop(0), rest.pop(0)) if "key_indices" in inputs else (None,) * 3
         n = Route.count(plan.positions)
         routed = Route.from_tensors(plan.positions, rest[:n]) if n else None
-        split = len(rest) - len(scoremod.with_tensors(plan.score_mods))  # the modifications' tensors come last
+        with_tensors = scoremod.with_tensors(plan.score_mods)
+        split = len(rest) - len(with_tensors)  # the modifications' tensors come last
         rest, mods = rest[:split], tuple(rest[split:])
+        # A traced call's bias passed on its strides alone (scoremod.pairable); its address is only known now. The
+        # copy lives in the Prepared, past the launches that read it.
+        mods = tuple(
+            scoremod.paired(t) if isinstance(m, scoremod.Bias) and not scoremod.pairable(t) else t
+            for m, t in zip(with_tensors, mods)
+        )
         return Prepared(
             layouts,
             blocks,

@@ -325,11 +325,19 @@ def _bind_bias(bias: torch.Tensor, q: torch.Tensor, Sk: int) -> BoundBias:
 
 def pairable(view: torch.Tensor) -> bool:
     """Whether the kernels can read bias view [B, Hq, Sq, Sk] as it is: elements (q, 2j) and (q, 2j + 1) of every
-    (b, h) adjacent and starting an aligned pair, key Sk there. Traced by torch.compile, a tensor has no address:
-    the strides decide, and `bind` checks the address at launch."""
+    (b, h) adjacent and starting an aligned pair. With Sk odd, a row's last pair also reads the element after its
+    last key (its score is masked): that element must be in the tensor's storage. Traced by torch.compile, a tensor
+    has neither address nor storage: the strides decide (rows padded), and `Prepared.from_tensors` checks again
+    at launch."""
     b, h, q, k = view.stride()
-    aligned = torch.compiler.is_compiling() or view.data_ptr() % (2 * view.element_size()) == 0
-    return k == 1 and b % 2 == h % 2 == q % 2 == 0 and aligned and (view.shape[3] % 2 == 0 or q > view.shape[3])
+    if k != 1 or b % 2 or h % 2 or q % 2:
+        return False
+    if torch.compiler.is_compiling():
+        return view.shape[3] % 2 == 0 or max(b, h, q) > view.shape[3]
+    if view.data_ptr() % (2 * view.element_size()):
+        return False
+    last = view.storage_offset() + sum((n - 1) * st for n, st in zip(view.shape, view.stride()))
+    return view.shape[3] % 2 == 0 or last + 1 < view.untyped_storage().nbytes() // view.element_size()
 
 
 def paired(view: torch.Tensor) -> torch.Tensor:

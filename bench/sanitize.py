@@ -21,7 +21,9 @@ fails the case. initcheck cannot be the check for those: it records no write mad
 The fill makes those outputs initialised memory, so initcheck stays clean and checks every other read (inputs,
 LSE, the backward's row statistics, schedules, lists, a bias and the score-gradient buffer) as before. cuBLAS
 writes its GEMM outputs on Hopper the same way: torch reading top-k scores made by `torch.bmm` shows as reads of
-uninitialised memory (the probe's `cublas` way) in the `threshold` case.
+uninitialised memory (the probe's `cublas` way) in the `threshold` case. Such reports, made in a kernel that is
+not attngen's, are counted apart (a cell "clean +Nf"): the case is clean when every report is one of them and the
+child's own checks passed.
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 in the children: every tensor is its own cudaMalloc, so memcheck sees an access
 past a tensor's end (torch's caching allocator would hide it inside a larger block) and initcheck sees fresh memory.
 
@@ -379,6 +381,16 @@ SUMMARY = re.compile(r"ERROR SUMMARY:\s*(\d+)\s+error")
 HAZARDS = re.compile(r"RACECHECK SUMMARY:\s*(\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)")
 
 
+UNINITIALIZED_READ = re.compile(r"^=+ +Uninitialized __global__ memory read.*\n=+ +at (.*)$", re.MULTILINE)
+
+
+def foreign_reads(log: str) -> int:
+    """initcheck reports of reads made by kernels that are not attngen's (torch's, cuBLAS's): torch reading a GEMM
+    output that cuBLAS wrote with bulk stores, which initcheck does not record (bench/probe_initcheck.py, `cublas`).
+    They say nothing of attngen's kernels, whose outputs the child poisons and checks element by element."""
+    return sum("attngen_" not in where for where in UNINITIALIZED_READ.findall(log))
+
+
 def verdict(rc: int, log: str) -> tuple[bool, str]:
     """(clean, cell text) from a child's exit status and the sanitizer's output."""
     m = SUMMARY.findall(log)
@@ -386,6 +398,10 @@ def verdict(rc: int, log: str) -> tuple[bool, str]:
     # memcheck, synccheck and initcheck end with an ERROR SUMMARY; racecheck with a RACECHECK SUMMARY instead
     errors = int(m[-1]) if m else int(hz[-1][1]) if hz else None
     warn = f" +{hz[-1][2]}w" if hz and int(hz[-1][2]) else ""  # racecheck warnings (--racecheck-report all)
+    foreign = foreign_reads(log)
+    child_ok = re.search(r"^case \S+ .*: ok$", log, re.MULTILINE) is not None
+    if errors and errors == foreign and child_ok:  # every report is another library's read (see above)
+        return True, f"clean +{foreign}f"
     if errors:
         return False, f"{errors} errors{warn}"
     if rc == 0 and errors == 0:
@@ -422,6 +438,8 @@ def sanitizer_command(tool: str, case_id: str, extra: list[str]) -> list[str]:
     cmd = ["compute-sanitizer", "--tool", tool, "--error-exitcode", "99"]
     if tool == "racecheck":
         cmd += ["--racecheck-report", "all"]
+    if tool == "initcheck":  # every report printed, so that each can be told attngen's or another library's
+        cmd += ["--print-limit", "0", "--show-backtrace", "device"]
     return [*cmd, *extra, sys.executable, str(Path(__file__).resolve()), "--child", case_id]
 
 

@@ -12,6 +12,7 @@ import attngen as ag
 from attngen import reference, scoremod
 from attngen.errors import InputError
 from attngen.plan import make_plan
+from attngen.prepare import Prepared
 
 SLOPES = torch.tensor([0.5, 0.25, 0.125, 0.0625])
 
@@ -179,9 +180,11 @@ def test_bad_bias_and_rel_bias_are_refused(call, match):
         lambda Sk: torch.randn(1, 3, Sk, 8).transpose(-1, -2),  # keys strided
         lambda Sk: torch.randn(1, 3, 8, Sk + 1, dtype=torch.float16)[..., 1:],  # off a pair's address or odd pitch
         lambda Sk: torch.randn(8, 1).expand(8, Sk),  # keys broadcast
+        lambda Sk: torch.randn(2, 1, 1, Sk),  # one row per batch element: heads and queries broadcast
+        lambda Sk: torch.randn(Sk),  # one row for all
         lambda Sk: torch.randn(2, 3, 8, Sk),  # as it is when Sk is even
     ],
-    ids=["transposed", "offset", "keys broadcast", "dense"],
+    ids=["transposed", "offset", "keys broadcast", "per batch", "one row", "dense"],
 )
 def test_a_bias_is_bound_as_the_kernels_read_it(make, Sk):
     """Whatever its layout, the bound bias has the same values, keys adjacent from an aligned pair with an even
@@ -199,11 +202,25 @@ def test_a_bias_is_bound_as_the_kernels_read_it(make, Sk):
     if bias.dim() == 4 and bias.is_contiguous() and Sk % 2 == 0:
         assert view.data_ptr() == bias.data_ptr()  # read in place, no copy
 
-    # What `bind` does at launch with a view that passed on its strides alone: one element off a pair's address.
+    # What the launch does with a view that passed on its strides alone: one element off a pair's address.
     odd = torch.randn(1, 3, 8, Sk + 2, dtype=torch.float16)[..., 1 : Sk + 1].expand(2, 3, 8, Sk)
     assert not scoremod.pairable(odd)
-    again = scoremod.paired(odd)
+    plan = make_plan(ag.full(), head_dim=64, dtype="fp16", arch="sm_90", score_mods=(ag.bias(),))
+    (again,) = Prepared.from_tensors(plan, [odd]).score_mod
     assert scoremod.pairable(again) and torch.equal(again, odd) and again.stride(0) == 0
+    assert Prepared.from_tensors(plan, [view]).score_mod[0] is view  # a bound view is read as it is
+
+
+@pytest.mark.parametrize("Sk", [8, 9])
+def test_the_last_pair_of_a_row_stays_in_storage(Sk):
+    """With Sk odd the kernels read one element past a row's last key: a view is read as it is only where that
+    element is in its storage. Rows of pitch 10: the last row of a [3, 2, 10] tensor has two spare elements, the
+    last row of a storage cut right after its last key has none."""
+    padded = torch.randn(3, 2, 10, dtype=torch.float16)[..., :Sk].unsqueeze(0)
+    assert scoremod.pairable(padded)
+    cut = torch.randn(5 * 10 + Sk, dtype=torch.float16).as_strided((1, 3, 2, Sk), (0, 20, 10, 1))
+    assert scoremod.pairable(cut) == (Sk % 2 == 0)
+    assert torch.equal(scoremod.paired(cut), cut) and scoremod.pairable(scoremod.paired(cut))
 
 
 def test_plan_of_a_bias_and_a_t5_table():
