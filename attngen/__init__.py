@@ -30,6 +30,7 @@ _LAZY |= {
         "documents",
         "full",
         "global_tokens",
+        "in_document",
         "indexer",
         "k",
         "keep",

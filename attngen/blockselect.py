@@ -87,9 +87,14 @@ def allowed(pat: P.Pattern, b, h, qi, kj, Sq: int, Sk: int, runtime, heads=None)
         lay, bs = runtime.layouts[pat.index], pat.block_size
         lay = lay if lay.dim() == 4 else lay[None]  # [B or 1, H or 1, nbq, nbk]
         return lay[b.clamp(max=lay.shape[0] - 1), h.clamp(max=lay.shape[1] - 1), qc // bs, kc // bs] != 0
-    if isinstance(pat, P.Documents):
-        qd, kd = runtime.document_ids
-        return qd[b.clamp(max=qd.shape[0] - 1), qc] == kd[b.clamp(max=kd.shape[0] - 1), kc]
+    if isinstance(pat, (P.Documents, P.InDocument)):
+        qd, kd, *within = runtime.document_ids
+        bq, bk = b.clamp(max=qd.shape[0] - 1), b.clamp(max=kd.shape[0] - 1)
+        same = qd[bq, qc] == kd[bk, kc]
+        if isinstance(pat, P.InDocument):
+            env = {P.q_sym: within[0][bq, qc].long(), P.k_sym: within[1][bk, kc].long()}
+            same = same & torch.as_tensor(P._evaluate(pat.expr, env), device=qi.device)
+        return same
     if isinstance(pat, P.KeyPadding):
         return kc < runtime.key_lengths[b]
     if isinstance(pat, P.KeyIndices):

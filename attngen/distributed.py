@@ -135,7 +135,7 @@ def plan(pattern: P.Pattern, world: int, shard_len: int, layout: str = "contiguo
         raise InputError(
             f"{pattern!r}: context parallelism takes affine patterns (causal, windows, local, prefix_lm, "
             "global_tokens, predicate), documents(), key_padding() and block layouts with & | ~, and "
-            "`A & nm(n, m)`; buckets, lsh, keep masks, key-index lists and top-k rules not yet"
+            "`A & nm(n, m)`; buckets, lsh, keep masks, key-index lists, top-k rules and in_document() not yet"
         )
     layouts = [leaf for leaf in positions.leaves() if isinstance(leaf, P.BlockLayout)]
     for bs in sorted({leaf.block_size for leaf in layouts}):

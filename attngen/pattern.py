@@ -302,6 +302,19 @@ class Documents(Pattern):
 
 
 @dataclass(frozen=True, repr=False)
+class InDocument(Pattern):
+    """q and k carry the same document id, and `expr` (affine in q, k: no Sq, Sk) holds of their positions within
+    that document, 0 at its first token (`document_offsets`); ids are given at call time."""
+
+    expr: sp.Basic
+    text: str = field(compare=False)
+    _inputs = ("document_ids",)
+
+    def __repr__(self):
+        return f"in_document({self.text})"
+
+
+@dataclass(frozen=True, repr=False)
 class KeyPadding(Pattern):
     """k must be below its batch's key length (lengths are given at call time)."""
 
@@ -622,6 +635,41 @@ def documents() -> Pattern:
 
 
 @built_when_traced
+def in_document(pattern: Pattern) -> Pattern:
+    """`pattern` within each document, on positions counted from the document's first token: a query attends only
+    to keys of its own document, where `pattern` allows their positions inside it. `in_document(prefix_lm(16))` is a
+    prefix LM per document, `in_document(global_tokens(4))` gives each document's first 4 tokens to all of it,
+    `in_document(predicate("q // 64 == k // 64"))` chunks each document from its start. `pattern` is affine (causal,
+    windows, local, prefix_lm, global_tokens, predicate; with & | ~) and does not read Sq or Sk. Pass
+    `document_ids=` as one [B, S] or [S] tensor (Sq == Sk); a document is the tokens carrying its id."""
+    expr = _in_document_expr(_check(pattern))
+    if expr.has(Sq, Sk):
+        raise InputError(
+            f"in_document({pattern!r}): positions within a document have no Sq or Sk; use patterns that read "
+            "q and k only (the top-left forms)"
+        )
+    return InDocument(expr, repr(pattern))
+
+
+def reads_document_offsets(pat: Pattern) -> bool:
+    """Whether `pat` reads positions within documents (an in_document() leaf): the call then computes them."""
+    return any(isinstance(leaf, InDocument) for leaf in pat.leaves())
+
+
+def _in_document_expr(pat: Pattern) -> sp.Basic:
+    if isinstance(pat, Affine):
+        return pat.expr
+    if isinstance(pat, (And, Or)):
+        return (sp.And if isinstance(pat, And) else sp.Or)(*map(_in_document_expr, pat.parts))
+    if isinstance(pat, Not):
+        return sp.Not(_in_document_expr(pat.part))
+    raise InputError(
+        f"in_document() takes an affine pattern (causal, windows, local, prefix_lm, global_tokens, predicate, with "
+        f"& | ~), got {pat!r}"
+    )
+
+
+@built_when_traced
 def key_padding() -> Pattern:
     """Ignore keys at or past each batch's length; pass `key_lengths=` to `attention`."""
     return KeyPadding()
@@ -906,6 +954,24 @@ def document_ids_pair(document_ids, Sq: int, Sk: int) -> tuple[torch.Tensor, tor
     return qd, kd
 
 
+def document_offsets(document_ids, Sq: int, Sk: int) -> torch.Tensor:
+    """Each token's position within its document, [B', S] int64: the number of earlier tokens that carry its id (for
+    packed documents, its distance from its document's first token). in_document() needs one id tensor (Sq == Sk)."""
+    if isinstance(document_ids, (tuple, list)) or Sq != Sk:
+        raise InputError(
+            "in_document() counts positions within a document on one sequence: it needs Sq == Sk and document_ids "
+            f"as one [B, S] or [S] tensor (got Sq={Sq}, Sk={Sk}{', a (query, key) pair' if Sq == Sk else ''})"
+        )
+    ids, _ = document_ids_pair(document_ids, Sq, Sk)
+    order = torch.sort(ids, dim=-1, stable=True).indices
+    ranked = ids.gather(-1, order)
+    pos = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+    first = torch.ones_like(ranked, dtype=torch.bool)
+    first[..., 1:] = ranked[..., 1:] != ranked[..., :-1]
+    start = torch.cummax(torch.where(first, pos, 0), dim=-1).values  # where each sorted id's run begins
+    return torch.empty_like(pos).scatter_(-1, order, pos - start)
+
+
 _REL = {sp.Lt: operator.lt, sp.Le: operator.le, sp.Gt: operator.gt, sp.Ge: operator.ge, sp.Eq: operator.eq}
 
 
@@ -1030,6 +1096,17 @@ def dense_mask(
             qd = torch.gather(qd.expand(qi.shape[0], qi.shape[1], Sq), 2, qi[..., 0])
             kd = torch.gather(kd.expand(kj.shape[0], kj.shape[1], Sk), 2, kj[..., 0, :])
         return qd[..., :, None] == kd[..., None, :]
+    if isinstance(pat, InDocument):
+        if document_ids is None:
+            raise InputError("the pattern uses in_document(): pass document_ids=")
+        ids = document_ids_pair(document_ids, Sq, Sk)[0].to(device).unsqueeze(1)  # [B', 1, S]
+        offs = document_offsets(document_ids, Sq, Sk).to(device).unsqueeze(1)
+        qd, kd, qo, ko = ids, ids, offs, offs
+        if order is not None:
+            qd, qo = (torch.gather(t.expand(qi.shape[0], qi.shape[1], Sq), 2, qi[..., 0]) for t in (ids, offs))
+            kd, ko = (torch.gather(t.expand(kj.shape[0], kj.shape[1], Sk), 2, kj[..., 0, :]) for t in (ids, offs))
+        inner = _evaluate(pat.expr, {q_sym: qo[..., :, None], k_sym: ko[..., None, :]})
+        return (qd[..., :, None] == kd[..., None, :]) & torch.as_tensor(inner, device=device)
     if isinstance(pat, KeyIndices):
         return _listed(key_indices, Sq, Sk, q, order, device)
     if isinstance(pat, KeyPadding):
@@ -1187,6 +1264,7 @@ CONSTRUCTORS = {
         prefix_lm,
         global_tokens,
         documents,
+        in_document,
         key_padding,
         predicate,
         buckets,

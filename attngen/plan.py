@@ -170,6 +170,10 @@ def _lower(pat: P.Pattern, ops: tuple[str, str], at: tuple[str, str] = affine.PO
         return re.sub(r"\bk\b", kp, re.sub(r"\bq\b", qp, text))
     if isinstance(pat, P.Documents):
         return f"qdoc[b * qdoc_sb + {qp}] == kdoc[b * kdoc_sb + {kp}]"
+    if isinstance(pat, P.InDocument):  # the predicate on positions within the document (prepare: qoff, koff)
+        qo, ko = f"qoff[b * qoff_sb + {qp}]", f"koff[b * koff_sb + {kp}]"
+        inner = re.sub(r"\bk\b", ko, re.sub(r"\bq\b", qo, affine.lower_c(pat.expr, ops)))
+        return f"(qdoc[b * qdoc_sb + {qp}] == kdoc[b * kdoc_sb + {kp}]){ops[0]}({inner})"
     if isinstance(pat, P.KeyPadding):
         return f"{kp} < key_len[b]"
     if isinstance(pat, P.KeyIndices):
@@ -221,13 +225,10 @@ def _runtime_args(pat: P.Pattern, layouts: tuple[P.LayoutSlot, ...]) -> tuple[Ru
             RuntimeArg("blocks_sh", "long long"),
             RuntimeArg("blocks_nk", "int"),
         ]
-    if "document_ids" in pat.runtime_inputs:
-        args += [
-            RuntimeArg("qdoc", POINTER.format("int")),
-            RuntimeArg("qdoc_sb", "long long"),
-            RuntimeArg("kdoc", POINTER.format("int")),
-            RuntimeArg("kdoc_sb", "long long"),
-        ]
+    if "document_ids" in pat.runtime_inputs:  # prepare.Prepared.document_ids: ids, then positions within them
+        names = ("qdoc", "kdoc", "qoff", "koff") if P.reads_document_offsets(pat) else ("qdoc", "kdoc")
+        for name in names:
+            args += [RuntimeArg(name, POINTER.format("int")), RuntimeArg(f"{name}_sb", "long long")]
     if "key_lengths" in pat.runtime_inputs:
         args.append(RuntimeArg("key_len", POINTER.format("int")))
     if "key_indices" in pat.runtime_inputs:  # keyindex.bits

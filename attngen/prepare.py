@@ -27,7 +27,7 @@ from .select import split_selection
 class Prepared:
     layouts: tuple[torch.Tensor, ...] = ()
     blocks: torch.Tensor | None = None  # a topk_blocks leaf's selection, uint8 [B, Hq, nbq, nbk] (blockselect)
-    document_ids: tuple[torch.Tensor, torch.Tensor] | None = None
+    document_ids: tuple[torch.Tensor, ...] | None = None  # query, key ids; in_document(): their offsets
     key_lengths: torch.Tensor | None = None
     key_bits: torch.Tensor | None = None  # a key_indices() leaf's lists as bits, int32 [B, H', Sq, ceil(Sk / 32)]
     key_lists: torch.Tensor | None = None  # the lists sorted, distinct, then -1: int32 [B, H', Sq, n]
@@ -54,7 +54,9 @@ class Prepared:
         del rest[: len(plan.layouts)]
         blocks = rest.pop(0) if P.topk_leaf(plan.positions) is not None else None
         inputs = plan.positions.runtime_inputs
-        docs = (rest.pop(0), rest.pop(0)) if "document_ids" in inputs else None
+        docs = None
+        if "document_ids" in inputs:
+            docs = tuple(rest.pop(0) for _ in range(4 if P.reads_document_offsets(plan.positions) else 2))
         lengths = rest.pop(0) if "key_lengths" in inputs else None
         bits, lists, counts = (rest.pop(0), rest.pop(0), rest.pop(0)) if "key_indices" in inputs else (None,) * 3
         n = Route.count(plan.positions)
@@ -101,7 +103,9 @@ def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict, 
         raise InputError(f"pattern {pattern!r} needs {', '.join(f'{n}=' for n in sorted(missing))}")
 
     layouts = tuple(_layout(leaf, device, B, Hq, Sq, Sk) for leaf in pattern.layouts())
-    docs = _documents(inputs["document_ids"], B, Sq, Sk, device) if "document_ids" in need else None
+    docs = None
+    if "document_ids" in need:
+        docs = _documents(inputs["document_ids"], B, Sq, Sk, device, P.reads_document_offsets(positions))
     lengths = _key_lengths(inputs["key_lengths"], B, device) if "key_lengths" in need else None
     extra = rule.prepare(q, k, {n: inputs[n] for n in rule.runtime_inputs}) if rule is not None else ()
     routed, permutation = route(positions, q, k, inputs, lengths) if positions.reorders else (None, None)
@@ -178,12 +182,19 @@ def _int32(t: torch.Tensor, what: str) -> torch.Tensor:
     return narrow
 
 
-def _documents(document_ids, B: int, Sq: int, Sk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _documents(document_ids, B: int, Sq: int, Sk: int, device, offsets: bool) -> tuple[torch.Tensor, ...]:
+    """(query ids, key ids), int32 [B', S]; with `offsets`, then each token's position within its document (the
+    same for queries and keys: in_document() needs one sequence)."""
     qd, kd = P.document_ids_pair(document_ids, Sq, Sk)
     for t in (qd, kd):
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.shape[0] not in (1, B):
             raise InputError(f"document ids must be integer tensors [{B}, S] or [S], got {t.dtype} {tuple(t.shape)}")
-    return tuple(_int32(t, "document ids").to(device).contiguous() for t in (qd, kd))
+    qd, kd = (_int32(t, "document ids").to(device).contiguous() for t in (qd, kd))
+    if not offsets:
+        return qd, kd
+    within = P.document_offsets(document_ids if isinstance(document_ids, (tuple, list)) else qd, Sq, Sk)
+    within = within.to(torch.int32)
+    return qd, kd, within, within
 
 
 def _key_lengths(key_lengths, B: int, device) -> torch.Tensor:

@@ -131,10 +131,16 @@ def tile_classes(pat: P.Pattern, bm: int, bn: int, Sq: int, Sk: int, device, run
         n = runtime.key_lengths.view(-1, 1)
         cls = torch.where(kh < n, FULL, torch.where(kl >= n, EMPTY, PARTIAL))
         return cls.to(torch.int8)[:, None, None, :]
-    if isinstance(pat, P.Documents):
-        qd, kd = runtime.document_ids
+    if isinstance(pat, (P.Documents, P.InDocument)):
+        qd, kd, *within = runtime.document_ids
         (qmin, qmax), (kmin, kmax) = _tile_min_max(qd, bm), _tile_min_max(kd, bn)
         cls = _range_classes(qmin, qmax, kmin, kmax, (qmin == qmax, kmin == kmax))
+        if isinstance(pat, P.InDocument):  # and the predicate over the box of the tile's positions within documents
+            (ql, qh), (kl, kh) = _tile_min_max(within[0].long(), bm), _tile_min_max(within[1].long(), bn)
+            inner = affine.box_classes(
+                pat.expr, ql[..., :, None], qh[..., :, None], kl[..., None, :], kh[..., None, :], Sq, Sk
+            )
+            cls = torch.minimum(cls, inner)
         return cls[:, None]
     raise InputError(f"unknown pattern node {pat!r}")
 
@@ -195,12 +201,16 @@ def _sorted_classes(pat: P.Pattern, tiles: _SortedTiles, runtime) -> torch.Tenso
         ones = csum[bi, hi, r1, c1] - csum[bi, hi, r0, c1] - csum[bi, hi, r1, c0] + csum[bi, hi, r0, c0]
         area = (r1 - r0) * (c1 - c0)
         return torch.where(ones == area, FULL, torch.where(ones == 0, EMPTY, PARTIAL)).to(torch.int8)
-    if isinstance(pat, P.Documents):
-        qd, kd = runtime.document_ids
+    if isinstance(pat, (P.Documents, P.InDocument)):
         qo, ko = route.q_order.long(), route.k_order.long()
-        qd = torch.gather(qd[:, None, :].expand(*qo.shape), 2, qo)
-        kd = torch.gather(kd[:, None, :].expand(*ko.shape), 2, ko)
-        return _side_classes(tiles.queries(qd), tiles.keys(kd), equal=True)
+        qd, kd, *within = (
+            torch.gather(t[:, None, :].expand(*o.shape), 2, o) for t, o in zip(runtime.document_ids, (qo, ko, qo, ko))
+        )
+        cls = _side_classes(tiles.queries(qd), tiles.keys(kd), equal=True)
+        if isinstance(pat, P.InDocument):
+            (wql, wqh), (wkl, wkh) = tiles.queries(within[0].long()), tiles.keys(within[1].long())
+            cls = torch.minimum(cls, affine.box_classes(pat.expr, wql, wqh, wkl, wkh, Sq, Sk))
+        return cls
     if isinstance(pat, P.Buckets):
         qb, kb = route.buckets
         return _side_classes(tiles.queries(qb), tiles.keys(kb), equal=True)

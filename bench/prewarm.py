@@ -50,6 +50,9 @@ def jobs(arch: str):
     per_batch = ag.block_layout(torch.rand(2, 1, 4, 4) < 0.5, 64)  # test_kernels_gpu.py::test_per_batch_layouts
     for p in (per_batch, per_batch | ag.sliding_window(100)):
         out += [(p, d, t, arch, mma) for d in (64, 128) for t in dtypes for mma in (False, True)]
+    from test_kernels_gpu import IN_DOCUMENT  # test_kernels_gpu.py::test_in_document
+
+    out += [(p, d, t, arch, mma) for p in IN_DOCUMENT for d in (64, 128) for t in dtypes for mma in (False, True)]
     # N:M, as the N:M tests and benchmark use it (bench/nm_check.py compiles its own set in parallel)
     nms = [ag.nm(2, 4), ag.nm(1, 2), ag.causal() & ag.nm(2, 4), ag.full()]
     out += [(p, d, t, arch, False) for p in nms for d in (64, 128) for t in dtypes]

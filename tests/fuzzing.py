@@ -133,6 +133,7 @@ class Case:
             P.Affine: "affine",
             P.BlockLayout: "layout",
             P.Documents: "documents",
+            P.InDocument: "in_document",
             P.KeyPadding: "key_padding",
             P.Buckets: "buckets",
             P.LSH: "lsh",
@@ -379,10 +380,31 @@ class _Builder:
         if kind == "sympy":
             return ag.predicate(_predicate_sympy(g, 2))
         if kind == "docs":
-            return ag.documents()
+            # positions within documents (one sequence only): the recipe is drawn for every case of the group
+            inner = self.within_document(depth=1) if g.random() < 0.4 else None
+            return ag.documents() if inner is None or self.case.Sq != self.case.Sk else ag.in_document(inner)
         if kind == "keylen":
             return ag.key_padding()
         return self.layout()
+
+    def within_document(self, depth: int) -> ag.Pattern:
+        """An affine pattern of q and k only (what in_document() takes), from the group's recipe."""
+        g = self.g
+        if depth and g.random() < 0.4:
+            a, b = self.within_document(depth - 1), self.within_document(depth - 1)
+            return g.choice([a & b, a | b, ~a])
+        c = max(1, _const(g))
+        return g.choice(
+            [
+                ag.causal(),
+                ag.sliding_window(c),
+                ag.local(_const(g), c),
+                ag.prefix_lm(c),
+                ag.global_tokens(c),
+                ag.predicate(f"q // {c} == k // {c}"),
+                ag.predicate(f"(q - k) % {c} == 0"),
+            ]
+        )
 
     def layout(self) -> ag.Pattern:
         g, case = self.g, self.case
@@ -540,8 +562,11 @@ def _doc_ids(rng: random.Random, gen: torch.Generator, rows: int, S: int) -> tor
     return ids.to(rng.choice([torch.int64, torch.int32]))
 
 
-def _document_ids(rng: random.Random, gen: torch.Generator, B: int, Sq: int, Sk: int) -> tuple[object, str]:
+def _document_ids(rng, gen, B: int, Sq: int, Sk: int, one: bool = False) -> tuple[object, str]:
+    """Ids as one tensor ([S], [B, S] or [1, S], where Sq == Sk) or a (query, key) pair; only one tensor with `one`
+    (in_document())."""
     form = rng.choice(["1d", "2d", "2d1", "pair"]) if Sq == Sk else "pair"
+    form = rng.choice(["1d", "2d", "2d1"]) if one else form
     if form == "pair":
         rows_q, rows_k = (rng.choice([0, B, 1]) for _ in range(2))
         return (_doc_ids(rng, gen, rows_q, Sq), _doc_ids(rng, gen, rows_k, Sk)), "doc:pair"
@@ -930,7 +955,7 @@ def case(seed: int) -> Case:
     need = c.pattern.runtime_inputs
     notes: list[str] = []
     if "document_ids" in need:
-        c.document_ids, note = _document_ids(rng, gen, B, Sq, Sk)
+        c.document_ids, note = _document_ids(rng, gen, B, Sq, Sk, one=P.reads_document_offsets(c.pattern))
         notes.append(note)
     if "key_lengths" in need:
         c.key_lengths, more = _key_lengths(rng, B, Sk)

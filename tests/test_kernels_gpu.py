@@ -338,6 +338,41 @@ def test_per_batch_layouts(dtype, D):
             _check_grads(grads, torch.autograd.grad(ref, (q, k, v), dout), dtype, f"mma.sync {where}")
 
 
+# in_document(): positions within packed documents (tests/test_in_document.py has the CPU side)
+IN_DOCUMENT = (
+    ag.in_document(ag.prefix_lm(48)),
+    ag.in_document(ag.global_tokens(4)) & ag.causal(),
+    ag.in_document(ag.predicate("q // 64 == k // 64") & ag.causal()) | ag.sliding_window(20),
+)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_in_document(dtype, D):
+    """Patterns on positions within packed documents (one id tensor per batch element; documents that start in the
+    middle of a tile), in both kernel families: out, LSE and gradients against the reference, GQA included."""
+    from attngen import bind, prepare
+
+    gen = _gen("in_document", dtype, D)
+    B, Hq, Hkv = 2, 4, 2
+    for S in (300, 777):
+        ids = (torch.rand(B, S, generator=gen) < 0.01).cumsum(-1).cuda()
+        rt = {"document_ids": ids}
+        for pat in IN_DOCUMENT:
+            q, k, v = _inputs(B, Hq, Hkv, S, S, D, DTYPES[dtype], gen, requires_grad=True)
+            where = f"{pat!r} {dtype} D={D} S={S}"
+            got = ag.attention(q, k, v, pat, return_lse=True, **rt)
+            _check_call(q, k, v, got, _reference(q, k, v, pat, rt), dtype, where)
+            kern = _mma_sync_kernels(pat, D, dtype)  # the other family, launched directly
+            prep = prepare.prepare(pat, q, k, {"document_ids": ids, "key_lengths": None})
+            out, lse = bind.forward(kern, q.detach(), k.detach(), v.detach(), D**-0.5, prep)
+            ref, ref_lse = _reference(q, k, v, pat, rt)
+            _check_forward(out, lse, ref, ref_lse, dtype, f"mma.sync {where}")
+            dout = torch.randn_like(out)
+            grads = bind.backward(kern, dout, q.detach(), k.detach(), v.detach(), out, lse, None, D**-0.5, prep)
+            _check_grads(grads, torch.autograd.grad(ref, (q, k, v), dout), dtype, f"mma.sync {where}")
+
+
 def test_layouts_are_run_time_data():
     """Patterns that differ only in their layout grids share one compiled kernel, and each call runs with its own
     grid (a layout built per training step compiles once and is never confused with the previous one)."""

@@ -354,6 +354,11 @@ def runtime_values(case: Case) -> dict[str, tuple[str, object]]:
         for name, ids in zip(("qdoc", "kdoc"), _doc_pair(case.document_ids)):
             out[name] = ("ptr", ids.to(torch.int32).contiguous().reshape(-1))
             out[f"{name}_sb"] = ("int", ids.shape[-1] if ids.dim() == 2 and ids.shape[0] > 1 else 0)
+        if not isinstance(case.document_ids, (tuple, list)):  # positions within documents, for in_document()
+            within = document_offsets_oracle(case.document_ids)
+            for name in ("qoff", "koff"):
+                out[name] = ("ptr", within.to(torch.int32).contiguous().reshape(-1))
+                out[f"{name}_sb"] = ("int", within.shape[-1] if within.shape[0] > 1 else 0)
     if case.key_lengths is not None:
         out["key_len"] = ("ptr", case.key_lengths.to(torch.int32).reshape(-1))
     if case.key_indices is not None:
@@ -366,6 +371,18 @@ def runtime_values(case: Case) -> dict[str, tuple[str, object]]:
         _B, H, nbq, nbk = case.blocks.shape
         out["blocks"] = ("ptr", case.blocks.to(torch.uint8).contiguous().reshape(-1))
         out |= {"blocks_sb": ("int", H * nbq * nbk), "blocks_sh": ("int", nbq * nbk), "blocks_nk": ("int", nbk)}
+    return out
+
+
+def document_offsets_oracle(ids: torch.Tensor) -> torch.Tensor:
+    """[B', S]: how many earlier tokens of the row carry each token's id, counted one token at a time."""
+    rows = ids if ids.dim() == 2 else ids.unsqueeze(0)
+    out = torch.zeros(rows.shape, dtype=torch.int64)
+    for r, row in enumerate(rows.tolist()):
+        seen: dict[int, int] = {}
+        for i, d in enumerate(row):
+            out[r, i] = seen.get(d, 0)
+            seen[d] = seen.get(d, 0) + 1
     return out
 
 
@@ -463,11 +480,33 @@ def _random_layout(rng: random.Random, gen: torch.Generator, case: Case) -> ag.P
     return layout(case, grid, bs)
 
 
+def _within_document(rng: random.Random, depth: int = 1) -> ag.Pattern:
+    """An affine pattern that reads q and k only: what in_document() takes."""
+    if depth and rng.random() < 0.5:
+        a, b = _within_document(rng, depth - 1), _within_document(rng, depth - 1)
+        return rng.choice([a & b, a | b, ~a])
+    c = rng.choice([1, 2, 3, 16, 64, rng.randint(1, 100)])
+    return rng.choice(
+        [
+            lambda: ag.causal(),
+            lambda: ag.sliding_window(_small(rng, 80, lo=1)),
+            lambda: ag.local(_small(rng, 40), _small(rng, 40)),
+            lambda: ag.prefix_lm(_small(rng, 40)),
+            lambda: ag.global_tokens(_small(rng, 40)),
+            lambda: ag.predicate(f"q // {c} == k // {c}"),
+            lambda: ag.predicate(f"(q - k) % {c} == 0"),
+        ]
+    )()
+
+
 def _random_leaf(rng: random.Random, gen: torch.Generator, case: Case, uses: set) -> ag.Pattern:
     kind = rng.choices(
         ["full", "causal", "window", "local", "prefix", "global", "text", "sympy", "docs", "keylen", "layout"],
         weights=[1, 2, 2, 2, 1, 1, 4, 3, 2, 2, 3],
     )[0]
+    if kind == "docs" and case.Sq == case.Sk and rng.random() < 0.5:  # positions within documents: one sequence
+        uses.add("in_document")
+        return ag.in_document(_within_document(rng))
     if kind == "full":
         return ag.full()
     if kind == "causal":
@@ -530,8 +569,9 @@ def _draw_case(seed: int, rng: random.Random, gen: torch.Generator) -> Case:
     case = Case(seed, ag.full(), Sq, Sk, B=rng.randint(1, 3), H=rng.randint(1, 4))
     uses: set[str] = set()
     case.pattern = _random_tree(rng, gen, case, uses, rng.randint(1, 3))
-    if "docs" in uses:
+    if "docs" in uses or "in_document" in uses:
         form = rng.choice(["one", "one_batched", "pair"]) if Sq == Sk else "pair"
+        form = form if "in_document" not in uses else rng.choice(["one", "one_batched"])
         if form == "pair":
             case.document_ids = (
                 _doc_ids(rng, gen, case.B, Sq, rng.random() < 0.5),
@@ -550,6 +590,7 @@ def test_keep_c_matches_reference(seed):
 
 
 _SPELLINGS = "causal sliding_window local prefix_lm global_tokens predicate documents key_padding block_layout full"
+_SPELLINGS += " in_document"
 _SPELLINGS = (*_SPELLINGS.split(), "~", "|", "&", "bottom_right", "==", "!=", "Sk - Sq", " and ", " or ", "not ")
 
 

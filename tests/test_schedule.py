@@ -10,7 +10,7 @@ import torch
 
 import attngen as ag
 from attngen import schedule
-from attngen.pattern import document_ids_pair
+from attngen.pattern import document_ids_pair, document_offsets, reads_document_offsets
 from attngen.prepare import Prepared
 from attngen.schedule import EMPTY, FULL, PARTIAL
 
@@ -32,9 +32,12 @@ def prepared(pat, Sq_: int, Sk_: int, runtime: dict) -> Prepared:
     """The run-time tensors of `pat` on the CPU, as `prepare` hands them to the scheduler."""
     docs = runtime.get("document_ids")
     lengths = runtime.get("key_lengths")
+    if docs is not None:
+        within = (document_offsets(docs, Sq_, Sk_),) * 2 if reads_document_offsets(pat) else ()
+        docs = (*document_ids_pair(docs, Sq_, Sk_), *within)
     return Prepared(
         layouts=tuple(leaf.tensor() for leaf in pat.layouts()),
-        document_ids=None if docs is None else document_ids_pair(docs, Sq_, Sk_),
+        document_ids=docs,
         key_lengths=None if lengths is None else lengths.to(torch.int32),
     )
 
@@ -116,6 +119,37 @@ def test_layouts_documents_key_padding():
     lens = torch.tensor([0, 77, 200])
     _check(ag.key_padding(), 32, 16, 100, 200, {"key_lengths": lens}, exact=True)
     _check(ag.block_layout(lay, 32) & ~ag.key_padding(), 64, 32, 280, 270, {"key_lengths": lens})
+
+
+@pytest.mark.parametrize(
+    "inner",
+    [
+        ag.causal(),
+        ag.sliding_window(40),
+        ag.prefix_lm(20),
+        ag.global_tokens(8),
+        ag.local(5, 30),
+        ag.predicate("q // 32 == k // 32"),
+        ~ag.causal() | ag.predicate("(q - k) % 3 == 0"),
+    ],
+    ids=repr,
+)
+def test_positions_within_documents(inner):
+    """in_document(): a tile is classified by its documents and by the predicate over the box of its positions
+    within them: sound for packed and for scattered ids; for one document it is the predicate's own classes."""
+    gen = torch.Generator().manual_seed(4)
+    packed = (torch.rand(2, 300, generator=gen) < 0.02).cumsum(-1)
+    scattered = torch.randint(0, 3, (300,), generator=gen)
+    for ids in (packed, scattered):
+        _check(ag.in_document(inner), 32, 16, 300, 300, {"document_ids": ids})
+        _check(ag.in_document(inner) | ag.sliding_window(10), 64, 32, 300, 300, {"document_ids": ids})
+        _check(~ag.in_document(inner), 64, 64, 300, 300, {"document_ids": ids})
+    one = torch.zeros(300, dtype=torch.int64)
+    pat = ag.in_document(inner)
+    got = schedule.tile_classes(
+        pat.structure(), 64, 32, 300, 300, "cpu", prepared(pat, 300, 300, {"document_ids": one})
+    )
+    assert torch.equal(got[0, 0], schedule.tile_classes(inner, 64, 32, 300, 300, "cpu", None)[0, 0])
 
 
 def test_per_batch_layouts():
