@@ -45,7 +45,7 @@ def positions(n: int = S) -> tuple[torch.Tensor, torch.Tensor]:
 def test_catalogue_has_the_named_patterns():
     names = {f.stem for f in FILES}
     expected = {"longformer", "bigbird", "streaming_llm", "document_causal", "prefix_lm", "dilated_blocks", "dfss"}
-    expected |= {"dsa", "deepseek_indexer", "gemma2", "alibi", "natten", "dilated_window", "t5"}
+    expected |= {"dsa", "deepseek_indexer", "gemma2", "alibi", "natten", "dilated_window", "t5", "packed_sinks"}
     assert expected <= names
 
 
@@ -149,6 +149,21 @@ def test_document_causal_never_crosses_documents():
     batch = torch.stack([ids, torch.zeros(S, dtype=torch.int32)])  # per-sequence packing
     both = document_causal.pattern().mask(S, S, document_ids=batch)
     assert both.shape == (2, 1, S, S) and torch.equal(both[1, 0], (k <= q).expand(S, S))
+
+
+def test_packed_sinks_restart_in_every_document():
+    """Each document's tokens see the earlier tokens of their own document that are among the last `window` or
+    its first `sinks` (written with each document's start, independently of in_document)."""
+    packed = load("packed_sinks")
+    lengths = [100, 56, 100]
+    ids = packed.document_ids(lengths)
+    m = mask2d(packed.pattern(window=20, sinks=3), document_ids=ids)
+    q, k = positions()
+    start = torch.tensor([0] * 100 + [100] * 56 + [156] * 100)
+    same = ids[:, None] == ids[None, :]
+    want = same & (k <= q) & ((q - k < 20) | (k - start[None, :] < 3))
+    assert torch.equal(m, want)
+    assert m[150, 100] and m[150, 102] and not m[150, 103] and m[150, 131] and not m[150, 99]
 
 
 def test_prefix_lm_bidirectional_prefix_then_causal():
