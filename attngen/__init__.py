@@ -17,7 +17,7 @@ from .errors import AttngenError, InputError
 # public name -> the module that defines it
 _LAZY = {name: ".launch" for name in ("Kernel", "attention", "compile", "selected_blocks", "selected_keys")}
 _LAZY |= {"nm": ".select.nm"}
-_LAZY |= {name: ".scoremod" for name in ("softcap", "alibi", "bias", "rel_bias")}
+_LAZY |= {name: ".scoremod" for name in ("softcap", "alibi", "bias", "rel_bias", "head_scale")}
 _LAZY |= {
     name: ".pattern"
     for name in (

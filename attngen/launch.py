@@ -159,12 +159,13 @@ def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict, mods: tupl
         raise InputError(f"scale must be a positive finite number, got {scale}")
     # Under torch.compile this runs at trace time: only tensor work and constants (the pattern's key); planning
     # and compiling happen inside the custom op, on its first call.
-    mods = scoremod.bind(mods, q, k.shape[2], **tensors)
     if mods and (token_leaf(pattern) is not None or pattern.reorders):
         raise InputError(
             f"score_mod with {pattern!r}: score modifications do not yet combine with top-k by token (topk, "
             "threshold) or with buckets, lsh and keep masks"
         )
+    q, mods, tensors = scoremod.fold(mods, q, tensors)  # head scales: into q and the additive terms before them
+    mods = scoremod.bind(mods, q, k.shape[2], **tensors)
     prep = prepare(pattern, q, k, inputs, scale)
     mods_key = ""
     if mods:
@@ -204,10 +205,10 @@ def attention(
     (query, key) pair when Sq != Sk) and `key_lengths` ([B]) feed `documents()` and `key_padding()`;
     `query_buckets` / `key_buckets` ([B, Hq, Sq] / [B, Hkv, Sk] integers) feed `buckets()`, `query_keep` /
     `key_keep` (bool, same shapes) feed `keep()`; a selection rule's call-time tensors are passed by the names it
-    documents. `score_mod`: `softcap(c)`, `alibi(slopes)`, `bias()`, `rel_bias(...)` or a tuple of them, applied in
-    order to s = scale · q·k before the pattern and any selection rule (attngen.scoremod); `bias` (broadcastable to
-    [B, Hq, Sq, Sk]) and `rel_table` ([Hq, num_buckets]) are the tensors `bias()` and `rel_bias()` add. Differentiable
-    in q, k, v, bias and rel_table."""
+    documents. `score_mod`: `softcap(c)`, `alibi(slopes)`, `bias()`, `rel_bias(...)`, `head_scale(scales)` or a
+    tuple of them, applied in order to s = scale · q·k before the pattern and any selection rule (attngen.scoremod);
+    `bias` (broadcastable to [B, Hq, Sq, Sk]) and `rel_table` ([Hq, num_buckets]) are the tensors `bias()` and
+    `rel_bias()` add. Differentiable in q, k, v, bias, rel_table and head scales."""
     _check(q, k, v)
     pattern = full() if pattern is None else pattern
     if not isinstance(pattern, Pattern):

@@ -14,6 +14,9 @@ mask, the selection rules and the softmax (so N:M ranks the modified scores).
   transposed view) is copied once per call into that layout. Differentiable.
 - `rel_bias(num_buckets, max_distance, bidirectional=True)`: s -> s + rel_table[h, bucket(k - q)], T5's relative
   position buckets, the call's `rel_table=` [Hq, num_buckets]. Differentiable.
+- `head_scale(scales)`: s -> scales[h] · s, a float tensor [Hq] (per-head temperatures). It needs no kernel of its
+  own: `fold` moves it into q (scales[h] · scale · q·k) and into the additive terms before it (alibi's slopes, the
+  bias, the T5 table, each times scales[h]), where torch's autograd carries its gradient. Not after a softcap.
 
 A modification's *structure* (`structure()`) is what the kernels are compiled for: softcap's c, alibi's alignment,
 the bias's dtype, rel_bias's buckets; `key()` names a tuple of them as a plain string, which the custom op carries
@@ -194,7 +197,26 @@ class BoundRelBias:
         return s + self.table.to(s.device, s.dtype)[:, buckets]  # [Hq, Sq, Sk]
 
 
-ScoreMod = Softcap | Alibi | Bias | RelBias | BoundBias | BoundRelBias
+@dataclass(frozen=True, eq=False)
+class HeadScale:
+    """`head_scale(scales)`: s -> scales[h] · s. Folded away before the kernels (`fold`); the reference applies it."""
+
+    scales: torch.Tensor
+
+    def structure(self) -> HeadScale:
+        return self
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return ()
+
+    def __repr__(self) -> str:
+        return "head_scale()"
+
+    def reference(self, s: torch.Tensor, h: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        return s * self.scales.to(s.device, s.dtype)[h]
+
+
+ScoreMod = Softcap | Alibi | Bias | RelBias | BoundBias | BoundRelBias | HeadScale
 Structure = tuple  # of Softcap | AlibiSlot | Bias | RelBias
 ADDITIVE = (Bias, RelBias)  # structures whose tensors take a gradient (through dL/ds at their step)
 
@@ -244,7 +266,49 @@ def rel_bias(num_buckets: int = 32, max_distance: int = 128, bidirectional: bool
     return spec
 
 
-_KINDS = (Softcap, Alibi, Bias, RelBias)
+def head_scale(scales: torch.Tensor) -> HeadScale:
+    """s -> scales[h] · s: `scales` a float tensor [Hq], one per query head (differentiable)."""
+    if not isinstance(scales, torch.Tensor) or scales.dim() != 1 or not scales.is_floating_point():
+        shape = tuple(scales.shape) if isinstance(scales, torch.Tensor) else type(scales).__name__
+        raise InputError(f"head_scale takes a 1-d float tensor of scales, one per query head, got {shape}")
+    return HeadScale(scales)
+
+
+def fold(mods: tuple, q: torch.Tensor, tensors: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """`mods` (normalized) without head scales, for q [B, Hq, Sq, D] and the call's `bias=`/`rel_table=`: a head scale
+    multiplies q's head h (so every score), and the additive terms before it (alibi's slopes, the bias, the T5 table),
+    by scales[h]. The same scores, differentiably (in q, the scales, the bias and the table); kernels never see it."""
+    if not any(isinstance(m, HeadScale) for m in mods):
+        return q, mods, tensors
+    Hq = q.shape[1]
+    kept, tensors, factor = [], dict(tensors), None
+    for m in mods:
+        if not isinstance(m, HeadScale):
+            kept.append(m)
+            continue
+        c = m.scales
+        if tuple(c.shape) != (Hq,) or c.device != q.device:
+            raise InputError(f"head_scale: one scale per query head on q's device expected ([{Hq}] on {q.device}), "
+                             f"got {list(c.shape)} on {c.device}")  # fmt: skip
+        if any(isinstance(p, Softcap) for p in kept):
+            raise InputError("score_mod: head_scale after a softcap is not supported; put it before the softcap")
+        c = c.float()
+        for i, p in enumerate(kept):  # tensors `bind` would refuse are left for it to name
+            if isinstance(p, Alibi) and p.slopes.device == q.device and p.slopes.shape == c.shape:
+                if c.requires_grad:
+                    raise InputError("score_mod: a head_scale after alibi takes no gradient (alibi's slopes take none)")
+                kept[i] = Alibi(p.slopes.float() * c, p.align)
+            elif isinstance(p, (Bias, RelBias)):
+                name = "bias" if isinstance(p, Bias) else "rel_table"
+                t = tensors.get(name)
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device == q.device:
+                    per_head = c.view(Hq, 1, 1) if name == "bias" else c.view(Hq, 1)  # a bias's batch dim stays
+                    tensors[name] = (t.float() * per_head).to(t.dtype)
+        factor = c if factor is None else factor * c
+    return (q.float() * factor.view(1, Hq, 1, 1)).to(q.dtype), tuple(kept), tensors
+
+
+_KINDS = (Softcap, Alibi, Bias, RelBias, HeadScale)
 
 
 def normalize(score_mod) -> tuple[ScoreMod, ...]:
@@ -255,10 +319,10 @@ def normalize(score_mod) -> tuple[ScoreMod, ...]:
     for m in mods:
         if not isinstance(m, (*_KINDS, BoundBias, BoundRelBias)):
             raise InputError(
-                "score_mod takes ag.softcap(c), ag.alibi(slopes), ag.bias(), ag.rel_bias(...) or a tuple of them, "
-                f"got {type(m).__name__}"
+                "score_mod takes ag.softcap(c), ag.alibi(slopes), ag.bias(), ag.rel_bias(...), ag.head_scale(scales) "
+                f"or a tuple of them, got {type(m).__name__}"
             )
-    for kind in _KINDS:
+    for kind in _KINDS[:-1]:  # head scales (the last) multiply: any number of them
         if sum(isinstance(m, kind) or isinstance(m.structure(), kind) for m in mods) > 1:
             raise InputError(f"score_mod: at most one {kind.__name__.lower()} (got {mods!r:.100})")
     kinds = [type(m.structure()) for m in mods]
@@ -294,6 +358,12 @@ def bind(mods: tuple, q: torch.Tensor, Sk: int, bias=None, rel_table=None) -> tu
             if bias is None:
                 raise InputError("score_mod ag.bias() needs the call's bias= tensor, broadcastable to [B, Hq, Sq, Sk]")
             m = _bind_bias(bias, q, Sk)
+        elif isinstance(m, HeadScale):
+            if tuple(m.scales.shape) != (Hq,) or m.scales.device != q.device:
+                raise InputError(
+                    f"head_scale: one scale per query head on q's device expected ([{Hq}] on {q.device}), got "
+                    f"{list(m.scales.shape)} on {m.scales.device}"
+                )
         elif isinstance(m, RelBias):
             if rel_table is None:
                 raise InputError(f"score_mod {m!r} needs the call's rel_table= tensor [Hq, {m.num_buckets}]")
@@ -350,8 +420,9 @@ def paired(view: torch.Tensor) -> torch.Tensor:
 
 
 def structures(mods) -> Structure:
-    """What kernels are compiled for: the structures of modifications (or of structures, unchanged)."""
-    return tuple(m.structure() for m in mods)
+    """What kernels are compiled for: the structures of modifications (or of structures, unchanged); head scales
+    are folded into q before the kernels (`fold`) and have none."""
+    return tuple(m.structure() for m in mods if not isinstance(m, HeadScale))
 
 
 def key(structure: Structure) -> str:

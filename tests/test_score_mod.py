@@ -293,3 +293,83 @@ def test_calls_differentiate_the_bias_and_the_table(mods, compiled, reference_ke
     frozen = {name: t.detach() for name, t in tensors.items()}
     (dq,) = torch.autograd.grad(fn(q, k, v, frozen), (q,), dout)
     assert torch.allclose(dq, got[0], atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------- head scales
+
+
+def _scales(requires_grad: bool = True) -> torch.Tensor:
+    return torch.tensor([0.5, 1.0, 2.0, -1.5]).requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch.compile"])
+@pytest.mark.parametrize(
+    "order",
+    ["scale", "scale softcap", "bias rel_bias scale softcap", "rel_bias scale bias", "alibi scale", "scale scale"],
+)
+def test_head_scales_fold_into_q_and_the_terms_before_them(order, compiled, reference_kernels):
+    """s -> scales[h] · s anywhere before a softcap: out and the gradients of q, k, v, the bias, the T5 table and the
+    scales equal the reference's, which applies the scale itself; the kernels are those without it."""
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 4, n, 32, generator=gen).to(torch.bfloat16).requires_grad_() for n in (9, 11, 11))
+    bias = torch.randn(9, 11, generator=gen).requires_grad_()
+    table = torch.randn(4, 8, generator=gen).requires_grad_()
+    scales = _scales(requires_grad="alibi" not in order)
+    make = {
+        "scale": lambda: ag.head_scale(scales),
+        "softcap": lambda: ag.softcap(3.0),
+        "bias": ag.bias,
+        "rel_bias": lambda: ag.rel_bias(8, 20),
+        "alibi": lambda: ag.alibi(SLOPES),
+    }
+    mods = tuple(make[name]() for name in order.split())
+    tensors = {"bias": bias} if "bias" in order.split() else {}
+    tensors |= {"rel_table": table} if "rel_bias" in order else {}
+    pat = ag.causal()
+
+    def call(q, k, v, tensors):
+        return ag.attention(q, k, v, pat, score_mod=mods, **tensors)
+
+    fn = torch.compile(call, fullgraph=True, backend="eager") if compiled else call
+    out = fn(q, k, v, tensors)
+    assert all(not isinstance(m, scoremod.HeadScale) for m in reference_kernels.calls[-1].mods)
+    ref, _ = reference.attention(q, k, v, pat, dtype=torch.float64, score_mod=mods, **tensors)
+    assert (out.double() - ref).abs().max() < 3e-2
+    dout = torch.randn(out.shape, generator=gen).to(out.dtype)
+    inputs = (q, k, v, *tensors.values(), *((scales,) if scales.requires_grad else ()))
+    got, want = torch.autograd.grad(out, inputs, dout), torch.autograd.grad(ref, inputs, dout.double())
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and ((g.double() - w).norm() / w.norm()) < 3e-2
+
+
+def test_head_scale_reference_semantics():
+    q, k = torch.randn(1, 4, 5, 8, dtype=torch.float64), torch.randn(1, 4, 6, 8, dtype=torch.float64)
+    v = torch.randn(1, 4, 6, 8, dtype=torch.float64)
+    scales = _scales(False).double()
+    out, lse = reference.attention(q, k, v, ag.full(), score_mod=ag.head_scale(scales))
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(8) * scales.view(1, 4, 1, 1)
+    assert torch.allclose(lse, torch.logsumexp(s, -1)) and torch.allclose(out, torch.softmax(s, -1) @ v)
+
+
+def test_head_scale_needs_no_kernel_of_its_own():
+    plain = ag.compile(ag.causal(), head_dim=64, dtype="bf16", arch="sm_90", score_mod=ag.softcap(5.0))
+    scaled = ag.compile(
+        ag.causal(), head_dim=64, dtype="bf16", arch="sm_90", score_mod=(ag.head_scale(_scales(False)), ag.softcap(5.0))
+    )
+    assert scaled.compiled is plain.compiled
+
+
+@pytest.mark.parametrize(
+    ("mods", "match"),
+    [
+        (lambda: (ag.softcap(5.0), ag.head_scale(_scales())), "head_scale after a softcap"),
+        (lambda: (ag.alibi(SLOPES), ag.head_scale(_scales())), "takes no gradient"),
+        (lambda: ag.head_scale(torch.ones(3)), r"one scale per query head .*\[4\]"),
+        (lambda: ag.head_scale(torch.ones(4, 1)), "1-d float tensor"),
+        (lambda: ag.head_scale(torch.ones(4, dtype=torch.int64)), "1-d float tensor"),
+    ],
+)
+def test_what_head_scale_refuses(mods, match, reference_kernels):
+    q = torch.randn(1, 4, 5, 32).to(torch.bfloat16)
+    with pytest.raises(InputError, match=match):
+        ag.attention(q, q, q, ag.causal(), score_mod=mods())

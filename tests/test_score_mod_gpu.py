@@ -185,6 +185,31 @@ def test_a_bias_that_empties_rows_gives_zeros():
     _check_forward(out, lse, ref, ref_lse, "bf16", "rows emptied by the bias")
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_head_scales(dtype):
+    """Per-head scales before a softcap, and after an alibi (folded into its slopes): out, LSE and the gradients
+    of q, k, v and the scales against the float64 reference, which applies them (the kernels are softcap's and
+    alibi's)."""
+    gen = _gen("score_mod head scales", dtype)
+    q, k, v = _inputs(2, HQ, HKV, 300, 517, 64, DTYPES[dtype], gen, requires_grad=True)
+    scales = torch.tensor([0.5, 1.0, 1.7, -0.8], device="cuda", requires_grad=True)
+    mods = (ag.head_scale(scales), ag.softcap(2.0))
+    where = f"head_scale softcap {dtype}"
+    got = ag.attention(q, k, v, ag.causal(), return_lse=True, score_mod=mods)
+    want = reference.attention(q, k, v, ag.causal(), dtype=torch.float64, score_mod=mods)
+    _check_forward(*got, *want, dtype, where)
+    dout = torch.randn_like(got[0])
+    grads = torch.autograd.grad(got[0], (q, k, v, scales), dout)
+    ref_grads = torch.autograd.grad(want[0], (q, k, v, scales), dout.double())
+    _check_grads(grads[:3], ref_grads[:3], dtype, where)
+    assert _rel(grads[3], ref_grads[3]) < BWD_TOL[dtype], f"d scales: {where}"
+    slopes = torch.tensor(SLOPES, device="cuda")
+    mods = (ag.alibi(slopes), ag.head_scale(scales.detach()))
+    out, lse = ag.attention(q, k, v, ag.causal(), return_lse=True, score_mod=mods)
+    ref, ref_lse = reference.attention(q, k, v, ag.causal(), dtype=torch.float64, score_mod=mods)
+    _check_forward(out, lse, ref, ref_lse, dtype, f"alibi head_scale {dtype}")
+
+
 def test_a_traced_call_reads_a_bias_at_any_address():
     """Traced by torch.compile (the pattern and modifications built inside), a tensor has no address: a bias one
     element into its storage passes the layout checks on its strides, and the launch copies it to a pair's
