@@ -1,13 +1,17 @@
 """Score modifications against FlexAttention (score_mod and block_mask, compiled with dynamic=False: Flex at its
 best), same process: ALiBi + causal and softcap(50) + sliding_window(1024), fp16, B4 H16, head dims 64 and 128,
 S 4096 and 16384, forward and forward+backward; a bias [1, H, S, S] + causal and T5's rel_bias(32, 128) + full at
-S 4096 (--additive-lengths), forward and forward+backward with the bias's / table's gradient. Ratios are
-Flex / attngen (above 1: attngen is faster).
+S 4096 (--additive-lengths), forward and forward+backward with the bias's / table's gradient; NATTEN's 2-D
+neighbourhood (13 x 13 keys on a square grid of 64 or 128 a side, patterns/natten.py; --natten-sides), a mask
+only. Ratios are Flex / attngen (above 1: attngen is faster).
 
-    python bench/bench_score_mod.py [--out results.json] [--lengths 4096 16384] [--additive-lengths 4096]"""
+    python bench/bench_score_mod.py [--out results.json] [--lengths 4096 16384] [--additive-lengths 4096]
+                                    [--natten-sides 64 128]"""
 
 import argparse
+import importlib.util
 import os
+from pathlib import Path
 
 import torch
 from timing import Results, timed
@@ -45,6 +49,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="*", default=[4096, 16384])
     ap.add_argument("--additive-lengths", type=int, nargs="*", default=[4096])
     ap.add_argument("--no-rel-bias", action="store_true", help="skip T5's buckets")
+    ap.add_argument("--natten-sides", type=int, nargs="*", default=[64, 128], help="grid sides of the 2-D case")
     args = ap.parse_args()
     results = Results(args.out)
     slopes = torch.tensor([2.0 ** -(8 * (h + 1) / H) for h in range(H)], device="cuda")  # ALiBi's slopes for H heads
@@ -57,6 +62,29 @@ def main() -> None:
             run_bias(results, D, S)
             if not args.no_rel_bias:
                 run_rel_bias(results, D, S)
+    for D in (64, 128):
+        for side in args.natten_sides:
+            run(results, f"natten 2-D {NATTEN_KERNEL}x{NATTEN_KERNEL} on {side}x{side}", natten_case(side), D, side**2)
+
+
+NATTEN_KERNEL = 13
+
+
+def natten_case(side: int) -> tuple:
+    """patterns/natten.py's 2-D neighbourhood and the same mask for Flex (windows shifted inside the grid); every
+    query sees NATTEN_KERNEL² keys."""
+    spec = importlib.util.spec_from_file_location("natten", Path(__file__).resolve().parents[1] / "patterns/natten.py")
+    natten = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(natten)
+    n, r = NATTEN_KERNEL, NATTEN_KERNEL // 2
+
+    def mask_mod(b, h, i, j):
+        r0 = torch.clamp(i // side - r, 0, side - n)
+        c0 = torch.clamp(i % side - r, 0, side - n)
+        kr, kc = j // side, j % side
+        return (kr >= r0) & (kr < r0 + n) & (kc >= c0) & (kc < c0 + n)
+
+    return natten.pattern(side, side, n, n), None, None, mask_mod, lambda S: S * n * n
 
 
 def run(results: Results, name: str, case: tuple, D: int, S: int) -> None:
