@@ -19,8 +19,9 @@ more than one block reaches. The backward exchanges K and V again, runs each blo
 merged output and LSE (which makes it that block's exact share of the gradient), and sends the dK, dV shares back
 to their owners, who add them in a fixed order: deterministic, like the single-GPU backward.
 
-Patterns: affine ones (causal, windows, local, prefix_lm, global_tokens, predicates), documents() and key_padding()
-(their call-time data given for the whole sequence, as on one GPU, and sliced per block) with & | ~, and
+Patterns: affine ones (causal, windows, local, prefix_lm, global_tokens, predicates), documents(), in_document()
+(positions within documents counted on the whole sequence) and key_padding() (their call-time data given for the
+whole sequence, as on one GPU, and sliced per block) with & | ~, and
 `A & nm(n, m)` with chunks a multiple of m; block layouts with chunks a multiple of their block size (a chunk
 pair the layout keeps no block of is neither computed nor exchanged)."""
 
@@ -131,11 +132,12 @@ def plan(pattern: P.Pattern, world: int, shard_len: int, layout: str = "contiguo
     chunk = shard_len // n_own
     S = chunk * world * n_own
     positions, rule = split_selection(pattern)
-    if any(not isinstance(leaf, (P.Affine, P.Documents, P.KeyPadding, P.BlockLayout)) for leaf in positions.leaves()):
+    leaves = (P.Affine, P.Documents, P.InDocument, P.KeyPadding, P.BlockLayout)
+    if any(not isinstance(leaf, leaves) for leaf in positions.leaves()):
         raise InputError(
             f"{pattern!r}: context parallelism takes affine patterns (causal, windows, local, prefix_lm, "
-            "global_tokens, predicate), documents(), key_padding() and block layouts with & | ~, and "
-            "`A & nm(n, m)`; buckets, lsh, keep masks, key-index lists, top-k rules and in_document() not yet"
+            "global_tokens, predicate), documents(), in_document(), key_padding() and block layouts with & | ~, and "
+            "`A & nm(n, m)`; buckets, lsh, keep masks, key-index lists and top-k rules not yet"
         )
     layouts = [leaf for leaf in positions.leaves() if isinstance(leaf, P.BlockLayout)]
     for bs in sorted({leaf.block_size for leaf in layouts}):
@@ -211,18 +213,18 @@ def _affine_bound(pat: P.Pattern) -> P.Pattern:
     return P.full()
 
 
-def _block_inputs(pattern: P.Pattern, bl: Block, chunk: int, document_ids, key_lengths) -> dict:
-    """The call-time tensors of one block: its rows' and keys' document ids, key lengths less the block's first key
-    (clipped to its keys)."""
+def _block_inputs(pattern: P.Pattern, bl: Block, chunk: int, document_ids, key_lengths, within=None) -> dict:
+    """The call-time tensors of one block: its rows' and keys' document ids (and, for in_document(), their positions
+    within documents, `within`, counted on the whole sequence), key lengths less the block's first key (clipped to
+    its keys)."""
     need = pattern.runtime_inputs
     inputs = {"document_ids": None, "key_lengths": None}
     q0, k0 = bl.q_chunk * chunk + bl.rows[0], bl.k_chunk * chunk + bl.keys[0]
+    rows, keys = slice(q0, q0 + bl.rows[1] - bl.rows[0]), slice(k0, k0 + bl.keys[1] - bl.keys[0])
     if "document_ids" in need:
-        ids = document_ids
-        inputs["document_ids"] = (
-            ids[..., q0 : q0 + bl.rows[1] - bl.rows[0]],
-            ids[..., k0 : k0 + bl.keys[1] - bl.keys[0]],
-        )
+        inputs["document_ids"] = (document_ids[..., rows], document_ids[..., keys])
+    if within is not None:
+        inputs["document_positions"] = (within[..., rows], within[..., keys])
     if "key_lengths" in need:
         inputs["key_lengths"] = (key_lengths - k0).clamp(0, bl.keys[1] - bl.keys[0])
     return inputs
@@ -374,7 +376,7 @@ def _by_owner(p: Plan, rank: int) -> dict[int, list]:
 
 class _ContextParallel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, p: Plan, scale: float, group, pattern, document_ids, key_lengths):
+    def forward(ctx, q, k, v, p: Plan, scale: float, group, pattern, document_ids, key_lengths, within):
         rank = dist.get_rank(group)
         k, v = k.contiguous(), v.contiguous()
         kv = _exchange((k, v), p, rank, group)
@@ -382,7 +384,7 @@ class _ContextParallel(torch.autograd.Function):
         for bl in p.blocks[rank]:
             kk, vv = kv.get(bl.owner)
             rows, keys = _slices(p, bl, rank)
-            inputs = _block_inputs(pattern, bl, p.chunk, document_ids, key_lengths)
+            inputs = _block_inputs(pattern, bl, p.chunk, document_ids, key_lengths, within)
             o, lse_o = _block_forward(q[:, :, rows], kk[:, :, keys], vv[:, :, keys], bl.pattern, scale, inputs)
             slots[bl.q_slot].add(bl.rows, o, lse_o)
         kv.finish()
@@ -391,14 +393,14 @@ class _ContextParallel(torch.autograd.Function):
         lse = torch.cat([lse for _, lse in parts], dim=2) if len(parts) > 1 else parts[0][1]
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale, ctx.group = p, scale, group
-        ctx.inputs = (pattern, document_ids, key_lengths)
+        ctx.inputs = (pattern, document_ids, key_lengths, within)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         p, scale, group = ctx.plan, ctx.scale, ctx.group
-        pattern, document_ids, key_lengths = ctx.inputs
+        pattern, document_ids, key_lengths, within = ctx.inputs
         rank = dist.get_rank(group)
         dout = dout.contiguous()
         kv = _exchange((k, v), p, rank, group)
@@ -411,7 +413,7 @@ class _ContextParallel(torch.autograd.Function):
         for bl in p.blocks[rank]:
             kk, vv = kv.get(bl.owner)
             rows, keys = _slices(p, bl, rank)
-            inputs = _block_inputs(pattern, bl, p.chunk, document_ids, key_lengths)
+            inputs = _block_inputs(pattern, bl, p.chunk, document_ids, key_lengths, within)
             gq, gk, gv = _block_backward(
                 dout[:, :, rows], q[:, :, rows], kk[:, :, keys], vv[:, :, keys], out[:, :, rows],
                 lse[:, :, rows].contiguous(), bl.pattern, scale, inputs,
@@ -440,7 +442,7 @@ class _ContextParallel(torch.autograd.Function):
             dk[:, :, a:b] += sk
             dv[:, :, a:b] += sv
         back.finish()
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
 def _slices(p: Plan, bl: Block, rank: int) -> tuple[slice, slice]:
@@ -496,19 +498,20 @@ def attention(
     if document_ids is not None:
         p = skip_unrelated_documents(p, pattern, document_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _ContextParallel.apply(q, k, v, p, scale, group, pattern, document_ids, key_lengths)
+    within = P.document_offsets(document_ids, S, S) if P.reads_document_offsets(pattern) else None
+    return _ContextParallel.apply(q, k, v, p, scale, group, pattern, document_ids, key_lengths, within)
 
 
 def skip_unrelated_documents(p: Plan, pattern: P.Pattern, document_ids: torch.Tensor) -> Plan:
     """`p` without the blocks whose query and key chunks share no document, where the pattern requires a shared
-    one (`documents()` in its top-level &): each chunk's ids span [min, max] (per batch), and disjoint spans share
-    none. Decided from the whole sequence's ids, which every rank holds: every rank drops the same blocks, so the
-    exchanges still pair up. One host sync per call."""
+    one (`documents()` or `in_document()` in its top-level &): each chunk's ids span [min, max] (per batch), and
+    disjoint spans share none. Decided from the whole sequence's ids, which every rank holds: every rank drops the
+    same blocks, so the exchanges still pair up. One host sync per call."""
     from .select import split_selection
 
     positions, _ = split_selection(pattern)
     parts = positions.parts if isinstance(positions, P.And) else (positions,)
-    if not any(isinstance(part, P.Documents) for part in parts):
+    if not any(isinstance(part, (P.Documents, P.InDocument)) for part in parts):
         return p
     ids = document_ids.reshape(-1, document_ids.shape[-1]).unflatten(-1, (-1, p.chunk))  # [B', chunks, chunk]
     lo, hi = ids.amin(-1).cpu(), ids.amax(-1).cpu()  # [B', chunks]

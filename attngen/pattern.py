@@ -956,11 +956,13 @@ def document_ids_pair(document_ids, Sq: int, Sk: int) -> tuple[torch.Tensor, tor
 
 def document_offsets(document_ids, Sq: int, Sk: int) -> torch.Tensor:
     """Each token's position within its document, [B', S] int64: the number of earlier tokens that carry its id (for
-    packed documents, its distance from its document's first token). in_document() needs one id tensor (Sq == Sk)."""
+    packed documents, its distance from its document's first token), counted on one sequence (Sq == Sk, one id
+    tensor); otherwise the call gives them (`document_positions`)."""
     if isinstance(document_ids, (tuple, list)) or Sq != Sk:
         raise InputError(
-            "in_document() counts positions within a document on one sequence: it needs Sq == Sk and document_ids "
-            f"as one [B, S] or [S] tensor (got Sq={Sq}, Sk={Sk}{', a (query, key) pair' if Sq == Sk else ''})"
+            "in_document() counts positions within a document on one sequence (Sq == Sk, document_ids one [B, S] or "
+            f"[S] tensor); got Sq={Sq}, Sk={Sk}{', a (query, key) pair of ids' if Sq == Sk else ''}: pass "
+            "document_positions=(query_positions, key_positions) too"
         )
     ids, _ = document_ids_pair(document_ids, Sq, Sk)
     order = torch.sort(ids, dim=-1, stable=True).indices
@@ -970,6 +972,31 @@ def document_offsets(document_ids, Sq: int, Sk: int) -> torch.Tensor:
     first[..., 1:] = ranked[..., 1:] != ranked[..., :-1]
     start = torch.cummax(torch.where(first, pos, 0), dim=-1).values  # where each sorted id's run begins
     return torch.empty_like(pos).scatter_(-1, order, pos - start)
+
+
+def document_positions_pair(document_ids, document_positions, Sq: int, Sk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query, key) positions within their documents, [B', S]: `document_positions` as given (one [B, S] / [S]
+    tensor when Sq == Sk, or a (query, key) pair), else counted from one id tensor (`document_offsets`)."""
+    if document_positions is None:
+        within = document_offsets(document_ids, Sq, Sk)
+        return within, within
+    if isinstance(document_positions, (tuple, list)):
+        if len(document_positions) != 2:
+            raise InputError(
+                f"document_positions as a pair must be (query, key) positions, got {len(document_positions)}"
+            )
+        qp, kp = document_positions
+    elif Sq != Sk:
+        raise InputError("with Sq != Sk pass document_positions=(query_positions, key_positions)")
+    else:
+        qp = kp = document_positions
+    for name, t, n in (("query", qp, Sq), ("key", kp, Sk)):
+        if not isinstance(t, torch.Tensor) or t.dim() not in (1, 2) or t.shape[-1] != n:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InputError(f"document_positions ({name}) must be a [B, {n}] or [{n}] integer tensor, got {got}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise InputError(f"document_positions ({name}) must be integers, got {t.dtype}")
+    return tuple(t if t.dim() == 2 else t.unsqueeze(0) for t in (qp, kp))
 
 
 _REL = {sp.Lt: operator.lt, sp.Le: operator.le, sp.Gt: operator.gt, sp.Ge: operator.ge, sp.Eq: operator.eq}
@@ -1022,6 +1049,7 @@ def dense_mask(
     Sk: int,
     *,
     document_ids=None,
+    document_positions=None,
     key_lengths: torch.Tensor | None = None,
     query_buckets: torch.Tensor | None = None,
     key_buckets: torch.Tensor | None = None,
@@ -1051,6 +1079,7 @@ def dense_mask(
     (what `attngen.selected_blocks` returns). `topk` selects by the float64 scores of `q` and `k` (or its scorer's,
     from `proj` or `index_q`, `index_k`, `index_w`) among the keys its &-context allows."""
     runtime = dict(document_ids=document_ids, key_lengths=key_lengths, query_buckets=query_buckets)
+    runtime |= dict(document_positions=document_positions)
     runtime |= dict(key_buckets=key_buckets, query_keep=query_keep, key_keep=key_keep, q=q, k=k, order=order)
     runtime |= dict(key_indices=key_indices, proj=proj, index_q=index_q, index_k=index_k, index_w=index_w, scale=scale)
     leaf = topk_leaf(pat) or token_leaf(pat)
@@ -1099,12 +1128,12 @@ def dense_mask(
     if isinstance(pat, InDocument):
         if document_ids is None:
             raise InputError("the pattern uses in_document(): pass document_ids=")
-        ids = document_ids_pair(document_ids, Sq, Sk)[0].to(device).unsqueeze(1)  # [B', 1, S]
-        offs = document_offsets(document_ids, Sq, Sk).to(device).unsqueeze(1)
-        qd, kd, qo, ko = ids, ids, offs, offs
+        qd, kd = (d.to(device).unsqueeze(1) for d in document_ids_pair(document_ids, Sq, Sk))  # [B', 1, S]
+        pair = document_positions_pair(document_ids, document_positions, Sq, Sk)
+        qo, ko = (t.to(device, torch.int64).unsqueeze(1) for t in pair)
         if order is not None:
-            qd, qo = (torch.gather(t.expand(qi.shape[0], qi.shape[1], Sq), 2, qi[..., 0]) for t in (ids, offs))
-            kd, ko = (torch.gather(t.expand(kj.shape[0], kj.shape[1], Sk), 2, kj[..., 0, :]) for t in (ids, offs))
+            qd, qo = (torch.gather(t.expand(qi.shape[0], qi.shape[1], Sq), 2, qi[..., 0]) for t in (qd, qo))
+            kd, ko = (torch.gather(t.expand(kj.shape[0], kj.shape[1], Sk), 2, kj[..., 0, :]) for t in (kd, ko))
         inner = _evaluate(pat.expr, {q_sym: qo[..., :, None], k_sym: ko[..., None, :]})
         return (qd[..., :, None] == kd[..., None, :]) & torch.as_tensor(inner, device=device)
     if isinstance(pat, KeyIndices):
@@ -1217,12 +1246,13 @@ def shifted(pat: Pattern, dq: int, dk: int, Sq: int, Sk: int, *, sliced_data: bo
     """`pat` on one block of a longer sequence, as a pattern over the block's own positions: query q of the block is
     query q + dq of a sequence of Sq queries, key k is key k + dk of Sk keys (context parallelism runs a sequence
     as such blocks). Affine leaves (with & | ~) move with the block; a selection rule whose key groups the shift
-    keeps aligned (N:M with dk a multiple of m) stays as it is; documents() and key_padding() stay as they are with
-    `sliced_data`, where the caller passes the block's slice of their call-time data (its query and key document
-    ids, key lengths less dk); a block layout becomes its grid from the block's first blocks on, where dq and dk
-    are multiples of its block size; other leaves are refused with an InputError. An affine leaf that reads
-    q - k only (causal(), windows) moves by dq - dk alone: blocks on the diagonal keep the leaf itself, and blocks as
-    far from it share one structure (one compile), whatever their place and the lengths."""
+    keeps aligned (N:M with dk a multiple of m) stays as it is; documents(), in_document() and key_padding() stay as
+    they are with `sliced_data`, where the caller passes the block's slice of their call-time data (its query and
+    key document ids and positions within documents, key lengths less dk); a block layout becomes its grid from the
+    block's first blocks on, where dq and dk are multiples of its block size; other leaves are refused with an
+    InputError. An affine leaf that reads q - k only (causal(), windows) moves by dq - dk alone: blocks on the
+    diagonal keep the leaf itself, and blocks as far from it share one structure (one compile), whatever their place
+    and the lengths."""
     if isinstance(pat, Affine):
         expr = pat.expr.subs({q: q + dq, k: k + dk, Sq_: Sq, Sk_: Sk}, simultaneous=True)
         if not pat.expr.has(Sq_, Sk_) and _differences(pat.expr.subs({q: q + 1, k: k + 1})) == _differences(pat.expr):
@@ -1235,7 +1265,7 @@ def shifted(pat: Pattern, dq: int, dk: int, Sq: int, Sk: int, *, sliced_data: bo
         return And(parts) if isinstance(pat, And) else Or(parts)
     if isinstance(pat, Not):
         return Not(shifted(pat.part, dq, dk, Sq, Sk, sliced_data=sliced_data))
-    if sliced_data and isinstance(pat, (Documents, KeyPadding)):
+    if sliced_data and isinstance(pat, (Documents, InDocument, KeyPadding)):
         return pat
     if isinstance(pat, BlockLayout) and dq % pat.block_size == 0 and dk % pat.block_size == 0:
         bs = pat.block_size  # the grid from the block's first query and key blocks on (a larger grid is fine)

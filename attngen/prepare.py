@@ -92,11 +92,12 @@ def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict, 
     Sk, device = k.shape[2], q.device
     positions, rule = split_selection(pattern)
     need = set(positions.runtime_inputs) | set(rule.runtime_inputs if rule is not None else ())
+    optional = {"document_positions"} if P.reads_document_offsets(positions) else set()
     for name, value in inputs.items():
         if value is None and name in need:
             raise InputError(f"pattern {pattern!r} needs {name}=")
-        if value is not None and name not in need:
-            accepted = ", ".join(sorted(need)) or "none"
+        if value is not None and name not in need | optional:
+            accepted = ", ".join(sorted(need | optional)) or "none"
             raise InputError(f"{name}= was given but pattern {pattern!r} does not use it (it takes: {accepted})")
     missing = need - {n for n, v in inputs.items() if v is not None}
     if missing:
@@ -105,7 +106,8 @@ def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict, 
     layouts = tuple(_layout(leaf, device, B, Hq, Sq, Sk) for leaf in pattern.layouts())
     docs = None
     if "document_ids" in need:
-        docs = _documents(inputs["document_ids"], B, Sq, Sk, device, P.reads_document_offsets(positions))
+        within = P.reads_document_offsets(positions)
+        docs = _documents(inputs["document_ids"], B, Sq, Sk, device, within, inputs.get("document_positions"))
     lengths = _key_lengths(inputs["key_lengths"], B, device) if "key_lengths" in need else None
     extra = rule.prepare(q, k, {n: inputs[n] for n in rule.runtime_inputs}) if rule is not None else ()
     routed, permutation = route(positions, q, k, inputs, lengths) if positions.reorders else (None, None)
@@ -182,19 +184,27 @@ def _int32(t: torch.Tensor, what: str) -> torch.Tensor:
     return narrow
 
 
-def _documents(document_ids, B: int, Sq: int, Sk: int, device, offsets: bool) -> tuple[torch.Tensor, ...]:
-    """(query ids, key ids), int32 [B', S]; with `offsets`, then each token's position within its document (the
-    same for queries and keys: in_document() needs one sequence)."""
+def _documents(document_ids, B: int, Sq: int, Sk: int, device, offsets: bool, positions) -> tuple[torch.Tensor, ...]:
+    """(query ids, key ids), int32 [B', S]; with `offsets` (in_document()), then the query's and the key's positions
+    within their documents: `positions` (the call's `document_positions=`), or counted from one id tensor."""
     qd, kd = P.document_ids_pair(document_ids, Sq, Sk)
     for t in (qd, kd):
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.shape[0] not in (1, B):
             raise InputError(f"document ids must be integer tensors [{B}, S] or [S], got {t.dtype} {tuple(t.shape)}")
+    ids = (qd, kd)
     qd, kd = (_int32(t, "document ids").to(device).contiguous() for t in (qd, kd))
     if not offsets:
         return qd, kd
-    within = P.document_offsets(document_ids if isinstance(document_ids, (tuple, list)) else qd, Sq, Sk)
-    within = within.to(torch.int32)
-    return qd, kd, within, within
+    if positions is None:  # counted on the device, from the one id tensor
+        within = P.document_offsets(document_ids if isinstance(document_ids, (tuple, list)) else qd, Sq, Sk)
+        within = within.to(torch.int32)
+        return qd, kd, within, within
+    pair = P.document_positions_pair(ids, positions, Sq, Sk)
+    for t in pair:
+        if t.shape[0] not in (1, B):
+            raise InputError(f"document_positions must be [{B}, S] or [S] tensors, got {tuple(t.shape)}")
+    qp, kp = (_int32(t, "document positions").to(device).contiguous() for t in pair)
+    return qd, kd, qp, kp
 
 
 def _key_lengths(key_lengths, B: int, device) -> torch.Tensor:

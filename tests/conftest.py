@@ -93,7 +93,8 @@ def reference_kernels(monkeypatch):
 
     def inputs_of(prep):
         docs = prep.document_ids  # (query ids, key ids), then their positions within documents for in_document()
-        inputs = {"document_ids": docs if docs is None or len(docs) == 2 else docs[0], "key_lengths": prep.key_lengths}
+        inputs = {"document_ids": None if docs is None else docs[:2], "key_lengths": prep.key_lengths}
+        inputs |= {"document_positions": docs[2:]} if docs is not None and len(docs) == 4 else {}
         inputs |= prep.route.mask_inputs() if prep.route is not None else {}  # the sorted tokens' mask
         inputs |= {"selected_blocks": prep.blocks.bool()} if prep.blocks is not None else {}  # topk_blocks' choice
         inputs |= {"key_indices": prep.key_lists} if prep.key_lists is not None else {}

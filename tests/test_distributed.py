@@ -86,6 +86,9 @@ def test_blocks_between_unrelated_documents_are_dropped():
     assert D.skip_unrelated_documents(D.plan(pat, world, shard_len), pat, batched) == D.plan(pat, world, shard_len)
     either = ag.documents() | ag.global_tokens(2)  # documents under |: a shared one is not required
     assert D.skip_unrelated_documents(D.plan(either, world, shard_len), either, ids) == D.plan(either, world, shard_len)
+    within = ag.in_document(ag.causal()) & ag.causal()  # in_document() requires a shared document too
+    p = D.skip_unrelated_documents(D.plan(within, world, shard_len), within, ids)
+    assert [p.needs(r) for r in range(world)] == [(), (0,), (), (2,)]
 
 
 def test_plan_refuses_what_it_cannot_split():
@@ -156,6 +159,8 @@ PATTERNS = {
     "full": ag.full(),
     "causal_nm": ag.causal() & ag.nm(2, 4),
     "documents": ag.documents() & ag.causal(),  # packed sequences
+    # each document's own sinks and window (positions within documents counted on the whole sequence)
+    "in_document": ag.in_document(ag.causal() & (ag.sliding_window(6) | ag.predicate("k < 2"))),
     "padding": ag.key_padding() | ag.global_tokens(3),
     # 8-position blocks, random, over up to 96 positions (the 3-rank sequences)
     "layout": ag.block_layout(torch.rand(12, 12, generator=torch.Generator().manual_seed(3)) < 0.5, 8) & ag.causal(),
@@ -209,8 +214,8 @@ def _free_port() -> int:
 @pytest.mark.parametrize("world", [2, 3])
 def test_context_parallel_matches_single_process_reference(world):
     """Forward and gradients of every rank's shard against the whole sequence's reference, in both layouts, for
-    causal, windows with global tokens, full, causal & nm(2, 4), packed documents, key padding and block layouts
-    (one grid, and one per batch element and head)."""
+    causal, windows with global tokens, full, causal & nm(2, 4), packed documents (alone and with each document's
+    own sinks and window), key padding and block layouts (one grid, and one per batch element and head)."""
     cases = [(name, layout) for name in PATTERNS for layout in D.LAYOUTS]
     mp.spawn(_worker, args=(world, _free_port(), cases), nprocs=world, join=True)
 

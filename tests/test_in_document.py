@@ -83,18 +83,52 @@ def test_the_mask_is_the_pattern_inside_each_document():
     assert torch.equal(causal, (ag.documents() & ag.causal()).mask(12, 12, document_ids=ids))
 
 
-def test_one_sequence_is_needed():
+def test_without_one_sequence_the_positions_are_given():
+    """Positions within documents are counted on one sequence; with a (query, key) pair of ids (Sq != Sk: decoding
+    with a cache) the call passes them, checked like the ids."""
     q = torch.zeros(1, 2, 40, 64, dtype=torch.float16)
     k = torch.zeros(1, 2, 30, 64, dtype=torch.float16)
     pat = ag.in_document(ag.causal())
-    inputs = {"key_lengths": None}
-    with pytest.raises(InputError, match="needs Sq == Sk"):
-        pair = (torch.zeros(40, dtype=torch.int64), torch.zeros(30, dtype=torch.int64))
-        prepare.prepare(pat, q, k, {"document_ids": pair, **inputs})
-    with pytest.raises(InputError, match="a \\(query, key\\) pair"):
-        prepare.prepare(pat, q, q, {"document_ids": (torch.zeros(40, dtype=torch.int64),) * 2, **inputs})
+    pair = (torch.zeros(40, dtype=torch.int64), torch.zeros(30, dtype=torch.int64))
+    inputs = {"key_lengths": None, "document_ids": pair}
+    with pytest.raises(InputError, match=r"Sq=40, Sk=30: pass document_positions="):
+        prepare.prepare(pat, q, k, inputs)
+    with pytest.raises(InputError, match="a \\(query, key\\) pair of ids: pass document_positions="):
+        prepare.prepare(pat, q, q, {**inputs, "document_ids": (pair[0], pair[0])})
     with pytest.raises(InputError, match=r"needs document_ids="):
-        prepare.prepare(pat, q, q, {"document_ids": None, **inputs})
+        prepare.prepare(pat, q, q, {"document_ids": None, "key_lengths": None})
+    with pytest.raises(InputError, match=r"document_positions \(key\) must be a \[B, 30\] or \[30\]"):
+        prepare.prepare(pat, q, k, {**inputs, "document_positions": (torch.arange(40), torch.arange(29))})
+    with pytest.raises(InputError, match=r"with Sq != Sk pass document_positions=\(query_positions, key_positions\)"):
+        prepare.prepare(pat, q, k, {**inputs, "document_positions": torch.arange(40)})
+    with pytest.raises(InputError, match="must be integers"):
+        prepare.prepare(pat, q, k, {**inputs, "document_positions": (torch.zeros(40), torch.zeros(30))})
+    with pytest.raises(InputError, match="does not use it"):
+        prepare.prepare(ag.documents(), q, k, {**inputs, "document_positions": (torch.arange(40), torch.arange(30))})
+    prep = prepare.prepare(pat, q, k, {**inputs, "document_positions": (torch.arange(40), torch.arange(30))})
+    assert [t.shape for t in prep.document_ids] == [(1, 40), (1, 30), (1, 40), (1, 30)]
+
+
+def test_decoding_with_a_cache_matches_the_whole_sequence(reference_kernels):
+    """The last 7 queries over 90 cached keys, with their ids and positions sliced from the whole sequence's: the
+    same rows as attending over the whole sequence."""
+    gen = torch.Generator().manual_seed(10)
+    S, n = 90, 7
+    ids = _packed(2, S, 11, rate=0.06)
+    within = document_offsets(ids, S, S)
+    pat = ag.in_document(ag.prefix_lm(6) & ag.sliding_window(30))
+    q = torch.randn(2, 4, S, 32, generator=gen).to(torch.bfloat16)
+    k, v = (torch.randn(2, 2, S, 32, generator=gen).to(torch.bfloat16) for _ in range(2))
+    whole = ag.attention(q, k, v, pat, document_ids=ids)
+    last = ag.attention(
+        q[:, :, -n:], k, v, pat, document_ids=(ids[:, -n:], ids), document_positions=(within[:, -n:], within)
+    )
+    assert (last.float() - whole[:, :, -n:].float()).abs().max() < 1e-2
+    want, _ = reference.attention(
+        q[:, :, -n:], k, v, pat, dtype=torch.float64, document_ids=(ids[:, -n:], ids),
+        document_positions=(within[:, -n:], within),
+    )  # fmt: skip
+    assert (last.double() - want).abs().max() < 2e-2
 
 
 def test_the_kernels_read_positions_beside_the_ids():
@@ -159,10 +193,3 @@ def test_block_top_k_chooses_among_the_blocks_in_document_allows(reference_kerne
 def test_compiles_without_spills(arch):
     pat = ag.in_document(ag.predicate("q // 64 == k // 64") & ag.causal()) | ag.sliding_window(20)
     assert_no_spills(ag.compile(pat, head_dim=128, dtype=torch.bfloat16, arch=arch))
-
-
-def test_context_parallelism_refuses_it():
-    from attngen import distributed
-
-    with pytest.raises(InputError, match=r"in_document\(\) not yet"):
-        distributed.plan(ag.in_document(ag.causal()), 2, 64)
