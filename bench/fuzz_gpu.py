@@ -3,6 +3,7 @@
     python bench/fuzz_gpu.py --cases 1000 --seed 0 [--out DIR]   # cases 0..999
     python bench/fuzz_gpu.py --seed 1234 --cases 1               # one case again (each failure prints this line)
     python bench/fuzz_gpu.py --cases 20 --dry-run                # no GPU: the cases' repro lines and shapes
+    python bench/fuzz_gpu.py --seeds 280 454 776                 # chosen cases (earlier failures, say)
 
 Per case: the output (finite, 0 on rows with no allowed key, relative error below FWD_TOL), the LSE when the case
 asks for it (-inf exactly on empty rows, close elsewhere) and, for cases flagged backward, dq, dk, dv (with an LSE
@@ -312,14 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     ap.add_argument("--cases", type=int, default=1000, help="number of cases: seeds seed .. seed + cases - 1")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="these seeds instead of a range")
     ap.add_argument("--out", type=Path, default=None, help="folder for fuzz_failures.jsonl (default: $OUT or .)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (0: no prewarm)")
     ap.add_argument("--dry-run", action="store_true", help="generate and print the cases only (no GPU needed)")
     ap.add_argument("--arch", default=None, help="target arch (default: the GPU's; sm_90 for --dry-run)")
     args = ap.parse_args(argv)
-    if args.seed < 0 or args.cases < 1:
-        ap.error("--seed must be >= 0 and --cases >= 1")
-    todo = list(fuzzing.cases(args.seed, args.cases))
+    if args.seed < 0 or args.cases < 1 or any(s < 0 for s in args.seeds or ()):
+        ap.error("seeds must be >= 0 and --cases >= 1")
+    todo = [fuzzing.case(s) for s in args.seeds] if args.seeds else list(fuzzing.cases(args.seed, args.cases))
     if args.dry_run:
         return dry_run(todo, args.arch or "sm_90")
 
@@ -334,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     failures_path = out_dir / "fuzz_failures.jsonl"
     failures_path.write_text("")
-    last = args.seed + len(todo) - 1
-    print(f"{torch.cuda.get_device_name(device)} ({arch}): {len(todo)} cases, seeds {args.seed}..{last}")
+    seeds = " ".join(map(str, args.seeds)) if args.seeds else f"{args.seed}..{args.seed + len(todo) - 1}"
+    print(f"{torch.cuda.get_device_name(device)} ({arch}): {len(todo)} cases, seeds {seeds}")
     if args.jobs > 0 and len(todo) > 1:
         prewarm(todo, arch, args.jobs)
     tol = tolerances()
