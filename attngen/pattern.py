@@ -641,7 +641,9 @@ def in_document(pattern: Pattern) -> Pattern:
     prefix LM per document, `in_document(global_tokens(4))` gives each document's first 4 tokens to all of it,
     `in_document(predicate("q // 64 == k // 64"))` chunks each document from its start. `pattern` is affine (causal,
     windows, local, prefix_lm, global_tokens, predicate; with & | ~) and does not read Sq or Sk. Pass
-    `document_ids=` as one [B, S] or [S] tensor (Sq == Sk); a document is the tokens carrying its id."""
+    `document_ids=` as one [B, S] or [S] tensor (Sq == Sk): a document is the tokens carrying its id, and a token's
+    position in it counts the earlier ones; or, decoding with a cache, a (query, key) pair of ids with
+    `document_positions=` (query, key) giving those positions."""
     expr = _in_document_expr(_check(pattern))
     if expr.has(Sq, Sk):
         raise InputError(

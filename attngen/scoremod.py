@@ -286,14 +286,10 @@ def fold(mods: tuple, q: torch.Tensor, tensors: dict) -> tuple[torch.Tensor, tup
         if not isinstance(m, HeadScale):
             kept.append(m)
             continue
-        c = m.scales
-        if tuple(c.shape) != (Hq,) or c.device != q.device:
-            raise InputError(f"head_scale: one scale per query head on q's device expected ([{Hq}] on {q.device}), "
-                             f"got {list(c.shape)} on {c.device}")  # fmt: skip
+        c = _checked_scales(m, q).float()
         if any(isinstance(p, Softcap) for p in kept):
             raise InputError("score_mod: head_scale after a softcap is not supported; put it before the softcap")
-        c = c.float()
-        for i, p in enumerate(kept):  # tensors `bind` would refuse are left for it to name
+        for i, p in enumerate(kept):  # tensors `bind` would refuse are left as they are, for it to name
             if isinstance(p, Alibi) and p.slopes.device == q.device and p.slopes.shape == c.shape:
                 if c.requires_grad:
                     raise InputError("score_mod: a head_scale after alibi takes no gradient (alibi's slopes take none)")
@@ -301,11 +297,32 @@ def fold(mods: tuple, q: torch.Tensor, tensors: dict) -> tuple[torch.Tensor, tup
             elif isinstance(p, (Bias, RelBias)):
                 name = "bias" if isinstance(p, Bias) else "rel_table"
                 t = tensors.get(name)
-                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device == q.device:
+                if _per_head(name, t, q):
                     per_head = c.view(Hq, 1, 1) if name == "bias" else c.view(Hq, 1)  # a bias's batch dim stays
                     tensors[name] = (t.float() * per_head).to(t.dtype)
         factor = c if factor is None else factor * c
     return (q.float() * factor.view(1, Hq, 1, 1)).to(q.dtype), tuple(kept), tensors
+
+
+def _per_head(name: str, t, q: torch.Tensor) -> bool:
+    """Whether the call's `bias=` or `rel_table=` `t` is one `bind` takes, so that scaling its heads keeps it so: a
+    float tensor on q's device, a bias of at most 4 dims with Hq or 1 heads, a table [Hq, n]."""
+    Hq = q.shape[1]
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device != q.device:
+        return False
+    if name == "rel_table":
+        return t.dim() == 2 and t.shape[0] == Hq
+    return t.dim() <= 4 and (t.dim() < 3 or t.shape[-3] in (1, Hq))
+
+
+def _checked_scales(m: HeadScale, q: torch.Tensor) -> torch.Tensor:
+    Hq = q.shape[1]
+    if tuple(m.scales.shape) != (Hq,) or m.scales.device != q.device:
+        raise InputError(
+            f"head_scale: one scale per query head on q's device expected ([{Hq}] on {q.device}), got "
+            f"{list(m.scales.shape)} on {m.scales.device}"
+        )
+    return m.scales
 
 
 _KINDS = (Softcap, Alibi, Bias, RelBias, HeadScale)
@@ -359,11 +376,7 @@ def bind(mods: tuple, q: torch.Tensor, Sk: int, bias=None, rel_table=None) -> tu
                 raise InputError("score_mod ag.bias() needs the call's bias= tensor, broadcastable to [B, Hq, Sq, Sk]")
             m = _bind_bias(bias, q, Sk)
         elif isinstance(m, HeadScale):
-            if tuple(m.scales.shape) != (Hq,) or m.scales.device != q.device:
-                raise InputError(
-                    f"head_scale: one scale per query head on q's device expected ([{Hq}] on {q.device}), got "
-                    f"{list(m.scales.shape)} on {m.scales.device}"
-                )
+            _checked_scales(m, q)
         elif isinstance(m, RelBias):
             if rel_table is None:
                 raise InputError(f"score_mod {m!r} needs the call's rel_table= tensor [Hq, {m.num_buckets}]")

@@ -373,3 +373,20 @@ def test_what_head_scale_refuses(mods, match, reference_kernels):
     q = torch.randn(1, 4, 5, 32).to(torch.bfloat16)
     with pytest.raises(InputError, match=match):
         ag.attention(q, q, q, ag.causal(), score_mod=mods())
+
+
+@pytest.mark.parametrize(
+    ("tensors", "mod", "match"),
+    [
+        ({"bias": torch.randn(1, 3, 5, 5)}, ag.bias, r"bias= of shape \(1, 3, 5, 5\) does not broadcast"),
+        ({"bias": torch.randn(1, 1, 1, 5, 5)}, ag.bias, r"bias= of shape \(1, 1, 1, 5, 5\) does not broadcast"),
+        ({"bias": torch.ones(5, 5, dtype=torch.int32)}, ag.bias, "bias= must be a float tensor"),
+        ({"rel_table": torch.randn(3, 8)}, lambda: ag.rel_bias(8, 20), r"rel_table= must be \[Hq, num_buckets\]"),
+    ],
+)
+def test_a_head_scale_leaves_bad_tensors_for_bind_to_name(tensors, mod, match, reference_kernels):
+    """Folding a head scale into a bias or a table bind would refuse leaves it as the call gave it: the error names
+    the call's own tensor, never a broadcasting failure inside torch."""
+    q = torch.randn(1, 4, 5, 32).to(torch.bfloat16)
+    with pytest.raises(InputError, match=match):
+        ag.attention(q, q, q, ag.causal(), score_mod=(mod(), ag.head_scale(_scales(False))), **tensors)
