@@ -257,6 +257,48 @@ def test_bad_document_ids(p, defect):
 
 
 @SETTINGS
+@given(
+    p=problems(),
+    defect=st.sampled_from(["pair without", "float", "bool", "q_len", "k_len", "batch", "3d", "list", "triple"]),
+)
+def test_bad_document_positions(p, defect):
+    """in_document() with a (query, key) pair of ids needs `document_positions=`, checked like the ids."""
+    B, Sq, Sk = p["B"], p["Sq"], p["Sk"]
+    ids, pos = (_ids(Sq), _ids(Sk)), (_ids(Sq), _ids(Sk))
+    positions = {
+        "pair without": None,
+        "float": (_ids(Sq, dtype=torch.float32), _ids(Sk)),
+        "bool": (_ids(Sq), _ids(Sk, dtype=torch.bool)),
+        "q_len": (_ids(Sq + 1), _ids(Sk)),
+        "k_len": (_ids(Sq), _ids(Sk + 2)),
+        "batch": (_ids(Sq, B + 1), _ids(Sk)),
+        "3d": (_ids(Sq)[None, None], _ids(Sk)),
+        "list": ([0] * Sq, _ids(Sk)),
+        "triple": (*pos, _ids(Sk)),
+    }[defect]
+    call = lambda: _past_device_check(
+        *_qkv(p), ag.in_document(ag.causal()), document_ids=ids, document_positions=positions
+    )
+    _raises(call, "document_positions")
+
+
+@SETTINGS
+@given(p=problems(), defect=st.sampled_from(["heads", "2d", "ints", "device", "after softcap", "not a tensor"]))
+def test_bad_head_scale(p, defect):
+    """What `head_scale` refuses, before any kernel, with a message naming it."""
+    Hq = p["Hq"]
+    make = {
+        "heads": lambda: ag.head_scale(torch.ones(Hq + 1)),
+        "2d": lambda: ag.head_scale(torch.ones(Hq, 1)),
+        "ints": lambda: ag.head_scale(torch.ones(Hq, dtype=torch.int64)),
+        "device": lambda: ag.head_scale(torch.ones(Hq, device="meta")),
+        "after softcap": lambda: (ag.softcap(2.0), ag.head_scale(torch.ones(Hq))),
+        "not a tensor": lambda: ag.head_scale([1.0] * Hq),
+    }[defect]
+    _raises(lambda: _past_device_check(*_qkv(p), ag.causal(), score_mod=make()), "head_scale")
+
+
+@SETTINGS
 @given(p=problems(), defect=st.sampled_from(["missing", "float", "bool", "2d", "0d", "short", "long", "list"]))
 def test_bad_key_lengths(p, defect):
     B, Sk = p["B"], p["Sk"]
