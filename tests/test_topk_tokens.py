@@ -88,7 +88,8 @@ def test_reference_is_the_definition(name, k):
 @pytest.mark.parametrize("name", list(SCORERS))
 def test_call_time_selection_matches_the_reference(name, monkeypatch):
     """tokenselect (fp32, rows in chunks) chooses what the float64 reference chooses, for contexts with | (the
-    window adds keys, not candidates), documents (per batch) and key padding (a batch with no key: empty rows)."""
+    window adds keys, not candidates), documents (per batch; and a window within each), and key padding (a batch
+    with no key: empty rows)."""
     monkeypatch.setattr(tokenselect, "CHUNK", 3000)  # several chunks of rows
     gen = torch.Generator().manual_seed(7)
     scorer = SCORERS[name]
@@ -97,6 +98,12 @@ def test_call_time_selection_matches_the_reference(name, monkeypatch):
         (ag.causal() & ag.topk(5, scorer=scorer), 50, 50, {}),
         (ag.causal() & (ag.topk(4, scorer=scorer) | ag.sliding_window(3)), 50, 50, {}),
         (ag.documents() & ag.topk(6, scorer=scorer), 50, 50, {"document_ids": docs}),
+        (
+            ag.in_document(ag.causal() & ag.sliding_window(12)) & ag.topk(3, scorer=scorer),
+            50,
+            50,
+            {"document_ids": docs},
+        ),
         (ag.key_padding() & ag.topk(2, scorer=scorer), 20, 33, {"key_lengths": torch.tensor([0, 17])}),
     ]:
         q, kk = _grid(B, HQ, Sq, D, gen=gen), _grid(B, HKV, Sk, D, gen=gen)
