@@ -212,7 +212,8 @@ def leaner(t: Tiles, kernel: str, head_dim: int) -> Tiles | None:
     """The next leaner variant of backward kernel `kernel`'s ("dkdv", "dq") tiling (fewer live registers, a little
     slower), or None: dK/dV's bias read where it is used, operands re-read from shared memory, then the mask
     evaluated 4, then 1 element at a time, then (mma.sync dK/dV) dK and dV in two sweeps, then query steps of 64
-    rows (the Pᵀ and dPᵀ fragments shrink with them)."""
+    rows (the Pᵀ and dPᵀ fragments shrink with them); for the sm_90a dQ, key steps of 64 (its score and dP
+    accumulators halve)."""
     if t.bias_preload and kernel == "dkdv":
         return replace(t, bias_preload="")
     if t.operands_in_regs:
@@ -225,6 +226,8 @@ def leaner(t: Tiles, kernel: str, head_dim: int) -> Tiles | None:
         return replace(t, split=True)
     if kernel == "dkdv" and not t.wgmma and t.block_m > 64:
         return replace(t, block_m=64, smem_bytes=_dkdv_smem(64, t.block_n, head_dim))
+    if kernel == "dq" and t.wgmma and t.block_n > 64:
+        return replace(t, block_n=64, smem_bytes=wgmma_dq_smem(t.block_m, 64, head_dim, t.stages))
     return None
 
 
