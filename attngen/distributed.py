@@ -21,7 +21,9 @@ to their owners, who add them in a fixed order: deterministic, like the single-G
 
 Patterns: affine ones (causal, windows, local, prefix_lm, global_tokens, predicates), documents(), in_document()
 (positions within documents counted on the whole sequence) and key_padding() (their call-time data given for the
-whole sequence, as on one GPU, and sliced per block) with & | ~, and
+whole sequence, as on one GPU, and sliced per block), key_indices() (each rank gives its own rows' lists; a block
+gets its rows' lists less its first key, and where the lists are in the pattern's top-level &, blocks no row lists
+a key of are dropped by every rank alike after one all-reduce) with & | ~, and
 `A & nm(n, m)` with chunks a multiple of m; block layouts with chunks a multiple of their block size (a chunk
 pair the layout keeps no block of is neither computed nor exchanged)."""
 
@@ -132,12 +134,12 @@ def plan(pattern: P.Pattern, world: int, shard_len: int, layout: str = "contiguo
     chunk = shard_len // n_own
     S = chunk * world * n_own
     positions, rule = split_selection(pattern)
-    leaves = (P.Affine, P.Documents, P.InDocument, P.KeyPadding, P.BlockLayout)
-    if any(not isinstance(leaf, leaves) for leaf in positions.leaves()):
+    leaves = (P.Affine, P.Documents, P.InDocument, P.KeyPadding, P.BlockLayout, P.KeyIndices)
+    if any(not isinstance(leaf, leaves) or isinstance(leaf, P.SelectedKeys) for leaf in positions.leaves()):
         raise InputError(
             f"{pattern!r}: context parallelism takes affine patterns (causal, windows, local, prefix_lm, "
-            "global_tokens, predicate), documents(), in_document(), key_padding() and block layouts with & | ~, and "
-            "`A & nm(n, m)`; buckets, lsh, keep masks, key-index lists and top-k rules not yet"
+            "global_tokens, predicate), documents(), in_document(), key_padding(), key_indices() and block layouts "
+            "with & | ~, and `A & nm(n, m)`; buckets, lsh, keep masks and top-k rules not yet"
         )
     layouts = [leaf for leaf in positions.leaves() if isinstance(leaf, P.BlockLayout)]
     for bs in sorted({leaf.block_size for leaf in layouts}):
@@ -213,14 +215,19 @@ def _affine_bound(pat: P.Pattern) -> P.Pattern:
     return P.full()
 
 
-def _block_inputs(pattern: P.Pattern, bl: Block, chunk: int, document_ids, key_lengths, within=None) -> dict:
-    """The call-time tensors of one block: its rows' and keys' document ids (and, for in_document(), their positions
-    within documents, `within`, counted on the whole sequence), key lengths less the block's first key (clipped to
-    its keys)."""
+def _block_inputs(pattern: P.Pattern, bl: Block, chunk: int, runtime: dict) -> dict:
+    """The call-time tensors of one block (`runtime`, the call's): its rows' and keys' document ids (and, for
+    in_document(), their positions within documents, `within`, counted on the whole sequence), key lengths less the
+    block's first key (clipped to its keys), and its rows' key lists (this rank's, `key_indices`) less the block's
+    first key (keys outside the block then fall outside [0, keys) and are ignored)."""
+    document_ids, key_lengths, within = runtime["document_ids"], runtime["key_lengths"], runtime["within"]
     need = pattern.runtime_inputs
     inputs = {"document_ids": None, "key_lengths": None}
     q0, k0 = bl.q_chunk * chunk + bl.rows[0], bl.k_chunk * chunk + bl.keys[0]
     rows, keys = slice(q0, q0 + bl.rows[1] - bl.rows[0]), slice(k0, k0 + bl.keys[1] - bl.keys[0])
+    if "key_indices" in need:
+        local = bl.q_slot * chunk + bl.rows[0]  # the block's rows in this rank's shard
+        inputs["key_indices"] = runtime["key_indices"][:, :, local : local + bl.rows[1] - bl.rows[0]] - k0
     if "document_ids" in need:
         inputs["document_ids"] = (document_ids[..., rows], document_ids[..., keys])
     if within is not None:
@@ -376,7 +383,7 @@ def _by_owner(p: Plan, rank: int) -> dict[int, list]:
 
 class _ContextParallel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, p: Plan, scale: float, group, pattern, document_ids, key_lengths, within):
+    def forward(ctx, q, k, v, p: Plan, scale: float, group, pattern, runtime: dict):
         rank = dist.get_rank(group)
         k, v = k.contiguous(), v.contiguous()
         kv = _exchange((k, v), p, rank, group)
@@ -384,7 +391,7 @@ class _ContextParallel(torch.autograd.Function):
         for bl in p.blocks[rank]:
             kk, vv = kv.get(bl.owner)
             rows, keys = _slices(p, bl, rank)
-            inputs = _block_inputs(pattern, bl, p.chunk, document_ids, key_lengths, within)
+            inputs = _block_inputs(pattern, bl, p.chunk, runtime)
             o, lse_o = _block_forward(q[:, :, rows], kk[:, :, keys], vv[:, :, keys], bl.pattern, scale, inputs)
             slots[bl.q_slot].add(bl.rows, o, lse_o)
         kv.finish()
@@ -393,14 +400,14 @@ class _ContextParallel(torch.autograd.Function):
         lse = torch.cat([lse for _, lse in parts], dim=2) if len(parts) > 1 else parts[0][1]
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale, ctx.group = p, scale, group
-        ctx.inputs = (pattern, document_ids, key_lengths, within)
+        ctx.inputs = (pattern, runtime)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         p, scale, group = ctx.plan, ctx.scale, ctx.group
-        pattern, document_ids, key_lengths, within = ctx.inputs
+        pattern, runtime = ctx.inputs
         rank = dist.get_rank(group)
         dout = dout.contiguous()
         kv = _exchange((k, v), p, rank, group)
@@ -413,7 +420,7 @@ class _ContextParallel(torch.autograd.Function):
         for bl in p.blocks[rank]:
             kk, vv = kv.get(bl.owner)
             rows, keys = _slices(p, bl, rank)
-            inputs = _block_inputs(pattern, bl, p.chunk, document_ids, key_lengths, within)
+            inputs = _block_inputs(pattern, bl, p.chunk, runtime)
             gq, gk, gv = _block_backward(
                 dout[:, :, rows], q[:, :, rows], kk[:, :, keys], vv[:, :, keys], out[:, :, rows],
                 lse[:, :, rows].contiguous(), bl.pattern, scale, inputs,
@@ -442,7 +449,7 @@ class _ContextParallel(torch.autograd.Function):
             dk[:, :, a:b] += sk
             dv[:, :, a:b] += sv
         back.finish()
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def _slices(p: Plan, bl: Block, rank: int) -> tuple[slice, slice]:
@@ -463,12 +470,14 @@ def attention(
     scale: float | None = None,
     document_ids: torch.Tensor | None = None,
     key_lengths: torch.Tensor | None = None,
+    key_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over a sequence sharded across `group` (default: the world): this rank's q, k, v [B, H, S / world,
     D] hold the chunks `layout` ("contiguous" or "zigzag") assigns it; returns this rank's rows of the output, in
     the same order. Differentiable with respect to q, k, v. Every rank calls it with the same pattern and shapes.
     `document_ids` ([B, S] or [S]) and `key_lengths` ([B]) describe the whole sequence, as for a single GPU (each
-    rank holds them whole: they are small); every block gets its slice."""
+    rank holds them whole: they are small); every block gets its slice. `key_indices` ([B, H', S / world, n], for
+    a key_indices() leaf) are this rank's rows' lists, in its shard's order, of key positions in the whole sequence."""
     if not dist.is_available() or not dist.is_initialized():
         raise InputError("attngen.distributed.attention needs torch.distributed initialised (init_process_group)")
     group = group if group is not None else dist.group.WORLD
@@ -483,7 +492,7 @@ def attention(
     p = plan(pattern, dist.get_world_size(group), q.shape[2], layout, TILE)
     S = p.length
     need = pattern.runtime_inputs
-    for name, value in (("document_ids", document_ids), ("key_lengths", key_lengths)):
+    for name, value in (("document_ids", document_ids), ("key_lengths", key_lengths), ("key_indices", key_indices)):
         if (value is None) == (name in need):
             raise InputError(
                 f"{name}= is {'missing' if value is None else 'given'} but pattern {pattern!r} "
@@ -495,11 +504,45 @@ def attention(
         not isinstance(key_lengths, torch.Tensor) or tuple(key_lengths.shape) != (q.shape[0],)
     ):
         raise InputError(f"key_lengths must be a tensor [{q.shape[0]}] of the whole sequence's key lengths")
+    if key_indices is not None:
+        from .keyindex import check
+
+        check(key_indices, q.shape[0], q.shape[1], k.shape[1], q.shape[2])  # this rank's rows
     if document_ids is not None:
         p = skip_unrelated_documents(p, pattern, document_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if key_indices is not None:
+        p = skip_unlisted_keys(p, pattern, key_indices, group)
     within = P.document_offsets(document_ids, S, S) if P.reads_document_offsets(pattern) else None
-    return _ContextParallel.apply(q, k, v, p, scale, group, pattern, document_ids, key_lengths, within)
+    runtime = {"document_ids": document_ids, "key_lengths": key_lengths, "within": within, "key_indices": key_indices}
+    return _ContextParallel.apply(q, k, v, p, scale, group, pattern, runtime)
+
+
+def skip_unlisted_keys(p: Plan, pattern: P.Pattern, key_indices: torch.Tensor, group) -> Plan:
+    """`p` without the blocks whose key chunk no row of their query chunk lists, where the pattern keeps only listed
+    keys (`key_indices()` in its top-level &). Each rank knows its own rows' lists: it marks the key chunks each of
+    its query chunks lists, one all-gather shares the marks, and every rank drops the same blocks, so the exchanges
+    still pair up."""
+    from .select import split_selection
+
+    positions, _ = split_selection(pattern)
+    parts = positions.parts if isinstance(positions, P.And) else (positions,)
+    if not any(isinstance(part, P.KeyIndices) for part in parts):
+        return p
+    world, chunks = p.world, p.length // p.chunk
+    rank = dist.get_rank(group)
+    own = chunks_of(p.layout, world, rank)
+    idx = key_indices.long().unflatten(2, (len(own), p.chunk))  # [B, H', slots, chunk, n]
+    chunk_of = torch.where((idx >= 0) & (idx < p.length), idx // p.chunk, chunks)  # unlisted: past the last chunk
+    per_slot = chunk_of.transpose(0, 2).reshape(len(own), -1)  # every listed chunk of each of the rank's chunks
+    marks = torch.zeros(len(own), chunks + 1, dtype=torch.int32, device=idx.device)
+    marks.scatter_(1, per_slot, 1)
+    listed = torch.zeros(chunks, chunks, dtype=torch.int32, device=idx.device)
+    listed[list(own)] = marks[:, :chunks]
+    dist.all_reduce(listed, group=group)  # each query chunk belongs to one rank: the sum is its marks
+    listed = listed.cpu() > 0
+    blocks = tuple(tuple(bl for bl in blocks if listed[bl.q_chunk, bl.k_chunk]) for blocks in p.blocks)
+    return Plan(p.world, p.chunk, p.layout, blocks)
 
 
 def skip_unrelated_documents(p: Plan, pattern: P.Pattern, document_ids: torch.Tensor) -> Plan:

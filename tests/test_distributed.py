@@ -140,7 +140,7 @@ def ref_block_backward(dout, q, k, v, out, lse, pat, scale, inputs):
     kf, vf = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     s = scale * q @ kf.transpose(-1, -2)
     positions, rule = split_selection(pat)
-    allowed = dense_mask(positions, q.shape[2], k.shape[2], **inputs)
+    allowed = dense_mask(positions, q.shape[2], k.shape[2], q=q, **inputs)  # q: lists per KV head serve its group
     if rule is not None:
         allowed = allowed & rule.reference_keep(s, allowed)
     lse = lse.unsqueeze(-1)
@@ -161,6 +161,9 @@ PATTERNS = {
     "documents": ag.documents() & ag.causal(),  # packed sequences
     # each document's own sinks and window (positions within documents counted on the whole sequence)
     "in_document": ag.in_document(ag.causal() & (ag.sliding_window(6) | ag.predicate("k < 2"))),
+    # lists of keys per row (each rank passes its rows'): the gather form, and the bits form under |
+    "key_indices": ag.causal() & ag.key_indices(),
+    "key_indices_or_window": ag.key_indices() | ag.sliding_window(4),
     "padding": ag.key_padding() | ag.global_tokens(3),
     # 8-position blocks, random, over up to 96 positions (the 3-rank sequences)
     "layout": ag.block_layout(torch.rand(12, 12, generator=torch.Generator().manual_seed(3)) < 0.5, 8) & ag.causal(),
@@ -191,8 +194,14 @@ def _worker(rank, world, port, cases):
                 inputs["document_ids"] = (torch.rand(B, S, generator=gen) < 0.08).cumsum(-1)
             if "key_lengths" in pat.runtime_inputs:
                 inputs["key_lengths"] = torch.tensor([S - 5, S // 3])[:B]
+            ranked = {}
+            if "key_indices" in pat.runtime_inputs:  # a few keys per row, some far away, some repeated, -1 padding
+                lists = torch.randint(-1, S, (B, Hkv, S, 6), generator=gen)
+                lists[..., 0] = torch.arange(S) // 3  # one key from the first third, for every row
+                inputs["key_indices"] = lists
+                ranked["key_indices"] = D.shard(lists, world, rank, layout)  # this rank's rows
             qs, ks, vs = (D.shard(t, world, rank, layout).requires_grad_() for t in (q, k, v))
-            out = D.attention(qs, ks, vs, pat, layout=layout, **inputs)
+            out = D.attention(qs, ks, vs, pat, layout=layout, **{**inputs, **ranked})
             grads = torch.autograd.grad(out, (qs, ks, vs), D.shard(dout, world, rank, layout))
 
             qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
@@ -215,9 +224,35 @@ def _free_port() -> int:
 def test_context_parallel_matches_single_process_reference(world):
     """Forward and gradients of every rank's shard against the whole sequence's reference, in both layouts, for
     causal, windows with global tokens, full, causal & nm(2, 4), packed documents (alone and with each document's
-    own sinks and window), key padding and block layouts (one grid, and one per batch element and head)."""
+    own sinks and window), key padding, key-index lists (each rank passing its own rows') and block layouts (one
+    grid, and one per batch element and head)."""
     cases = [(name, layout) for name in PATTERNS for layout in D.LAYOUTS]
     mp.spawn(_worker, args=(world, _free_port(), cases), nprocs=world, join=True)
+
+
+def _unlisted_worker(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        pat, S = ag.causal() & ag.key_indices(), 64  # zigzag over 2 ranks: 4 chunks of 16
+        lists = torch.full((1, 1, S, 3), -1)
+        lists[0, 0, :, 0] = torch.arange(S) % 8  # every row lists keys of chunk 0 only ...
+        lists[0, 0, 48:, 1] = 40  # ... and the rows of chunk 3 also key 40 (chunk 2)
+        whole = D.plan(pat, world, S // world, "zigzag")
+        pruned = D.skip_unlisted_keys(whole, pat, D.shard(lists, world, rank, "zigzag"), dist.group.WORLD)
+        pairs = {(bl.q_chunk, bl.k_chunk) for blocks in pruned.blocks for bl in blocks}
+        assert pairs == {(0, 0), (1, 0), (2, 0), (3, 0), (3, 2)}, pairs
+        either = ag.key_indices() | ag.sliding_window(4)  # lists under |: every block the window needs stays
+        whole = D.plan(either, world, S // world, "zigzag")
+        assert D.skip_unlisted_keys(whole, either, D.shard(lists, world, rank, "zigzag"), dist.group.WORLD) == whole
+    finally:
+        dist.destroy_process_group()
+
+
+def test_blocks_no_listed_key_reaches_are_dropped():
+    """Key-index lists: the ranks share which key chunks their rows list (one all-reduce) and all drop the same
+    blocks, where no row of the query chunk lists a key of the key chunk."""
+    mp.spawn(_unlisted_worker, args=(2, _free_port()), nprocs=2, join=True)
 
 
 def test_blocks_share_few_structures():
