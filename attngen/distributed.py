@@ -521,7 +521,7 @@ def attention(
 def skip_unlisted_keys(p: Plan, pattern: P.Pattern, key_indices: torch.Tensor, group) -> Plan:
     """`p` without the blocks whose key chunk no row of their query chunk lists, where the pattern keeps only listed
     keys (`key_indices()` in its top-level &). Each rank knows its own rows' lists: it marks the key chunks each of
-    its query chunks lists, one all-gather shares the marks, and every rank drops the same blocks, so the exchanges
+    its query chunks lists, one all-reduce shares the marks, and every rank drops the same blocks, so the exchanges
     still pair up."""
     from .select import split_selection
 

@@ -1119,25 +1119,24 @@ def dense_mask(
         batches = torch.arange(lay.shape[0], device=device).view(-1, 1, 1, 1)
         heads = torch.arange(lay.shape[1], device=device).view(1, -1, 1, 1)
         return lay[batches, heads, qi // pat.block_size, kj // pat.block_size]
-    if isinstance(pat, Documents):
+    if isinstance(pat, (Documents, InDocument)):
         if document_ids is None:
-            raise InputError("the pattern uses documents(): pass document_ids=")
+            name = "in_document" if isinstance(pat, InDocument) else "documents"
+            raise InputError(f"the pattern uses {name}(): pass document_ids=")
         qd, kd = (d.to(device).unsqueeze(1) for d in document_ids_pair(document_ids, Sq, Sk))  # [B', 1, S]
-        if order is not None:
-            qd = torch.gather(qd.expand(qi.shape[0], qi.shape[1], Sq), 2, qi[..., 0])
-            kd = torch.gather(kd.expand(kj.shape[0], kj.shape[1], Sk), 2, kj[..., 0, :])
-        return qd[..., :, None] == kd[..., None, :]
-    if isinstance(pat, InDocument):
-        if document_ids is None:
-            raise InputError("the pattern uses in_document(): pass document_ids=")
-        qd, kd = (d.to(device).unsqueeze(1) for d in document_ids_pair(document_ids, Sq, Sk))  # [B', 1, S]
-        pair = document_positions_pair(document_ids, document_positions, Sq, Sk)
-        qo, ko = (t.to(device, torch.int64).unsqueeze(1) for t in pair)
-        if order is not None:
-            qd, qo = (torch.gather(t.expand(qi.shape[0], qi.shape[1], Sq), 2, qi[..., 0]) for t in (qd, qo))
-            kd, ko = (torch.gather(t.expand(kj.shape[0], kj.shape[1], Sk), 2, kj[..., 0, :]) for t in (kd, ko))
-        inner = _evaluate(pat.expr, {q_sym: qo[..., :, None], k_sym: ko[..., None, :]})
-        return (qd[..., :, None] == kd[..., None, :]) & torch.as_tensor(inner, device=device)
+        qs, ks = [qd], [kd]
+        if isinstance(pat, InDocument):  # and the positions within documents
+            qo, ko = document_positions_pair(document_ids, document_positions, Sq, Sk)
+            qs.append(qo.to(device, torch.int64).unsqueeze(1))
+            ks.append(ko.to(device, torch.int64).unsqueeze(1))
+        if order is not None:  # the values at the tokens' original positions
+            qs = [torch.gather(t.expand(qi.shape[0], qi.shape[1], Sq), 2, qi[..., 0]) for t in qs]
+            ks = [torch.gather(t.expand(kj.shape[0], kj.shape[1], Sk), 2, kj[..., 0, :]) for t in ks]
+        same = qs[0][..., :, None] == ks[0][..., None, :]
+        if isinstance(pat, Documents):
+            return same
+        inner = _evaluate(pat.expr, {q_sym: qs[1][..., :, None], k_sym: ks[1][..., None, :]})
+        return same & torch.as_tensor(inner, device=device)
     if isinstance(pat, KeyIndices):
         return _listed(key_indices, Sq, Sk, q, order, device)
     if isinstance(pat, KeyPadding):

@@ -168,12 +168,14 @@ def _lower(pat: P.Pattern, ops: tuple[str, str], at: tuple[str, str] = affine.PO
     if isinstance(pat, P.Affine):
         text = affine.lower_c(pat.expr, ops)  # in q, k, Sq, Sk: renamed as whole words (Sq, Sk stay)
         return re.sub(r"\bk\b", kp, re.sub(r"\bq\b", qp, text))
-    if isinstance(pat, P.Documents):
-        return f"qdoc[b * qdoc_sb + {qp}] == kdoc[b * kdoc_sb + {kp}]"
-    if isinstance(pat, P.InDocument):  # the predicate on positions within the document (prepare: qoff, koff)
+    if isinstance(pat, (P.Documents, P.InDocument)):
+        same = f"qdoc[b * qdoc_sb + {qp}] == kdoc[b * kdoc_sb + {kp}]"
+        if isinstance(pat, P.Documents):
+            return same
+        # in_document(): the predicate on the positions within the document (prepare: qoff, koff)
         qo, ko = f"qoff[b * qoff_sb + {qp}]", f"koff[b * koff_sb + {kp}]"
         inner = re.sub(r"\bk\b", ko, re.sub(r"\bq\b", qo, affine.lower_c(pat.expr, ops)))
-        return f"(qdoc[b * qdoc_sb + {qp}] == kdoc[b * kdoc_sb + {kp}]){ops[0]}({inner})"
+        return f"({same}){ops[0]}({inner})"
     if isinstance(pat, P.KeyPadding):
         return f"{kp} < key_len[b]"
     if isinstance(pat, P.KeyIndices):

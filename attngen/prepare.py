@@ -191,15 +191,14 @@ def _documents(document_ids, B: int, Sq: int, Sk: int, device, offsets: bool, po
     for t in (qd, kd):
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.shape[0] not in (1, B):
             raise InputError(f"document ids must be integer tensors [{B}, S] or [S], got {t.dtype} {tuple(t.shape)}")
-    ids = (qd, kd)
     qd, kd = (_int32(t, "document ids").to(device).contiguous() for t in (qd, kd))
     if not offsets:
         return qd, kd
-    if positions is None:  # counted on the device, from the one id tensor
+    if positions is None:  # counted on the device, from the one id tensor (a pair is refused there)
         within = P.document_offsets(document_ids if isinstance(document_ids, (tuple, list)) else qd, Sq, Sk)
         within = within.to(torch.int32)
         return qd, kd, within, within
-    pair = P.document_positions_pair(ids, positions, Sq, Sk)
+    pair = P.document_positions_pair(document_ids, positions, Sq, Sk)
     for t in pair:
         if t.shape[0] not in (1, B):
             raise InputError(f"document_positions must be [{B}, S] or [S] tensors, got {tuple(t.shape)}")
