@@ -1,23 +1,23 @@
-"""Integer affine atoms over positions (q, k, Sq, Sk): normalisation, C lowering and tile classification.
+"""Integer affine atoms over positions (q, k, Sq, Sk): normalisation, exact evaluation, C lowering and tile
+classification of the predicates of `attngen.expr`.
 
-Used by the planner (lowering an `Affine` leaf to C) and by the scheduler (classifying tiles of it by interval
-arithmetic on tile corners); neither depends on the other through this module."""
+Used by the reference (evaluating a predicate on position tensors), the planner (lowering an `Affine` leaf to C) and
+the scheduler (classifying tiles of it by interval arithmetic on tile corners)."""
 
 from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass
 
 import numpy as np
-import sympy as sp
 import torch
-from sympy.printing.c import ccode
 
-from .symbols import SYMBOLS
+from .expr import GENS, MAX_DIVISOR, And, Boolean, Not, Or, Rel, Term, Truth
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
-_SYMS = tuple(SYMBOLS.values())  # q, k, Sq, Sk
+__all__ = ["MAX_DIVISOR", "Term"]  # re-exported: the modular terms an atom carries
 
 
 @dataclass(frozen=True)
@@ -27,64 +27,6 @@ class LinearAtom:
     coef: tuple[int, int, int, int]
     const: int
     op: str  # "ge" | "eq" | "ne"
-
-
-# ------------------------------------------------------------------------------------------------ modular terms
-
-MAX_DIVISOR = 2**30
-
-
-@dataclass(frozen=True)
-class Term:
-    """`floor(x / div)` ("floor") or `x mod div` ("mod", in [0, div)) of an integer affine `x`."""
-
-    kind: str
-    coef: tuple[int, int, int, int]
-    const: int
-    div: int
-
-
-def has_modular(e: sp.Basic) -> bool:
-    """Whether `e` contains floor / ceiling / Mod (so it is not a plain linear atom)."""
-    return bool(e.atoms(sp.floor, sp.ceiling, sp.Mod))
-
-
-def _integer_affine(x: sp.Expr, what: str) -> tuple[tuple[int, int, int, int], int]:
-    """Integer coefficients of an affine `x` in q, k, Sq, Sk; ValueError (with a reason) when it is not one."""
-    x = sp.expand(x)
-    if has_modular(x) or not x.is_polynomial(*_SYMS) or sp.Poly(x, *_SYMS).total_degree() > 1:
-        raise ValueError(f"{what}: the operand must be affine in q, k, Sq, Sk (no nested // or %)")
-    poly = sp.Poly(x, *_SYMS)
-    coef = [poly.coeff_monomial(s) for s in _SYMS]
-    const = poly.coeff_monomial(1)
-    if not all(c.is_Integer and abs(int(c)) <= MAX_DIVISOR for c in (*coef, const)):
-        raise ValueError(f"{what}: the operand's coefficients must be integers up to 2**30")
-    return tuple(int(c) for c in coef), int(const)
-
-
-def modular_term(t: sp.Expr) -> tuple[int, Term]:
-    """`t` (floor(a), ceiling(a) with `a` affine with rational coefficients, or Mod(x, c) with x integer affine and
-    c a positive integer constant) as `sign * Term`; ValueError with the reason for anything else."""
-    if isinstance(t, (sp.floor, sp.ceiling)):
-        sign = 1 if isinstance(t, sp.floor) else -1  # ceiling(a) = -floor(-a)
-        arg = sp.expand(sign * t.args[0])
-        if has_modular(arg) or not arg.is_polynomial(*_SYMS) or sp.Poly(arg, *_SYMS).total_degree() > 1:
-            raise ValueError(f"{t}: the operand of // must be affine in q, k, Sq, Sk (no nested // or %)")
-        coeffs = sp.Poly(arg, *_SYMS).coeffs() if arg.free_symbols else [arg]
-        if not all(sp.sympify(c).is_Rational for c in coeffs):
-            raise ValueError(f"{t}: the divisor must be a positive integer constant")
-        div = math.lcm(*(sp.Rational(c).q for c in coeffs))
-        if div > MAX_DIVISOR:
-            raise ValueError(f"{t}: the divisor must be a positive integer up to 2**30")
-        coef, const = _integer_affine(arg * div, str(t))
-        return sign, Term("floor", coef, const, div)
-    if isinstance(t, sp.Mod):
-        x, c = t.args
-        if not (c.is_Integer and 1 <= int(c) <= MAX_DIVISOR):
-            raise ValueError(f"{t}: the divisor of % must be a positive integer constant up to 2**30, got {c}")
-        coef, const = _integer_affine(x, str(t))
-        return 1, Term("mod", coef, const, int(c))
-    raise ValueError(f"{t} is not a // or % term")
 
 
 @dataclass(frozen=True)
@@ -97,56 +39,60 @@ class ModularAtom:
     op: str
 
 
-def modular_atom(rel: sp.Rel) -> ModularAtom:
-    """Normalise a comparison of affine expressions in q, k, Sq, Sk and // % terms like `linear_atom`: the terms are
-    generators of their own, scaled with the rest to integer multipliers."""
-    diff = sp.expand(rel.lhs - rel.rhs)
-    found = sorted(diff.atoms(sp.floor, sp.ceiling, sp.Mod), key=sp.default_sort_key)
-    gens = [sp.Dummy(f"t{i}", integer=True) for i in range(len(found))]
-    diff = sp.expand(diff.subs(dict(zip(found, gens)), simultaneous=True))
-    poly = sp.Poly(diff, *_SYMS, *gens)
-    if poly.total_degree() > 1 or (diff.free_symbols - set(_SYMS) - set(gens)):
-        raise ValueError(f"{rel} is not linear in q, k, Sq, Sk and its // % terms")
-    coeffs = [sp.Rational(poly.coeff_monomial(s)) for s in (*_SYMS, *gens)]
-    const = sp.Rational(poly.coeff_monomial(1))
-    scale = math.lcm(*(c.q for c in (*coeffs, const)))
-    ci, c0 = [int(c * scale) for c in coeffs], int(const * scale)
-    terms = []
-    for mult, t in zip(ci[4:], found):
-        sign, term = modular_term(t)
-        if mult:
-            terms.append((sign * mult, term))
-    lin = tuple(ci[:4])
-    neg = tuple(-c for c in lin), tuple((-m, t) for m, t in terms)
-    if isinstance(rel, sp.Ge):
-        return ModularAtom(lin, c0, tuple(terms), "ge")
-    if isinstance(rel, sp.Gt):
-        return ModularAtom(lin, c0 - 1, tuple(terms), "ge")
-    if isinstance(rel, sp.Le):
-        return ModularAtom(neg[0], -c0, neg[1], "ge")
-    if isinstance(rel, sp.Lt):
-        return ModularAtom(neg[0], -c0 - 1, neg[1], "ge")
-    return ModularAtom(lin, c0, tuple(terms), "eq" if isinstance(rel, sp.Eq) else "ne")
+def has_modular(e: Boolean) -> bool:
+    """Whether a comparison in `e` has a // or % term (so it is not a plain linear atom)."""
+    return any(r.diff.terms() for r in e.relations())
 
 
-def linear_atom(rel: sp.Rel) -> LinearAtom:
-    """Normalise an affine comparison over the integers to one of `L >= 0`, `L == 0`, `L != 0`."""
-    diff = sp.expand(rel.lhs - rel.rhs)
-    poly = sp.Poly(diff, *_SYMS)
-    coeffs = [sp.Rational(poly.coeff_monomial(s)) for s in _SYMS]
-    const = sp.Rational(poly.coeff_monomial(1))
-    scale = math.lcm(*(c.q for c in (*coeffs, const)))
-    ci, c0 = [int(c * scale) for c in coeffs], int(const * scale)
-    # Over the integers: L < 0 <=> -L - 1 >= 0 and L > 0 <=> L - 1 >= 0.
-    if isinstance(rel, sp.Ge):
-        return LinearAtom(tuple(ci), c0, "ge")
-    if isinstance(rel, sp.Gt):
-        return LinearAtom(tuple(ci), c0 - 1, "ge")
-    if isinstance(rel, sp.Le):
-        return LinearAtom(tuple(-c for c in ci), -c0, "ge")
-    if isinstance(rel, sp.Lt):
-        return LinearAtom(tuple(-c for c in ci), -c0 - 1, "ge")
-    return LinearAtom(tuple(ci), c0, "eq" if isinstance(rel, sp.Eq) else "ne")
+def _integer_form(rel: Rel) -> tuple[tuple[int, ...], int, tuple[tuple[int, Term], ...], str]:
+    """`rel` as `coef · (q, k, Sq, Sk) + const + Σ mult · term  op  0` over the integers, op in ge / eq / ne:
+    fractions are scaled away, and L < 0 is -L - 1 >= 0, L > 0 is L - 1 >= 0."""
+    d = rel.diff
+    scale = math.lcm(*(c.denominator for _, c in d.parts), d.const.denominator)
+    coef = tuple(int(scale * d.coefficient(g)) for g in GENS)
+    const = int(scale * d.const)
+    terms = tuple((int(scale * c), g) for g, c in d.parts if isinstance(g, Term))
+    if rel.op in ("le", "lt"):  # L <= 0 is -L >= 0
+        coef, const, terms = tuple(-c for c in coef), -const, tuple((-m, t) for m, t in terms)
+    if rel.op in ("gt", "lt"):  # over the integers, L > 0 is L - 1 >= 0
+        const -= 1
+    return coef, const, terms, rel.op if rel.op in ("eq", "ne") else "ge"
+
+
+def modular_atom(rel: Rel) -> ModularAtom:
+    """Normalise a comparison of affine expressions in q, k, Sq, Sk and // % terms to `L >= 0`, `L == 0` or
+    `L != 0` with integer coefficients (the terms are generators of their own)."""
+    return ModularAtom(*_integer_form(rel))
+
+
+def linear_atom(rel: Rel) -> LinearAtom:
+    """Normalise an affine comparison (no // or %) over the integers to one of `L >= 0`, `L == 0`, `L != 0`."""
+    coef, const, terms, op = _integer_form(rel)
+    assert not terms, f"{rel} has // or % terms"
+    return LinearAtom(coef, const, op)
+
+
+def evaluate(e: Boolean, env: dict):
+    """The truth of `e` where the position symbols take the values in `env` (by name: integer tensors that
+    broadcast, e.g. q as a column and k as a row, or ints; a symbol `e` does not read may be left out). Exact:
+    each comparison is evaluated in its integer form, // and % with Python's floor semantics."""
+    if isinstance(e, Truth):
+        return e.value
+    if isinstance(e, (And, Or)):
+        parts = [torch.as_tensor(evaluate(a, env)) for a in e.args]
+        return functools.reduce(operator.and_ if isinstance(e, And) else operator.or_, parts)
+    if isinstance(e, Not):
+        return ~torch.as_tensor(evaluate(e.arg, env))
+    coef, const, terms, op = _integer_form(e)
+    value = _affine_value(coef, const, env)
+    for m, t in terms:
+        x = _affine_value(t.coef, t.const, env)
+        value = value + m * (x // t.div if t.kind == "floor" else x % t.div)  # floor semantics, ints and tensors
+    return value >= 0 if op == "ge" else value == 0 if op == "eq" else value != 0
+
+
+def _affine_value(coef, const: int, env: dict):
+    return sum((c * env[g] for c, g in zip(coef, GENS) if c), const)
 
 
 # ------------------------------------------------------------------------------------------------ lowering
@@ -157,24 +103,24 @@ GUARDED, BRANCH_FREE = (" && ", " || "), (" & ", " | ")
 POSITIONS = ("q", "k")  # the C variables of the query and key positions in `lower_c`'s text
 
 
-def lower_c(e: sp.Basic, ops: tuple[str, str]) -> str:
+def lower_c(e: Boolean, ops: tuple[str, str]) -> str:
     """C text of a boolean combination of affine comparisons; rational coefficients are scaled to integers."""
-    if e is sp.true or e is sp.false:
-        return str(bool(e)).lower()
-    if isinstance(e, (sp.And, sp.Or)):
-        joint = ops[0] if isinstance(e, sp.And) else ops[1]
+    if isinstance(e, Truth):
+        return "true" if e.value else "false"
+    if isinstance(e, (And, Or)):
+        joint = ops[0] if isinstance(e, And) else ops[1]
         return joint.join(f"({lower_c(a, ops)})" for a in e.args)
-    if isinstance(e, sp.Not):
-        return f"!({lower_c(e.args[0], ops)})"
-    if has_modular(e):
+    if isinstance(e, Not):
+        return f"!({lower_c(e.arg, ops)})"
+    if e.diff.terms():
         return _lower_modular(modular_atom(e))
     a = linear_atom(e)
     # Positions are 32-bit ints below 2**31: a coefficient beyond ±1 (or a constant beyond 2**30) could overflow int
     # arithmetic, so such an atom is evaluated in 64 bits.
     wide = any(abs(c) > 1 for c in a.coef) or abs(a.const) > 2**30
-    sides = (sp.Poly(sp.expand(side), *_SYMS) for side in (e.lhs, e.rhs))
-    if not wide and all(c.is_integer for poly in sides for c in poly.coeffs()):  # as written: int arithmetic in C
-        return ccode(e)
+    numbers = [c for side in (e.lhs, e.rhs) for c in (*dict(side.parts).values(), side.const)]
+    if not wide and all(c.denominator == 1 for c in numbers):  # as written: int arithmetic in C
+        return str(e)
     suffix = "LL" if wide else ""
     terms = [f"{c}{suffix}*{s}" for c, s in zip(a.coef, ("q", "k", "Sq", "Sk")) if c]
     terms += [f"{a.const}{suffix}"] if a.const or not terms else []
@@ -211,24 +157,24 @@ def tile_bounds(n: int, block: int) -> tuple[np.ndarray, np.ndarray]:
     return lo, np.minimum(lo + block - 1, n - 1)
 
 
-def _classes(e: sp.Basic, ql, qh, kl, kh, Sq: int, Sk: int):
+def _classes(e: Boolean, ql, qh, kl, kh, Sq: int, Sk: int):
     """Classes of `e` over boxes [ql, qh] x [kl, kh]: numpy arrays or torch tensors (int64) that broadcast to the
     result's shape, e.g. query bounds [..., Tq, 1] and key bounds [..., 1, Tk]."""
     xp = torch if isinstance(ql, torch.Tensor) else np
-    if e is sp.true or e is sp.false:
+    if isinstance(e, Truth):
         shape = tuple(xp.broadcast_shapes(ql.shape, kl.shape))
-        value = FULL if e is sp.true else EMPTY
+        value = FULL if e.value else EMPTY
         return (
             torch.full(shape, value, dtype=torch.int8, device=ql.device)
             if xp is torch
             else np.full(shape, value, np.int8)
         )
-    if isinstance(e, (sp.And, sp.Or)):
+    if isinstance(e, (And, Or)):
         parts = [_classes(a, ql, qh, kl, kh, Sq, Sk) for a in e.args]
-        return functools.reduce(xp.minimum if isinstance(e, sp.And) else xp.maximum, parts)
-    if isinstance(e, sp.Not):
-        return _int8(FULL - _classes(e.args[0], ql, qh, kl, kh, Sq, Sk))
-    if has_modular(e):
+        return functools.reduce(xp.minimum if isinstance(e, And) else xp.maximum, parts)
+    if isinstance(e, Not):
+        return _int8(FULL - _classes(e.arg, ql, qh, kl, kh, Sq, Sk))
+    if e.diff.terms():
         m = modular_atom(e)
         return _classify(m, *_modular_range(m, ql, qh, kl, kh, Sq, Sk))
     a = linear_atom(e)
@@ -279,7 +225,7 @@ def _classify(a, lo, hi):
     return _int8(out)
 
 
-def box_classes(expr: sp.Basic, ql, qh, kl, kh, Sq: int, Sk: int) -> torch.Tensor:
+def box_classes(expr: Boolean, ql, qh, kl, kh, Sq: int, Sk: int) -> torch.Tensor:
     """int8 classes of an affine predicate over boxes of positions given as int64 tensors: query bounds
     [..., Tq, 1], key bounds [..., 1, Tk]. Sound for any set of pairs inside each box (a tile of reordered
     tokens), exact per linear atom when every corner of the box is a pair of the set."""
@@ -287,7 +233,7 @@ def box_classes(expr: sp.Basic, ql, qh, kl, kh, Sq: int, Sk: int) -> torch.Tenso
 
 
 @functools.lru_cache(maxsize=256)
-def classes(expr: sp.Basic, bm: int, bn: int, Sq: int, Sk: int) -> np.ndarray:
+def classes(expr: Boolean, bm: int, bn: int, Sq: int, Sk: int) -> np.ndarray:
     """[Tq, Tk] EMPTY / PARTIAL / FULL classes of an affine predicate on bm x bn tiles (clipped to the ends);
     exact per linear atom, sound (interval arithmetic over the // % terms) for the others, combined by Kleene
     logic (which may call a tile PARTIAL that is really full or empty)."""

@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from . import blocktopk, keyindex, schedule
+from . import affine, blocktopk, keyindex, schedule
 from . import pattern as P
 from .affine import EMPTY, PARTIAL
 
@@ -39,7 +39,7 @@ def select(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, runtime) -> tor
     return blocktopk.choose(scores, cand, leaf.k).to(torch.uint8)
 
 
-@torch.compiler.disable  # host work on the pattern (sympy), cached; under torch.compile a graph break
+@torch.compiler.disable  # host work on the pattern, cached; under torch.compile a graph break
 @functools.lru_cache(maxsize=64)
 def _static_candidates(context: P.Pattern, block: int, Sq: int, Sk: int, device: str) -> torch.Tensor:
     return candidates(context, block, Sq, Sk, torch.device(device), None)
@@ -81,7 +81,7 @@ def allowed(pat: P.Pattern, b, h, qi, kj, Sq: int, Sk: int, runtime, heads=None)
         return ~sub(pat.part)
     qc, kc = qi.clamp(max=max(Sq - 1, 0)), kj.clamp(max=max(Sk - 1, 0))
     if isinstance(pat, P.Affine):
-        value = P._evaluate(pat.expr, {P.q_sym: qc, P.k_sym: kc, P.Sq_: Sq, P.Sk_: Sk})
+        value = affine.evaluate(pat.expr, {"q": qc, "k": kc, "Sq": Sq, "Sk": Sk})
         return torch.as_tensor(value, device=qi.device).expand(torch.broadcast_shapes(qi.shape, kj.shape))
     if isinstance(pat, P.LayoutSlot):
         lay, bs = runtime.layouts[pat.index], pat.block_size
@@ -92,8 +92,8 @@ def allowed(pat: P.Pattern, b, h, qi, kj, Sq: int, Sk: int, runtime, heads=None)
         bq, bk = b.clamp(max=qd.shape[0] - 1), b.clamp(max=kd.shape[0] - 1)
         same = qd[bq, qc] == kd[bk, kc]
         if isinstance(pat, P.InDocument):
-            env = {P.q_sym: within[0][bq, qc].long(), P.k_sym: within[1][bk, kc].long()}
-            same = same & torch.as_tensor(P._evaluate(pat.expr, env), device=qi.device)
+            env = {"q": within[0][bq, qc].long(), "k": within[1][bk, kc].long()}
+            same = same & torch.as_tensor(affine.evaluate(pat.expr, env), device=qi.device)
         return same
     if isinstance(pat, P.KeyPadding):
         return kc < runtime.key_lengths[b]

@@ -14,18 +14,14 @@ import hashlib
 import math
 import operator
 from dataclasses import dataclass, field
-from functools import cached_property
 
-import sympy as sp
 import torch
 
 from . import affine, blocktopk, tokentopk, tracing
+from . import expr as X
 from .errors import InputError
-from .symbols import SYMBOLS, Sk, Sq, k, q  # positions are integers: query q, key k; Sq, Sk the lengths
+from .expr import SYMBOLS, Sk, Sq, k, q  # positions are integers: query q, key k; Sq, Sk the lengths
 from .tracing import built_when_traced
-
-Sq_, Sk_, q_sym, k_sym = Sq, Sk, q, k  # the symbols, for code whose arguments shadow the names
-
 
 # Structures are named by short strings, which is how the custom op (whose arguments can only be tensors and plain
 # values) and torch.compile (which reads `pattern.key` as a constant) refer to them. Only structures are named, and
@@ -197,15 +193,11 @@ class Not(Pattern):
 class Affine(Pattern):
     """A boolean combination of affine (in)equalities over q, k, Sq, Sk."""
 
-    expr: sp.Basic
+    expr: X.Boolean
     text: str = field(compare=False)
 
     def __repr__(self):
         return self.text
-
-    @cached_property
-    def atoms(self) -> tuple[sp.Rel, ...]:
-        return tuple(sorted(self.expr.atoms(sp.Rel), key=sp.default_sort_key))
 
 
 @dataclass(frozen=True, repr=False)
@@ -306,7 +298,7 @@ class InDocument(Pattern):
     """q and k carry the same document id, and `expr` (affine in q, k: no Sq, Sk) holds of their positions within
     that document, 0 at its first token (`document_offsets`); ids are given at call time."""
 
-    expr: sp.Basic
+    expr: X.Boolean
     text: str = field(compare=False)
     _inputs = ("document_ids",)
 
@@ -518,10 +510,10 @@ def linear_atoms(pat: Pattern) -> tuple[affine.LinearAtom, ...] | None:
     if not isinstance(pat, Affine):
         return None
     expr = pat.expr
-    if expr is sp.true:
+    if expr == X.TRUE:
         return ()
-    rels = expr.args if isinstance(expr, sp.And) else (expr,)
-    if not all(isinstance(r, sp.Rel) and not isinstance(r, sp.Ne) and not affine.has_modular(r) for r in rels):
+    rels = expr.args if isinstance(expr, X.And) else (expr,)
+    if not all(isinstance(r, X.Rel) and r.op != "ne" and not r.diff.terms() for r in rels):
         return None
     return tuple(affine.linear_atom(r) for r in rels)
 
@@ -575,7 +567,7 @@ def _int(name: str, value: object, minimum: int = 0, maximum: int = MAX_INT) -> 
 _ALIGNS = ("top_left", "bottom_right")
 
 
-def _diag(align: str) -> sp.Expr:
+def _diag(align: str) -> X.Expr:
     """The key index on the query's diagonal: q (top-left) or q + Sk - Sq (bottom-right, for decoding)."""
     if align not in _ALIGNS:
         raise InputError(f"align must be one of {_ALIGNS}, got {align!r}")
@@ -589,13 +581,13 @@ def _suffix(align: str) -> str:
 @built_when_traced
 def full() -> Pattern:
     """Every query sees every key."""
-    return Affine(sp.true, "full()")
+    return Affine(X.TRUE, "full()")
 
 
 @built_when_traced
 def causal(align: str = "top_left") -> Pattern:
     """Query q sees keys k <= q. `align="bottom_right"` puts the last query on the last key (k <= q + Sk - Sq)."""
-    return Affine(sp.Le(k, _diag(align)), f"causal({_suffix(align)})")
+    return Affine(k <= _diag(align), f"causal({_suffix(align)})")
 
 
 @built_when_traced
@@ -604,28 +596,28 @@ def sliding_window(window: int, align: str = "top_left") -> Pattern:
     w = _int("window", window, 1)
     d = _diag(align)
     sep = ", " if align != "top_left" else ""
-    return Affine(sp.And(sp.Le(k, d), sp.Gt(k, d - w)), f"sliding_window({w}{sep}{_suffix(align)})")
+    return Affine((k <= d) & (k > d - w), f"sliding_window({w}{sep}{_suffix(align)})")
 
 
 @built_when_traced
 def local(left: int, right: int) -> Pattern:
     """Two-sided band: q - left <= k <= q + right."""
     a, b = _int("left", left), _int("right", right)
-    return Affine(sp.And(sp.Ge(k, q - a), sp.Le(k, q + b)), f"local({a}, {b})")
+    return Affine((k >= q - a) & (k <= q + b), f"local({a}, {b})")
 
 
 @built_when_traced
 def prefix_lm(n: int) -> Pattern:
     """Bidirectional over the first n keys, causal after: k < n or k <= q."""
     n = _int("n", n)
-    return Affine(sp.Or(sp.Lt(k, n), sp.Le(k, q)), f"prefix_lm({n})")
+    return Affine((k < n) | (k <= q), f"prefix_lm({n})")
 
 
 @built_when_traced
 def global_tokens(n: int) -> Pattern:
     """The first n tokens see and are seen by everyone: k < n or q < n."""
     n = _int("n", n)
-    return Affine(sp.Or(sp.Lt(k, n), sp.Lt(q, n)), f"global_tokens({n})")
+    return Affine((k < n) | (q < n), f"global_tokens({n})")
 
 
 @built_when_traced
@@ -645,7 +637,7 @@ def in_document(pattern: Pattern) -> Pattern:
     position in it counts the earlier ones; or, decoding with a cache, a (query, key) pair of ids with
     `document_positions=` (query, key) giving those positions."""
     expr = _in_document_expr(_check(pattern))
-    if expr.has(Sq, Sk):
+    if expr.gens() & {"Sq", "Sk"}:
         raise InputError(
             f"in_document({pattern!r}): positions within a document have no Sq or Sk; use patterns that read "
             "q and k only (the top-left forms)"
@@ -658,13 +650,13 @@ def reads_document_offsets(pat: Pattern) -> bool:
     return any(isinstance(leaf, InDocument) for leaf in pat.leaves())
 
 
-def _in_document_expr(pat: Pattern) -> sp.Basic:
+def _in_document_expr(pat: Pattern) -> X.Boolean:
     if isinstance(pat, Affine):
         return pat.expr
     if isinstance(pat, (And, Or)):
-        return (sp.And if isinstance(pat, And) else sp.Or)(*map(_in_document_expr, pat.parts))
+        return (X.conj if isinstance(pat, And) else X.disj)(*map(_in_document_expr, pat.parts))
     if isinstance(pat, Not):
-        return sp.Not(_in_document_expr(pat.part))
+        return X.neg(_in_document_expr(pat.part))
     raise InputError(
         f"in_document() takes an affine pattern (causal, windows, local, prefix_lm, global_tokens, predicate, with "
         f"& | ~), got {pat!r}"
@@ -803,68 +795,49 @@ def block_layout(layout: torch.Tensor, block_size: int) -> Pattern:
 
 
 @built_when_traced
-def predicate(expr: str | sp.Basic) -> Pattern:
-    """An arbitrary boolean combination of affine (in)equalities in q, k, Sq, Sk, e.g. "k <= q - 4"."""
-    e = _parse_predicate(expr) if isinstance(expr, str) else expr
-    if not isinstance(e, sp.Basic):
-        raise InputError(f"predicate takes a string or a sympy expression, got {type(expr).__name__}")
-    if e.free_symbols - set(SYMBOLS.values()):
-        raise InputError(f"predicate may use only q, k, Sq, Sk; got {sorted(map(str, e.free_symbols))}")
-    _check_affine(e)
-    return Affine(e, f"predicate({str(expr)!r})" if isinstance(expr, str) else f"predicate({e})")
+def predicate(expr: str | X.Boolean) -> Pattern:
+    """An arbitrary boolean combination of affine (in)equalities in q, k, Sq, Sk, e.g. "k <= q - 4": a string, a
+    predicate built from `attngen.q`, `.k`, `.Sq`, `.Sk` (`(ag.k <= ag.q - 4) & (ag.q < ag.Sk)`), or a sympy
+    expression in symbols named q, k, Sq, Sk."""
+    if isinstance(expr, str):
+        e = _parse_predicate(expr)
+    elif X.is_sympy(expr):
+        e = X.from_sympy(expr)
+    else:
+        e = expr
+    if not isinstance(e, X.Boolean):
+        raise InputError(
+            f"predicate takes a string, a comparison of positions (e.g. ag.k <= ag.q - 4) or a sympy expression, "
+            f"got {type(expr).__name__}"
+        )
+    for rel in e.relations():
+        _check_coefficients(rel)
+    return Affine(e, f"predicate({str(expr)!r})" if isinstance(expr, str) else f"predicate({expr})")
 
 
-def _check_affine(e: sp.Basic) -> None:
-    if e in (sp.true, sp.false):
-        return
-    if isinstance(e, (sp.And, sp.Or, sp.Not)):
-        for a in e.args:
-            _check_affine(a)
-        return
-    if not isinstance(e, (sp.Lt, sp.Le, sp.Gt, sp.Ge, sp.Eq, sp.Ne)):
-        raise InputError(f"predicate must be built from comparisons with & | ~, got {e}")
-    for side in (e.lhs, e.rhs):
-        if not isinstance(side, sp.Expr) or _is_truth(side):
-            raise InputError(f"predicate comparisons compare numbers; {e} compares {side}")
-    diff = sp.expand(e.lhs - e.rhs)
-    if diff.atoms(sp.floor, sp.ceiling, sp.Mod):  # // and % by positive integer constants of affine operands
-        try:
-            atom = affine.modular_atom(e)
-        except (ValueError, sp.PolynomialError) as err:
-            raise InputError(
-                f"predicate comparisons must be affine in q, k, Sq, Sk and floor(x / c) / Mod(x, c) terms of affine "
-                f"x with integer c from 1 to 2**30; {e}: {err}"
-            ) from None
-        big = [c for c in (*atom.coef, atom.const, *(m for m, _ in atom.terms)) if abs(c) > MAX_INT]
-        if big:
+def _check_coefficients(rel: X.Rel) -> None:
+    """Positions are 32-bit integers in the kernels: integer forms with multipliers up to 2**30."""
+    for _, c in (*rel.lhs.parts, *rel.rhs.parts, (None, rel.lhs.const), (None, rel.rhs.const)):
+        if max(abs(c.numerator), c.denominator) > MAX_INT:
             raise InputError(
                 f"predicate coefficients must be integers or fractions of integers up to 2**30 = {MAX_INT} "
-                f"(positions are 32-bit integers in the kernels); {e} has {big[0]}"
+                f"(positions are 32-bit integers in the kernels); {rel} has {c}"
             )
-        return
-    if not diff.is_polynomial(*SYMBOLS.values()) or sp.Poly(diff, *SYMBOLS.values()).total_degree() > 1:
-        raise InputError(f"predicate comparisons must be affine in q, k, Sq, Sk; {e} is not")
-    for c in sp.Poly(diff, *SYMBOLS.values()).coeffs():
-        if not c.is_Rational or max(abs(c.p), c.q) > MAX_INT:
-            raise InputError(
-                f"predicate coefficients must be integers or fractions of integers up to 2**30 = {MAX_INT} "
-                f"(positions are 32-bit integers in the kernels); {e} has {c}"
-            )
+    atom = affine.modular_atom(rel)
+    big = [c for c in (*atom.coef, atom.const, *(m for m, _ in atom.terms)) if abs(c) > MAX_INT]
+    if big:
+        raise InputError(
+            f"predicate coefficients must be integers or fractions of integers up to 2**30 = {MAX_INT} "
+            f"(positions are 32-bit integers in the kernels); {rel} has {big[0]} in its integer form"
+        )
 
 
-def _is_truth(e: sp.Basic) -> bool:
-    """Whether `e` is a truth value (a comparison or a combination of them), not a number. (A sympy Symbol counts as
-    both, so the test names the truth-valued kinds.)"""
-    truth_kinds = (sp.logic.boolalg.BooleanFunction, sp.logic.boolalg.BooleanAtom, sp.core.relational.Relational)
-    return isinstance(e, truth_kinds)
+_PRED_OPS = {ast.Lt: "lt", ast.LtE: "le", ast.Gt: "gt", ast.GtE: "ge", ast.Eq: "eq", ast.NotEq: "ne"}
+_ARITH = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+_BOOL = {ast.BitAnd: X.conj, ast.BitOr: X.disj}
 
 
-_PRED_OPS = {ast.Lt: sp.Lt, ast.LtE: sp.Le, ast.Gt: sp.Gt, ast.GtE: sp.Ge, ast.Eq: sp.Eq, ast.NotEq: sp.Ne}
-_ARITH = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b}
-_BOOL = {ast.BitAnd: sp.And, ast.BitOr: sp.Or}
-
-
-def _parse_predicate(text: str) -> sp.Basic:
+def _parse_predicate(text: str) -> X.Boolean:
     """Parse without eval: numbers, q k Sq Sk, + - *, // % by positive integer constants, comparisons (chained
     too), & | ~ and/or/not."""
     try:
@@ -872,19 +845,35 @@ def _parse_predicate(text: str) -> sp.Basic:
     except SyntaxError as e:
         raise InputError(f"cannot parse predicate {text!r}: {e.msg}") from None
 
-    def number(n: ast.AST) -> sp.Expr:  # an operand of + - * and of comparisons
+    def number(n: ast.AST) -> X.Expr:  # an operand of + - * and of comparisons
         value = conv(n)
-        if _is_truth(value):
+        if isinstance(value, X.Boolean):
             raise InputError(f"predicate {text!r}: {ast.unparse(n)!r} is a truth value where a number is expected")
         return value
 
-    def truth(n: ast.AST) -> sp.Basic:  # an operand of & | ~ and/or/not
+    def truth(n: ast.AST) -> X.Boolean:  # an operand of & | ~ and/or/not
         value = conv(n)
-        if not _is_truth(value):
+        if not isinstance(value, X.Boolean):
             raise InputError(f"predicate {text!r}: {ast.unparse(n)!r} is a number where a comparison is expected")
         return value
 
-    def conv(n: ast.AST) -> sp.Basic:
+    def arithmetic(n: ast.BinOp) -> X.Expr:
+        x, c = number(n.left), number(n.right)
+        if isinstance(n.op, (ast.FloorDiv, ast.Mod)):
+            sym = "//" if isinstance(n.op, ast.FloorDiv) else "%"
+            if not (c.is_constant and c.const.denominator == 1 and c.const > 0):
+                raise InputError(
+                    f"predicate {text!r}: {ast.unparse(n)!r} must divide by a positive integer constant "
+                    f"(x {sym} c with c from 1 to 2**30), got {ast.unparse(n.right)!r}"
+                )
+            if x.terms():
+                raise InputError(f"predicate {text!r}: {ast.unparse(n)!r}: nested // and % are not supported")
+        try:
+            return (_ARITH | {ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod})[type(n.op)](x, c)
+        except InputError as err:
+            raise InputError(f"predicate {text!r}: {ast.unparse(n)!r}: {err}") from None
+
+    def conv(n: ast.AST) -> X.Expr | X.Boolean:
         if isinstance(n, ast.Constant) and type(n.value) is int:
             if n.value > MAX_INT:  # literals are never negative: -5 parses as unary minus on 5
                 digits = str(n.value)
@@ -893,21 +882,13 @@ def _parse_predicate(text: str) -> sp.Basic:
                     f"predicate {text!r}: the integer {shown} is too large; integers from 0 to 2**30 = {MAX_INT} "
                     "are accepted (positions are 32-bit integers in the kernels)"
                 )
-            return sp.Integer(n.value)
+            return X.Expr.of(n.value)
+        if isinstance(n, ast.Constant) and type(n.value) is bool:
+            return X.TRUE if n.value else X.FALSE
         if isinstance(n, ast.Name) and n.id in SYMBOLS:
             return SYMBOLS[n.id]
-        if isinstance(n, ast.BinOp) and type(n.op) in _ARITH:
-            return _ARITH[type(n.op)](number(n.left), number(n.right))
-        if isinstance(n, ast.BinOp) and isinstance(n.op, (ast.FloorDiv, ast.Mod)):
-            x, c, sym = number(n.left), number(n.right), "//" if isinstance(n.op, ast.FloorDiv) else "%"
-            if not (isinstance(c, sp.Integer) and c > 0):
-                raise InputError(
-                    f"predicate {text!r}: {ast.unparse(n)!r} must divide by a positive integer constant "
-                    f"(x {sym} c with c from 1 to 2**30), got {ast.unparse(n.right)!r}"
-                )
-            if x.atoms(sp.floor, sp.ceiling, sp.Mod):
-                raise InputError(f"predicate {text!r}: {ast.unparse(n)!r}: nested // and % are not supported")
-            return sp.floor(x / c) if sym == "//" else sp.Mod(x, c)
+        if isinstance(n, ast.BinOp) and isinstance(n.op, (*_ARITH, ast.FloorDiv, ast.Mod)):
+            return arithmetic(n)
         if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div):
             raise InputError(
                 f"predicate {text!r}: true division {ast.unparse(n)!r} is not allowed (positions are integers); "
@@ -918,14 +899,14 @@ def _parse_predicate(text: str) -> sp.Basic:
         if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
             return -number(n.operand)
         if isinstance(n, ast.UnaryOp) and isinstance(n.op, (ast.Invert, ast.Not)):
-            return sp.Not(truth(n.operand))
+            return X.neg(truth(n.operand))
         if isinstance(n, ast.BoolOp):
-            return (sp.And if isinstance(n.op, ast.And) else sp.Or)(*map(truth, n.values))
+            return (X.conj if isinstance(n.op, ast.And) else X.disj)(*map(truth, n.values))
         if isinstance(n, ast.Compare):
             terms = [number(n.left), *map(number, n.comparators)]
             if not all(type(o) in _PRED_OPS for o in n.ops):
                 raise InputError(f"predicate {text!r}: only < <= > >= == != comparisons are allowed")
-            return sp.And(*(_PRED_OPS[type(o)](a, b) for o, a, b in zip(n.ops, terms, terms[1:])))
+            return X.conj(*(X.relation(_PRED_OPS[type(o)], a, b) for o, a, b in zip(n.ops, terms, terms[1:])))
         raise InputError(
             f"predicate {text!r}: {ast.unparse(n)!r} is not allowed "
             "(use integers, q, k, Sq, Sk, + - *, // and % by constants, comparisons, & | ~)"
@@ -1001,50 +982,6 @@ def document_positions_pair(document_ids, document_positions, Sq: int, Sk: int) 
     return tuple(t if t.dim() == 2 else t.unsqueeze(0) for t in (qp, kp))
 
 
-_REL = {sp.Lt: operator.lt, sp.Le: operator.le, sp.Gt: operator.gt, sp.Ge: operator.ge, sp.Eq: operator.eq}
-
-
-def _evaluate(e: sp.Basic, env: dict) -> torch.Tensor | bool | int | float:
-    """Evaluate a sympy affine predicate on integer tensors (q as a column, k as a row)."""
-    if e is sp.true or e is sp.false:
-        return bool(e)
-    if isinstance(e, sp.Symbol):
-        return env[e]
-    if isinstance(e, sp.Integer):
-        return int(e)
-    if isinstance(e, sp.Rational):
-        return float(e)
-    if isinstance(e, (sp.floor, sp.ceiling, sp.Mod)):
-        # Python's floor division and modulo (in [0, c)) on exact integers: x is integer affine, c a constant.
-        sign, t = affine.modular_term(e)
-        x = _evaluate(sp.Add(t.const, *(c * s for c, s in zip(t.coef, SYMBOLS.values()))), env)
-        if isinstance(x, torch.Tensor):
-            v = torch.div(x, t.div, rounding_mode="floor") if t.kind == "floor" else torch.remainder(x, t.div)
-        else:
-            v = x // t.div if t.kind == "floor" else x % t.div
-        return sign * v
-    if isinstance(e, sp.Add):
-        return sum((_evaluate(a, env) for a in e.args[1:]), _evaluate(e.args[0], env))
-    if isinstance(e, sp.Mul):
-        return functools.reduce(operator.mul, (_evaluate(a, env) for a in e.args))
-    if isinstance(e, (sp.Ne, *_REL)):
-        # Compare lhs - rhs with 0 after scaling it to integer coefficients: exact, where fractional coefficients
-        # would round in floating point.
-        diff = sp.expand(e.lhs - e.rhs)
-        gens = (*SYMBOLS.values(), *sorted(diff.atoms(sp.floor, sp.ceiling, sp.Mod), key=sp.default_sort_key))
-        diff = sp.expand(diff * math.lcm(*(sp.Rational(c).q for c in sp.Poly(diff, *gens).coeffs())), deep=False)
-        value = _evaluate(diff, env)
-        return (
-            value != 0 if isinstance(e, sp.Ne) else next(op for rel, op in _REL.items() if isinstance(e, rel))(value, 0)
-        )
-    if isinstance(e, sp.Not):
-        return ~torch.as_tensor(_evaluate(e.args[0], env))
-    if isinstance(e, (sp.And, sp.Or)):
-        parts = [torch.as_tensor(_evaluate(a, env)) for a in e.args]
-        return functools.reduce(operator.and_ if isinstance(e, sp.And) else operator.or_, parts)
-    raise InputError(f"cannot evaluate {e}")
-
-
 def dense_mask(
     pat: Pattern,
     Sq: int,
@@ -1104,7 +1041,7 @@ def dense_mask(
         qo, ko = (t.to(device, torch.int64) for t in order)
         qi, kj = qo[..., :, None], ko.repeat_interleave(qo.shape[1] // ko.shape[1], dim=1)[..., None, :]
     if isinstance(pat, Affine):
-        m = torch.as_tensor(_evaluate(pat.expr, {q_sym: qi, k_sym: kj, Sq_: Sq, Sk_: Sk}), device=device)
+        m = torch.as_tensor(affine.evaluate(pat.expr, {"q": qi, "k": kj, "Sq": Sq, "Sk": Sk}), device=device)
         return m.expand(*torch.broadcast_shapes(qi.shape, kj.shape))
     if isinstance(pat, Selector):
         return torch.ones(1, 1, Sq, Sk, dtype=torch.bool, device=device)
@@ -1135,7 +1072,7 @@ def dense_mask(
         same = qs[0][..., :, None] == ks[0][..., None, :]
         if isinstance(pat, Documents):
             return same
-        inner = _evaluate(pat.expr, {q_sym: qs[1][..., :, None], k_sym: ks[1][..., None, :]})
+        inner = affine.evaluate(pat.expr, {"q": qs[1][..., :, None], "k": ks[1][..., None, :]})
         return same & torch.as_tensor(inner, device=device)
     if isinstance(pat, KeyIndices):
         return _listed(key_indices, Sq, Sk, q, order, device)
@@ -1235,12 +1172,10 @@ def _pairs(pat: Pattern, device, *, query_buckets, key_buckets, query_keep, key_
     return qv[..., :, None] == kv[..., None, :]
 
 
-def _differences(expr):
-    """`expr` with every comparison a < b written as a - b < 0 (expanded): equal for predicates that compare the same
+def _differences(expr: X.Boolean) -> X.Boolean:
+    """`expr` with every comparison a < b written as a - b < 0: equal for predicates that compare the same
     differences, such as k <= q and k + 5 <= q + 5."""
-    return expr.replace(
-        lambda e: isinstance(e, sp.core.relational.Relational), lambda r: type(r)(sp.expand(r.lhs - r.rhs), 0)
-    )
+    return X.map_relations(expr, lambda r: X.relation(r.op, r.diff, 0))
 
 
 def shifted(pat: Pattern, dq: int, dk: int, Sq: int, Sk: int, *, sliced_data: bool = False) -> Pattern:
@@ -1256,8 +1191,9 @@ def shifted(pat: Pattern, dq: int, dk: int, Sq: int, Sk: int, *, sliced_data: bo
     diagonal keep the leaf itself, and blocks as far from it share one structure (one compile), whatever their place
     and the lengths."""
     if isinstance(pat, Affine):
-        expr = pat.expr.subs({q: q + dq, k: k + dk, Sq_: Sq, Sk_: Sk}, simultaneous=True)
-        if not pat.expr.has(Sq_, Sk_) and _differences(pat.expr.subs({q: q + 1, k: k + 1})) == _differences(pat.expr):
+        expr = X.substitute(pat.expr, {"q": q + dq, "k": k + dk, "Sq": X.Expr.of(Sq), "Sk": X.Expr.of(Sk)})
+        moved = X.substitute(pat.expr, {"q": q + 1, "k": k + 1})
+        if not pat.expr.gens() & {"Sq", "Sk"} and _differences(moved) == _differences(pat.expr):
             if dq == dk:
                 return pat
             return Affine(_differences(expr), f"{pat!r} with q - k {dq - dk:+d}")

@@ -13,9 +13,8 @@ import functools
 import re
 from dataclasses import dataclass, replace
 
-import sympy as sp
-
 from . import affine, scoremod, tiling
+from . import expr as X
 from . import pattern as P
 from .abi import POINTER, RuntimeArg
 from .errors import InputError
@@ -265,13 +264,13 @@ def _partial_share(pattern: P.Pattern, tiles: Tiles) -> float:
     return partial / max(partial + full, 1)
 
 
-def _affine_expr(pat: P.Pattern):
-    """The sympy expression of a pattern made of affine leaves only."""
+def _affine_expr(pat: P.Pattern) -> X.Boolean:
+    """The predicate of a pattern made of affine leaves only."""
     if isinstance(pat, P.Affine):
         return pat.expr
     if isinstance(pat, P.Not):
-        return sp.Not(_affine_expr(pat.part))
-    return (sp.And if isinstance(pat, P.And) else sp.Or)(*map(_affine_expr, pat.parts))
+        return X.neg(_affine_expr(pat.part))
+    return (X.conj if isinstance(pat, P.And) else X.disj)(*map(_affine_expr, pat.parts))
 
 
 def forward_tilings(

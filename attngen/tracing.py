@@ -1,9 +1,10 @@
 """Patterns built inside a function that torch.compile traces.
 
-Dynamo cannot trace a pattern's construction (sympy, and the registry that names structures). So while it traces,
-each public constructor and combinator of patterns runs for real instead, once per distinct arguments, and the
-graph reads the pattern it built as a constant: `ag.attention(q, k, v, ag.causal() & ag.sliding_window(256))`
-inside `forward` traces with fullgraph=True, and a second call with the same arguments compiles nothing new.
+Dynamo cannot trace a pattern's construction (the registry that names structures, the checks of its arguments).
+So while it traces, each public constructor and combinator of patterns runs for real instead, once per distinct
+arguments, and the graph reads the pattern it built as a constant:
+`ag.attention(q, k, v, ag.causal() & ag.sliding_window(256))` inside `forward` traces with fullgraph=True, and a
+second call with the same arguments compiles nothing new.
 
 Arguments must be plain values (ints, floats, strings, None) or patterns and scorers; a tensor argument (a block
 layout's grid, which is data) is refused: such a pattern is built outside the compiled function and passed in. A

@@ -269,7 +269,7 @@ class Case:
 # ----------------------------------------------------------------------------------------------- patterns
 
 _OPS = ("<", "<=", ">", ">=", "==", "!=")
-_NAMES = {"q": ag.q, "k": ag.k, "Sq": ag.Sq, "Sk": ag.Sk}
+_NAMES = dict(zip(("q", "k", "Sq", "Sk"), sp.symbols("q k Sq Sk", integer=True)))  # for sympy input
 
 
 def _const(g: random.Random, hi: int = 300) -> int:

@@ -63,18 +63,19 @@ def test_no_import_cycles():
 def test_the_cache_and_the_dsl_stay_at_the_bottom():
     graph = imports()
     assert graph["attngen.cache"] <= {"attngen._resources", "attngen.errors"}
-    # affine atoms, the symbols, the LSH hash, the block and token top-k scores and the constructors' behaviour under
-    # torch.compile sit under the DSL; plot (matplotlib) is loaded only to draw
+    # the predicate language and its affine atoms, the LSH hash, the block and token top-k scores and the
+    # constructors' behaviour under torch.compile sit under the DSL; plot (matplotlib) is loaded only to draw
     under = {
         "attngen.errors",
         "attngen.plot",
         "attngen.affine",
-        "attngen.symbols",
+        "attngen.expr",
         "attngen.hashing",
         "attngen.tracing",
     }
     assert graph["attngen.pattern"] <= under | {"attngen.blocktopk", "attngen.tokentopk"}
-    assert graph["attngen.affine"] <= {"attngen.symbols"}
+    assert graph["attngen.affine"] <= {"attngen.expr"}
+    assert graph["attngen.expr"] <= {"attngen.errors"}
     assert graph["attngen.hashing"] <= {"attngen.errors"}
     assert graph["attngen.blocktopk"] == set()
     assert graph["attngen.tokentopk"] <= {"attngen.errors"}

@@ -455,7 +455,8 @@ def _small(rng: random.Random, hi: int = 320, lo: int = 0) -> int:
 
 
 _SYMPY_REL = (sp.Lt, sp.Le, sp.Gt, sp.Ge, sp.Eq, sp.Ne)
-_SYMPY_NAMES = {"q": ag.q, "k": ag.k, "Sq": ag.Sq, "Sk": ag.Sk}
+Q, K, SQ, SK = sp.symbols("q k Sq Sk", integer=True)  # predicates given as sympy: converted by attngen
+_SYMPY_NAMES = {"q": Q, "k": K, "Sq": SQ, "Sk": SK}
 
 
 def _term_sympy(rng: random.Random) -> sp.Expr:
@@ -643,7 +644,7 @@ def test_affine_patterns_are_branch_free():
     "pattern,text",
     [
         (ag.causal(), "k <= q"),
-        (ag.causal(align="bottom_right"), "k <= Sk - Sq + q"),
+        (ag.causal(align="bottom_right"), "k <= q - Sq + Sk"),
         (ag.key_padding(), "k < key_len[b]"),
         (ag.documents(), "qdoc[b * qdoc_sb + q] == kdoc[b * kdoc_sb + k]"),
         (
@@ -821,7 +822,7 @@ def test_mutations_of_keep_c_are_caught():
 
 def exact_mask(e: sp.Basic, Sq: int, Sk: int) -> torch.Tensor:
     """[Sq, Sk] truth of a sympy affine predicate, in exact integer arithmetic (independent of attngen)."""
-    env = {ag.q: torch.arange(Sq).view(-1, 1), ag.k: torch.arange(Sk).view(1, -1), ag.Sq: Sq, ag.Sk: Sk}
+    env = {Q: torch.arange(Sq).view(-1, 1), K: torch.arange(Sk).view(1, -1), SQ: Sq, SK: Sk}
 
     def ev(e):
         if e is sp.true or e is sp.false:
@@ -831,10 +832,10 @@ def exact_mask(e: sp.Basic, Sq: int, Sk: int) -> torch.Tensor:
         if isinstance(e, sp.Not):
             return ~ev(e.args[0])
         diff = sp.expand(e.lhs - e.rhs)
-        poly = sp.Poly(diff, ag.q, ag.k, ag.Sq, ag.Sk)
+        poly = sp.Poly(diff, Q, K, SQ, SK)
         scale = math.lcm(*(sp.Rational(c).q for c in poly.coeffs()))
         value = int(poly.coeff_monomial(1) * scale) + sum(
-            int(poly.coeff_monomial(s) * scale) * env[s] for s in (ag.q, ag.k, ag.Sq, ag.Sk)
+            int(poly.coeff_monomial(s) * scale) * env[s] for s in (Q, K, SQ, SK)
         )
         rel = {sp.Lt: operator.lt, sp.Le: operator.le, sp.Gt: operator.gt, sp.Ge: operator.ge}
         rel |= {sp.Eq: operator.eq, sp.Ne: operator.ne}
@@ -848,12 +849,12 @@ def _rational_atom(rng: random.Random) -> sp.Basic:
     d = rng.randint(2, 9)
     a = rng.choice([n for n in range(-12, 13) if n % d])
     rhs = _term_sympy(rng) + sp.Rational(rng.randint(-20, 20), rng.randint(1, 6))
-    return rng.choice(_SYMPY_REL)(sp.Rational(a, d) * rng.choice([ag.q, ag.k, ag.Sk]), rhs)
+    return rng.choice(_SYMPY_REL)(sp.Rational(a, d) * rng.choice([Q, K, SK]), rhs)
 
 
 def _rational_predicate(rng: random.Random, depth: int) -> sp.Basic:
     if depth == 0 or rng.random() < 0.4:
-        return _rational_atom(rng) if rng.random() < 0.8 else rng.choice(_SYMPY_REL)(ag.k, _term_sympy(rng))
+        return _rational_atom(rng) if rng.random() < 0.8 else rng.choice(_SYMPY_REL)(K, _term_sympy(rng))
     a, b = _rational_predicate(rng, depth - 1), _rational_predicate(rng, depth - 1)
     return rng.choice([lambda: a & b, lambda: a | b, lambda: ~a])()
 
@@ -869,7 +870,7 @@ def test_rational_coefficients_lower_exactly(seed):
     check(case, expected=exact_mask(e, Sq, Sk))
 
 
-q_, k_ = ag.q, ag.k
+q_, k_ = Q, K
 
 
 # Regression: comparisons whose sides have rational coefficients (their difference integer ones) were printed with

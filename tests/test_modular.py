@@ -12,10 +12,10 @@ from test_schedule import _check, _truth
 
 import attngen as ag
 from attngen import affine
+from attngen import expr as X
 from attngen.errors import InputError
-from attngen.pattern import _evaluate
 
-q, k, Sq, Sk = ag.q, ag.k, ag.Sq, ag.Sk
+q, k, Sq, Sk = sp.symbols("q k Sq Sk", integer=True)  # the random predicates here are given as sympy
 
 
 # ------------------------------------------------------------------------------------ reference semantics
@@ -23,15 +23,21 @@ q, k, Sq, Sk = ag.q, ag.k, ag.Sq, ag.Sk
 
 @pytest.mark.parametrize("c", [1, 2, 3, 7, 64])
 def test_reference_is_python_floor_and_mod_for_negative_operands(c):
-    xs = torch.arange(-200, 201).view(-1, 1)
-    env = {q: xs, k: torch.zeros(1, 1, dtype=torch.int64), Sq: 0, Sk: 0}
-    want_div = torch.tensor([[x // c] for x in range(-200, 201)])
-    want_mod = torch.tensor([[x % c] for x in range(-200, 201)])
-    assert torch.equal(_evaluate(sp.floor((q - 100) / c), {**env, q: xs + 100}), want_div)
-    assert torch.equal(torch.as_tensor(_evaluate(sp.Mod(q - k, c), env)).expand_as(want_mod), want_mod)
-    assert torch.equal(_evaluate(sp.ceiling(q / c), env), -(-xs // c))  # ceiling(a) = -floor(-a)
-    assert _evaluate(sp.floor(Sq / c), {**env, Sq: -37}) == -37 // c  # plain ints too
-    assert _evaluate(sp.Mod(Sq, c), {**env, Sq: -37}) == -37 % c
+    """Each term's value is put in k, and `term == k` must hold everywhere."""
+    xs = torch.arange(-200, 201)
+    want_div = torch.tensor([x // c for x in range(-200, 201)])
+    want_mod = torch.tensor([x % c for x in range(-200, 201)])
+    want_ceil = torch.tensor([-(-x // c) for x in range(-200, 201)])
+
+    def holds(e, **env) -> bool:
+        return bool(torch.as_tensor(affine.evaluate(e, env)).all())
+
+    assert holds(X.eq((X.q - 100) // c, X.k), q=xs + 100, k=want_div)
+    assert holds(X.eq(X.q % c, X.k), q=xs, k=want_mod)
+    assert holds(X.eq(X.from_sympy(sp.ceiling(q / c)), X.k), q=xs, k=want_ceil)  # ceiling(a) = -floor(-a)
+    assert not holds(X.eq(X.q % c, X.k), q=xs, k=want_mod + 1)
+    assert affine.evaluate(X.eq(X.Sq // c, -37 // c), {"Sq": -37}) is True  # plain ints too
+    assert affine.evaluate(X.eq(X.Sq % c, -37 % c), {"Sq": -37}) is True
 
 
 def test_reference_masks():
@@ -234,5 +240,6 @@ def test_refused_sympy(e):
 
 
 def test_accepted_strings_allow_constant_expressions_as_divisors():
-    assert ag.predicate("q // (2 * 32) == k // 64").expr == sp.Eq(sp.floor(q / 64), sp.floor(k / 64))
+    assert ag.predicate("q // (2 * 32) == k // 64").expr == X.from_sympy(sp.Eq(sp.floor(q / 64), sp.floor(k / 64)))
+    assert ag.predicate("(2 * q) // 128 == k // 64").expr == ag.predicate("q // 64 == k // 64").expr
     ag.predicate(f"q % {2**30} == k")

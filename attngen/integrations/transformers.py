@@ -73,11 +73,11 @@ import torch
 
 from .. import pattern as P
 from ..errors import InputError
+from ..expr import Sk, Sq, q, substitute
 from ..launch import attention as _attention
 from ..scoremod import bias as bias_mod
 from ..scoremod import softcap as softcap_mod
 from ..select import split_selection
-from ..symbols import Sk, Sq, q
 from ..tiling import HEAD_DIMS
 
 try:
@@ -324,7 +324,8 @@ def _token(pattern: P.Pattern) -> int:
         token = _USER_PATTERNS.setdefault(pattern, len(_USER_PATTERNS))
         _BY_TOKEN[token] = pattern
         _POSITIONAL[token] = any(
-            isinstance(leaf, (P.BlockLayout, P.LayoutSlot)) or (isinstance(leaf, P.Affine) and leaf.expr.has(q, Sq))
+            isinstance(leaf, (P.BlockLayout, P.LayoutSlot))
+            or (isinstance(leaf, P.Affine) and bool(leaf.expr.gens() & {"q", "Sq"}))
             for leaf in pattern.leaves()
         )
     return token
@@ -357,7 +358,7 @@ def _shift(pat: P.Pattern) -> P.Pattern:
     if isinstance(pat, P.Not):
         return ~_shift(pat.part)
     if isinstance(pat, P.Affine):
-        expr = pat.expr.xreplace({q: q + Sk - Sq, Sq: Sk})
+        expr = substitute(pat.expr, {"q": q + Sk - Sq, "Sq": Sk})
         return pat if expr == pat.expr else P.Affine(expr, f"bottom_right({pat!r})")
     if isinstance(pat, (P.BlockLayout, P.LayoutSlot)):
         raise InputError(
@@ -374,7 +375,7 @@ _BY_NAME: dict[str, P.Pattern] = {}
 @torch.compiler.assume_constant_result
 def _layer_pattern_name(kind: tuple, token: int) -> str:
     """The name of the pattern a layer runs: the model's mask of this `kind` AND the user pattern `token` (-1: none),
-    built once per combination (sympy work) and stored in `_BY_NAME`. torch.compile calls this at trace time and
+    built once per combination (host work) and stored in `_BY_NAME`. torch.compile calls this at trace time and
     takes the name as a constant; the pattern is then read from the module-level dict, which it can guard."""
     key = (kind, token)
     name = _NAMES.get(key)
