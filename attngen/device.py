@@ -12,6 +12,7 @@ import math
 import numpy as np
 import torch
 
+from . import driver
 from .nvrtc import Binary, compile_cached, device_arch, ensure_dynamic_shared, load_function
 from .render import (
     KEY_TILE_CHUNK,
@@ -29,19 +30,12 @@ _u64, _i64, _i32 = np.uint64, np.int64, np.int32
 MAX_SHARED = 200 * 1024  # dynamic shared memory a helper kernel may ask for (sm_80 and sm_90 give more)
 
 
-@functools.lru_cache(maxsize=16)
-def _stream(ptr: int, device_index: int):
-    import cupy
-
-    return cupy.cuda.ExternalStream(ptr, device_index)
-
-
 def launch(binary: Binary, entry: str, grid, threads: int, smem: int, args: list, device: torch.device) -> None:
     """Launch kernel `entry` of `binary` on torch's current stream of `device`."""
     fn = load_function(binary, entry, device.index)
     ensure_dynamic_shared(fn, smem)
-    stream = _stream(torch.cuda.current_stream(device).cuda_stream, device.index)
-    fn(grid, (threads,), args, shared_mem=smem, stream=stream)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    driver.launch(fn, grid, (threads,), smem, stream, args, device.index, entry)
 
 
 @functools.cache

@@ -4,7 +4,7 @@ NVRTC runs in-process through CuPy, so no CUDA toolkit is needed: rendered sourc
 needs nothing beside itself. A failed compile raises CompileError carrying the full log and a path to the exact
 source text that failed.
 `compile_cached` goes through cache.py, a byte store: encoding a Binary (and its cache key) belongs here.
-`load_function` turns a Binary into a launchable CuPy Function."""
+`load_function` turns a Binary into a launchable CUfunction (attngen/driver.py: the driver through ctypes, no CuPy)."""
 
 from __future__ import annotations
 
@@ -19,15 +19,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
-from attngen import cache
+from attngen import cache, driver
 from attngen._version import __version__
 from attngen.errors import AttngenError, InputError
 from attngen.render import KernelSource
-
-if TYPE_CHECKING:
-    from cupy.cuda.function import Function, Module
 
 # Options every compile uses; `-arch`, the source's own options and `-I` dirs are added per compile.
 BASE_OPTIONS = ("-std=c++17", "--ptxas-options=-v")
@@ -315,56 +311,38 @@ def device_arch(device_index: int) -> str:
     return f"sm_{major}{minor}"
 
 
-def load_function(binary: Binary, entry: str, device_index: int) -> Function:
-    """The CuPy Function for `entry` of `binary` on device `device_index`; each cubin loads once per device."""
+def load_function(binary: Binary, entry: str, device_index: int) -> int:
+    """The CUfunction of `entry` of `binary` on device `device_index`; each cubin loads once per device."""
     binary.resources_of(entry)  # a clear KeyError instead of CUDA_ERROR_NOT_FOUND
     return _function(binary.cubin, binary.arch, entry, device_index)
 
 
-def ensure_dynamic_shared(function: Function, nbytes: int) -> None:
+def ensure_dynamic_shared(function: int, nbytes: int) -> None:
     """Let `function` launch with `nbytes` of dynamic shared memory (CUDA caps it at 48 KB unless raised)."""
     if nbytes > DEFAULT_DYNAMIC_SHARED_LIMIT:
-        _raise_dynamic_shared(function.ptr, nbytes)
+        _raise_dynamic_shared(function, nbytes)
 
 
 @functools.cache  # once per (function, size): launches pay no driver call after the first
-def _raise_dynamic_shared(function_ptr: int, nbytes: int) -> None:
-    try:
-        from cupy.cuda import driver
-    except ModuleNotFoundError as exc:
-        if exc.name is None or exc.name.split(".")[0] != "cupy":
-            raise
-        raise AttngenError(NO_CUPY) from exc
-
-    attribute = driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+def _raise_dynamic_shared(function: int, nbytes: int) -> None:
     # Reading the current cap first means the cap is raised once and never lowered by a smaller launch.
-    if driver.funcGetAttribute(attribute, function_ptr) < nbytes:
-        driver.funcSetAttribute(function_ptr, attribute, nbytes)
+    if driver.get_attribute(function, driver.MAX_DYNAMIC_SHARED) < nbytes:
+        driver.set_attribute(function, driver.MAX_DYNAMIC_SHARED, nbytes)
 
 
 @functools.cache
-def _function(cubin: bytes, arch: str, entry: str, device_index: int) -> Function:
-    return _module(cubin, arch, device_index).get_function(entry)
+def _function(cubin: bytes, arch: str, entry: str, device_index: int) -> int:
+    return driver.get_function(_module(cubin, arch, device_index), entry)
 
 
 @functools.cache
-def _module(cubin: bytes, arch: str, device_index: int) -> Module:
-    try:
-        from cupy.cuda import Device, function
-    except ModuleNotFoundError as exc:
-        if exc.name is None or exc.name.split(".")[0] != "cupy":
-            raise
-        raise AttngenError(NO_CUPY) from exc
-
+def _module(cubin: bytes, arch: str, device_index: int) -> int:
     device = device_arch(device_index)  # InputError for a GPU older than sm_80
     if not _runs_on(arch, device):
         raise AttngenError(
             f"kernel compiled for {arch} cannot run on CUDA device {device_index} ({device}); compile for {device}"
         )
-    with Device(device_index):
-        module = function.Module()
-        module.load(cubin)
-    return module
+    return driver.load_module(cubin, device_index)
 
 
 def _runs_on(arch: str, device: str) -> bool:

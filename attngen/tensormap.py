@@ -4,7 +4,7 @@ keys of the sparse P·V forward, `key_groups_spec`).
 The map views the tensor innermost first, (D, S, H, B), with its own strides (any 16-byte multiples, so [B, S, H, D]
 storage works without a copy), and copies boxes of 64 head-dim columns x `rows` rows, 128-byte swizzled, which is
 the shared-memory layout the kernels' wgmma descriptors expect. Rows outside the tensor read as zeros and are never
-written. Encoding calls the CUDA driver (cuTensorMapEncodeTiled) through ctypes; maps are cached per layout."""
+written. Encoding calls the CUDA driver (cuTensorMapEncodeTiled, attngen/driver.py); maps are cached per layout."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import driver
 from .errors import AttngenError
 
 BOX_COLS = 64  # 64 two-byte elements: one 128-byte swizzle row
@@ -63,14 +64,12 @@ class TensorMap:
     """An encoded map in 64-byte aligned host memory; `arg` passes it by value as a kernel parameter."""
 
     def __init__(self, s: TensorMapSpec):
-        from cupy.cuda.function import CPointer  # CuPy copies the 128 bytes it points at into the launch
-
         self.spec = s
         self._buffer = ctypes.create_string_buffer(_MAP_BYTES + _MAP_ALIGN)
         address = ctypes.addressof(self._buffer)
         address += -address % _MAP_ALIGN
         _encode(s, address)
-        self.arg = CPointer(address)
+        self.arg = driver.ByValue(address)  # the launch copies the 128 bytes at the address
 
 
 @functools.lru_cache(maxsize=512)
@@ -79,33 +78,13 @@ def tensor_map(s: TensorMapSpec) -> TensorMap:
     return TensorMap(s)
 
 
-@functools.cache
-def _driver() -> ctypes.CDLL:
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError as exc:
-        raise AttngenError(f"the CUDA driver (libcuda.so.1) could not be loaded for TMA tensor maps: {exc}") from None
-    u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
-    lib.cuTensorMapEncodeTiled.restype = ctypes.c_int
-    lib.cuTensorMapEncodeTiled.argtypes = [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
-        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-    ]  # fmt: skip
-    lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-    return lib
-
-
 def _encode(s: TensorMapSpec, address: int) -> None:
-    lib = _driver()
     rank = len(s.dims)
     dims = (ctypes.c_uint64 * rank)(*s.dims)
     strides = (ctypes.c_uint64 * (rank - 1))(*s.strides)
     box = (ctypes.c_uint32 * rank)(*s.box)
     ones = (ctypes.c_uint32 * rank)(*[1] * rank)
-    status = lib.cuTensorMapEncodeTiled(
+    status = driver.lib().cuTensorMapEncodeTiled(
         address, _DTYPES[s.dtype], rank, s.address, dims, strides, box, ones, 0, _SWIZZLE_128B, _L2_PROMOTION_256B, 0
     )
-    if status:
-        name = ctypes.c_char_p()
-        lib.cuGetErrorName(status, ctypes.byref(name))
-        raise AttngenError(f"cuTensorMapEncodeTiled failed ({(name.value or b'?').decode()}) for {s}")
+    driver.check(status, f"cuTensorMapEncodeTiled for {s}")

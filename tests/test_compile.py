@@ -157,22 +157,25 @@ def _has_gpu() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
 def test_loaded_function_runs_on_gpu():
-    import cupy
+    import numpy as np
     import torch
+
+    from attngen import device as launcher
+    from attngen import driver
 
     device = torch.cuda.current_device()
     binary = compile_module.nvrtc_compile(scale_source(compile_module.device_arch(device)))
     function = compile_module.load_function(binary, "scale_fp16", device)
-    assert compile_module.load_function(binary, "scale_fp16", device) is function
-    with cupy.cuda.Device(device):
-        x = cupy.random.standard_normal(1000).astype(cupy.float16)
-        expected = x.astype(cupy.float32) * 3
-        function((4,), (256,), (x, cupy.float32(3), cupy.int32(1000)))
-        cupy.testing.assert_allclose(x.astype(cupy.float32), expected, rtol=2e-3)
+    assert compile_module.load_function(binary, "scale_fp16", device) == function
+    x = torch.randn(1000, device="cuda", dtype=torch.float16)
+    expected = x.float() * 3
+    args = [np.uint64(x.data_ptr()), np.float32(3), np.int32(1000)]
+    launcher.launch(binary, "scale_fp16", (4,), 256, 0, args, x.device)
+    torch.testing.assert_close(x.float(), expected, rtol=2e-3, atol=0)
     compile_module.ensure_dynamic_shared(function, 100 * 1024)
-    from cupy.cuda import driver
-
-    cap = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, function.ptr)
+    cap = driver.get_attribute(function, driver.MAX_DYNAMIC_SHARED)
     assert cap == 100 * 1024
     compile_module.ensure_dynamic_shared(function, 64 * 1024)  # a smaller launch must not lower the cap
-    assert driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, function.ptr) == cap
+    assert driver.get_attribute(function, driver.MAX_DYNAMIC_SHARED) == cap
+    with pytest.raises(AttngenError, match=r"launching scale_fp16 .* CUDA_ERROR_INVALID_VALUE"):  # 2048 threads
+        launcher.launch(binary, "scale_fp16", (4,), 2048, 0, args, x.device)

@@ -10,13 +10,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from cupy.cuda.function import CPointer
 
 import attngen as ag
 from attngen import bind, launch, prepare, tensormap
+from attngen.driver import ByValue
 from attngen.errors import InputError
 
-C_TYPES = {np.uint64: r"\*", np.int64: r"long long", np.int32: r"int", np.float32: r"float", CPointer: r"TensorMap"}
+C_TYPES = {np.uint64: r"\*", np.int64: r"long long", np.int32: r"int", np.float32: r"float", ByValue: r"TensorMap"}
 
 
 def _signature(code: str, entry: str) -> list[str]:
@@ -29,7 +29,7 @@ def launches(monkeypatch):
     calls = []
     monkeypatch.setattr(bind, "launch", lambda binary, entry, *rest: calls.append((binary, entry, *rest)))
     # Encoding a tensor map needs the CUDA driver; here it is enough to see which tensors and boxes are mapped.
-    monkeypatch.setattr(tensormap, "tensor_map", lambda spec: SimpleNamespace(arg=CPointer(0), spec=spec))
+    monkeypatch.setattr(tensormap, "tensor_map", lambda spec: SimpleNamespace(arg=ByValue(0), spec=spec))
     monkeypatch.setattr(bind, "sm_count", lambda device_index: SMS)
     return calls
 
