@@ -111,8 +111,11 @@ def dq_tiles(d: int) -> Tiles:
     through a 2-stage cp.async pipeline. Q and dO fragments stay in registers under the dK/dV kernel's budget,
     with dQ (D / 2) and P, dP (BLOCK_N) beside them. Shared memory: Q, dO, then the K and V stages."""
     bm, bn, warps = {32: (128, 128, 8), 64: (128, 96, 8), 96: (128, 64, 8), 128: (128, 48, 8), 256: (64, 32, 4)}[d]
-    smem = 2 * padded_smem(bm, d) + 2 * 2 * padded_smem(bn, d)
-    return Tiles(bm, bn, warps, 2, smem, operands_in_regs=d + bn <= 176)
+    return Tiles(bm, bn, warps, 2, _dq_smem(bm, bn, d), operands_in_regs=d + bn <= 176)
+
+
+def _dq_smem(bm: int, bn: int, d: int) -> int:
+    return 2 * padded_smem(bm, d) + 2 * 2 * padded_smem(bn, d)
 
 
 # ------------------------------------------------------------------------------------------------- sm_90a
@@ -211,9 +214,8 @@ def with_guarded_mask(t: Tiles) -> Tiles:
 def leaner(t: Tiles, kernel: str, head_dim: int) -> Tiles | None:
     """The next leaner variant of backward kernel `kernel`'s ("dkdv", "dq") tiling (fewer live registers, a little
     slower), or None: dK/dV's bias read where it is used, operands re-read from shared memory, then the mask
-    evaluated 4, then 1 element at a time, then (mma.sync dK/dV) dK and dV in two sweeps, then query steps of 64
-    rows (the Pᵀ and dPᵀ fragments shrink with them); for the sm_90a dQ, key steps of 64 (its score and dP
-    accumulators halve)."""
+    evaluated 4, then 1 element at a time, then (mma.sync dK/dV) dK and dV in two sweeps; then steps of 64, then 32
+    rows: keys for dQ, queries for dK/dV (the score and dP fragments shrink with them)."""
     if t.bias_preload and kernel == "dkdv":
         return replace(t, bias_preload="")
     if t.operands_in_regs:
@@ -224,10 +226,14 @@ def leaner(t: Tiles, kernel: str, head_dim: int) -> Tiles | None:
         return replace(t, mask_unroll=1)
     if kernel == "dkdv" and not t.wgmma and not t.split:
         return replace(t, split=True)
-    if kernel == "dkdv" and not t.wgmma and t.block_m > 64:
-        return replace(t, block_m=64, smem_bytes=_dkdv_smem(64, t.block_n, head_dim))
-    if kernel == "dq" and t.wgmma and t.block_n > 64:
-        return replace(t, block_n=64, smem_bytes=wgmma_dq_smem(t.block_m, 64, head_dim, t.stages))
+    if kernel == "dq" and t.block_n > 32:
+        bn = 64 if t.block_n > 64 else 32
+        smem = wgmma_dq_smem(t.block_m, bn, head_dim, t.stages) if t.wgmma else _dq_smem(t.block_m, bn, head_dim)
+        return replace(t, block_n=bn, smem_bytes=smem)
+    if kernel == "dkdv" and t.block_m > 32:
+        bm = 64 if t.block_m > 64 else 32
+        smem = wgmma_dkdv_smem(t.block_n, bm, head_dim, t.stages) if t.wgmma else _dkdv_smem(bm, t.block_n, head_dim)
+        return replace(t, block_m=bm, smem_bytes=smem)
     return None
 
 

@@ -128,8 +128,8 @@ def test_every_kernel_has_a_leaner_tiling(kernel, arch):
 
 def test_leaner_steps_end_at_one_element_at_a_time_then_split_sweeps():
     """Operands to shared memory, the mask one element at a time, then (mma.sync dK/dV only) two sweeps, then query
-    steps of 64 rows, with the shared memory of that tile."""
-    dkdv_last = [(False, 1, True, 128), (False, 1, True, 64)]
+    steps of 64, then 32 rows, with the shared memory of that tile."""
+    dkdv_last = [(False, 1, True, 128), (False, 1, True, 64), (False, 1, True, 32)]
     for kernel, t, last in (("dkdv", tiling.dkdv_tiles(32), dkdv_last), ("dq", tiling.dq_tiles(32), [])):
         seen = [t]
         while (t := tiling.leaner(t, kernel, 32)) is not None:
@@ -142,6 +142,12 @@ def test_leaner_steps_end_at_one_element_at_a_time_then_split_sweeps():
     smallest = tiling.leaner(lean, "dkdv", 64)
     # K and V (128 keys), two stages of Q and dO (64 rows), their row statistics: rows of 64 + 8 padding elements
     assert smallest.block_m == 64 and smallest.smem_bytes == 2 * 128 * 72 * 2 + 4 * 64 * 72 * 2 + 4 * 64 * 4
+    last = tiling.leaner(smallest, "dkdv", 64)
+    assert last.block_m == 32 and last.smem_bytes == 2 * 128 * 72 * 2 + 4 * 32 * 72 * 2 + 4 * 32 * 4
+    assert tiling.leaner(last, "dkdv", 64) is None
+    wg_dkdv = dataclasses.replace(tiling.wgmma_backward_tiles(128)[0], mask_unroll=1)  # sm_90a: 64 then 32 rows
+    assert wg_dkdv.block_m == 64 and tiling.leaner(wg_dkdv, "dkdv", 128).block_m == 32
+    assert tiling.leaner(wg_dkdv, "dkdv", 128).smem_bytes == tiling.wgmma_dkdv_smem(128, 32, 128, wg_dkdv.stages)
 
 
 def test_backward_rendering_follows_the_plan():

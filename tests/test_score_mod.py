@@ -269,6 +269,24 @@ def test_a_bias_after_a_softcap_compiles_without_spills(arch, head_dim):
     assert_no_spills(kern)
 
 
+@pytest.mark.parametrize(
+    ("arch", "head_dim", "mods"),
+    [
+        ("sm_90", 128, (ag.alibi(SLOPES), ag.rel_bias(32, 128), ag.bias())),
+        ("sm_80", 64, (ag.softcap(5.0), ag.alibi(SLOPES), ag.rel_bias(32, 128), ag.bias())),
+    ],
+    ids=["alibi rel_bias bias sm_90a D128", "softcap alibi rel_bias bias sm_80 D64"],
+)
+def test_three_additive_terms_compile_without_spills(arch, head_dim, mods):
+    """The backward kernels step down to query steps of 32 rows (dK/dV; dQ to key steps of 64), where all three
+    additive terms (and a softcap before them) fit in registers. (Still spilling: all four at sm_90a head dim 128,
+    12 bytes in dK/dV.)"""
+    kern = ag.compile(ag.causal(), head_dim=head_dim, dtype="fp16", arch=arch, score_mod=mods)
+    assert_no_spills(kern)
+    final = kern.compiled.plan  # the tilings chosen, once the backward is built
+    assert final.dkdv.block_m == 32 and (arch == "sm_90" or final.dq.block_n == 64)
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch.compile"])
 @pytest.mark.parametrize(
     "mods",

@@ -84,6 +84,13 @@ ADDITIVE = [
         "float32",
         lambda: (ag.alibi(torch.tensor(SLOPES)), ag.rel_bias(8, 20), ag.bias()),
     ),
+    (  # the leanest backward tilings: steps of 32 rows (tiling.leaner)
+        "softcap alibi rel_bias bias",
+        ag.sliding_window(300),
+        "heads",
+        "input",
+        lambda: (ag.softcap(5.0), ag.alibi(torch.tensor(SLOPES)), ag.rel_bias(8, 20), ag.bias()),
+    ),
 ]
 ADDITIVE_LENGTHS = [(1, 1), (77, 77), (300, 517), (517, 300), (1000, 1000)]
 
