@@ -25,12 +25,17 @@ whole sequence, as on one GPU, and sliced per block), key_indices() (each rank g
 gets its rows' lists less its first key, and where the lists are in the pattern's top-level &, blocks no row lists
 a key of are dropped by every rank alike after one all-reduce) with & | ~, and
 `A & nm(n, m)` with chunks a multiple of m; block layouts with chunks a multiple of their block size (a chunk
-pair the layout keeps no block of is neither computed nor exchanged)."""
+pair the layout keeps no block of is neither computed nor exchanged); `topk_blocks(k, block)` with an affine
+&-context and chunks a multiple of its block: chosen as on one GPU, each rank for its own query blocks over the
+whole sequence's key blocks (the pooled key means all-gathered), and run per block as that block's share of the
+choice, a block layout per batch element and head (chunk pairs nothing chose are dropped, after one all-reduce)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -139,7 +144,8 @@ def plan(pattern: P.Pattern, world: int, shard_len: int, layout: str = "contiguo
         raise InputError(
             f"{pattern!r}: context parallelism takes affine patterns (causal, windows, local, prefix_lm, "
             "global_tokens, predicate), documents(), in_document(), key_padding(), key_indices() and block layouts "
-            "with & | ~, and `A & nm(n, m)`; buckets, lsh, keep masks and top-k rules not yet"
+            "with & | ~, `A & nm(n, m)` and topk_blocks (through attention()); buckets, lsh, keep masks and top-k "
+            "by token not yet"
         )
     layouts = [leaf for leaf in positions.leaves() if isinstance(leaf, P.BlockLayout)]
     for bs in sorted({leaf.block_size for leaf in layouts}):
@@ -489,7 +495,12 @@ def attention(
             f"q [B, Hq, S, D] and k, v [B, Hkv, S, D] shards of one sequence expected, got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
-    p = plan(pattern, dist.get_world_size(group), q.shape[2], layout, TILE)
+    leaf = P.topk_leaf(pattern)
+    if leaf is not None:  # planned as if it kept every block; each call's choice then prunes and fills the blocks
+        _check_block_topk(pattern, leaf, q.shape[2], layout, dist.get_world_size(group))
+    planned = pattern if leaf is None else _replaced(pattern, leaf, P.full())
+    tile = TILE if leaf is None else math.lcm(TILE, leaf.block)  # blocks trimmed to whole selection blocks
+    p = plan(planned, dist.get_world_size(group), q.shape[2], layout, tile)
     S = p.length
     need = pattern.runtime_inputs
     for name, value in (("document_ids", document_ids), ("key_lengths", key_lengths), ("key_indices", key_indices)):
@@ -513,9 +524,110 @@ def attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if key_indices is not None:
         p = skip_unlisted_keys(p, pattern, key_indices, group)
+    if leaf is not None:
+        p = _with_block_choice(p, pattern, leaf, q, k, group)
     within = P.document_offsets(document_ids, S, S) if P.reads_document_offsets(pattern) else None
     runtime = {"document_ids": document_ids, "key_lengths": key_lengths, "within": within, "key_indices": key_indices}
     return _ContextParallel.apply(q, k, v, p, scale, group, pattern, runtime)
+
+
+def _check_block_topk(pattern: P.Pattern, leaf: P.Pattern, shard_len: int, layout: str, world: int) -> None:
+    n_own = len(chunks_of(layout, world, 0))
+    context = P.context_of(pattern, leaf)
+    if context.runtime_inputs or context.layouts():
+        raise InputError(
+            f"{pattern!r}: under context parallelism a topk_blocks leaf's &-context must be affine (causal, windows, "
+            f"local, prefix_lm, global_tokens, predicate), got {context!r}"
+        )
+    if shard_len % n_own or (shard_len // n_own) % leaf.block:
+        raise InputError(
+            f"{leaf!r} needs chunks of a multiple of {leaf.block} positions; a shard of {shard_len} positions "
+            f"makes {n_own} chunk(s) of {shard_len / n_own:g}"
+        )
+
+
+def _replaced(pat: P.Pattern, leaf: P.Pattern, by: P.Pattern) -> P.Pattern:
+    """`pat` with the leaf `leaf` (by identity) replaced by the pattern `by`."""
+    if pat is leaf:
+        return by
+    if isinstance(pat, (P.And, P.Or)):
+        parts = [_replaced(part, leaf, by) for part in pat.parts]
+        return functools.reduce(operator.and_ if isinstance(pat, P.And) else operator.or_, parts)
+    return pat
+
+
+def block_choice(pattern: P.Pattern, leaf: P.Pattern, q: torch.Tensor, k: torch.Tensor, p: Plan, group) -> torch.Tensor:
+    """bool [B, Hq, this rank's query blocks (in its shard's order), all key blocks]: the topk_blocks choice of this
+    rank's rows, made as one GPU makes it (`blockselect.select`): fp32 pooled means, the key blocks' gathered from
+    every rank (B · Hkv · S / block · D floats), the top `leaf.k` among the key blocks the leaf's &-context allows
+    on the whole sequence, ties to the lower block."""
+    from . import blockselect, blocktopk
+
+    bs, rank = leaf.block, dist.get_rank(group)
+    per_chunk, S = p.chunk // bs, p.length
+    pk = blocktopk.pooled(k.detach(), bs, torch.float32).contiguous()  # [B, Hkv, own blocks, D]
+    gathered = [torch.empty_like(pk) for _ in range(p.world)]
+    dist.all_gather(gathered, pk, group=group)
+    by_chunk = {
+        c: part[:, :, i * per_chunk : (i + 1) * per_chunk]
+        for r, part in enumerate(gathered)
+        for i, c in enumerate(chunks_of(p.layout, p.world, r))
+    }
+    pk = torch.cat([by_chunk[c] for c in range(len(by_chunk))], dim=2)  # [B, Hkv, nbk, D], in sequence order
+    pq = blocktopk.pooled(q.detach(), bs, torch.float32)  # [B, Hq, own blocks, D]
+    (B, Hq, nbq, _), Hkv = pq.shape, pk.shape[1]
+    scores = (pq.reshape(B, Hkv, (Hq // Hkv) * nbq, -1) @ pk.transpose(-1, -2)).view(B, Hq, nbq, -1)
+    context = P.context_of(pattern, leaf)
+    cand = blockselect._static_candidates(context, bs, S, S, str(q.device))  # [1, 1, nbq_all, nbk]
+    own = torch.cat([torch.arange(c * per_chunk, (c + 1) * per_chunk) for c in chunks_of(p.layout, p.world, rank)])
+    return blocktopk.choose(scores, cand[:, :, own.to(cand.device)], leaf.k)
+
+
+def _with_block_choice(p: Plan, pattern: P.Pattern, leaf: P.Pattern, q, k, group) -> Plan:
+    """`p` with this call's topk_blocks choice: each block's pattern gets its share of the choice as a block layout
+    (per batch element and query head), and where the leaf is in the pattern's top-level &, the blocks no row of
+    their query chunk chose a key block of are dropped, by every rank alike (`_keep_marked`)."""
+    from .select import split_selection
+
+    rank, bs = dist.get_rank(group), leaf.block
+    choice = block_choice(pattern, leaf, q, k, p, group)
+    per_chunk, S = p.chunk // bs, p.length
+    positions, _ = split_selection(pattern)
+    if any(part is leaf for part in (positions.parts if isinstance(positions, P.And) else (positions,))):
+        by_slot = choice.unflatten(2, (-1, per_chunk)).any(3).any(1).any(0)  # [own slots, nbk]
+        p = _keep_marked(p, by_slot.unflatten(-1, (-1, per_chunk)).any(-1), group)
+    blocks = []
+    for bl in p.blocks[rank]:
+        q0, k0 = bl.q_chunk * p.chunk + bl.rows[0], bl.k_chunk * p.chunk + bl.keys[0]
+        r0 = (bl.q_slot * p.chunk + bl.rows[0]) // bs  # the block's first query block in this rank's choice
+        nq, nk = (bl.rows[1] - bl.rows[0]) // bs, (bl.keys[1] - bl.keys[0]) // bs
+        share = P.block_layout(choice[:, :, r0 : r0 + nq, k0 // bs : k0 // bs + nk].contiguous(), bs)
+        blocks.append(dataclasses.replace(bl, pattern=_moved(pattern, leaf, share, q0, k0, S)))
+    per_rank = tuple(tuple(blocks) if r == rank else bls for r, bls in enumerate(p.blocks))
+    return Plan(p.world, p.chunk, p.layout, per_rank)
+
+
+def _moved(pat: P.Pattern, leaf: P.Pattern, share: P.Pattern, q0: int, k0: int, S: int) -> P.Pattern:
+    """`pat` on the block at (q0, k0): the leaf replaced by its share of the choice, the rest `P.shifted`."""
+    if pat is leaf:
+        return share
+    if isinstance(pat, (P.And, P.Or)):
+        parts = [_moved(part, leaf, share, q0, k0, S) for part in pat.parts]
+        return functools.reduce(operator.and_ if isinstance(pat, P.And) else operator.or_, parts)
+    return P.shifted(pat, q0, k0, S, S, sliced_data=True)
+
+
+def _keep_marked(p: Plan, marks: torch.Tensor, group) -> Plan:
+    """`p` without the blocks whose (query chunk, key chunk) no rank marked: `marks` bool [this rank's slots,
+    chunks]; one all-reduce shares them (each query chunk belongs to one rank), so every rank drops the same blocks
+    and the exchanges still pair up."""
+    chunks, own = p.length // p.chunk, chunks_of(p.layout, p.world, dist.get_rank(group))
+    table = torch.zeros(chunks, chunks, dtype=torch.int32, device=marks.device)
+    table[list(own)] = marks.to(torch.int32)
+    dist.all_reduce(table, group=group)
+    table = table.cpu() > 0
+    blocks = tuple(tuple(bl for bl in blocks if table[bl.q_chunk, bl.k_chunk]) for blocks in p.blocks)
+    return Plan(p.world, p.chunk, p.layout, blocks)
 
 
 def skip_unlisted_keys(p: Plan, pattern: P.Pattern, key_indices: torch.Tensor, group) -> Plan:
@@ -537,12 +649,7 @@ def skip_unlisted_keys(p: Plan, pattern: P.Pattern, key_indices: torch.Tensor, g
     per_slot = chunk_of.transpose(0, 2).reshape(len(own), -1)  # every listed chunk of each of the rank's chunks
     marks = torch.zeros(len(own), chunks + 1, dtype=torch.int32, device=idx.device)
     marks.scatter_(1, per_slot, 1)
-    listed = torch.zeros(chunks, chunks, dtype=torch.int32, device=idx.device)
-    listed[list(own)] = marks[:, :chunks]
-    dist.all_reduce(listed, group=group)  # each query chunk belongs to one rank: the sum is its marks
-    listed = listed.cpu() > 0
-    blocks = tuple(tuple(bl for bl in blocks if listed[bl.q_chunk, bl.k_chunk]) for blocks in p.blocks)
-    return Plan(p.world, p.chunk, p.layout, blocks)
+    return _keep_marked(p, marks[:, :chunks] > 0, group)
 
 
 def skip_unrelated_documents(p: Plan, pattern: P.Pattern, document_ids: torch.Tensor) -> Plan:

@@ -165,6 +165,10 @@ PATTERNS = {
     "key_indices": ag.causal() & ag.key_indices(),
     "key_indices_or_window": ag.key_indices() | ag.sliding_window(4),
     "padding": ag.key_padding() | ag.global_tokens(3),
+    # block top-k chosen on the whole sequence (pooled keys gathered from every rank), in the top-level & and under |
+    # (their blocks are 64 positions: the workers' sequences are 4 times longer for them)
+    "topk_blocks": ag.causal() & ag.topk_blocks(3, block=64),
+    "topk_blocks_or_window": ag.topk_blocks(2, block=64) | ag.sliding_window(6),
     # 8-position blocks, random, over up to 96 positions (the 3-rank sequences)
     "layout": ag.block_layout(torch.rand(12, 12, generator=torch.Generator().manual_seed(3)) < 0.5, 8) & ag.causal(),
     # a grid per batch element (the workers' B = 2) and per head, under |
@@ -182,7 +186,7 @@ def _worker(rank, world, port, cases):
         for name, layout in cases:
             pat = PATTERNS[name]
             gen = torch.Generator().manual_seed(7)
-            B, Hq, Hkv, S, Dh = 2, 4, 2, 16 * 2 * world, 64
+            B, Hq, Hkv, S, Dh = 2, 4, 2, (64 if name.startswith("topk") else 16) * 2 * world, 64
             if name == "causal_nm":  # scores on a grid: exact ties, resolved by index in both computations
                 q, k = (torch.randint(-2, 3, (B, h, S, Dh), generator=gen).double() / 2 for h in (Hq, Hkv))
             else:
@@ -224,8 +228,8 @@ def _free_port() -> int:
 def test_context_parallel_matches_single_process_reference(world):
     """Forward and gradients of every rank's shard against the whole sequence's reference, in both layouts, for
     causal, windows with global tokens, full, causal & nm(2, 4), packed documents (alone and with each document's
-    own sinks and window), key padding, key-index lists (each rank passing its own rows') and block layouts (one
-    grid, and one per batch element and head)."""
+    own sinks and window), key padding, key-index lists (each rank passing its own rows'), block layouts (one
+    grid, and one per batch element and head) and block top-k (alone in the &, and under |)."""
     cases = [(name, layout) for name in PATTERNS for layout in D.LAYOUTS]
     mp.spawn(_worker, args=(world, _free_port(), cases), nprocs=world, join=True)
 
@@ -253,6 +257,41 @@ def test_blocks_no_listed_key_reaches_are_dropped():
     """Key-index lists: the ranks share which key chunks their rows list (one all-reduce) and all drop the same
     blocks, where no row of the query chunk lists a key of the key chunk."""
     mp.spawn(_unlisted_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def _topk_pruned_worker(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        pat, S = ag.causal() & ag.topk_blocks(1, block=64), 256  # contiguous over 2 ranks: 2 chunks of 2 blocks
+        q = torch.ones(1, 1, S, 8, dtype=torch.float64)
+        k = torch.zeros(1, 1, S, 8, dtype=torch.float64)
+        k[:, :, :64] = 1.0  # key block 0 scores highest for every query block: nothing chooses key chunk 1
+        qs, ks = (D.shard(t, world, rank, "contiguous") for t in (q, k))
+        whole = D.plan(ag.causal(), world, S // world, "contiguous", 64)
+        leaf = D.P.topk_leaf(pat)
+        chosen = D._with_block_choice(whole, pat, leaf, qs, ks, dist.group.WORLD)
+        pairs = {(bl.q_chunk, bl.k_chunk) for bl in chosen.blocks[rank]}
+        assert pairs == ({(0, 0)} if rank == 0 else {(1, 0)}), pairs
+        share = next(bl.pattern for bl in chosen.blocks[rank])  # the choice as the block's layout: key block 0
+        assert torch.equal(share.mask(128, 128)[0, 0, :, 64:], torch.zeros(128, 64, dtype=torch.bool))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_block_topk_drops_the_chunk_pairs_nothing_chose():
+    """Block top-k: the ranks share which key chunks their query chunks chose a block of (one all-reduce) and all
+    drop the same blocks; each remaining block runs its share of the choice as a block layout."""
+    mp.spawn(_topk_pruned_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def test_block_topk_refusals_name_the_problem():
+    docs, causal = ag.documents() & ag.topk_blocks(2, block=64), ag.causal() & ag.topk_blocks(2, block=64)
+    with pytest.raises(InputError, match="context must be affine"):
+        D._check_block_topk(docs, D.P.topk_leaf(docs), 256, "contiguous", 2)
+    with pytest.raises(InputError, match="chunks of a multiple of 64"):
+        D._check_block_topk(causal, D.P.topk_leaf(causal), 96, "zigzag", 2)  # 2 chunks of 48
+    D._check_block_topk(causal, D.P.topk_leaf(causal), 256, "zigzag", 2)
 
 
 def test_blocks_share_few_structures():
