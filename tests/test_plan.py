@@ -128,16 +128,16 @@ def test_every_kernel_has_a_leaner_tiling(kernel, arch):
 
 def test_leaner_steps_end_at_one_element_at_a_time_then_split_sweeps():
     """Operands to shared memory, the mask one element at a time, then (mma.sync dK/dV only) two sweeps, then query
-    steps of 64, then 32 rows, with the shared memory of that tile."""
-    dkdv_last = [(False, 1, True, 128), (False, 1, True, 64), (False, 1, True, 32)]
-    for kernel, t, last in (("dkdv", tiling.dkdv_tiles(32), dkdv_last), ("dq", tiling.dq_tiles(32), [])):
+    steps (dK/dV) or key steps (dQ) of 64, then 32 rows, with the shared memory of that tile."""
+    dkdv_last = [(False, 1, True, 128, 128), (False, 1, True, 64, 128), (False, 1, True, 32, 128)]
+    dq_last = [(False, 1, False, 128, 128), (False, 1, False, 128, 64), (False, 1, False, 128, 32)]
+    for kernel, t, last in (("dkdv", tiling.dkdv_tiles(32), dkdv_last), ("dq", tiling.dq_tiles(32), dq_last)):
         seen = [t]
         while (t := tiling.leaner(t, kernel, 32)) is not None:
             seen.append(t)
-        steps = [(s.operands_in_regs, s.mask_unroll, s.split, s.block_m) for s in seen]
-        first = (False, 1, False, seen[0].block_m)
-        assert steps[-1 - len(last) :] == [first, *last] and len(steps) == len(set(steps))
-    assert seen[-1].smem_bytes == tiling.dq_tiles(32).smem_bytes  # dQ's tiling never changes shape
+        steps = [(s.operands_in_regs, s.mask_unroll, s.split, s.block_m, s.block_n) for s in seen]
+        assert steps[-len(last) :] == last and len(steps) == len(set(steps)), steps
+    assert seen[-1].smem_bytes == 2 * 128 * 40 * 2 + 4 * 32 * 40 * 2  # dQ: Q and dO, two stages of 32 keys of K, V
     lean = dataclasses.replace(tiling.dkdv_tiles(64), split=True, operands_in_regs=False, mask_unroll=1)
     smallest = tiling.leaner(lean, "dkdv", 64)
     # K and V (128 keys), two stages of Q and dO (64 rows), their row statistics: rows of 64 + 8 padding elements
