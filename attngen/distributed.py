@@ -28,7 +28,9 @@ a key of are dropped by every rank alike after one all-reduce) with & | ~, and
 pair the layout keeps no block of is neither computed nor exchanged); `topk_blocks(k, block)` with an affine
 &-context and chunks a multiple of its block: chosen as on one GPU, each rank for its own query blocks over the
 whole sequence's key blocks (the pooled key means all-gathered), and run per block as that block's share of the
-choice, a block layout per batch element and head (chunk pairs nothing chose are dropped, after one all-reduce)."""
+choice, a block layout per batch element and head (chunk pairs nothing chose are dropped, after one all-reduce);
+`topk(k)` and `threshold(t)` with exact scores and an affine &-context: each rank chooses its rows' keys against
+the whole sequence's keys (all-gathered), as on one GPU, and the choice runs as key_indices() lists."""
 
 from __future__ import annotations
 
@@ -144,8 +146,8 @@ def plan(pattern: P.Pattern, world: int, shard_len: int, layout: str = "contiguo
         raise InputError(
             f"{pattern!r}: context parallelism takes affine patterns (causal, windows, local, prefix_lm, "
             "global_tokens, predicate), documents(), in_document(), key_padding(), key_indices() and block layouts "
-            "with & | ~, `A & nm(n, m)` and topk_blocks (through attention()); buckets, lsh, keep masks and top-k "
-            "by token not yet"
+            "with & | ~, `A & nm(n, m)`, and topk_blocks and topk through attention(); buckets, lsh and keep masks "
+            "not yet"
         )
     layouts = [leaf for leaf in positions.leaves() if isinstance(leaf, P.BlockLayout)]
     for bs in sorted({leaf.block_size for leaf in layouts}):
@@ -495,6 +497,12 @@ def attention(
             f"q [B, Hq, S, D] and k, v [B, Hkv, S, D] shards of one sequence expected, got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
+    token = P.token_leaf(pattern)
+    if token is not None:  # each rank's rows choose their keys; they then run as key-index lists do
+        if key_indices is not None:
+            raise InputError(f"{pattern!r}: key_indices= is given but the pattern chooses its keys (topk)")
+        key_indices = token_choice(pattern, token, q, k, layout, scale, group)
+        pattern = _replaced(pattern, token, P.key_indices())
     leaf = P.topk_leaf(pattern)
     if leaf is not None:  # planned as if it kept every block; each call's choice then prunes and fills the blocks
         _check_block_topk(pattern, leaf, q.shape[2], layout, dist.get_world_size(group))
@@ -529,6 +537,43 @@ def attention(
     within = P.document_offsets(document_ids, S, S) if P.reads_document_offsets(pattern) else None
     runtime = {"document_ids": document_ids, "key_lengths": key_lengths, "within": within, "key_indices": key_indices}
     return _ContextParallel.apply(q, k, v, p, scale, group, pattern, runtime)
+
+
+def token_choice(pattern: P.Pattern, leaf: P.Pattern, q, k, layout: str, scale: float | None, group) -> torch.Tensor:
+    """int32 [B, Hq, this rank's rows (its shard's order), min(k, S)]: the keys (positions in the whole sequence,
+    -1 pads) a `topk(k)` or `threshold(t)` leaf with exact scores keeps for this rank's rows, chosen as on one GPU
+    (`tokenselect.select`: fp32 scores over the keys the leaf's &-context allows, ties to the lower key) against the
+    whole sequence's keys (all-gathered), one chunk of rows at a time with the context moved to the chunk."""
+    from . import tokenselect
+
+    context = P.context_of(pattern, leaf)
+    if leaf.scorer is not None or context.runtime_inputs or context.layouts():
+        raise InputError(
+            f"{pattern!r}: under context parallelism top-k by token takes exact scores (no scorer) and an affine "
+            f"&-context (causal, windows, local, prefix_lm, global_tokens, predicate), got {leaf!r} in {context!r}"
+        )
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    own, n_own = chunks_of(layout, world, rank), len(chunks_of(layout, world, 0))
+    if q.shape[2] % n_own:
+        raise InputError(f"a shard of {q.shape[2]} positions does not split into the layout's {n_own} chunks")
+    chunk = q.shape[2] // n_own
+    S = chunk * n_own * world
+    kd = k.detach().contiguous()
+    gathered = [torch.empty_like(kd) for _ in range(world)]
+    dist.all_gather(gathered, kd, group=group)
+    by_chunk = {
+        c: part.chunk(n_own, dim=2)[i]
+        for r, part in enumerate(gathered)
+        for i, c in enumerate(chunks_of(layout, world, r))
+    }
+    k_all = torch.cat([by_chunk[c] for c in range(len(by_chunk))], dim=2)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    lists = []
+    for i, c in enumerate(own):
+        moved = _moved(pattern, leaf, leaf, c * chunk, 0, S)  # the rows of chunk c against every key
+        rows = q[:, :, i * chunk : (i + 1) * chunk]
+        lists.append(tokenselect.select(moved, rows, k_all, None, {}, scale))
+    return torch.cat(lists, dim=2)
 
 
 def _check_block_topk(pattern: P.Pattern, leaf: P.Pattern, shard_len: int, layout: str, world: int) -> None:

@@ -94,7 +94,7 @@ def test_blocks_between_unrelated_documents_are_dropped():
 def test_plan_refuses_what_it_cannot_split():
     with pytest.raises(InputError, match="multiple of 48"):
         D.plan(ag.block_layout(torch.ones(4, 4, dtype=torch.bool), 48) & ag.causal(), 2, 64)
-    with pytest.raises(InputError, match="buckets, lsh, keep masks"):
+    with pytest.raises(InputError, match="buckets, lsh and keep masks"):
         D.plan(ag.causal() & ag.lsh(8, seed=0), 2, 64)
     with pytest.raises(InputError, match="multiple of 4"):
         D.plan(ag.causal() & ag.nm(2, 4), 2, 30)
@@ -166,6 +166,9 @@ PATTERNS = {
     "key_indices_or_window": ag.key_indices() | ag.sliding_window(4),
     "padding": ag.key_padding() | ag.global_tokens(3),
     # block top-k chosen on the whole sequence (pooled keys gathered from every rank), in the top-level & and under |
+    # top-k by token: each rank's rows choose among the whole sequence's keys, then run as key-index lists
+    "topk": ag.causal() & ag.topk(5),
+    "topk_or_window": ag.topk(3) | ag.sliding_window(4),
     # (their blocks are 64 positions: the workers' sequences are 4 times longer for them)
     "topk_blocks": ag.causal() & ag.topk_blocks(3, block=64),
     "topk_blocks_or_window": ag.topk_blocks(2, block=64) | ag.sliding_window(6),
@@ -186,7 +189,7 @@ def _worker(rank, world, port, cases):
         for name, layout in cases:
             pat = PATTERNS[name]
             gen = torch.Generator().manual_seed(7)
-            B, Hq, Hkv, S, Dh = 2, 4, 2, (64 if name.startswith("topk") else 16) * 2 * world, 64
+            B, Hq, Hkv, S, Dh = 2, 4, 2, (64 if name.startswith("topk_blocks") else 16) * 2 * world, 64
             if name == "causal_nm":  # scores on a grid: exact ties, resolved by index in both computations
                 q, k = (torch.randint(-2, 3, (B, h, S, Dh), generator=gen).double() / 2 for h in (Hq, Hkv))
             else:
@@ -229,7 +232,7 @@ def test_context_parallel_matches_single_process_reference(world):
     """Forward and gradients of every rank's shard against the whole sequence's reference, in both layouts, for
     causal, windows with global tokens, full, causal & nm(2, 4), packed documents (alone and with each document's
     own sinks and window), key padding, key-index lists (each rank passing its own rows'), block layouts (one
-    grid, and one per batch element and head) and block top-k (alone in the &, and under |)."""
+    grid, and one per batch element and head), block top-k and top-k by token (alone in the &, and under |)."""
     cases = [(name, layout) for name in PATTERNS for layout in D.LAYOUTS]
     mp.spawn(_worker, args=(world, _free_port(), cases), nprocs=world, join=True)
 
@@ -285,13 +288,17 @@ def test_block_topk_drops_the_chunk_pairs_nothing_chose():
     mp.spawn(_topk_pruned_worker, args=(2, _free_port()), nprocs=2, join=True)
 
 
-def test_block_topk_refusals_name_the_problem():
+def test_top_k_refusals_name_the_problem():
     docs, causal = ag.documents() & ag.topk_blocks(2, block=64), ag.causal() & ag.topk_blocks(2, block=64)
     with pytest.raises(InputError, match="context must be affine"):
         D._check_block_topk(docs, D.P.topk_leaf(docs), 256, "contiguous", 2)
     with pytest.raises(InputError, match="chunks of a multiple of 64"):
         D._check_block_topk(causal, D.P.topk_leaf(causal), 96, "zigzag", 2)  # 2 chunks of 48
     D._check_block_topk(causal, D.P.topk_leaf(causal), 256, "zigzag", 2)
+    q = torch.zeros(1, 1, 16, 8)
+    for pat in (ag.causal() & ag.topk(4, scorer=ag.lowrank()), ag.documents() & ag.topk(4)):
+        with pytest.raises(InputError, match=r"exact scores .* affine"):
+            D.token_choice(pat, D.P.token_leaf(pat), q, q, "contiguous", None, None)
 
 
 def test_blocks_share_few_structures():
