@@ -169,6 +169,7 @@ PATTERNS = {
     # top-k by token: each rank's rows choose among the whole sequence's keys, then run as key-index lists
     "topk": ag.causal() & ag.topk(5),
     "topk_or_window": ag.topk(3) | ag.sliding_window(4),
+    "threshold": ag.causal() & ag.threshold(0.08),
     # (their blocks are 64 positions: the workers' sequences are 4 times longer for them)
     "topk_blocks": ag.causal() & ag.topk_blocks(3, block=64),
     "topk_blocks_or_window": ag.topk_blocks(2, block=64) | ag.sliding_window(6),
@@ -232,7 +233,7 @@ def test_context_parallel_matches_single_process_reference(world):
     """Forward and gradients of every rank's shard against the whole sequence's reference, in both layouts, for
     causal, windows with global tokens, full, causal & nm(2, 4), packed documents (alone and with each document's
     own sinks and window), key padding, key-index lists (each rank passing its own rows'), block layouts (one
-    grid, and one per batch element and head), block top-k and top-k by token (alone in the &, and under |)."""
+    grid, and one per batch element and head), block top-k and top-k by token (alone in the &, and under |), and a threshold."""
     cases = [(name, layout) for name in PATTERNS for layout in D.LAYOUTS]
     mp.spawn(_worker, args=(world, _free_port(), cases), nprocs=world, join=True)
 
