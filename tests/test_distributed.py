@@ -233,7 +233,8 @@ def test_context_parallel_matches_single_process_reference(world):
     """Forward and gradients of every rank's shard against the whole sequence's reference, in both layouts, for
     causal, windows with global tokens, full, causal & nm(2, 4), packed documents (alone and with each document's
     own sinks and window), key padding, key-index lists (each rank passing its own rows'), block layouts (one
-    grid, and one per batch element and head), block top-k and top-k by token (alone in the &, and under |), and a threshold."""
+    grid, and one per batch element and head), block top-k and top-k by token (alone in the &, and under |), and a
+    threshold."""
     cases = [(name, layout) for name in PATTERNS for layout in D.LAYOUTS]
     mp.spawn(_worker, args=(world, _free_port(), cases), nprocs=world, join=True)
 
