@@ -196,6 +196,9 @@ CASES = [
     Case("bias_wgmma", "causal & bias [1,H,Sq,Sk], its gradient", "causal", 64, 77, 131, mods="bias"),
     Case("rel_bias_wgmma", "softcap then rel_bias(32, 64), D=128", "full", 128, 130, 130, dtype="bf16", mods="rel"),
     Case("bias_mma", "window & bias, mma.sync", "sliding_window", 128, 77, 131, mma_sync=True, mods="bias"),
+    # a softcap, a T5 table and a bias together: the backward's leanest tilings (query steps of 32 rows)
+    Case("mods3_wgmma_d128", "softcap, rel_bias, bias: dK/dV of 32-row steps", "causal", 128, 77, 131, mods="three"),
+    Case("mods3_mma_d64", "softcap, rel_bias, bias, mma.sync", "causal", 64, 77, 131, mma_sync=True, mods="three"),
 ]
 BY_ID = {c.id: c for c in CASES}
 
@@ -239,17 +242,21 @@ def _mods(c: Case) -> tuple:
     """The case's `score_mod=`."""
     import attngen as ag
 
-    return {"": (), "bias": (ag.bias(),), "rel": (ag.softcap(20.0), ag.rel_bias(32, 64))}[c.mods]
+    three = (ag.softcap(20.0), ag.rel_bias(32, 64), ag.bias())
+    return {"": (), "bias": (ag.bias(),), "rel": (ag.softcap(20.0), ag.rel_bias(32, 64)), "three": three}[c.mods]
 
 
 def _mod_tensors(c: Case, g) -> dict:
     """The tensors of the case's score modifications (CPU, random from `g`)."""
     import torch
 
-    if c.mods == "bias":
+    out = {}
+    if c.mods in ("bias", "three"):
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[c.dtype]
-        return {"bias": torch.randn(1, c.Hq, c.Sq, c.Sk, generator=g).to(dtype)}
-    return {"rel_table": torch.randn(c.Hq, 32, generator=g)} if c.mods == "rel" else {}
+        out["bias"] = torch.randn(1, c.Hq, c.Sq, c.Sk, generator=g).to(dtype)
+    if c.mods in ("rel", "three"):
+        out["rel_table"] = torch.randn(c.Hq, 32, generator=g)
+    return out
 
 
 def _compiled(c: Case, arch: str):
