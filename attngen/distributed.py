@@ -29,8 +29,9 @@ pair the layout keeps no block of is neither computed nor exchanged); `topk_bloc
 &-context and chunks a multiple of its block: chosen as on one GPU, each rank for its own query blocks over the
 whole sequence's key blocks (the pooled key means all-gathered), and run per block as that block's share of the
 choice, a block layout per batch element and head (chunk pairs nothing chose are dropped, after one all-reduce);
-`topk(k)` and `threshold(t)` with exact scores and an affine &-context: each rank chooses its rows' keys against
-the whole sequence's keys (all-gathered), as on one GPU, and the choice runs as key_indices() lists."""
+`topk(k)` and `threshold(t)` (exact scores, lowrank or indexer) with an affine &-context: each rank chooses its
+rows' keys against the whole sequence's keys (K or index_k all-gathered), as on one GPU, and the choice runs as
+key_indices() lists."""
 
 from __future__ import annotations
 
@@ -479,13 +480,19 @@ def attention(
     document_ids: torch.Tensor | None = None,
     key_lengths: torch.Tensor | None = None,
     key_indices: torch.Tensor | None = None,
+    proj: torch.Tensor | None = None,
+    index_q: torch.Tensor | None = None,
+    index_k: torch.Tensor | None = None,
+    index_w: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over a sequence sharded across `group` (default: the world): this rank's q, k, v [B, H, S / world,
     D] hold the chunks `layout` ("contiguous" or "zigzag") assigns it; returns this rank's rows of the output, in
     the same order. Differentiable with respect to q, k, v. Every rank calls it with the same pattern and shapes.
     `document_ids` ([B, S] or [S]) and `key_lengths` ([B]) describe the whole sequence, as for a single GPU (each
     rank holds them whole: they are small); every block gets its slice. `key_indices` ([B, H', S / world, n], for
-    a key_indices() leaf) are this rank's rows' lists, in its shard's order, of key positions in the whole sequence."""
+    a key_indices() leaf) are this rank's rows' lists, in its shard's order, of key positions in the whole sequence.
+    A `topk` scorer's tensors: `proj` whole; `index_q` [B, S / world, Hi, Di] and `index_w` [B, S / world, Hi] of
+    this rank's rows, `index_k` [B, S / world, Di] of its keys (in its shard's order)."""
     if not dist.is_available() or not dist.is_initialized():
         raise InputError("attngen.distributed.attention needs torch.distributed initialised (init_process_group)")
     group = group if group is not None else dist.group.WORLD
@@ -501,7 +508,8 @@ def attention(
     if token is not None:  # each rank's rows choose their keys; they then run as key-index lists do
         if key_indices is not None:
             raise InputError(f"{pattern!r}: key_indices= is given but the pattern chooses its keys (topk)")
-        key_indices = token_choice(pattern, token, q, k, layout, scale, group)
+        scorer_inputs = {"proj": proj, "index_q": index_q, "index_k": index_k, "index_w": index_w}
+        key_indices = token_choice(pattern, token, q, k, layout, scale, group, scorer_inputs)
         pattern = _replaced(pattern, token, P.key_indices())
     leaf = P.topk_leaf(pattern)
     if leaf is not None:  # planned as if it kept every block; each call's choice then prunes and fills the blocks
@@ -539,41 +547,59 @@ def attention(
     return _ContextParallel.apply(q, k, v, p, scale, group, pattern, runtime)
 
 
-def token_choice(pattern: P.Pattern, leaf: P.Pattern, q, k, layout: str, scale: float | None, group) -> torch.Tensor:
-    """int32 [B, Hq, this rank's rows (its shard's order), min(k, S)]: the keys (positions in the whole sequence,
-    -1 pads) a `topk(k)` or `threshold(t)` leaf with exact scores keeps for this rank's rows, chosen as on one GPU
+def token_choice(
+    pattern: P.Pattern, leaf: P.Pattern, q, k, layout: str, scale: float | None, group, scorer_inputs: dict
+) -> torch.Tensor:
+    """int32 [B, Hq (Hkv for the indexer), this rank's rows (its shard's order), min(k, S)]: the keys (positions in
+    the whole sequence, -1 pads) a `topk(k)` or `threshold(t)` leaf keeps for this rank's rows, chosen as on one GPU
     (`tokenselect.select`: fp32 scores over the keys the leaf's &-context allows, ties to the lower key) against the
-    whole sequence's keys (all-gathered), one chunk of rows at a time with the context moved to the chunk."""
-    from . import tokenselect
+    whole sequence's keys, one chunk of rows at a time with the context moved to the chunk. What travels: K (exact
+    scores, lowrank) or index_k (indexer), all-gathered; `scorer_inputs` are this rank's (index_q, index_w of its
+    rows, index_k of its keys; proj whole)."""
+    from . import tokenselect, tokentopk
 
     context = P.context_of(pattern, leaf)
-    if leaf.scorer is not None or context.runtime_inputs or context.layouts():
+    if context.runtime_inputs or context.layouts():
         raise InputError(
-            f"{pattern!r}: under context parallelism top-k by token takes exact scores (no scorer) and an affine "
-            f"&-context (causal, windows, local, prefix_lm, global_tokens, predicate), got {leaf!r} in {context!r}"
+            f"{pattern!r}: under context parallelism top-k by token takes an affine &-context (causal, windows, "
+            f"local, prefix_lm, global_tokens, predicate), got {context!r}"
         )
+    B, Hq, shard, D = q.shape
+    inputs = {n: scorer_inputs.get(n) for n in leaf._inputs}
+    missing = [n for n, t in inputs.items() if t is None]
+    if missing:
+        raise InputError(f"{leaf!r} needs {', '.join(f'{n}=' for n in missing)} (this rank's rows' and keys')")
+    tokentopk.check(leaf.scorer, inputs, B, Hq, shard, shard, D)  # before any collective: a bad shape never hangs
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     own, n_own = chunks_of(layout, world, rank), len(chunks_of(layout, world, 0))
-    if q.shape[2] % n_own:
-        raise InputError(f"a shard of {q.shape[2]} positions does not split into the layout's {n_own} chunks")
-    chunk = q.shape[2] // n_own
+    if shard % n_own:
+        raise InputError(f"a shard of {shard} positions does not split into the layout's {n_own} chunks")
+    chunk = shard // n_own
     S = chunk * n_own * world
-    kd = k.detach().contiguous()
-    gathered = [torch.empty_like(kd) for _ in range(world)]
-    dist.all_gather(gathered, kd, group=group)
-    by_chunk = {
-        c: part.chunk(n_own, dim=2)[i]
-        for r, part in enumerate(gathered)
-        for i, c in enumerate(chunks_of(layout, world, r))
-    }
-    k_all = torch.cat([by_chunk[c] for c in range(len(by_chunk))], dim=2)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    indexer = "index_k" in inputs
+    keys = _gathered(inputs["index_k"] if indexer else k.detach(), 1 if indexer else 2, layout, world, n_own, group)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     lists = []
     for i, c in enumerate(own):
         moved = _moved(pattern, leaf, leaf, c * chunk, 0, S)  # the rows of chunk c against every key
-        rows = q[:, :, i * chunk : (i + 1) * chunk]
-        lists.append(tokenselect.select(moved, rows, k_all, None, {}, scale))
+        mine = slice(i * chunk, (i + 1) * chunk)
+        chunk_inputs = {n: t[:, mine] if n in ("index_q", "index_w") else t for n, t in inputs.items()}
+        if indexer:
+            chunk_inputs["index_k"] = keys
+        k_all = k.detach()[:, :, :1].expand(B, k.shape[1], S, D) if indexer else keys  # the indexer: its shape only
+        lists.append(tokenselect.select(moved, q[:, :, mine], k_all, None, chunk_inputs, scale))
     return torch.cat(lists, dim=2)
+
+
+def _gathered(x: torch.Tensor, dim: int, layout: str, world: int, n_own: int, group) -> torch.Tensor:
+    """Every rank's shard of x (its chunks along `dim`) put together in sequence order."""
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x, group=group)
+    by_chunk = {}
+    for r, part in enumerate(parts):
+        by_chunk |= dict(zip(chunks_of(layout, world, r), part.chunk(n_own, dim=dim)))
+    return torch.cat([by_chunk[c] for c in range(len(by_chunk))], dim=dim)
 
 
 def _check_block_topk(pattern: P.Pattern, leaf: P.Pattern, shard_len: int, layout: str, world: int) -> None:

@@ -170,6 +170,8 @@ PATTERNS = {
     "topk": ag.causal() & ag.topk(5),
     "topk_or_window": ag.topk(3) | ag.sliding_window(4),
     "threshold": ag.causal() & ag.threshold(0.08),
+    "topk_lowrank": ag.causal() & ag.topk(4, scorer=ag.lowrank()),
+    "topk_indexer": ag.sliding_window(40) & ag.topk(4, scorer=ag.indexer()),
     # (their blocks are 64 positions: the workers' sequences are 4 times longer for them)
     "topk_blocks": ag.causal() & ag.topk_blocks(3, block=64),
     "topk_blocks_or_window": ag.topk_blocks(2, block=64) | ag.sliding_window(6),
@@ -208,6 +210,14 @@ def _worker(rank, world, port, cases):
                 lists[..., 0] = torch.arange(S) // 3  # one key from the first third, for every row
                 inputs["key_indices"] = lists
                 ranked["key_indices"] = D.shard(lists, world, rank, layout)  # this rank's rows
+            if "proj" in pat.runtime_inputs:  # a scorer's tensors: proj whole, the indexer's per row and key
+                inputs["proj"] = torch.randn(Dh, 8, generator=gen, dtype=torch.float64)
+                ranked["proj"] = inputs["proj"]
+            if "index_q" in pat.runtime_inputs:
+                inputs["index_q"] = torch.randn(B, S, 3, 16, generator=gen, dtype=torch.float64)
+                inputs["index_k"] = torch.randn(B, S, 16, generator=gen, dtype=torch.float64)
+                inputs["index_w"] = torch.rand(B, S, 3, generator=gen, dtype=torch.float64)
+                ranked |= {n: D.shard(inputs[n], world, rank, layout, dim=1) for n in ("index_q", "index_k", "index_w")}
             qs, ks, vs = (D.shard(t, world, rank, layout).requires_grad_() for t in (q, k, v))
             out = D.attention(qs, ks, vs, pat, layout=layout, **{**inputs, **ranked})
             grads = torch.autograd.grad(out, (qs, ks, vs), D.shard(dout, world, rank, layout))
@@ -298,9 +308,14 @@ def test_top_k_refusals_name_the_problem():
         D._check_block_topk(causal, D.P.topk_leaf(causal), 96, "zigzag", 2)  # 2 chunks of 48
     D._check_block_topk(causal, D.P.topk_leaf(causal), 256, "zigzag", 2)
     q = torch.zeros(1, 1, 16, 8)
-    for pat in (ag.causal() & ag.topk(4, scorer=ag.lowrank()), ag.documents() & ag.topk(4)):
-        with pytest.raises(InputError, match=r"exact scores .* affine"):
-            D.token_choice(pat, D.P.token_leaf(pat), q, q, "contiguous", None, None)
+    cases = [
+        (ag.causal() & ag.topk(4, scorer=ag.lowrank()), {}, "needs proj="),
+        (ag.causal() & ag.topk(4, scorer=ag.lowrank()), {"proj": torch.zeros(7, 2)}, r"proj= must be \[D=8"),
+        (ag.documents() & ag.topk(4), {}, "affine &-context"),
+    ]
+    for pat, given, message in cases:  # refused before any collective (no process group here)
+        with pytest.raises(InputError, match=message):
+            D.token_choice(pat, D.P.token_leaf(pat), q, q, "contiguous", None, None, given)
 
 
 def test_blocks_share_few_structures():
