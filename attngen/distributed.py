@@ -636,22 +636,16 @@ def block_choice(pattern: P.Pattern, leaf: P.Pattern, q: torch.Tensor, k: torch.
 
     bs, rank = leaf.block, dist.get_rank(group)
     per_chunk, S = p.chunk // bs, p.length
-    pk = blocktopk.pooled(k.detach(), bs, torch.float32).contiguous()  # [B, Hkv, own blocks, D]
-    gathered = [torch.empty_like(pk) for _ in range(p.world)]
-    dist.all_gather(gathered, pk, group=group)
-    by_chunk = {
-        c: part[:, :, i * per_chunk : (i + 1) * per_chunk]
-        for r, part in enumerate(gathered)
-        for i, c in enumerate(chunks_of(p.layout, p.world, r))
-    }
-    pk = torch.cat([by_chunk[c] for c in range(len(by_chunk))], dim=2)  # [B, Hkv, nbk, D], in sequence order
+    own = chunks_of(p.layout, p.world, rank)
+    pk = blocktopk.pooled(k.detach(), bs, torch.float32)  # [B, Hkv, own blocks, D]
+    pk = _gathered(pk, 2, p.layout, p.world, len(own), group)  # [B, Hkv, nbk, D], in sequence order
     pq = blocktopk.pooled(q.detach(), bs, torch.float32)  # [B, Hq, own blocks, D]
     (B, Hq, nbq, _), Hkv = pq.shape, pk.shape[1]
     scores = (pq.reshape(B, Hkv, (Hq // Hkv) * nbq, -1) @ pk.transpose(-1, -2)).view(B, Hq, nbq, -1)
     context = P.context_of(pattern, leaf)
     cand = blockselect._static_candidates(context, bs, S, S, str(q.device))  # [1, 1, nbq_all, nbk]
-    own = torch.cat([torch.arange(c * per_chunk, (c + 1) * per_chunk) for c in chunks_of(p.layout, p.world, rank)])
-    return blocktopk.choose(scores, cand[:, :, own.to(cand.device)], leaf.k)
+    rows = torch.cat([torch.arange(c * per_chunk, (c + 1) * per_chunk) for c in own])
+    return blocktopk.choose(scores, cand[:, :, rows.to(cand.device)], leaf.k)
 
 
 def _with_block_choice(p: Plan, pattern: P.Pattern, leaf: P.Pattern, q, k, group) -> Plan:
