@@ -25,11 +25,11 @@ whole sequence, as on one GPU, and sliced per block), key_indices() (each rank g
 gets its rows' lists less its first key, and where the lists are in the pattern's top-level &, blocks no row lists
 a key of are dropped by every rank alike after one all-reduce) with & | ~, and
 `A & nm(n, m)` with chunks a multiple of m; block layouts with chunks a multiple of their block size (a chunk
-pair the layout keeps no block of is neither computed nor exchanged); `topk_blocks(k, block)` with an affine
-&-context and chunks a multiple of its block: chosen as on one GPU, each rank for its own query blocks over the
-whole sequence's key blocks (the pooled key means all-gathered), and run per block as that block's share of the
-choice, a block layout per batch element and head (chunk pairs nothing chose are dropped, after one all-reduce);
-`topk(k)` and `threshold(t)` (exact scores, lowrank or indexer) with an affine &-context: each rank chooses its
+pair the layout keeps no block of is neither computed nor exchanged); `topk_blocks(k, block)` with a &-context
+without block layouts and chunks a multiple of its block: chosen as on one GPU, each rank for its own query blocks
+over the whole sequence's key blocks (the pooled key means all-gathered), and run per block as that block's share
+of the choice, a block layout per batch element and head (chunk pairs nothing chose are dropped, after one
+all-reduce); `topk(k)` and `threshold(t)` (exact scores, lowrank or indexer), likewise: each rank chooses its
 rows' keys against the whole sequence's keys (K or index_k all-gathered), as on one GPU, and the choice runs as
 key_indices() lists."""
 
@@ -509,11 +509,13 @@ def attention(
         if key_indices is not None:
             raise InputError(f"{pattern!r}: key_indices= is given but the pattern chooses its keys (topk)")
         scorer_inputs = {"proj": proj, "index_q": index_q, "index_k": index_k, "index_w": index_w}
-        key_indices = token_choice(pattern, token, q, k, layout, scale, group, scorer_inputs)
+        context_inputs = {"document_ids": document_ids, "key_lengths": key_lengths}
+        key_indices = token_choice(pattern, token, q, k, layout, scale, group, scorer_inputs | context_inputs)
         pattern = _replaced(pattern, token, P.key_indices())
     leaf = P.topk_leaf(pattern)
     if leaf is not None:  # planned as if it kept every block; each call's choice then prunes and fills the blocks
         _check_block_topk(pattern, leaf, q.shape[2], layout, dist.get_world_size(group))
+        whole = _context_runtime(P.context_of(pattern, leaf), document_ids, key_lengths, q)
     planned = pattern if leaf is None else _replaced(pattern, leaf, P.full())
     tile = TILE if leaf is None else math.lcm(TILE, leaf.block)  # blocks trimmed to whole selection blocks
     p = plan(planned, dist.get_world_size(group), q.shape[2], layout, tile)
@@ -541,31 +543,32 @@ def attention(
     if key_indices is not None:
         p = skip_unlisted_keys(p, pattern, key_indices, group)
     if leaf is not None:
-        p = _with_block_choice(p, pattern, leaf, q, k, group)
+        p = _with_block_choice(p, pattern, leaf, q, k, group, whole)
     within = P.document_offsets(document_ids, S, S) if P.reads_document_offsets(pattern) else None
     runtime = {"document_ids": document_ids, "key_lengths": key_lengths, "within": within, "key_indices": key_indices}
     return _ContextParallel.apply(q, k, v, p, scale, group, pattern, runtime)
 
 
 def token_choice(
-    pattern: P.Pattern, leaf: P.Pattern, q, k, layout: str, scale: float | None, group, scorer_inputs: dict
+    pattern: P.Pattern, leaf: P.Pattern, q, k, layout: str, scale: float | None, group, given: dict
 ) -> torch.Tensor:
     """int32 [B, Hq (Hkv for the indexer), this rank's rows (its shard's order), min(k, S)]: the keys (positions in
     the whole sequence, -1 pads) a `topk(k)` or `threshold(t)` leaf keeps for this rank's rows, chosen as on one GPU
     (`tokenselect.select`: fp32 scores over the keys the leaf's &-context allows, ties to the lower key) against the
     whole sequence's keys, one chunk of rows at a time with the context moved to the chunk. What travels: K (exact
-    scores, lowrank) or index_k (indexer), all-gathered; `scorer_inputs` are this rank's (index_q, index_w of its
-    rows, index_k of its keys; proj whole)."""
+    scores, lowrank) or index_k (indexer), all-gathered; `given` holds this rank's scorer tensors (index_q, index_w
+    of its rows, index_k of its keys; proj whole) and the whole sequence's document_ids and key_lengths."""
     from . import tokenselect, tokentopk
 
     context = P.context_of(pattern, leaf)
-    if context.runtime_inputs or context.layouts():
+    if context.layouts():
         raise InputError(
-            f"{pattern!r}: under context parallelism top-k by token takes an affine &-context (causal, windows, "
-            f"local, prefix_lm, global_tokens, predicate), got {context!r}"
+            f"{pattern!r}: under context parallelism top-k by token takes a &-context without block layouts "
+            f"(affine leaves, documents, in_document, key_padding), got {context!r}"
         )
     B, Hq, shard, D = q.shape
-    inputs = {n: scorer_inputs.get(n) for n in leaf._inputs}
+    whole = _context_runtime(context, given.get("document_ids"), given.get("key_lengths"), q)
+    inputs = {n: given.get(n) for n in leaf._inputs}
     missing = [n for n, t in inputs.items() if t is None]
     if missing:
         raise InputError(f"{leaf!r} needs {', '.join(f'{n}=' for n in missing)} (this rank's rows' and keys')")
@@ -587,8 +590,33 @@ def token_choice(
         if indexer:
             chunk_inputs["index_k"] = keys
         k_all = k.detach()[:, :, :1].expand(B, k.shape[1], S, D) if indexer else keys  # the indexer: its shape only
-        lists.append(tokenselect.select(moved, q[:, :, mine], k_all, None, chunk_inputs, scale))
+        rows = slice(c * chunk, (c + 1) * chunk)  # the chunk's rows in the whole sequence: their ids and offsets
+        runtime = dataclasses.replace(whole, document_ids=tuple(
+            t[..., rows] if i in (0, 2) else t for i, t in enumerate(whole.document_ids)
+        )) if whole.document_ids else whole  # fmt: skip
+        lists.append(tokenselect.select(moved, q[:, :, mine], k_all, runtime, chunk_inputs, scale))
     return torch.cat(lists, dim=2)
+
+
+def _context_runtime(context: P.Pattern, document_ids, key_lengths, q: torch.Tensor):
+    """A top-k leaf's &-context's call-time tensors for the whole sequence (what `prepare` gives one GPU): its
+    query and key document ids (and positions within documents), its key lengths; checked before any collective."""
+    from .prepare import Prepared
+
+    need, S = context.runtime_inputs, None
+    docs = lengths = None
+    if "document_ids" in need:
+        if not isinstance(document_ids, torch.Tensor) or document_ids.dim() not in (1, 2):
+            raise InputError(f"{context!r} needs document_ids= [B, S] or [S] for the whole sequence")
+        S = document_ids.shape[-1]
+        ids = tuple(t.to(q.device) for t in P.document_ids_pair(document_ids, S, S))
+        within = (P.document_offsets(document_ids, S, S).to(q.device),) * 2 if P.reads_document_offsets(context) else ()
+        docs = (*ids, *within)
+    if "key_lengths" in need:
+        if not isinstance(key_lengths, torch.Tensor) or tuple(key_lengths.shape) != (q.shape[0],):
+            raise InputError(f"{context!r} needs key_lengths= [{q.shape[0]}] for the whole sequence")
+        lengths = key_lengths.to(q.device, torch.int32)
+    return Prepared(document_ids=docs, key_lengths=lengths)
 
 
 def _gathered(x: torch.Tensor, dim: int, layout: str, world: int, n_own: int, group) -> torch.Tensor:
@@ -605,10 +633,10 @@ def _gathered(x: torch.Tensor, dim: int, layout: str, world: int, n_own: int, gr
 def _check_block_topk(pattern: P.Pattern, leaf: P.Pattern, shard_len: int, layout: str, world: int) -> None:
     n_own = len(chunks_of(layout, world, 0))
     context = P.context_of(pattern, leaf)
-    if context.runtime_inputs or context.layouts():
+    if context.layouts():
         raise InputError(
-            f"{pattern!r}: under context parallelism a topk_blocks leaf's &-context must be affine (causal, windows, "
-            f"local, prefix_lm, global_tokens, predicate), got {context!r}"
+            f"{pattern!r}: under context parallelism a topk_blocks leaf's &-context takes no block layouts (affine "
+            f"leaves, documents, in_document, key_padding), got {context!r}"
         )
     if shard_len % n_own or (shard_len // n_own) % leaf.block:
         raise InputError(
@@ -627,7 +655,7 @@ def _replaced(pat: P.Pattern, leaf: P.Pattern, by: P.Pattern) -> P.Pattern:
     return pat
 
 
-def block_choice(pattern: P.Pattern, leaf: P.Pattern, q: torch.Tensor, k: torch.Tensor, p: Plan, group) -> torch.Tensor:
+def block_choice(pattern: P.Pattern, leaf: P.Pattern, q: torch.Tensor, k: torch.Tensor, p: Plan, group, whole=None):
     """bool [B, Hq, this rank's query blocks (in its shard's order), all key blocks]: the topk_blocks choice of this
     rank's rows, made as one GPU makes it (`blockselect.select`): fp32 pooled means, the key blocks' gathered from
     every rank (B · Hkv · S / block · D floats), the top `leaf.k` among the key blocks the leaf's &-context allows
@@ -643,19 +671,22 @@ def block_choice(pattern: P.Pattern, leaf: P.Pattern, q: torch.Tensor, k: torch.
     (B, Hq, nbq, _), Hkv = pq.shape, pk.shape[1]
     scores = (pq.reshape(B, Hkv, (Hq // Hkv) * nbq, -1) @ pk.transpose(-1, -2)).view(B, Hq, nbq, -1)
     context = P.context_of(pattern, leaf)
-    cand = blockselect._static_candidates(context, bs, S, S, str(q.device))  # [1, 1, nbq_all, nbk]
+    if context.runtime_inputs:  # documents, key padding: `whole`, their tensors for the whole sequence
+        cand = blockselect.candidates(context, bs, S, S, q.device, whole, heads=Hq)  # [LB, LH, nbq_all, nbk]
+    else:
+        cand = blockselect._static_candidates(context, bs, S, S, str(q.device))
     rows = torch.cat([torch.arange(c * per_chunk, (c + 1) * per_chunk) for c in own])
     return blocktopk.choose(scores, cand[:, :, rows.to(cand.device)], leaf.k)
 
 
-def _with_block_choice(p: Plan, pattern: P.Pattern, leaf: P.Pattern, q, k, group) -> Plan:
+def _with_block_choice(p: Plan, pattern: P.Pattern, leaf: P.Pattern, q, k, group, whole) -> Plan:
     """`p` with this call's topk_blocks choice: each block's pattern gets its share of the choice as a block layout
     (per batch element and query head), and where the leaf is in the pattern's top-level &, the blocks no row of
     their query chunk chose a key block of are dropped, by every rank alike (`_keep_marked`)."""
     from .select import split_selection
 
     rank, bs = dist.get_rank(group), leaf.block
-    choice = block_choice(pattern, leaf, q, k, p, group)
+    choice = block_choice(pattern, leaf, q, k, p, group, whole)
     per_chunk, S = p.chunk // bs, p.length
     positions, _ = split_selection(pattern)
     if any(part is leaf for part in (positions.parts if isinstance(positions, P.And) else (positions,))):

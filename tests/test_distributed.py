@@ -171,10 +171,12 @@ PATTERNS = {
     "topk_or_window": ag.topk(3) | ag.sliding_window(4),
     "threshold": ag.causal() & ag.threshold(0.08),
     "topk_lowrank": ag.causal() & ag.topk(4, scorer=ag.lowrank()),
+    "topk_documents": ag.documents() & ag.causal() & ag.topk(3),  # a context with call-time data
     "topk_indexer": ag.sliding_window(40) & ag.topk(4, scorer=ag.indexer()),
     # (their blocks are 64 positions: the workers' sequences are 4 times longer for them)
     "topk_blocks": ag.causal() & ag.topk_blocks(3, block=64),
     "topk_blocks_or_window": ag.topk_blocks(2, block=64) | ag.sliding_window(6),
+    "topk_blocks_padding": ag.key_padding() & ag.causal() & ag.topk_blocks(2, block=64),
     # 8-position blocks, random, over up to 96 positions (the 3-rank sequences)
     "layout": ag.block_layout(torch.rand(12, 12, generator=torch.Generator().manual_seed(3)) < 0.5, 8) & ag.causal(),
     # a grid per batch element (the workers' B = 2) and per head, under |
@@ -285,7 +287,7 @@ def _topk_pruned_worker(rank, world, port):
         qs, ks = (D.shard(t, world, rank, "contiguous") for t in (q, k))
         whole = D.plan(ag.causal(), world, S // world, "contiguous", 64)
         leaf = D.P.topk_leaf(pat)
-        chosen = D._with_block_choice(whole, pat, leaf, qs, ks, dist.group.WORLD)
+        chosen = D._with_block_choice(whole, pat, leaf, qs, ks, dist.group.WORLD, None)
         pairs = {(bl.q_chunk, bl.k_chunk) for bl in chosen.blocks[rank]}
         assert pairs == ({(0, 0)} if rank == 0 else {(1, 0)}), pairs
         share = next(bl.pattern for bl in chosen.blocks[rank])  # the choice as the block's layout: key block 0
@@ -301,9 +303,10 @@ def test_block_topk_drops_the_chunk_pairs_nothing_chose():
 
 
 def test_top_k_refusals_name_the_problem():
-    docs, causal = ag.documents() & ag.topk_blocks(2, block=64), ag.causal() & ag.topk_blocks(2, block=64)
-    with pytest.raises(InputError, match="context must be affine"):
-        D._check_block_topk(docs, D.P.topk_leaf(docs), 256, "contiguous", 2)
+    grid = ag.block_layout(torch.ones(4, 4, dtype=torch.bool), 64)
+    laid, causal = grid & ag.topk_blocks(2, block=64), ag.causal() & ag.topk_blocks(2, block=64)
+    with pytest.raises(InputError, match="takes no block layouts"):
+        D._check_block_topk(laid, D.P.topk_leaf(laid), 256, "contiguous", 2)
     with pytest.raises(InputError, match="chunks of a multiple of 64"):
         D._check_block_topk(causal, D.P.topk_leaf(causal), 96, "zigzag", 2)  # 2 chunks of 48
     D._check_block_topk(causal, D.P.topk_leaf(causal), 256, "zigzag", 2)
@@ -311,7 +314,8 @@ def test_top_k_refusals_name_the_problem():
     cases = [
         (ag.causal() & ag.topk(4, scorer=ag.lowrank()), {}, "needs proj="),
         (ag.causal() & ag.topk(4, scorer=ag.lowrank()), {"proj": torch.zeros(7, 2)}, r"proj= must be \[D=8"),
-        (ag.documents() & ag.topk(4), {}, "affine &-context"),
+        (grid & ag.topk(4), {}, "without block layouts"),
+        (ag.documents() & ag.topk(4), {}, "needs document_ids="),
     ]
     for pat, given, message in cases:  # refused before any collective (no process group here)
         with pytest.raises(InputError, match=message):
