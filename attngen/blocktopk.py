@@ -31,10 +31,12 @@ def pooled(x: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
 def block_scores(q: torch.Tensor, k: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, Hq, nbq, nbk] in `dtype`: mean(q block) · mean(k block) per query head, for q [B, Hq, Sq, D] and k
     [B, Hkv, Sk, D] (a query head scores its group's key head)."""
-    B, Hq = q.shape[:2]
-    Hkv = k.shape[1]
-    pq, pk = pooled(q, block, dtype), pooled(k, block, dtype)  # [B, Hq, nbq, D], [B, Hkv, nbk, D]
-    nbq, nbk = pq.shape[-2], pk.shape[-2]
+    return pooled_scores(pooled(q, block, dtype), pooled(k, block, dtype))
+
+
+def pooled_scores(pq: torch.Tensor, pk: torch.Tensor) -> torch.Tensor:
+    """[B, Hq, nbq, nbk]: the block scores of pooled means pq [B, Hq, nbq, D] and pk [B, Hkv, nbk, D]."""
+    (B, Hq, nbq, _), (Hkv, nbk) = pq.shape, pk.shape[1:3]
     s = pq.reshape(B, Hkv, (Hq // Hkv) * nbq, -1) @ pk.transpose(-1, -2)  # a group's query heads share one GEMM
     return s.view(B, Hq, nbq, nbk)
 

@@ -582,6 +582,7 @@ def token_choice(
     indexer = "index_k" in inputs
     keys = _gathered(inputs["index_k"] if indexer else k.detach(), 1 if indexer else 2, layout, world, n_own, group)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    k_all = k.detach()[:, :, :1].expand(B, k.shape[1], S, D) if indexer else keys  # the indexer: its shape only
     lists = []
     for i, c in enumerate(own):
         moved = _moved(pattern, leaf, leaf, c * chunk, 0, S)  # the rows of chunk c against every key
@@ -589,7 +590,6 @@ def token_choice(
         chunk_inputs = {n: t[:, mine] if n in ("index_q", "index_w") else t for n, t in inputs.items()}
         if indexer:
             chunk_inputs["index_k"] = keys
-        k_all = k.detach()[:, :, :1].expand(B, k.shape[1], S, D) if indexer else keys  # the indexer: its shape only
         rows = slice(c * chunk, (c + 1) * chunk)  # the chunk's rows in the whole sequence: their ids and offsets
         runtime = dataclasses.replace(whole, document_ids=tuple(
             t[..., rows] if i in (0, 2) else t for i, t in enumerate(whole.document_ids)
@@ -645,14 +645,15 @@ def _check_block_topk(pattern: P.Pattern, leaf: P.Pattern, shard_len: int, layou
         )
 
 
-def _replaced(pat: P.Pattern, leaf: P.Pattern, by: P.Pattern) -> P.Pattern:
-    """`pat` with the leaf `leaf` (by identity) replaced by the pattern `by`."""
+def _replaced(pat: P.Pattern, leaf: P.Pattern, by: P.Pattern, rest=lambda part: part) -> P.Pattern:
+    """`pat` with the leaf `leaf` (by identity) replaced by the pattern `by`, and every other part under its & and |
+    mapped by `rest`."""
     if pat is leaf:
         return by
     if isinstance(pat, (P.And, P.Or)):
-        parts = [_replaced(part, leaf, by) for part in pat.parts]
+        parts = [_replaced(part, leaf, by, rest) for part in pat.parts]
         return functools.reduce(operator.and_ if isinstance(pat, P.And) else operator.or_, parts)
-    return pat
+    return rest(pat)
 
 
 def block_choice(pattern: P.Pattern, leaf: P.Pattern, q: torch.Tensor, k: torch.Tensor, p: Plan, group, whole=None):
@@ -668,8 +669,8 @@ def block_choice(pattern: P.Pattern, leaf: P.Pattern, q: torch.Tensor, k: torch.
     pk = blocktopk.pooled(k.detach(), bs, torch.float32)  # [B, Hkv, own blocks, D]
     pk = _gathered(pk, 2, p.layout, p.world, len(own), group)  # [B, Hkv, nbk, D], in sequence order
     pq = blocktopk.pooled(q.detach(), bs, torch.float32)  # [B, Hq, own blocks, D]
-    (B, Hq, nbq, _), Hkv = pq.shape, pk.shape[1]
-    scores = (pq.reshape(B, Hkv, (Hq // Hkv) * nbq, -1) @ pk.transpose(-1, -2)).view(B, Hq, nbq, -1)
+    Hq = pq.shape[1]
+    scores = blocktopk.pooled_scores(pq, pk)
     context = P.context_of(pattern, leaf)
     if context.runtime_inputs:  # documents, key padding: `whole`, their tensors for the whole sequence
         cand = blockselect.candidates(context, bs, S, S, q.device, whole, heads=Hq)  # [LB, LH, nbq_all, nbk]
@@ -705,12 +706,7 @@ def _with_block_choice(p: Plan, pattern: P.Pattern, leaf: P.Pattern, q, k, group
 
 def _moved(pat: P.Pattern, leaf: P.Pattern, share: P.Pattern, q0: int, k0: int, S: int) -> P.Pattern:
     """`pat` on the block at (q0, k0): the leaf replaced by its share of the choice, the rest `P.shifted`."""
-    if pat is leaf:
-        return share
-    if isinstance(pat, (P.And, P.Or)):
-        parts = [_moved(part, leaf, share, q0, k0, S) for part in pat.parts]
-        return functools.reduce(operator.and_ if isinstance(pat, P.And) else operator.or_, parts)
-    return P.shifted(pat, q0, k0, S, S, sliced_data=True)
+    return _replaced(pat, leaf, share, lambda part: P.shifted(part, q0, k0, S, S, sliced_data=True))
 
 
 def _keep_marked(p: Plan, marks: torch.Tensor, group) -> Plan:
