@@ -20,6 +20,12 @@ from .render import PREPROCESS_ROWS, PREPROCESS_THREADS
 _u64, _i64, _i32, _f32 = np.uint64, np.int64, np.int32, np.float32
 LOG2E = 1.4426950408889634
 BACKWARD_ROW_PAD = 128  # sm_90a backward: row statistics padded to a multiple of every query tile
+# dK/dV over long query ranges (docs/design.md, "Split dK/dV"): one block sums at most SPLIT_ROWS query rows (over
+# the group's heads) in its fp32 registers, where the memory for partials allows; and while key tiles leave SMs
+# idle, their lists are shared out in steps of at least SPLIT_MIN_STEPS query tiles.
+SPLIT_ROWS = 1 << 16
+SPLIT_MIN_STEPS = 16
+SPLIT_MIN_BUDGET = 1 << 28  # bytes of partials always allowed; more up to the size of Q
 
 
 def _poisoned(t: torch.Tensor) -> torch.Tensor:
@@ -148,7 +154,7 @@ def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: 
     receives dL/ds at their step from the dK/dV kernel, one write per visited pair (others keep their 0)."""
     binary = kern.backward_binary  # compiles on first use, and settles the backward tilings
     plan = kern.plan
-    B, Hq, Sq, _D = q.shape
+    B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dq, dk, dv = (_poisoned(x.new_empty(x.shape)) for x in (q, k, v))
     if q.numel() == 0 or k.numel() == 0:
@@ -177,14 +183,24 @@ def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: 
     sched_t = schedule.build(
         plan.positions, t.block_m, t.block_n, Sq, Sk, dev, prep, transpose=True, rule=plan.rule, heads=Hq
     )
+    key_tiles = math.ceil(Sk / t.block_n)
+    part_bytes = 2 * B * Hkv * Sk * D * 4
+    budget = max(q.numel() * q.element_size(), SPLIT_MIN_BUDGET)
+    splits = dkdv_splits(key_tiles * Hkv * B, (Hq // Hkv) * Sq, t.block_m, sm_count(dev.index), part_bytes, budget)
+    part = torch.empty(splits, 2, B, Hkv, Sk, D, device=dev, dtype=torch.float32) if splits > 1 else None
     if wgmma:
         boxes = ((q, t.block_m), (k, t.block_n), (v, t.block_n), (dout, t.block_m), (dk, 64), (dv, 64))
         args = [*_maps(boxes), _u64(lse2.data_ptr()), _u64(delta.data_ptr())]
     else:
         args = [_u64(x.data_ptr()) for x in (q, k, v, dout, lse, delta, dk, dv)]
         args += [s for x in (q, k, v, dout, dk, dv) for s in _strides(x)]
+    args += [_u64(part.data_ptr() if part is not None else 0), _i32(splits)]
     args += scalars + _sched_args(sched_t) + runtime_values(plan, prep, Hq, score_grad)
-    launch(binary, "attngen_bwd_dkdv", (math.ceil(Sk / t.block_n), Hkv, B), 32 * t.warps, t.smem_bytes, args, dev)
+    launch(binary, "attngen_bwd_dkdv", (key_tiles * splits, Hkv, B), 32 * t.warps, t.smem_bytes, args, dev)
+    if part is not None:  # the shares' partials, summed in split order: deterministic
+        total = part.sum(0)
+        dk.copy_(total[0])
+        dv.copy_(total[1])
 
     t = plan.dq
     sched_q = schedule.build(plan.positions, t.block_m, t.block_n, Sq, Sk, dev, prep, rule=plan.rule, heads=Hq)
@@ -197,6 +213,18 @@ def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: 
     args += scalars + _sched_args(sched_q) + extra
     launch(binary, "attngen_bwd_dq", (math.ceil(Sq / t.block_m), Hq, B), 32 * t.warps, t.smem_bytes, args, dev)
     return dq, dk, dv
+
+
+def dkdv_splits(blocks: int, rows: int, block_m: int, sms: int, part_bytes: int, budget: int) -> int:
+    """How many blocks share each key tile's dK/dV work list, for `blocks` key tiles x KV heads x batch whose
+    lists run over at most `rows` query rows (Sq times the group's heads) in steps of `block_m`: enough that none sums
+    more than SPLIT_ROWS rows, and while the blocks leave some of the `sms` SMs idle, enough to fill them with shares
+    of at least SPLIT_MIN_STEPS steps; never more than the steps, nor partials (`part_bytes` a split) past `budget`."""
+    steps = -(-rows // block_m)
+    want = -(-rows // SPLIT_ROWS)
+    if blocks < sms:
+        want = max(want, min(-(-sms // blocks), steps // SPLIT_MIN_STEPS))
+    return max(1, min(want, steps, budget // max(part_bytes, 1)))
 
 
 # ------------------------------------------------------------------------------------------ key-index gathers

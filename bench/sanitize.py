@@ -199,6 +199,9 @@ CASES = [
     # a softcap, a T5 table and a bias together: the backward's leanest tilings (query steps of 32 rows)
     Case("mods3_wgmma_d128", "softcap, rel_bias, bias: dK/dV of 32-row steps", "causal", 128, 77, 131, mods="three"),
     Case("mods3_mma_d64", "softcap, rel_bias, bias, mma.sync", "causal", 64, 77, 131, mma_sync=True, mods="three"),
+    # long query ranges over few keys: the blocks of a key tile share its dK/dV list and write fp32 partials
+    Case("split_dkdv_wgmma", "split dK/dV, GQA 4:1, bias", "sliding_window", 64, 2100, 77, B=1, Hkv=1, mods="bias"),
+    Case("split_dkdv_mma", "split dK/dV, mma.sync", "causal_bottom_right", 128, 2100, 77, B=1, Hkv=1, mma_sync=True),
 ]
 BY_ID = {c.id: c for c in CASES}
 

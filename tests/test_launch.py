@@ -81,6 +81,42 @@ def test_arguments_match_kernel_signatures(pat, arch, launches):
             assert (grid, threads, smem) == expect[entry]
 
 
+def test_dkdv_splits_rule():
+    """How many blocks share a key tile's dK/dV list: none sums more than SPLIT_ROWS query rows, idle SMs are filled
+    with shares of at least SPLIT_MIN_STEPS tiles, the partials stay within their budget, never more shares than
+    steps; one block per key tile whenever the key tiles fill the GPU and the rows are few."""
+    big, part = 1 << 40, 1 << 20
+    assert bind.dkdv_splits(4 * 132, 4096, 64, 132, part, big) == 1  # the GPU is full, the rows few
+    assert bind.dkdv_splits(4 * 132, 1 << 20, 64, 132, part, big) == 16  # accuracy: 2**20 rows in shares of 2**16
+    assert bind.dkdv_splits(4 * 132, 1 << 20, 64, 132, part, 4 * part) == 4  # ... as far as the budget allows
+    assert bind.dkdv_splits(4 * 132, 1 << 20, 64, 132, part, part // 2) == 1
+    assert bind.dkdv_splits(1, 4 * 3001, 64, 132, part, big) == 11  # one block: 188 steps in shares of >= 16
+    assert bind.dkdv_splits(40, 4 * 3001, 64, 132, part, big) == 4  # 4 shares fill 132 SMs
+    assert bind.dkdv_splits(1, 512, 64, 132, part, big) == 1  # too little work to share
+    assert bind.dkdv_splits(1, 1 << 22, 128, 132, part, big) == 132  # fill the SMs (64 shares are enough for accuracy)
+    assert bind.dkdv_splits(1, 3 << 16, 1 << 16, 132, part, big) == 3  # never more shares than steps
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_split_dkdv_launch(arch, launches):
+    """Long queries over few keys: the dK/dV grid is key tiles x shares, and the partials' pointer and count are
+    bound where the kernel takes them."""
+    pat = ag.causal(align="bottom_right")
+    kern = ag.compile(pat, head_dim=64, dtype=torch.float16, arch=arch)
+    B, Hq, Hkv, Sq, Sk, D = 1, 4, 1, 3001, 77, 64
+    q, k, v = torch.randn(B, Hq, Sq, D).half(), torch.randn(B, Hkv, Sk, D).half(), torch.randn(B, Hkv, Sk, D).half()
+    prep = prepare.prepare(pat, q, k, {"document_ids": None, "key_lengths": None})
+    out, lse = torch.randn_like(q), torch.randn(B, Hq, Sq)
+    bind.backward(kern.compiled, torch.randn_like(out), q, k, v, out, lse, None, 0.125, prep)
+    (_binary, _entry, grid, *_rest, args, _device) = next(c for c in launches if c[1] == "attngen_bwd_dkdv")
+    t = kern.compiled.plan.dkdv
+    splits = bind.dkdv_splits(-(-Sk // t.block_n) * Hkv * B, Hq // Hkv * Sq, t.block_m, SMS, 1, 1 << 40)
+    assert splits > 1 and grid == (-(-Sk // t.block_n) * splits, Hkv, B)
+    params = _signature(kern.backward_source, "attngen_bwd_dkdv")
+    at = params.index("int splits")
+    assert params[at - 1] == "float* __restrict__ part" and args[at] == splits and args[at - 1] != 0
+
+
 def test_bad_inputs_raise_clear_errors():
     q = torch.randn(1, 2, 8, 64, dtype=torch.float16)
     with pytest.raises(InputError, match="CUDA"):
