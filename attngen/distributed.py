@@ -31,7 +31,8 @@ over the whole sequence's key blocks (the pooled key means all-gathered), and ru
 of the choice, a block layout per batch element and head (chunk pairs nothing chose are dropped, after one
 all-reduce); `topk(k)` and `threshold(t)` (exact scores, lowrank or indexer), likewise: each rank chooses its
 rows' keys against the whole sequence's keys (K or index_k all-gathered), as on one GPU, and the choice runs as
-key_indices() lists."""
+key_indices() lists; buckets() and keep() (each rank gives its own rows' and keys' ids and flags; the keys' are
+all-gathered) and lsh(n, seed=s) (each rank hashes its own tokens), each block sorted by bucket as one GPU does."""
 
 from __future__ import annotations
 
@@ -142,13 +143,12 @@ def plan(pattern: P.Pattern, world: int, shard_len: int, layout: str = "contiguo
     chunk = shard_len // n_own
     S = chunk * world * n_own
     positions, rule = split_selection(pattern)
-    leaves = (P.Affine, P.Documents, P.InDocument, P.KeyPadding, P.BlockLayout, P.KeyIndices)
+    leaves = (P.Affine, P.Documents, P.InDocument, P.KeyPadding, P.BlockLayout, P.KeyIndices, P.Buckets, P.Keep)
     if any(not isinstance(leaf, leaves) or isinstance(leaf, P.SelectedKeys) for leaf in positions.leaves()):
         raise InputError(
             f"{pattern!r}: context parallelism takes affine patterns (causal, windows, local, prefix_lm, "
-            "global_tokens, predicate), documents(), in_document(), key_padding(), key_indices() and block layouts "
-            "with & | ~, `A & nm(n, m)`, and topk_blocks and topk through attention(); buckets, lsh and keep masks "
-            "not yet"
+            "global_tokens, predicate), documents(), in_document(), key_padding(), key_indices(), buckets(), keep() "
+            "and block layouts with & | ~, `A & nm(n, m)`, and topk_blocks, topk and lsh through attention()"
         )
     layouts = [leaf for leaf in positions.leaves() if isinstance(leaf, P.BlockLayout)]
     for bs in sorted({leaf.block_size for leaf in layouts}):
@@ -227,16 +227,23 @@ def _affine_bound(pat: P.Pattern) -> P.Pattern:
 def _block_inputs(pattern: P.Pattern, bl: Block, chunk: int, runtime: dict) -> dict:
     """The call-time tensors of one block (`runtime`, the call's): its rows' and keys' document ids (and, for
     in_document(), their positions within documents, `within`, counted on the whole sequence), key lengths less the
-    block's first key (clipped to its keys), and its rows' key lists (this rank's, `key_indices`) less the block's
-    first key (keys outside the block then fall outside [0, keys) and are ignored)."""
+    block's first key (clipped to its keys), its rows' key lists (this rank's, `key_indices`) less the block's
+    first key (keys outside the block then fall outside [0, keys) and are ignored), and its rows' and keys' bucket
+    ids and keep flags."""
     document_ids, key_lengths, within = runtime["document_ids"], runtime["key_lengths"], runtime["within"]
     need = pattern.runtime_inputs
     inputs = {"document_ids": None, "key_lengths": None}
     q0, k0 = bl.q_chunk * chunk + bl.rows[0], bl.k_chunk * chunk + bl.keys[0]
     rows, keys = slice(q0, q0 + bl.rows[1] - bl.rows[0]), slice(k0, k0 + bl.keys[1] - bl.keys[0])
+    local = slice(bl.q_slot * chunk + bl.rows[0], bl.q_slot * chunk + bl.rows[1])  # its rows in this rank's shard
     if "key_indices" in need:
-        local = bl.q_slot * chunk + bl.rows[0]  # the block's rows in this rank's shard
-        inputs["key_indices"] = runtime["key_indices"][:, :, local : local + bl.rows[1] - bl.rows[0]] - k0
+        inputs["key_indices"] = runtime["key_indices"][:, :, local] - k0
+    for name in ("query_buckets", "query_keep"):  # this rank's rows'
+        if name in need:
+            inputs[name] = runtime[name][:, :, local]
+    for name in ("key_buckets", "key_keep"):  # the whole sequence's keys'
+        if name in need:
+            inputs[name] = runtime[name][:, :, keys]
     if "document_ids" in need:
         inputs["document_ids"] = (document_ids[..., rows], document_ids[..., keys])
     if within is not None:
@@ -263,8 +270,15 @@ def _block_backward(dout, q, k, v, out, lse, pat: P.Pattern, scale: float, input
     from .prepare import prepare
 
     prep = prepare(pat, q, k, inputs)
+    perm = prep.permutation  # buckets, keep masks: the kernels run on the tokens sorted by bucket (reorder.py)
+    if perm is not None:
+        dout, q, out, lse = (op._take(x, perm.q_rows) for x in (dout, q, out, lse))
+        k, v = (op._take(x, perm.k_rows) for x in (k, v))
     with op._device_of(q):
-        return op.backward(op._compiled_for(pat.key, q), dout, q, k, v, out, lse, None, scale, prep)
+        dq, dk, dv = op.backward(op._compiled_for(pat.key, q), dout, q, k, v, out, lse, None, scale, prep)
+    if perm is not None:
+        dq, dk, dv = op._take(dq, perm.q_back), op._take(dk, perm.k_back), op._take(dv, perm.k_back)
+    return dq, dk, dv
 
 
 # ------------------------------------------------------------------------------------------ exchanges and merges
@@ -484,6 +498,10 @@ def attention(
     index_q: torch.Tensor | None = None,
     index_k: torch.Tensor | None = None,
     index_w: torch.Tensor | None = None,
+    query_buckets: torch.Tensor | None = None,
+    key_buckets: torch.Tensor | None = None,
+    query_keep: torch.Tensor | None = None,
+    key_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over a sequence sharded across `group` (default: the world): this rank's q, k, v [B, H, S / world,
     D] hold the chunks `layout` ("contiguous" or "zigzag") assigns it; returns this rank's rows of the output, in
@@ -492,7 +510,10 @@ def attention(
     rank holds them whole: they are small); every block gets its slice. `key_indices` ([B, H', S / world, n], for
     a key_indices() leaf) are this rank's rows' lists, in its shard's order, of key positions in the whole sequence.
     A `topk` scorer's tensors: `proj` whole; `index_q` [B, S / world, Hi, Di] and `index_w` [B, S / world, Hi] of
-    this rank's rows, `index_k` [B, S / world, Di] of its keys (in its shard's order)."""
+    this rank's rows, `index_k` [B, S / world, Di] of its keys (in its shard's order). `query_buckets`,
+    `query_keep` [B, Hq, S / world] and `key_buckets`, `key_keep` [B, Hkv, S / world] (buckets(), keep()) are this
+    rank's rows' and keys', in its shard's order; `lsh(n, seed=s)` hashes each rank's own q and k (a seed is needed,
+    so that every rank draws the same directions)."""
     if not dist.is_available() or not dist.is_initialized():
         raise InputError("attngen.distributed.attention needs torch.distributed initialised (init_process_group)")
     group = group if group is not None else dist.group.WORLD
@@ -504,6 +525,10 @@ def attention(
             f"q [B, Hq, S, D] and k, v [B, Hkv, S, D] shards of one sequence expected, got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
+    sorted_by = {"query_buckets": query_buckets, "key_buckets": key_buckets, "query_keep": query_keep}
+    sorted_by["key_keep"] = key_keep
+    pattern, sorted_by = _hashed(pattern, q, k, sorted_by)
+    sorted_by = _checked_sorting(pattern, sorted_by, q, k)  # before any collective
     token = P.token_leaf(pattern)
     if token is not None:  # each rank's rows choose their keys; they then run as key-index lists do
         if key_indices is not None:
@@ -546,7 +571,48 @@ def attention(
         p = _with_block_choice(p, pattern, leaf, q, k, group, whole)
     within = P.document_offsets(document_ids, S, S) if P.reads_document_offsets(pattern) else None
     runtime = {"document_ids": document_ids, "key_lengths": key_lengths, "within": within, "key_indices": key_indices}
+    n_own = len(chunks_of(layout, p.world, 0))
+    for name, value in sorted_by.items():  # the keys' bucket ids and keep flags of the whole sequence
+        runtime[name] = _gathered(value, 2, layout, p.world, n_own, group) if name.startswith("key") else value
     return _ContextParallel.apply(q, k, v, p, scale, group, pattern, runtime)
+
+
+def _hashed(pattern: P.Pattern, q, k, given: dict) -> tuple[P.Pattern, dict]:
+    """An lsh(n, seed) leaf as buckets() with the ids of this rank's rows and keys (`hashing.lsh_buckets` of its own
+    q and k: a token's bucket depends on its vector and the seeded directions only)."""
+    leaf = next((x for x in pattern.leaves() if isinstance(x, P.LSH)), None)
+    if leaf is None:
+        return pattern, given
+    if leaf.seed is None:
+        raise InputError(
+            f"{pattern!r}: under context parallelism lsh(n) needs a seed, lsh(n, seed=s), so that every rank hashes "
+            "with the same directions"
+        )
+    if given["query_buckets"] is not None or given["key_buckets"] is not None:
+        raise InputError(f"{pattern!r}: lsh computes its buckets; query_buckets= and key_buckets= are not taken")
+    from .hashing import lsh_buckets
+
+    query_buckets, key_buckets = lsh_buckets(q.detach(), k.detach(), leaf.n, leaf.seed)
+    return _replaced(pattern, leaf, P.buckets()), given | {"query_buckets": query_buckets, "key_buckets": key_buckets}
+
+
+def _checked_sorting(pattern: P.Pattern, given: dict, q, k) -> dict:
+    """The bucket ids and keep flags the pattern reads, each checked: this rank's rows' [B, Hq, S / world] and keys'
+    [B, Hkv, S / world], integers (buckets) or bools (keep), on q's device; an InputError names what is wrong."""
+    from .reorder import _checked
+
+    need, out = pattern.runtime_inputs, {}
+    for name, value in given.items():
+        if (value is None) == (name in need):
+            raise InputError(
+                f"{name}= is {'missing' if value is None else 'given'} but pattern {pattern!r} "
+                f"{'needs' if value is None else 'does not use'} it"
+            )
+        if value is not None:
+            heads = q.shape[1] if name.startswith("query") else k.shape[1]
+            shape = (q.shape[0], heads, q.shape[2])
+            out[name] = _checked(value, f"{name} (this rank's shard)", shape, flags=name.endswith("keep")).to(q.device)
+    return out
 
 
 def token_choice(

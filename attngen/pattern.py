@@ -1182,11 +1182,11 @@ def shifted(pat: Pattern, dq: int, dk: int, Sq: int, Sk: int, *, sliced_data: bo
     """`pat` on one block of a longer sequence, as a pattern over the block's own positions: query q of the block is
     query q + dq of a sequence of Sq queries, key k is key k + dk of Sk keys (context parallelism runs a sequence
     as such blocks). Affine leaves (with & | ~) move with the block; a selection rule whose key groups the shift
-    keeps aligned (N:M with dk a multiple of m) stays as it is; documents(), in_document(), key_padding() and
-    key_indices() stay as they are with `sliced_data`, where the caller passes the block's slice of their call-time
-    data (its query and key document ids and positions within documents, key lengths less dk, its rows' lists less
-    dk); a block layout becomes its grid from the
-    block's first blocks on, where dq and dk are multiples of its block size; other leaves are refused with an
+    keeps aligned (N:M with dk a multiple of m) stays as it is; documents(), in_document(), key_padding(),
+    key_indices(), buckets() and keep() stay as they are with `sliced_data`, where the caller passes the block's
+    slice of their call-time data (its query and key document ids and positions within documents, key lengths less
+    dk, its rows' lists less dk, its rows' and keys' bucket ids and keep flags); a block layout becomes its grid
+    from the block's first blocks on, where dq and dk are multiples of its block size; other leaves are refused with an
     InputError. An affine leaf that reads q - k only (causal(), windows) moves by dq - dk alone: blocks on the
     diagonal keep the leaf itself, and blocks as far from it share one structure (one compile), whatever their place
     and the lengths."""
@@ -1203,7 +1203,7 @@ def shifted(pat: Pattern, dq: int, dk: int, Sq: int, Sk: int, *, sliced_data: bo
         return And(parts) if isinstance(pat, And) else Or(parts)
     if isinstance(pat, Not):
         return Not(shifted(pat.part, dq, dk, Sq, Sk, sliced_data=sliced_data))
-    if sliced_data and isinstance(pat, (Documents, InDocument, KeyPadding, KeyIndices)):
+    if sliced_data and isinstance(pat, (Documents, InDocument, KeyPadding, KeyIndices, Buckets, Keep)):
         return pat
     if isinstance(pat, BlockLayout) and dq % pat.block_size == 0 and dk % pat.block_size == 0:
         bs = pat.block_size  # the grid from the block's first query and key blocks on (a larger grid is fine)
@@ -1216,7 +1216,8 @@ def shifted(pat: Pattern, dq: int, dk: int, Sq: int, Sk: int, *, sliced_data: bo
     raise InputError(
         f"{pat!r} cannot be moved to a block of a longer sequence (offsets {dq}, {dk}); supported: affine patterns "
         "(causal, windows, local, prefix_lm, global_tokens, predicate) combined with & | ~, documents() and "
-        "key_padding() where their call-time data is sliced to the block, block layouts and nm(n, m) on blocks "
+        "key_padding(), key_indices(), buckets() and keep() where their call-time data is sliced to the block, "
+        "block layouts and nm(n, m) on blocks "
         "that start at multiples of their block size and m"
     )
 

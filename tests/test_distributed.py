@@ -94,7 +94,7 @@ def test_blocks_between_unrelated_documents_are_dropped():
 def test_plan_refuses_what_it_cannot_split():
     with pytest.raises(InputError, match="multiple of 48"):
         D.plan(ag.block_layout(torch.ones(4, 4, dtype=torch.bool), 48) & ag.causal(), 2, 64)
-    with pytest.raises(InputError, match="buckets, lsh and keep masks"):
+    with pytest.raises(InputError, match="lsh through attention"):
         D.plan(ag.causal() & ag.lsh(8, seed=0), 2, 64)
     with pytest.raises(InputError, match="multiple of 4"):
         D.plan(ag.causal() & ag.nm(2, 4), 2, 30)
@@ -177,6 +177,12 @@ PATTERNS = {
     "topk_blocks": ag.causal() & ag.topk_blocks(3, block=64),
     "topk_blocks_or_window": ag.topk_blocks(2, block=64) | ag.sliding_window(6),
     "topk_blocks_padding": ag.key_padding() & ag.causal() & ag.topk_blocks(2, block=64),
+    # bucket ids and keep flags (each rank passes its rows' and keys'; the keys' are gathered), and lsh hashed per rank
+    "buckets": ag.causal() & ag.buckets(),
+    "buckets_or_window": ag.buckets() | ag.sliding_window(4),
+    "keep": ag.causal() & ag.keep(),
+    "buckets_keep_window": ag.sliding_window(24) & ag.buckets() & ag.keep(),
+    "lsh": ag.causal() & ag.lsh(4, seed=3),
     # 8-position blocks, random, over up to 96 positions (the 3-rank sequences)
     "layout": ag.block_layout(torch.rand(12, 12, generator=torch.Generator().manual_seed(3)) < 0.5, 8) & ag.causal(),
     # a grid per batch element (the workers' B = 2) and per head, under |
@@ -220,6 +226,15 @@ def _worker(rank, world, port, cases):
                 inputs["index_k"] = torch.randn(B, S, 16, generator=gen, dtype=torch.float64)
                 inputs["index_w"] = torch.rand(B, S, 3, generator=gen, dtype=torch.float64)
                 ranked |= {n: D.shard(inputs[n], world, rank, layout, dim=1) for n in ("index_q", "index_k", "index_w")}
+            if "query_buckets" in pat.runtime_inputs:  # 3 buckets per head, at random
+                inputs["query_buckets"] = torch.randint(0, 3, (B, Hq, S), generator=gen)
+                inputs["key_buckets"] = torch.randint(0, 3, (B, Hkv, S), generator=gen, dtype=torch.int32)
+            if "query_keep" in pat.runtime_inputs:  # about 1 in 5 queries and keys dropped
+                inputs["query_keep"] = torch.rand(B, Hq, S, generator=gen) < 0.8
+                inputs["key_keep"] = torch.rand(B, Hkv, S, generator=gen) < 0.8
+            for given in ("query_buckets", "key_buckets", "query_keep", "key_keep"):
+                if given in inputs:
+                    ranked[given] = D.shard(inputs[given], world, rank, layout)  # this rank's rows or keys
             qs, ks, vs = (D.shard(t, world, rank, layout).requires_grad_() for t in (q, k, v))
             out = D.attention(qs, ks, vs, pat, layout=layout, **{**inputs, **ranked})
             grads = torch.autograd.grad(out, (qs, ks, vs), D.shard(dout, world, rank, layout))
@@ -333,3 +348,30 @@ def test_blocks_share_few_structures():
             win = D.plan(ag.sliding_window(1000), world, shard_len, "contiguous")
             moved = {bl.pattern.structure() for blocks in win.blocks for bl in blocks}
             assert ag.sliding_window(1000) in moved and len(moved) <= 2
+
+
+def test_bucket_and_keep_refusals_name_the_problem():
+    """Checked before any collective: lsh needs a seed (every rank must draw the same directions) and computes its
+    own buckets; bucket ids and keep flags are this rank's rows' and keys', integers and bools, given exactly when
+    the pattern reads them."""
+    q, k = torch.zeros(2, 4, 16, 8), torch.zeros(2, 2, 16, 8)
+    none = dict.fromkeys(("query_buckets", "key_buckets", "query_keep", "key_keep"))
+    with pytest.raises(InputError, match="needs a seed"):
+        D._hashed(ag.causal() & ag.lsh(4), q, k, none)
+    with pytest.raises(InputError, match="lsh computes its buckets"):
+        D._hashed(ag.lsh(4, seed=1), q, k, none | {"query_buckets": torch.zeros(2, 4, 16, dtype=torch.int32)})
+    pat, given = D._hashed(ag.causal() & ag.lsh(4, seed=1), q, k, none)
+    assert pat == ag.causal() & ag.buckets() and given["query_buckets"].shape == (2, 4, 16)
+    assert given["key_buckets"].shape == (2, 2, 16)
+    qb, kb = torch.zeros(2, 4, 16, dtype=torch.int32), torch.zeros(2, 2, 16, dtype=torch.int64)
+    D._checked_sorting(ag.buckets(), none | {"query_buckets": qb, "key_buckets": kb}, q, k)
+    cases = [
+        (ag.buckets(), {"query_buckets": qb}, "key_buckets= is missing"),
+        (ag.causal(), {"query_keep": qb.bool()}, "query_keep= is given but"),
+        (ag.buckets(), {"query_buckets": qb[:, :, :8], "key_buckets": kb}, r"query_buckets \(this rank's shard\)"),
+        (ag.buckets(), {"query_buckets": qb.float(), "key_buckets": kb}, "query_buckets"),
+        (ag.keep(), {"query_keep": qb, "key_keep": kb.bool()}, "query_keep"),  # ids where flags belong
+    ]
+    for pattern, value, message in cases:
+        with pytest.raises(InputError, match=message):
+            D._checked_sorting(pattern, none | value, q, k)
