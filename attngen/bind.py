@@ -26,6 +26,7 @@ BACKWARD_ROW_PAD = 128  # sm_90a backward: row statistics padded to a multiple o
 SPLIT_ROWS = 1 << 16
 SPLIT_MIN_STEPS = 16
 SPLIT_MIN_BUDGET = 1 << 28  # bytes of partials always allowed; more up to the size of Q
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
 
 
 def _poisoned(t: torch.Tensor) -> torch.Tensor:
@@ -184,10 +185,13 @@ def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: 
         plan.positions, t.block_m, t.block_n, Sq, Sk, dev, prep, transpose=True, rule=plan.rule, heads=Hq
     )
     key_tiles = math.ceil(Sk / t.block_n)
-    part_bytes = 2 * B * Hkv * Sk * D * 4
+    part_bytes = B * Hkv * key_tiles * 2 * t.block_n * D * 4  # one split's partials
     budget = max(q.numel() * q.element_size(), SPLIT_MIN_BUDGET)
     splits = dkdv_splits(key_tiles * Hkv * B, (Hq // Hkv) * Sq, t.block_m, sm_count(dev.index), part_bytes, budget)
-    part = torch.empty(splits, 2, B, Hkv, Sk, D, device=dev, dtype=torch.float32) if splits > 1 else None
+    splits = min(splits, MAX_GRID_Y // Hkv)  # the shares of a KV head go along the grid's y
+    part = None
+    if splits > 1:  # a [2, block_n, D] slab per block, in grid order
+        part = torch.empty(B, splits, Hkv, key_tiles, 2, t.block_n, D, device=dev, dtype=torch.float32)
     if wgmma:
         boxes = ((q, t.block_m), (k, t.block_n), (v, t.block_n), (dout, t.block_m), (dk, 64), (dv, 64))
         args = [*_maps(boxes), _u64(lse2.data_ptr()), _u64(delta.data_ptr())]
@@ -196,9 +200,9 @@ def backward(kern: Compiled, dout, q, k, v, out, lse, dlse, scale: float, prep: 
         args += [s for x in (q, k, v, dout, dk, dv) for s in _strides(x)]
     args += [_u64(part.data_ptr() if part is not None else 0), _i32(splits)]
     args += scalars + _sched_args(sched_t) + runtime_values(plan, prep, Hq, score_grad)
-    launch(binary, "attngen_bwd_dkdv", (key_tiles * splits, Hkv, B), 32 * t.warps, t.smem_bytes, args, dev)
-    if part is not None:  # the shares' partials, summed in split order: deterministic
-        total = part.sum(0)
+    launch(binary, "attngen_bwd_dkdv", (key_tiles, Hkv * splits, B), 32 * t.warps, t.smem_bytes, args, dev)
+    if part is not None:
+        total = summed_partials(part, Sk)
         dk.copy_(total[0])
         dv.copy_(total[1])
 
@@ -225,6 +229,15 @@ def dkdv_splits(blocks: int, rows: int, block_m: int, sms: int, part_bytes: int,
     if blocks < sms:
         want = max(want, min(-(-sms // blocks), steps // SPLIT_MIN_STEPS))
     return max(1, min(want, steps, budget // max(part_bytes, 1)))
+
+
+def summed_partials(part: torch.Tensor, Sk: int) -> torch.Tensor:
+    """[2, B, Hkv, Sk, D]: dK and dV from a split dK/dV kernel's partials, part [B, splits, Hkv, key tiles, 2,
+    block_n, D] (block (kt, split · Hkv + hk, b) writes its [2, block_n, D] slab), summed over the splits in order
+    (deterministic), rows past Sk dropped."""
+    B, _splits, Hkv, key_tiles, _, block_n, D = part.shape
+    total = part.sum(1).permute(3, 0, 1, 2, 4, 5).reshape(2, B, Hkv, key_tiles * block_n, D)
+    return total[:, :, :, :Sk]
 
 
 # ------------------------------------------------------------------------------------------ key-index gathers

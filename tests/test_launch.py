@@ -1,6 +1,7 @@
 """Launch without a GPU: argument binding agrees with every rendered kernel signature (count and C types),
 grids and shared memory follow the plan, and bad input raises clear errors before anything is launched."""
 
+import itertools
 import re
 import subprocess
 import sys
@@ -111,10 +112,33 @@ def test_split_dkdv_launch(arch, launches):
     (_binary, _entry, grid, *_rest, args, _device) = next(c for c in launches if c[1] == "attngen_bwd_dkdv")
     t = kern.compiled.plan.dkdv
     splits = bind.dkdv_splits(-(-Sk // t.block_n) * Hkv * B, Hq // Hkv * Sq, t.block_m, SMS, 1, 1 << 40)
-    assert splits > 1 and grid == (-(-Sk // t.block_n) * splits, Hkv, B)
+    assert splits > 1 and grid == (-(-Sk // t.block_n), Hkv * splits, B)
     params = _signature(kern.backward_source, "attngen_bwd_dkdv")
     at = params.index("int splits")
     assert params[at - 1] == "float* __restrict__ part" and args[at] == splits and args[at - 1] != 0
+
+
+def test_split_partials_sum_to_dk_dv():
+    """The host's sum of a split dK/dV's partials puts every block's slab where the kernels' formula says: block
+    (kt, split · Hkv + hk, b) of grid (key tiles, Hkv · splits, B) writes slab (b · gridDim.y + blockIdx.y) ·
+    gridDim.x + kt, rows kt · block_n + r; rows past Sk are dropped whatever they hold."""
+    B, Hkv, Sk, D, block_n, splits = 2, 3, 200, 8, 64, 4
+    key_tiles = -(-Sk // block_n)
+    gen = torch.Generator().manual_seed(0)
+    want = torch.randn(2, B, Hkv, Sk, D, generator=gen, dtype=torch.float64)
+    shares = torch.rand(splits, *want.shape, generator=gen, dtype=torch.float64)
+    shares = shares / shares.sum(0) * want  # splits shares summing to want
+    part = torch.full((B * splits * Hkv * key_tiles * 2 * block_n * D,), float("nan"), dtype=torch.float64)
+    grid_y, grid_x = Hkv * splits, key_tiles
+    for b, split, hk, kt in itertools.product(range(B), range(splits), range(Hkv), range(key_tiles)):
+        slab = (b * grid_y + split * Hkv + hk) * grid_x + kt
+        for which in range(2):
+            rows = shares[split, which, b, hk, kt * block_n : (kt + 1) * block_n]
+            at = (2 * slab + which) * block_n * D
+            part[at : at + block_n * D] = 7.0  # rows past Sk: anything
+            part[at : at + rows.numel()] = rows.flatten()
+    got = bind.summed_partials(part.view(B, splits, Hkv, key_tiles, 2, block_n, D), Sk)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_bad_inputs_raise_clear_errors():
