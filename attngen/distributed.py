@@ -24,15 +24,15 @@ Patterns: affine ones (causal, windows, local, prefix_lm, global_tokens, predica
 whole sequence, as on one GPU, and sliced per block), key_indices() (each rank gives its own rows' lists; a block
 gets its rows' lists less its first key, and where the lists are in the pattern's top-level &, blocks no row lists
 a key of are dropped by every rank alike after one all-reduce) with & | ~, and
-`A & nm(n, m)` with chunks a multiple of m; block layouts with chunks a multiple of their block size (a chunk
-pair the layout keeps no block of is neither computed nor exchanged); `topk_blocks(k, block)` with a &-context
-without block layouts and chunks a multiple of its block: chosen as on one GPU, each rank for its own query blocks
-over the whole sequence's key blocks (the pooled key means all-gathered), and run per block as that block's share
-of the choice, a block layout per batch element and head (chunk pairs nothing chose are dropped, after one
-all-reduce); `topk(k)` and `threshold(t)` (exact scores, lowrank or indexer), likewise: each rank chooses its
-rows' keys against the whole sequence's keys (K or index_k all-gathered), as on one GPU, and the choice runs as
-key_indices() lists; buckets() and keep() (each rank gives its own rows' and keys' ids and flags; the keys' are
-all-gathered) and lsh(n, seed=s) (each rank hashes its own tokens), each block sorted by bucket as one GPU does."""
+`A & nm(n, m)` with chunks a multiple of m; block layouts with chunks a multiple of their block size (a chunk pair
+the layout keeps no block of is neither computed nor exchanged); `topk_blocks(k, block)` with chunks a multiple of
+its block (and of any block layout's in its &-context): chosen as on one GPU, each rank for its own query blocks
+over the whole sequence's key blocks (the pooled key means all-gathered), and run per block as that block's share of
+the choice, a block layout per batch element and head (chunk pairs nothing chose are dropped, after one all-reduce);
+`topk(k)` and `threshold(t)` (exact scores, lowrank or indexer), likewise: each rank chooses its rows' keys against
+the whole sequence's keys (K or index_k all-gathered), as on one GPU, and the choice runs as key_indices() lists;
+buckets() and keep() (each rank gives its own rows' and keys' ids and flags; the keys' are all-gathered) and lsh(n,
+seed=s) (each rank hashes its own tokens), each block sorted by bucket as one GPU does."""
 
 from __future__ import annotations
 
@@ -541,6 +541,8 @@ def attention(
     if leaf is not None:  # planned as if it kept every block; each call's choice then prunes and fills the blocks
         _check_block_topk(pattern, leaf, q.shape[2], layout, dist.get_world_size(group))
         whole = _context_runtime(P.context_of(pattern, leaf), document_ids, key_lengths, q)
+        S = q.shape[2] * dist.get_world_size(group)
+        whole = dataclasses.replace(whole, layouts=_grids(pattern, q, S, S))  # in the pattern's slot order
     planned = pattern if leaf is None else _replaced(pattern, leaf, P.full())
     tile = TILE if leaf is None else math.lcm(TILE, leaf.block)  # blocks trimmed to whole selection blocks
     p = plan(planned, dist.get_world_size(group), q.shape[2], layout, tile)
@@ -627,11 +629,6 @@ def token_choice(
     from . import tokenselect, tokentopk
 
     context = P.context_of(pattern, leaf)
-    if context.layouts():
-        raise InputError(
-            f"{pattern!r}: under context parallelism top-k by token takes a &-context without block layouts "
-            f"(affine leaves, documents, in_document, key_padding), got {context!r}"
-        )
     B, Hq, shard, D = q.shape
     whole = _context_runtime(context, given.get("document_ids"), given.get("key_lengths"), q)
     inputs = {n: given.get(n) for n in leaf._inputs}
@@ -639,12 +636,13 @@ def token_choice(
     if missing:
         raise InputError(f"{leaf!r} needs {', '.join(f'{n}=' for n in missing)} (this rank's rows' and keys')")
     tokentopk.check(leaf.scorer, inputs, B, Hq, shard, shard, D)  # before any collective: a bad shape never hangs
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    own, n_own = chunks_of(layout, world, rank), len(chunks_of(layout, world, 0))
+    n_own = len(chunks_of(layout, 1, 0))  # chunks per rank: the same for every world size
     if shard % n_own:
         raise InputError(f"a shard of {shard} positions does not split into the layout's {n_own} chunks")
     chunk = shard // n_own
-    S = chunk * n_own * world
+    _check_layout_blocks(pattern, chunk)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    own, S = chunks_of(layout, world, rank), chunk * n_own * world
     indexer = "index_k" in inputs
     keys = _gathered(inputs["index_k"] if indexer else k.detach(), 1 if indexer else 2, layout, world, n_own, group)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -660,6 +658,7 @@ def token_choice(
         runtime = dataclasses.replace(whole, document_ids=tuple(
             t[..., rows] if i in (0, 2) else t for i, t in enumerate(whole.document_ids)
         )) if whole.document_ids else whole  # fmt: skip
+        runtime = dataclasses.replace(runtime, layouts=_grids(moved, q, chunk, S))  # from the chunk's first row on
         lists.append(tokenselect.select(moved, q[:, :, mine], k_all, runtime, chunk_inputs, scale))
     return torch.cat(lists, dim=2)
 
@@ -696,19 +695,29 @@ def _gathered(x: torch.Tensor, dim: int, layout: str, world: int, n_own: int, gr
     return torch.cat([by_chunk[c] for c in range(len(by_chunk))], dim=dim)
 
 
+def _check_layout_blocks(pattern: P.Pattern, chunk: int) -> None:
+    """Block layouts move to a chunk's rows only where the chunk is a multiple of their block size."""
+    for bs in sorted({lay.block_size for lay in pattern.layouts()}):
+        if chunk % bs:
+            raise InputError(f"a block layout of {bs}-position blocks needs chunks of a multiple of {bs}, got {chunk}")
+
+
+def _grids(pattern: P.Pattern, q: torch.Tensor, Sq: int, Sk: int) -> tuple[torch.Tensor, ...]:
+    """The grids of the pattern's block layouts, in its slot order, as a call of Sq rows over Sk keys with q's
+    batch and heads reads them (`prepare`'s checks included)."""
+    from .prepare import _layout
+
+    return tuple(_layout(lay, q.device, q.shape[0], q.shape[1], Sq, Sk) for lay in pattern.layouts())
+
+
 def _check_block_topk(pattern: P.Pattern, leaf: P.Pattern, shard_len: int, layout: str, world: int) -> None:
     n_own = len(chunks_of(layout, world, 0))
-    context = P.context_of(pattern, leaf)
-    if context.layouts():
-        raise InputError(
-            f"{pattern!r}: under context parallelism a topk_blocks leaf's &-context takes no block layouts (affine "
-            f"leaves, documents, in_document, key_padding), got {context!r}"
-        )
     if shard_len % n_own or (shard_len // n_own) % leaf.block:
         raise InputError(
             f"{leaf!r} needs chunks of a multiple of {leaf.block} positions; a shard of {shard_len} positions "
             f"makes {n_own} chunk(s) of {shard_len / n_own:g}"
         )
+    _check_layout_blocks(pattern, shard_len // n_own)
 
 
 def _replaced(pat: P.Pattern, leaf: P.Pattern, by: P.Pattern, rest=lambda part: part) -> P.Pattern:
@@ -737,8 +746,9 @@ def block_choice(pattern: P.Pattern, leaf: P.Pattern, q: torch.Tensor, k: torch.
     pq = blocktopk.pooled(q.detach(), bs, torch.float32)  # [B, Hq, own blocks, D]
     Hq = pq.shape[1]
     scores = blocktopk.pooled_scores(pq, pk)
-    context = P.context_of(pattern, leaf)
-    if context.runtime_inputs:  # documents, key padding: `whole`, their tensors for the whole sequence
+    structure = pattern.structure()
+    context = P.context_of(structure, P.topk_leaf(structure))  # its layout slots number as the pattern's do
+    if context.runtime_inputs or pattern.layouts():  # `whole`: documents, key padding, grids of the whole sequence
         cand = blockselect.candidates(context, bs, S, S, q.device, whole, heads=Hq)  # [LB, LH, nbq_all, nbk]
     else:
         cand = blockselect._static_candidates(context, bs, S, S, str(q.device))

@@ -183,6 +183,15 @@ PATTERNS = {
     "keep": ag.causal() & ag.keep(),
     "buckets_keep_window": ag.sliding_window(24) & ag.buckets() & ag.keep(),
     "lsh": ag.causal() & ag.lsh(4, seed=3),
+    # top-k with a block layout in its &-context: the whole sequence's grid for the choice, moved grids per block
+    "topk_blocks_layout": ag.block_layout(
+        (torch.rand(6, 6, generator=torch.Generator().manual_seed(5)) < 0.6) | torch.eye(6, dtype=torch.bool), 64
+    )
+    & ag.causal()
+    & ag.topk_blocks(2, block=64),
+    "topk_layout": ag.block_layout(torch.rand(2, 4, 12, 12, generator=torch.Generator().manual_seed(6)) < 0.5, 8)
+    & ag.causal()
+    & ag.topk(3),
     # 8-position blocks, random, over up to 96 positions (the 3-rank sequences)
     "layout": ag.block_layout(torch.rand(12, 12, generator=torch.Generator().manual_seed(3)) < 0.5, 8) & ag.causal(),
     # a grid per batch element (the workers' B = 2) and per head, under |
@@ -260,8 +269,8 @@ def test_context_parallel_matches_single_process_reference(world):
     """Forward and gradients of every rank's shard against the whole sequence's reference, in both layouts, for
     causal, windows with global tokens, full, causal & nm(2, 4), packed documents (alone and with each document's
     own sinks and window), key padding, key-index lists (each rank passing its own rows'), block layouts (one
-    grid, and one per batch element and head), block top-k and top-k by token (alone in the &, and under |), and a
-    threshold."""
+    grid, and one per batch element and head), block top-k and top-k by token (alone in the &, under |, and with a
+    block layout in their &-context), a threshold, hash buckets (in the & and under |), keep masks and lsh."""
     cases = [(name, layout) for name in PATTERNS for layout in D.LAYOUTS]
     mp.spawn(_worker, args=(world, _free_port(), cases), nprocs=world, join=True)
 
@@ -319,17 +328,18 @@ def test_block_topk_drops_the_chunk_pairs_nothing_chose():
 
 def test_top_k_refusals_name_the_problem():
     grid = ag.block_layout(torch.ones(4, 4, dtype=torch.bool), 64)
-    laid, causal = grid & ag.topk_blocks(2, block=64), ag.causal() & ag.topk_blocks(2, block=64)
-    with pytest.raises(InputError, match="takes no block layouts"):
-        D._check_block_topk(laid, D.P.topk_leaf(laid), 256, "contiguous", 2)
+    causal = ag.causal() & ag.topk_blocks(2, block=64)
     with pytest.raises(InputError, match="chunks of a multiple of 64"):
         D._check_block_topk(causal, D.P.topk_leaf(causal), 96, "zigzag", 2)  # 2 chunks of 48
     D._check_block_topk(causal, D.P.topk_leaf(causal), 256, "zigzag", 2)
+    laid = ag.block_layout(torch.ones(6, 6, dtype=torch.bool), 48) & ag.topk_blocks(2, block=64)
+    with pytest.raises(InputError, match="48-position blocks needs chunks of a multiple of 48, got 256"):
+        D._check_block_topk(laid, D.P.topk_leaf(laid), 256, "contiguous", 2)
     q = torch.zeros(1, 1, 16, 8)
     cases = [
         (ag.causal() & ag.topk(4, scorer=ag.lowrank()), {}, "needs proj="),
         (ag.causal() & ag.topk(4, scorer=ag.lowrank()), {"proj": torch.zeros(7, 2)}, r"proj= must be \[D=8"),
-        (grid & ag.topk(4), {}, "without block layouts"),
+        (grid & ag.topk(4), {}, "64-position blocks needs chunks of a multiple of 64, got 16"),
         (ag.documents() & ag.topk(4), {}, "needs document_ids="),
     ]
     for pat, given, message in cases:  # refused before any collective (no process group here)
