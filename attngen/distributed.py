@@ -31,8 +31,8 @@ over the whole sequence's key blocks (the pooled key means all-gathered), and ru
 the choice, a block layout per batch element and head (chunk pairs nothing chose are dropped, after one all-reduce);
 `topk(k)` and `threshold(t)` (exact scores, lowrank or indexer), likewise: each rank chooses its rows' keys against
 the whole sequence's keys (K or index_k all-gathered), as on one GPU, and the choice runs as key_indices() lists;
-buckets() and keep() (each rank gives its own rows' and keys' ids and flags; the keys' are all-gathered) and lsh(n,
-seed=s) (each rank hashes its own tokens), each block sorted by bucket as one GPU does."""
+buckets() and keep() (each rank gives its own rows' and keys' ids and flags; the keys' are all-gathered) and
+lsh(n, seed=s) (each rank hashes its own tokens), each block sorted by bucket as one GPU does."""
 
 from __future__ import annotations
 
