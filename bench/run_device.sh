@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: the GPU tests, the pattern fuzzer (1000 seeded cases), the N:M check, a process's
-# first-call cost, then the benchmarks (static patterns, N:M, buckets and dropping, block top-k, key-index lists,
-# top-k by token, score modifications); full logs and JSON under $OUT. Context parallelism has its own script
-# (bench/run_cp.sh).
+# first-call cost, the time per call at small shapes, then the benchmarks (static patterns, N:M, buckets and
+# dropping, block top-k, key-index lists, top-k by token, score modifications); full logs and JSON under $OUT.
+# Context parallelism has its own script (bench/run_cp.sh).
 #   bash bench/run_device.sh [--quick] [--baseline DIR]
 # --baseline DIR also benchmarks the attngen package found in DIR (e.g. `git archive` of an earlier commit) in the
 # same call, with its own kernel cache, and prints both runs side by side (bench/compare.py).
@@ -29,6 +29,7 @@ python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_test
 python3 bench/fuzz_gpu.py --cases 1000 --seed 0 --out "$OUT" 2>&1 | tee "$OUT/fuzz.log" | tail -n 12
 python3 bench/nm_check.py $QUICK 2>&1 | tee "$OUT/nm_check.log" | grep -v '^ok' | tail -n 12
 python3 bench/first_call.py --out "$OUT/first_call.json" 2>&1 | tee "$OUT/first_call.log" | tail -n 5
+python3 bench/bench_latency.py --out "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log"
 python3 bench/bench_attention.py --out "$OUT/bench.json" $QUICK 2>&1 | tee "$OUT/bench.log"
 python3 bench/bench_nm.py --out "$OUT/bench_nm.json" $QUICK 2>&1 | tee "$OUT/bench_nm.log"
 python3 bench/bench_buckets.py --out "$OUT/bench_buckets.json" $QUICK 2>&1 | tee "$OUT/bench_buckets.log"
