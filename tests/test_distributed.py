@@ -385,3 +385,51 @@ def test_bucket_and_keep_refusals_name_the_problem():
     for pattern, value, message in cases:
         with pytest.raises(InputError, match=message):
             D._checked_sorting(pattern, none | value, q, k)
+
+
+def test_block_backward_of_a_reordered_pattern_sorts_and_moves_back(monkeypatch):
+    """A block with buckets and keep masks runs its backward on the tokens sorted by bucket: the kernels' backward
+    (here the reference, reading the sorted tensors through the route's original positions) gets dO, Q, O, LSE, K,
+    V in the sorted order the route describes, and the gradients come back in the original order."""
+    from attngen import op
+
+    def sorted_backward(_kern, dout, q, k, v, out, lse, _dlse, scale, prep):
+        """The backward kernels' result on sorted tensors: un-sort by the route, the reference, sort again."""
+        qo, ko = prep.route.q_order.long(), prep.route.k_order.long()
+
+        def original(x, order):
+            index = order.view(*order.shape, *([1] * (x.dim() - 3))).expand_as(x)
+            return torch.empty_like(x).scatter_(2, index, x)
+
+        def resorted(x, order):
+            return torch.gather(x, 2, order.view(*order.shape, *([1] * (x.dim() - 3))).expand_as(x))
+
+        dq, dk, dv = ref_block_backward(
+            original(dout, qo), original(q, qo), original(k, ko), original(v, ko), original(out, qo),
+            original(lse, qo), pattern, scale, inputs,
+        )  # fmt: skip
+        return resorted(dq, qo), resorted(dk, ko), resorted(dv, ko)
+
+    monkeypatch.setattr(op, "backward", sorted_backward)
+    monkeypatch.setattr(op, "_compiled_for", lambda *args: None)
+    gen = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, Sq, Sk, Dh = 2, 4, 2, 24, 20, 16
+    pattern = ag.causal(align="bottom_right") & ag.buckets() & ag.keep()
+    q = torch.randn(B, Hq, Sq, Dh, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, Sk, Dh, generator=gen, dtype=torch.float64) for _ in "kv")
+    inputs = {
+        "query_buckets": torch.randint(0, 3, (B, Hq, Sq), generator=gen),
+        "key_buckets": torch.randint(0, 3, (B, Hkv, Sk), generator=gen),
+        "query_keep": torch.rand(B, Hq, Sq, generator=gen) < 0.8,
+        "key_keep": torch.rand(B, Hkv, Sk, generator=gen) < 0.8,
+    }
+    out, lse = reference.attention(q, k, v, pattern, dtype=torch.float64, **inputs)
+    dout = torch.randn_like(out)
+    got = D._block_backward(dout, q, k, v, out, lse, pattern, Dh**-0.5, {"document_ids": None, **inputs})
+    want = ref_block_backward(dout, q, k, v, out, lse, pattern, Dh**-0.5, inputs)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-12, rtol=1e-12)
+    from attngen.prepare import prepare
+
+    route = prepare(pattern, q, k, {"document_ids": None, **inputs}).route  # it really reorders the tokens here
+    assert not torch.equal(route.q_order.long(), torch.arange(Sq).expand(B, Hq, Sq))
