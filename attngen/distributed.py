@@ -525,8 +525,7 @@ def attention(
             f"q [B, Hq, S, D] and k, v [B, Hkv, S, D] shards of one sequence expected, got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
-    sorted_by = {"query_buckets": query_buckets, "key_buckets": key_buckets, "query_keep": query_keep}
-    sorted_by["key_keep"] = key_keep
+    sorted_by = dict(query_buckets=query_buckets, key_buckets=key_buckets, query_keep=query_keep, key_keep=key_keep)
     pattern, sorted_by = _hashed(pattern, q, k, sorted_by)
     sorted_by = _checked_sorting(pattern, sorted_by, q, k)  # before any collective
     token = P.token_leaf(pattern)
@@ -537,16 +536,16 @@ def attention(
         context_inputs = {"document_ids": document_ids, "key_lengths": key_lengths}
         key_indices = token_choice(pattern, token, q, k, layout, scale, group, scorer_inputs | context_inputs)
         pattern = _replaced(pattern, token, P.key_indices())
+    world = dist.get_world_size(group)
+    S = q.shape[2] * world  # the whole sequence
     leaf = P.topk_leaf(pattern)
     if leaf is not None:  # planned as if it kept every block; each call's choice then prunes and fills the blocks
-        _check_block_topk(pattern, leaf, q.shape[2], layout, dist.get_world_size(group))
+        _check_block_topk(pattern, leaf, q.shape[2], layout, world)
         whole = _context_runtime(P.context_of(pattern, leaf), document_ids, key_lengths, q)
-        S = q.shape[2] * dist.get_world_size(group)
         whole = dataclasses.replace(whole, layouts=_grids(pattern, q, S, S))  # in the pattern's slot order
     planned = pattern if leaf is None else _replaced(pattern, leaf, P.full())
     tile = TILE if leaf is None else math.lcm(TILE, leaf.block)  # blocks trimmed to whole selection blocks
-    p = plan(planned, dist.get_world_size(group), q.shape[2], layout, tile)
-    S = p.length
+    p = plan(planned, world, q.shape[2], layout, tile)
     need = pattern.runtime_inputs
     for name, value in (("document_ids", document_ids), ("key_lengths", key_lengths), ("key_indices", key_indices)):
         if (value is None) == (name in need):
@@ -573,9 +572,9 @@ def attention(
         p = _with_block_choice(p, pattern, leaf, q, k, group, whole)
     within = P.document_offsets(document_ids, S, S) if P.reads_document_offsets(pattern) else None
     runtime = {"document_ids": document_ids, "key_lengths": key_lengths, "within": within, "key_indices": key_indices}
-    n_own = len(chunks_of(layout, p.world, 0))
+    n_own = len(chunks_of(layout, world, 0))
     for name, value in sorted_by.items():  # the keys' bucket ids and keep flags of the whole sequence
-        runtime[name] = _gathered(value, 2, layout, p.world, n_own, group) if name.startswith("key") else value
+        runtime[name] = _gathered(value, 2, layout, world, n_own, group) if name.startswith("key") else value
     return _ContextParallel.apply(q, k, v, p, scale, group, pattern, runtime)
 
 

@@ -1217,8 +1217,7 @@ def shifted(pat: Pattern, dq: int, dk: int, Sq: int, Sk: int, *, sliced_data: bo
         f"{pat!r} cannot be moved to a block of a longer sequence (offsets {dq}, {dk}); supported: affine patterns "
         "(causal, windows, local, prefix_lm, global_tokens, predicate) combined with & | ~, documents() and "
         "key_padding(), key_indices(), buckets() and keep() where their call-time data is sliced to the block, "
-        "block layouts and nm(n, m) on blocks "
-        "that start at multiples of their block size and m"
+        "block layouts and nm(n, m) on blocks that start at multiples of their block size and m"
     )
 
 
