@@ -146,9 +146,8 @@ def _require_cuda(q: torch.Tensor) -> None:
         raise InputError(f"q, k, v are on {q.device}; attngen kernels run on CUDA tensors")
 
 
-def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict, mods: tuple, tensors: dict):
-    """`mods` the score modifications (scoremod.normalize), `tensors` their call-time tensors (bias=, rel_table=)."""
-    D = q.shape[-1]
+def _scale(scale, D: int) -> float:
+    """The softmax scale as a float: 1/sqrt(D) for None, else a positive finite real number."""
     if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)):
         raise InputError(f"scale must be a positive finite real number, got {type(scale).__name__} {scale!r:.60}")
     try:
@@ -157,16 +156,21 @@ def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict, mods: tupl
         raise InputError("scale must be a positive finite number, got an integer too large for a float") from None
     if not (scale > 0 and math.isfinite(scale)):
         raise InputError(f"scale must be a positive finite number, got {scale}")
+    return scale
+
+
+def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict, mods: tuple, tensors: dict):
+    """`mods` the score modifications (scoremod.normalize), `tensors` their call-time tensors (bias=, rel_table=)."""
+    scale = _scale(scale, q.shape[-1])
     # Under torch.compile this runs at trace time: only tensor work and constants (the pattern's key); planning
     # and compiling happen inside the custom op, on its first call.
-    if mods and (token_leaf(pattern) is not None or pattern.reorders):
+    if mods and pattern.reorders:
         raise InputError(
-            f"score_mod with {pattern!r}: score modifications do not yet combine with top-k by token (topk, "
-            "threshold) or with buckets, lsh and keep masks"
+            f"score_mod with {pattern!r}: score modifications do not yet combine with buckets, lsh and keep masks"
         )
     q, mods, tensors = scoremod.fold(mods, q, tensors)  # head scales: into q and the additive terms before them
     mods = scoremod.bind(mods, q, k.shape[2], **tensors)
-    prep = prepare(pattern, q, k, inputs, scale)
+    prep = prepare(pattern, q, k, inputs, scale, mods)
     mods_key = ""
     if mods:
         prep = replace(prep, score_mod=tuple(scoremod.kernel_tensors(mods)))
@@ -231,17 +235,31 @@ def selected_blocks(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, **inputs
     return prepare(pattern, q, k, inputs).blocks.bool()
 
 
-def selected_keys(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, *, scale=None, **inputs) -> torch.Tensor:
+def selected_keys(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pattern: Pattern,
+    *,
+    scale=None,
+    score_mod=None,
+    bias: torch.Tensor | None = None,
+    rel_table: torch.Tensor | None = None,
+    **inputs,
+) -> torch.Tensor:
     """int32 [B, H, Sq, n]: the keys each row keeps under `pattern`'s `topk` leaf for these q, k and call-time
     inputs, computed as `attention` computes them (fp32 scores), increasing, -1 after them; H is the query heads, or
     the KV heads where the indexer's one selection per token serves every head. The rest of the pattern still
-    applies: `reference.attention(q, k, v, pattern.structure(), key_indices=lists)` attends as the call does. A
-    `threshold` on the exact scores needs the call's `scale` (default 1/sqrt(D))."""
+    applies: `reference.attention(q, k, v, pattern.structure(), key_indices=lists)` attends as the call does. The
+    exact scores are ranked at the call's `scale` (default 1/sqrt(D)) with its `score_mod` (and `bias`,
+    `rel_table`): pass them as the call does."""
     if not isinstance(pattern, Pattern) or token_leaf(pattern) is None:
         raise InputError(f"selected_keys needs a pattern with a topk or threshold leaf, got {pattern!r:.80}")
     _check(q, k, k)
+    scale = _scale(scale, q.shape[-1])
+    q, mods, tensors = scoremod.fold(scoremod.normalize(score_mod), q, {"bias": bias, "rel_table": rel_table})
+    mods = scoremod.bind(mods, q, k.shape[2], **tensors)
     inputs = {"document_ids": None, "key_lengths": None, **inputs}
-    return prepare(pattern, q, k, inputs, scale).key_lists
+    return prepare(pattern, q, k, inputs, scale, mods).key_lists
 
 
 def compile(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import affine, blocktopk, tokentopk, tracing
+from . import affine, blocktopk, scoremod, tokentopk, tracing
 from . import expr as X
 from .errors import InputError
 from .expr import SYMBOLS, Sk, Sq, k, q  # positions are integers: query q, key k; Sq, Sk the lengths
@@ -1004,6 +1004,7 @@ def dense_mask(
     index_k: torch.Tensor | None = None,
     index_w: torch.Tensor | None = None,
     scale: float | None = None,
+    score_mods: tuple = (),
     device: torch.device | str = "cpu",
     _selected: torch.Tensor | None = None,
     **_,
@@ -1016,11 +1017,13 @@ def dense_mask(
     reordered call evaluate; `attngen.reorder`). `topk_blocks` selects by the float64 scores of `q` and `k` among
     the blocks its &-context allows (`context_of`), or takes the choice as `selected_blocks`, bool [B, Hq, nbq, nbk]
     (what `attngen.selected_blocks` returns). `topk` selects by the float64 scores of `q` and `k` (or its scorer's,
-    from `proj` or `index_q`, `index_k`, `index_w`) among the keys its &-context allows."""
+    from `proj` or `index_q`, `index_k`, `index_w`) among the keys its &-context allows; exact scores are
+    scale · q·k with `score_mods` (score modifications bound to the call's tensors, `scoremod.bind`) applied."""
     runtime = dict(document_ids=document_ids, key_lengths=key_lengths, query_buckets=query_buckets)
     runtime |= dict(document_positions=document_positions)
     runtime |= dict(key_buckets=key_buckets, query_keep=query_keep, key_keep=key_keep, q=q, k=k, order=order)
     runtime |= dict(key_indices=key_indices, proj=proj, index_q=index_q, index_k=index_k, index_w=index_w, scale=scale)
+    runtime |= dict(score_mods=score_mods)
     leaf = topk_leaf(pat) or token_leaf(pat)
     if _selected is None and isinstance(leaf, TopkTokens):
         _selected = _token_mask(pat, leaf, Sq, Sk, device, runtime)
@@ -1126,7 +1129,9 @@ def _topk_mask(pat, leaf, Sq, Sk, selected_blocks, device, runtime) -> torch.Ten
 
 def _token_mask(pat, leaf: TopkTokens, Sq: int, Sk: int, device, runtime) -> torch.Tensor:
     """bool [B, Hq or 1, Sq, Sk]: the keys `leaf` keeps, chosen by float64 scores (`tokentopk`) among the keys its
-    &-context allows (for a selection shared by the heads, allowed for some head)."""
+    &-context allows (for a selection shared by the heads, allowed for some head). Exact scores are ranked as the
+    softmax sees them: scale · q·k, then the score modifications (a key they set to -inf is never kept); a scorer's
+    values are ranked as they are."""
     q, k = runtime["q"], runtime["k"]
     if q is None or k is None:
         raise InputError(f"the mask of {leaf!r} needs q= and k= (it selects keys by their scores)")
@@ -1142,10 +1147,13 @@ def _token_mask(pat, leaf: TopkTokens, Sq: int, Sk: int, device, runtime) -> tor
     keys = tokentopk.keys_of(leaf.scorer, k, inputs, Hq, torch.float64)
     scores = tokentopk.scores(leaf.scorer, q, keys, inputs, slice(0, Sq), slice(0, Sk), torch.float64)
     cand = context.any(1, keepdim=True) if leaf.shared else context
+    if leaf.scorer is None:
+        scale = runtime["scale"] if runtime["scale"] is not None else 1 / math.sqrt(D)
+        scores = scoremod.reference(runtime["score_mods"], scores * scale)
+        cand = cand & (scores > -math.inf)
     if leaf.t is None:
         return blocktopk.choose(scores, cand, leaf.k)
-    scale = runtime["scale"] if runtime["scale"] is not None else 1 / math.sqrt(D)
-    return tokentopk.above_threshold(scores * (scale if leaf.scorer is None else 1), cand, leaf.t)
+    return tokentopk.above_threshold(scores, cand, leaf.t)
 
 
 def _pairs(pat: Pattern, device, *, query_buckets, key_buckets, query_keep, key_keep, q, k, **_) -> torch.Tensor:

@@ -84,10 +84,13 @@ class Prepared:
         )
 
 
-def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict, scale: float | None = None) -> Prepared:
+def prepare(
+    pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict, scale: float | None = None, mods: tuple = ()
+) -> Prepared:
     """Check the call-time `inputs` against what `pattern` needs and bring them to the kernels' device and types.
-    `scale` (default 1/sqrt(D)) is the attention's, which a threshold on the exact scores takes its softmax at.
-    Traceable by torch.compile: tensor work and checks on constants only."""
+    `scale` (default 1/sqrt(D)) is the attention's and `mods` its score modifications (bound, `scoremod.bind`):
+    top-k by token ranks the exact scores as the softmax sees them. Traceable by torch.compile: tensor work and
+    checks on constants only."""
     B, Hq, Sq, _ = q.shape
     Sk, device = k.shape[2], q.device
     positions, rule = split_selection(pattern)
@@ -140,7 +143,7 @@ def prepare(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, inputs: dict, 
         scale = 1 / math.sqrt(q.shape[3]) if scale is None else scale
         from . import tokenselect
 
-        chosen = tokenselect.select(pattern, q, k, prep, scorer_inputs, scale)
+        chosen = tokenselect.select(pattern, q, k, prep, scorer_inputs, scale, mods)
         bits, lists, counts = keyindex.sorted_lists(chosen, Sk, device)
         prep = replace(prep, key_bits=bits, key_lists=lists, key_counts=counts)
     return prep

@@ -43,11 +43,15 @@ def attention(
     mods = scoremod.bind(scoremod.normalize(score_mod), q, Sk, bias=bias, rel_table=rel_table)
     s = scoremod.reference(mods, torch.einsum("bhqd,bhkd->bhqk", qf, kf) * scale)
     positions, rule = split_selection(pat)
-    # lsh hashes q and k; a threshold on the exact scores takes its softmax at this scale
-    allowed = mask(positions, Sq, Sk, device=q.device, **{"q": q, "k": k, "scale": scale, **runtime})
+    # lsh hashes q and k; top-k by token ranks the exact scores at this scale, modified
+    allowed = mask(
+        positions, Sq, Sk, device=q.device, **{"q": q, "k": k, "scale": scale, "score_mods": mods, **runtime}
+    )
     if rule is not None:
         # The rule chooses among the allowed keys; it sees the scores but the choice carries no gradient.
         allowed = allowed & rule.reference_keep(s.detach(), allowed, q=q, k=k, **runtime)
+    # A score a modification set to -inf (a bias) weighs nothing: masked, so that a row of them has a zero gradient.
+    allowed = allowed & (s.detach() > float("-inf"))
     s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))  # empty rows: exp(-inf) = 0

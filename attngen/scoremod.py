@@ -44,6 +44,17 @@ ALIGNS = ("top_left", "bottom_right")
 
 
 @dataclass(frozen=True)
+class Window:
+    """Where scores handed to `reference` sit in the whole [B, Hq, Sq, Sk]: query rows `rows`, keys `cols` (slices
+    of step 1 with explicit bounds)."""
+
+    Sq: int
+    Sk: int
+    rows: slice
+    cols: slice
+
+
+@dataclass(frozen=True)
 class Softcap:
     cap: float
 
@@ -56,7 +67,7 @@ class Softcap:
     def __repr__(self) -> str:
         return f"softcap({self.cap!r})"
 
-    def reference(self, s: torch.Tensor, h: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    def reference(self, s: torch.Tensor, h: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor, at: Window):
         return self.cap * torch.tanh(s / self.cap)
 
 
@@ -87,9 +98,8 @@ class Alibi:
     def __repr__(self) -> str:
         return repr(self.structure())
 
-    def reference(self, s: torch.Tensor, h: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
-        Sq, Sk = qpos.shape[-2], kpos.shape[-1]
-        shift = Sk - Sq if self.align == "bottom_right" else 0
+    def reference(self, s: torch.Tensor, h: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor, at: Window):
+        shift = at.Sk - at.Sq if self.align == "bottom_right" else 0
         slopes = self.slopes.to(s.device, s.dtype)[h]  # [Hq, 1, 1]
         return s + slopes * (kpos - qpos - shift).to(s.dtype)
 
@@ -124,8 +134,8 @@ class BoundBias:
     def __repr__(self) -> str:
         return repr(self.structure())
 
-    def reference(self, s: torch.Tensor, h: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
-        return s + self.tensor.to(s.device, s.dtype)
+    def reference(self, s: torch.Tensor, h: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor, at: Window):
+        return s + self.tensor[..., at.rows, at.cols].to(s.device, s.dtype)
 
 
 @dataclass(frozen=True)
@@ -192,7 +202,7 @@ class BoundRelBias:
     def __repr__(self) -> str:
         return repr(self.spec)
 
-    def reference(self, s: torch.Tensor, h: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    def reference(self, s: torch.Tensor, h: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor, at: Window):
         buckets = self.spec.bucket(kpos - qpos)  # [Sq, Sk]
         return s + self.table.to(s.device, s.dtype)[:, buckets]  # [Hq, Sq, Sk]
 
@@ -212,7 +222,7 @@ class HeadScale:
     def __repr__(self) -> str:
         return "head_scale()"
 
-    def reference(self, s: torch.Tensor, h: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    def reference(self, s: torch.Tensor, h: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor, at: Window):
         return s * self.scales.to(s.device, s.dtype)[h]
 
 
@@ -531,16 +541,18 @@ def _table_grad(spec: RelBias, g: torch.Tensor) -> torch.Tensor:
     return diagonals @ onehot
 
 
-def reference(mods, s: torch.Tensor) -> torch.Tensor:
-    """The (bound) modifications applied to scores s [B, Hq, Sq, Sk] (any float dtype), differentiably."""
+def reference(mods, s: torch.Tensor, at: Window | None = None) -> torch.Tensor:
+    """The (bound) modifications applied to scores s [B, Hq, Sq, Sk] (any float dtype), differentiably; or to the
+    block of them `at` says, s [B, Hq, R, C] (what a selection pass scores a chunk at a time)."""
     if not mods:
         return s
-    Hq, Sq, Sk = s.shape[1:]
+    Hq, R, C = s.shape[1:]
+    at = Window(R, C, slice(0, R), slice(0, C)) if at is None else at
     h = torch.arange(Hq, device=s.device).view(Hq, 1, 1)
-    qpos = torch.arange(Sq, device=s.device).view(Sq, 1)
-    kpos = torch.arange(Sk, device=s.device).view(1, Sk)
+    qpos = torch.arange(at.rows.start, at.rows.stop, device=s.device).view(R, 1)
+    kpos = torch.arange(at.cols.start, at.cols.stop, device=s.device).view(1, C)
     for m in mods:
         if isinstance(m, (Bias, RelBias)):
             raise InputError(f"{m!r} needs its call-time tensor (scoremod.bind)")
-        s = m.reference(s, h, qpos, kpos)
+        s = m.reference(s, h, qpos, kpos, at)
     return s

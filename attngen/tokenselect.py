@@ -5,9 +5,10 @@ the same lists, so that the gather kernels give a KV head's query heads one list
 
 The pass never holds anything S x S: query rows a chunk at a time (at most CHUNK scores, counting the indexer's
 heads where torch computes them), scored in fp32 only over the keys some row of the chunk may take (the &-context's
-tile classes), masked by the context evaluated pair by pair where its tiles are not full (`blockselect.allowed`; for
-a shared selection, a key is a candidate where the context allows it for some head), then per row the k best
-candidates with ties to the lower key index.
+tile classes), exact scores then scaled and modified as the softmax sees them (the call's score modifications,
+applied at the chunk's place: `scoremod.Window`), masked by the context evaluated pair by pair where its tiles are
+not full (`blockselect.allowed`; for a shared selection, a key is a candidate where the context allows it for some
+head), then per row the k best candidates with ties to the lower key index (a -inf score is never taken).
 On CUDA two kernels do the work: the indexer's scores on tensor cores (`device.indexer_scores`; the others are
 GEMMs with fp32 accumulation, `tokentopk.scores`) and a radix select per row (`device.topk_rows`); elsewhere torch
 (one torch.topk, `blocktopk.choose` for rows with ties at the k-th value)."""
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import blockselect, blocktopk, device, schedule, tokentopk
+from . import blockselect, blocktopk, device, schedule, scoremod, tokentopk
 from . import pattern as P
 from .affine import EMPTY, FULL
 
@@ -25,10 +26,12 @@ SPAN = 64  # keys: the granularity at which a chunk's candidate keys are bounded
 
 
 @torch.compiler.disable  # chunked host loop: a graph break under torch.compile
-def select(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, runtime, inputs: dict, scale: float) -> torch.Tensor:
+def select(
+    pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, runtime, inputs: dict, scale: float, mods: tuple = ()
+) -> torch.Tensor:
     """The lists of the pattern's `topk` (or `threshold`) leaf for this call. `runtime` holds the context's call-time
-    tensors (a `prepare.Prepared` without the lists), `inputs` the scorer's (checked); a threshold on the exact
-    scores takes its softmax at the attention's `scale`."""
+    tensors (a `prepare.Prepared` without the lists), `inputs` the scorer's (checked). Exact scores are ranked as the
+    softmax sees them: at the attention's `scale`, with the score modifications `mods` (bound: `scoremod.bind`)."""
     leaf, structure = P.token_leaf(pattern), pattern.structure()
     selected = next(x for x in structure.leaves() if isinstance(x, P.SelectedKeys))
     context = P.context_of(structure, selected)  # its layout slots number as the pattern's do
@@ -65,6 +68,9 @@ def select(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, runtime, inputs
                 s = s.unsqueeze(1) if s is not None else None
             if s is None:
                 s = tokentopk.scores(leaf.scorer, q, keys, inputs, slice(r0, r1), slice(c0, c1), torch.float32)
+            if leaf.scorer is None:  # the exact scores, as the softmax sees them
+                at = scoremod.Window(Sq, Sk, slice(r0, r1), slice(c0, c1))
+                s = scoremod.reference(mods, s.mul_(scale), at)
             mixed = torch.nonzero(~full[chunk, t0:t1]).flatten()
             if mixed.numel():
                 p0, p1 = c0 + int(mixed[0]) * SPAN, min(Sk, c0 + (int(mixed[-1]) + 1) * SPAN)
@@ -74,8 +80,6 @@ def select(pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, runtime, inputs
                 cand = cand.any(1, keepdim=True) if leaf.shared and cand.shape[1] > 1 else cand
                 s[..., p0 - c0 : p1 - c0].masked_fill_(~cand, float("-inf"))
             if leaf.t is not None:  # the chunk holds every candidate of its rows: their softmax is the row's
-                if leaf.scorer is None:
-                    s.mul_(scale)
                 s.masked_fill_(~tokentopk.kept_by_threshold(s, leaf.t), float("-inf"))
             if fused:
                 best = device.topk_rows(s.view(-1, c1 - c0), leaf.k, c0).view(*s.shape[:3], -1)

@@ -79,8 +79,9 @@ INDEX_SHARE = 0.12  # groups whose pattern has a key_indices() leaf (never with 
 # refuse it. Every share is of all groups: rule 0.2, reordering 0.2, topk_blocks 0.15 and topk 0.1 exclude each
 # other; key_indices 0.12 goes beside a rule or topk_blocks too; about 0.28 of the groups have none of them.
 TOKEN_SHARE = 0.1
-# Groups whose calls carry score modifications (softcap, alibi): never with a rule (its exact choice on grid
-# inputs would then depend on rounding the modification), reordering or a topk(k) leaf (both refuse them).
+# Groups whose calls carry score modifications (softcap, alibi, bias, T5 buckets): never with reordering (which
+# refuses them), a rule or a topk(k) leaf (their exact choice on grid inputs would then depend on rounding the
+# modification; tests/test_topk_tokens.py checks top-k by token on modified scores with exact modifications).
 MOD_SHARE = 0.15
 TOKEN_SCORERS = ("exact", "lowrank", "indexer")  # topk(k, scorer=None | lowrank() | indexer())
 TOKEN_SCORER_WEIGHTS = (4, 3, 3)

@@ -520,8 +520,8 @@ def test_sample_compiles_without_spills(arch, which):
 
 def test_score_modifications_are_drawn_where_calls_take_them():
     """About MOD_SHARE of the cases carry softcap, alibi, a bias, T5's buckets or combinations (either order, both
-    alignments, every broadcast of a bias), never with a rule, reordering or top-k by token, which refuse them or
-    would rank rounded modified scores."""
+    alignments, every broadcast of a bias), never with reordering, which refuses them, nor with a rule or top-k by
+    token, which would rank rounded modified scores."""
     from fuzzing import MOD_SHARE
 
     drawn = [c for c in map(case, range(2000)) if c.score_mod]

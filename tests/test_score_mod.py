@@ -69,10 +69,12 @@ def test_plan_carries_the_modifications_and_alibi_slopes_are_a_runtime_argument(
 
 
 def test_gather_kernels_give_way_and_reordered_patterns_are_refused():
-    """key_indices() with a modification runs on the tile kernels (lists as bits); buckets refuse it."""
+    """key_indices() and top-k by token (even the indexer's lists, shared by the heads) with a modification run on the
+    tile kernels (lists as bits); buckets refuse it."""
     capped = (ag.softcap(9.0),)
-    p = make_plan(ag.causal() & ag.key_indices(), head_dim=64, dtype="fp16", arch="sm_80", score_mods=capped)
-    assert p.gather is None and "kbits" in [a.name for a in p.runtime_args]
+    for pat in [ag.causal() & ag.key_indices(), ag.causal() & ag.topk(8, scorer=ag.indexer())]:
+        p = make_plan(pat.structure(), head_dim=64, dtype="fp16", arch="sm_80", score_mods=capped)
+        assert p.gather is None and "kbits" in [a.name for a in p.runtime_args]
     with pytest.raises(InputError, match="reordered"):
         make_plan(ag.causal() & ag.buckets(), head_dim=64, dtype="fp16", arch="sm_80", score_mods=capped)
 
@@ -82,6 +84,7 @@ KERNELS = {
     "window alibi": (ag.sliding_window(100), (ag.alibi(SLOPES),)),
     "full alibi softcap": (ag.full(), (ag.alibi(SLOPES, "bottom_right"), ag.softcap(20.0))),
     "causal nm softcap": (ag.causal() & ag.nm(2, 4), (ag.softcap(30.0),)),
+    "causal topk alibi bias": (ag.causal() & ag.topk(8), (ag.alibi(SLOPES), ag.bias())),
 }
 
 
@@ -92,9 +95,10 @@ def test_kernels_compile_with_the_hooks_and_without_spills(name, head_dim, arch)
     pat, mods = KERNELS[name]
     kern = ag.compile(pat, head_dim=head_dim, dtype="bf16", arch=arch, score_mod=mods)
     fwd, bwd = kern.source, kern.backward_source
-    assert "struct ScoreMod" in fwd and "mod.apply(" in fwd and bwd.count("mod.apply(") == 2
+    sweeps = 1 + kern.kernel_plan.dkdv.split  # dK/dV in one sweep, or dK then dV (mma.sync, registers short)
+    assert "struct ScoreMod" in fwd and "mod.apply(" in fwd and bwd.count("mod.apply(") == 1 + sweeps
     grads = bwd.count("mod.grad(") + bwd.count("mod.grad_of_p(")
-    assert grads == (2 if any(isinstance(m, scoremod.Softcap) for m in mods) else 0)
+    assert grads == (2 if any(isinstance(m, scoremod.Softcap) for m in mods) else 0)  # dV's sweep needs no dS
     assert_no_spills(kern)
 
 

@@ -122,8 +122,8 @@ def test_call_time_selection_matches_the_reference(name, monkeypatch):
 
 def _runtime(inputs: dict) -> dict:
     keys = ("document_ids", "key_lengths", "query_buckets", "key_buckets", "query_keep", "key_keep", "key_indices")
-    names = ("proj", "index_q", "index_k", "index_w")
-    return {n: inputs.get(n) for n in keys + names}
+    names = ("proj", "index_q", "index_k", "index_w", "scale")
+    return {n: inputs.get(n) for n in keys + names} | {"score_mods": inputs.get("score_mods", ())}
 
 
 def test_empty_rows_and_k_beyond_the_candidates():
@@ -282,3 +282,122 @@ def test_threshold_constructor():
             ag.threshold(bad)
     with pytest.raises(InputError, match="~ cannot apply"):
         ~ag.threshold(0.1)
+
+
+# ----------------------------------------------------------------------------------- with score modifications
+
+
+def _mods(Sq: int, Sk: int, gen, align: str = "top_left"):
+    """(score_mod, tensors, the definition): ALiBi with slopes that are multiples of 1/4, a bias of small integers
+    with some -inf (keys it forbids), T5 buckets with an integer table; every modified score is exact in fp32 and
+    float64 alike. The definition adds them to [B, Hq, Sq, Sk] scores one term at a time."""
+    slopes = torch.randint(-4, 5, (HQ,), generator=gen).float() / 4
+    bias = torch.randint(-2, 3, (B, 1, Sq, Sk), generator=gen).float()
+    bias = bias.masked_fill(torch.rand(B, 1, Sq, Sk, generator=gen) < 0.1, float("-inf"))
+    spec = ag.rel_bias(8, 20)
+    table = torch.randint(-3, 4, (HQ, 8), generator=gen).float()
+
+    def define(s: torch.Tensor) -> torch.Tensor:
+        shift = Sk - Sq if align == "bottom_right" else 0
+        rel = torch.arange(Sk).view(1, Sk) - torch.arange(Sq).view(Sq, 1)  # k - q
+        s = s + slopes.double().view(HQ, 1, 1) * (rel - shift)
+        s = s + bias.double()
+        return s + table.double()[:, spec.bucket(rel)]
+
+    mods = (ag.alibi(slopes, align), ag.bias(), spec)
+    return mods, {"bias": bias, "rel_table": table}, define
+
+
+def _bound(mods, tensors, q, Sk):
+    from attngen import scoremod
+
+    return scoremod.bind(mods, q, Sk, **tensors)
+
+
+@pytest.mark.parametrize("rule", ["topk", "threshold"])
+@pytest.mark.parametrize("align", ["top_left", "bottom_right"])
+def test_reference_ranks_the_modified_scores(rule, align):
+    """Exact scores are ranked as the softmax sees them, scale · q·k then the modifications (a key a bias sets to -inf
+    is never kept, and a row of such keys keeps none); a scorer ranks its own values, the modifications aside."""
+    gen = torch.Generator().manual_seed(5)
+    Sq, Sk, scale = 13, 17, 0.5
+    q, kk = _grid(B, HQ, Sq, D, gen=gen), _grid(B, HKV, Sk, D, gen=gen)
+    mods, tensors, define = _mods(Sq, Sk, gen, align)
+    tensors["bias"][0, 0, 3] = float("-inf")  # row 3 of batch 0: no key left
+    bound = _bound(mods, tensors, q, Sk)
+    make = (lambda scorer: ag.topk(3, scorer=scorer)) if rule == "topk" else lambda s: ag.threshold(0.1, scorer=s)
+    pat = ag.causal(align) & make(None)
+    got = pat.mask(Sq, Sk, q=q, k=kk, scale=scale, score_mods=bound)
+    scores = define(_loop_scores(None, q, kk, {}) * scale)
+    cand = ag.causal(align).mask(Sq, Sk).expand(B, HQ, Sq, Sk) & (scores > float("-inf"))
+    want = _loop_keep(scores, cand, 3) if rule == "topk" else _loop_threshold(scores, cand, 0.1)
+    assert torch.equal(got, want)
+    assert not got[0, :, 3].any()
+    plain = pat.mask(Sq, Sk, q=q, k=kk, scale=scale)
+    assert not torch.equal(got, plain)  # the modifications changed the choice
+    ix = ag.causal(align) & make(ag.indexer())
+    inputs = _inputs(ag.indexer(), Sq, Sk, gen)
+    assert torch.equal(ix.mask(Sq, Sk, q=q, k=kk, score_mods=bound, **inputs), ix.mask(Sq, Sk, q=q, k=kk, **inputs))
+
+
+@pytest.mark.parametrize("rule", ["topk", "threshold"])
+def test_call_time_selection_ranks_the_modified_scores(rule, monkeypatch):
+    """tokenselect scores rows in chunks over the key spans the context leaves them (a window: chunks after the
+    first start past key 0), and modifies each chunk at its place in the whole: the float64 reference's choice,
+    for both alignments and Sq != Sk."""
+    monkeypatch.setattr(tokenselect, "CHUNK", 2000)
+    gen = torch.Generator().manual_seed(9)
+    make = ag.topk if rule == "topk" else lambda n: ag.threshold(1 / n)
+    for Sq, Sk, align in [(150, 150, "top_left"), (130, 170, "bottom_right"), (170, 130, "top_left")]:
+        q, kk = _grid(B, HQ, Sq, D, gen=gen), _grid(B, HKV, Sk, D, gen=gen)
+        mods, tensors, _ = _mods(Sq, Sk, gen, align)
+        bound = _bound(mods, tensors, q, Sk)
+        pat = ag.causal(align) & ag.sliding_window(70, align=align) & make(5)
+        lists = prepare(pat, q, kk, {}, 0.5, bound).key_lists
+        listed = P.dense_mask(ag.key_indices(), Sq, Sk, key_indices=lists, q=q)
+        want = pat.mask(Sq, Sk, q=q, k=kk, scale=0.5, score_mods=bound)
+        assert torch.equal(listed, want), (Sq, Sk, align)
+        assert not torch.equal(listed, pat.mask(Sq, Sk, q=q, k=kk, scale=0.5))
+
+
+def test_calls_with_score_mods_match_the_reference(reference_kernels):
+    """`attention` with ALiBi, a bias and T5 buckets (and a head scale folded into q): the call's choice is the
+    reference's, and output and gradients (in q, k, v, the bias and the table) are the float64 reference's."""
+    gen = torch.Generator().manual_seed(13)
+    Sq = Sk = 40
+    q = _grid(B, HQ, Sq, 32, gen=gen).half().requires_grad_()
+    kk, v = (_grid(B, HKV, Sk, 32, gen=gen).half().requires_grad_() for _ in range(2))
+    mods, tensors, _ = _mods(Sq, Sk, gen)
+    tensors = {n: t.requires_grad_() for n, t in tensors.items()}
+    for pat in [ag.causal() & ag.topk(6), ag.causal() & (ag.threshold(0.05) | ag.sliding_window(2))]:
+        call = dict(scale=0.25, score_mod=(*mods, ag.head_scale(torch.full((HQ,), 2.0))), **tensors)
+        out, lse = ag.attention(q, kk, v, pat, return_lse=True, **call)
+        ref, ref_lse = reference.attention(q, kk, v, pat, dtype=torch.float64, **call)
+        assert torch.allclose(out.float(), ref.float(), atol=5e-3)
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), finite) and torch.allclose(
+            lse[finite], ref_lse[finite].float(), atol=1e-4
+        )
+        dout = torch.randn(out.shape, generator=gen).half()
+        wrt = (q, kk, v, tensors["bias"], tensors["rel_table"])
+        got = torch.autograd.grad(out, wrt, dout)
+        want = torch.autograd.grad(ref, wrt, dout.double())
+        for name, a, b in zip(("q", "k", "v", "bias", "table"), got, want):
+            assert torch.allclose(a.double(), b.double(), atol=2e-2, rtol=1e-2), (pat, name)
+
+
+def test_selected_keys_takes_the_calls_modifications(monkeypatch):
+    """`selected_keys` with the call's scale and score_mod returns what the call attends over."""
+    from attngen import launch
+
+    monkeypatch.setattr(launch, "_require_cuda", lambda q: None)
+    gen = torch.Generator().manual_seed(17)
+    q, kk = _grid(B, HQ, 30, D, gen=gen).half(), _grid(B, HKV, 30, D, gen=gen).half()
+    mods, tensors, _ = _mods(30, 30, gen)
+    pat = ag.causal() & ag.topk(4)
+    got = ag.selected_keys(q, kk, pat, scale=0.5, score_mod=mods, **tensors)
+    want = prepare(pat, q, kk, {"document_ids": None, "key_lengths": None}, 0.5, _bound(mods, tensors, q, 30))
+    assert torch.equal(got, want.key_lists)
+    assert not torch.equal(got, ag.selected_keys(q, kk, pat, scale=0.5))
+    with pytest.raises(InputError, match="scale must be"):
+        ag.selected_keys(q, kk, pat, scale=-1.0)
