@@ -212,8 +212,8 @@ def _run(c: fuzzing.Case, device: torch.device, tol: tuple[dict, dict], direct, 
     rt, mods, mt = c.runtime(device), c.mods(device), c.mod_tensors(device)
     scale = 1.0 / math.sqrt(c.head_dim) if c.scale is None else c.scale
     if direct is not None:  # the mma.sync kernels, launched directly (attngen.attention would take the wgmma ones)
-        prep = prepare.prepare(c.pattern, q, k, {"document_ids": None, "key_lengths": None, **rt})
-        bound = scoremod.bind(mods, q, c.Sk, **mt)
+        bound = scoremod.bind(mods, q, c.Sk, **mt)  # top-k by token ranks the modified scores, as a call does
+        prep = prepare.prepare(c.pattern, q, k, {"document_ids": None, "key_lengths": None, **rt}, scale, bound)
         prep = replace(prep, score_mod=tuple(t.detach() for t in scoremod.kernel_tensors(bound)))
         out, lse = bind.forward(direct, q.detach(), k.detach(), v.detach(), scale, prep)
     elif c.return_lse or forced:

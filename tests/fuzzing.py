@@ -28,7 +28,10 @@ scores and the reference's float64 ones; so those cases draw q and k from a grid
 product is exact in fp32 and float64 alike, and a topk leaf's scorer inputs alike: proj holds 0 and signed powers of
 two (r * D^2 <= 2^20: (qP)·(kP) stays below 2^24 of its units), index_q and index_k quarters, index_w quarters times a
 power of two (Hi * Di <= 2^13). The scores are then ordered alike, exact ties go to the lower key index in both, and
-the comparison stays exact. `Case.repro()` is the one command line that runs it again on a GPU.
+the comparison stays exact. Score modifications (`MOD_SHARE`: softcap, alibi, bias(), rel_bias(), combined) go with
+neither a rule nor reordering; with a topk(k) leaf (`TOKEN_MOD_SHARE` of those groups), which ranks the modified
+scores, only exact ones: alibi's slopes 2^-i, a bias and a T5 table of small integers, at a scale of 2^-i.
+`Case.repro()` is the one command line that runs it again on a GPU.
 
 Consecutive seeds share a pattern *recipe*, head dim, dtype and kernel variant (`GROUP` of them: the tree, its
 constants, layout block sizes), so that a GPU run compiles a quarter as many kernels; each seed draws its own shapes,
@@ -80,9 +83,13 @@ INDEX_SHARE = 0.12  # groups whose pattern has a key_indices() leaf (never with 
 # other; key_indices 0.12 goes beside a rule or topk_blocks too; about 0.28 of the groups have none of them.
 TOKEN_SHARE = 0.1
 # Groups whose calls carry score modifications (softcap, alibi, bias, T5 buckets): never with reordering (which
-# refuses them), a rule or a topk(k) leaf (their exact choice on grid inputs would then depend on rounding the
-# modification; tests/test_topk_tokens.py checks top-k by token on modified scores with exact modifications).
+# refuses them) or a rule (its exact choice on grid inputs would then depend on rounding the modification).
 MOD_SHARE = 0.15
+# Of the groups with a topk(k) leaf, those whose calls carry modifications that keep every modified score exact in
+# fp32 (alibi's slopes 2^-i, a bias and a T5 table of small integers, a scale of 2^-i; no softcap), so that the
+# choice still equals the float64 reference's exactly.
+TOKEN_MOD_SHARE = 0.4
+EXACT_MOD_KINDS = [("alibi",), ("bias",), ("rel_bias",), ("alibi", "rel_bias", "bias")]
 TOKEN_SCORERS = ("exact", "lowrank", "indexer")  # topk(k, scorer=None | lowrank() | indexer())
 TOKEN_SCORER_WEIGHTS = (4, 3, 3)
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -747,9 +754,13 @@ def _tokens(seed: int) -> random.Random | None:
 
 
 def _mods(seed: int) -> random.Random | None:
-    """The generator of the seed's group's score modifications, or None (MOD_SHARE of the groups it may take)."""
-    if any(f(seed) is not None for f in (_rule, _reorder, _tokens)):
+    """The generator of the seed's group's score modifications, or None (MOD_SHARE of the groups it may take
+    besides those with a topk(k) leaf, TOKEN_MOD_SHARE of those: exact ones, `_draw_mods`)."""
+    if any(f(seed) is not None for f in (_rule, _reorder)):
         return None
+    if _tokens(seed) is not None:
+        g = random.Random(f"attngen-fuzz-token-mods-{seed // GROUP}")
+        return g if g.random() < TOKEN_MOD_SHARE else None
     g = random.Random(f"attngen-fuzz-mods-{seed // GROUP}")
     return g if g.random() < MOD_SHARE / (1 - RULE_SHARE - REORDER_SHARE - TOKEN_SHARE) else None
 
@@ -768,10 +779,11 @@ MOD_KINDS = [
 BIAS_SHAPES = ("full", "heads", "plane", "keys", "rows")
 
 
-def _draw_mods(g: random.Random, Hq: int) -> tuple:
+def _draw_mods(g: random.Random, Hq: int, exact: bool = False) -> tuple:
     """softcap (a cap that bites or not), alibi (slopes 2^-i, either alignment), bias(), T5's rel_bias (buckets
-    both ways), alone or combined in either order (`MOD_KINDS`); the tensors are the case's (`_mod_tensors`)."""
-    kinds = g.choice(MOD_KINDS)
+    both ways), alone or combined in either order (`MOD_KINDS`; `exact`: no softcap, `EXACT_MOD_KINDS`); the
+    tensors are the case's (`_mod_tensors`)."""
+    kinds = g.choice(EXACT_MOD_KINDS if exact else MOD_KINDS)
     slopes = torch.tensor([2.0 ** -g.randint(0, 6) for _ in range(Hq)])
     made = {
         "softcap": lambda: ag.softcap(g.choice([0.5, 2.0, 5.0, 30.0])),
@@ -782,9 +794,9 @@ def _draw_mods(g: random.Random, Hq: int) -> tuple:
     return tuple(made[kind]() for kind in kinds)
 
 
-def _mod_tensors(rng: random.Random, gen: torch.Generator, c: Case) -> list[str]:
+def _mod_tensors(rng: random.Random, gen: torch.Generator, c: Case, exact: bool = False) -> list[str]:
     """A bias() of one of BIAS_SHAPES (every broadcast; finite: a row the bias alone empties has no float64
-    gradient to compare with), in q's dtype or fp32; rel_bias()'s table."""
+    gradient to compare with), in q's dtype or fp32; rel_bias()'s table. `exact`: both of small integers."""
     notes = []
     if any(isinstance(m, scoremod.Bias) for m in c.score_mod):
         shape = rng.choice(BIAS_SHAPES)
@@ -796,11 +808,17 @@ def _mod_tensors(rng: random.Random, gen: torch.Generator, c: Case) -> list[str]
             "rows": (c.B, c.Hq, c.Sq, 1),
         }[shape]
         dtype = rng.choice([c.torch_dtype, torch.float32])
-        c.bias = (torch.randn(*dims, generator=gen) * rng.choice([0.5, 3.0])).to(dtype)
+        if exact:
+            c.bias = torch.randint(-2, 3, dims, generator=gen).to(dtype)
+        else:
+            c.bias = (torch.randn(*dims, generator=gen) * rng.choice([0.5, 3.0])).to(dtype)
         notes.append(f"bias:{shape}:{'input' if dtype == c.torch_dtype else 'float32'}")
     for m in c.score_mod:
         if isinstance(m, scoremod.RelBias):
-            c.rel_table = torch.randn(c.Hq, m.num_buckets, generator=gen) * 2
+            if exact:
+                c.rel_table = torch.randint(-3, 4, (c.Hq, m.num_buckets), generator=gen).float()
+            else:
+                c.rel_table = torch.randn(c.Hq, m.num_buckets, generator=gen) * 2
             notes.append(f"rel_bias:{m.num_buckets}")
     return notes
 
@@ -973,9 +991,12 @@ def case(seed: int) -> Case:
     if (leaf := P.token_leaf(c.pattern)) is not None:
         notes += _scorer_inputs(rng, gen, c, leaf)
     if (m := _mods(seed)) is not None:
-        c.score_mod = _draw_mods(m, c.Hq)
+        exact = leaf is not None  # top-k by token ranks the modified scores: exact ones, at a scale of 2^-i
+        c.score_mod = _draw_mods(m, c.Hq, exact)
         notes.append("mods:" + "+".join(type(x).__name__.lower() for x in c.score_mod))
-        notes += _mod_tensors(rng, gen, c)
+        notes += _mod_tensors(rng, gen, c, exact)
+        if exact:
+            c.scale = rng.choice([0.25, 0.125, 0.0625])
     c.notes = tuple(notes)
     return c
 

@@ -14,9 +14,10 @@ Cases with a `topk_blocks` leaf check the selection `prepare` makes (fp32, on th
 (they may differ only at near-ties), then go through the same stages with that selection; cases with
 `key_indices()` bind the lists' bits (per KV head or per query head) where the translator evaluates the C mask.
 Cases with a `topk(k, scorer)` leaf (top-k by token: exact scores, `lowrank()`, `indexer()`) check that the choice
-`prepare` makes (fp32, on the CPU here) is the float64 reference's exactly (their inputs make every score exact),
-then go through the same stages with its lists' bits; their scorer inputs are checked to give the same scores in fp32
-and float64, and a few of them run through the GPU script's checks.
+`prepare` makes (fp32, on the CPU here, with the call's scale and score modifications) is the float64 reference's
+exactly (their inputs and modifications make every score exact), then go through the same stages with its lists'
+bits; their scorer inputs are checked to give the same scores in fp32 and float64, and a few of them run through the
+GPU script's checks.
 
 The same cases run on a GPU with `python bench/fuzz_gpu.py`; a failure here prints the line that runs its case
 there."""
@@ -81,7 +82,16 @@ def _qk(c) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _prepared(c, q, k) -> prepare.Prepared:
-    return prepare.prepare(c.pattern, q, k, {"document_ids": None, "key_lengths": None, **c.runtime()})
+    ranked = _ranked(c, q)
+    inputs = {"document_ids": None, "key_lengths": None, **c.runtime()}
+    return prepare.prepare(c.pattern, q, k, inputs, ranked["scale"], ranked["score_mods"])
+
+
+def _ranked(c, q) -> dict:
+    """The scale and the bound modifications top-k by token ranks the exact scores with (the call's), as
+    `dense_mask` takes them."""
+    mods = scoremod.bind(c.mods(), q, c.Sk, **c.mod_tensors()) if P.token_leaf(c.pattern) is not None else ()
+    return {"scale": c.scale, "score_mods": mods}
 
 
 def _mask_elements(c) -> int:
@@ -253,12 +263,12 @@ def _check_token_choice(c, leaf, prep, q, k) -> None:
     assert lists.dtype == torch.int32 and lists.shape[:3] == (c.B, c.Hkv if leaf.shared else c.Hq, c.Sq), _where(c)
     assert lists.shape[3] == min(leaf.k, c.Sk), _where(c)
     got = (context & ag.key_indices()).mask(c.Sq, c.Sk, q=q, k=k, key_indices=lists, **c.runtime()).expand(shape)
-    want = (context & leaf).mask(c.Sq, c.Sk, q=q, k=k, **c.runtime()).expand(shape)
+    want = (context & leaf).mask(c.Sq, c.Sk, q=q, k=k, **_ranked(c, q), **c.runtime()).expand(shape)
     if not torch.equal(got, want):
         at = tuple(int(i) for i in (got != want).nonzero()[0])
         raise AssertionError(f"the fp32 choice differs from the float64 one at (b, h, q, k) = {at}\n{_where(c)}")
     rows = want.sum(-1)
-    allowed = context.mask(c.Sq, c.Sk, q=q, k=k, **c.runtime()).expand(shape).sum(-1)
+    allowed = context.mask(c.Sq, c.Sk, q=q, k=k, **c.runtime()).expand(shape).sum(-1)  # drawn biases are finite
     if leaf.shared:  # at most k of the keys some head allows
         assert (rows <= leaf.k).all(), _where(c)
     else:  # k of them, or all where fewer are allowed
@@ -305,7 +315,8 @@ def test_case_plans_schedules_and_lowers(seed):
     if c.reorders:
         mask = _sorted_mask(c, prep, q, k)
     else:
-        mask = c.pattern.mask(c.Sq, c.Sk, q=q, k=k, **c.runtime(), **selected)  # q: key lists widen to its heads
+        # q: key lists widen to its heads; top-k by token ranks the modified scores
+        mask = c.pattern.mask(c.Sq, c.Sk, q=q, k=k, **c.runtime(), **selected, **_ranked(c, q))
     tilings = {(t.block_m, t.block_n, name == "dkdv") for p in plans.values() for name in ("fwd", "dkdv", "dq")
                for t in [p.tiles_of(name)]}  # fmt: skip
     for bm, bn, transpose in sorted(tilings):
@@ -520,11 +531,21 @@ def test_sample_compiles_without_spills(arch, which):
 
 def test_score_modifications_are_drawn_where_calls_take_them():
     """About MOD_SHARE of the cases carry softcap, alibi, a bias, T5's buckets or combinations (either order, both
-    alignments, every broadcast of a bias), never with reordering, which refuses them, nor with a rule or top-k by
-    token, which would rank rounded modified scores."""
-    from fuzzing import MOD_SHARE
+    alignments, every broadcast of a bias), never with reordering, which refuses them, nor with a rule, which would
+    rank rounded modified scores; cases with top-k by token carry exact ones (no softcap, integer tensors, a scale
+    of 2^-i), about TOKEN_MOD_SHARE of them."""
+    from fuzzing import EXACT_MOD_KINDS, MOD_SHARE, TOKEN_MOD_SHARE
 
-    drawn = [c for c in map(case, range(2000)) if c.score_mod]
+    cases = [case(s) for s in range(4000)]
+    tokens = [c for c in cases if P.token_leaf(c.pattern) is not None]
+    exact = [c for c in tokens if c.score_mod]
+    assert abs(len(exact) / len(tokens) - TOKEN_MOD_SHARE) < 0.15
+    for c in exact:
+        assert tuple(type(m).__name__.lower().replace("relbias", "rel_bias") for m in c.score_mod) in EXACT_MOD_KINDS
+        assert c.scale in (0.25, 0.125, 0.0625), _where(c)
+        for t in c.mod_tensors().values():
+            assert torch.equal(t, t.round()), _where(c)
+    drawn = [c for c in cases[:2000] if c.score_mod and P.token_leaf(c.pattern) is None]
     assert abs(len(drawn) / 2000 - MOD_SHARE) < 0.05
     kinds = {tuple(type(m).__name__.lower().replace("relbias", "rel_bias") for m in c.score_mod) for c in drawn}
     assert kinds == set(fuzzing.MOD_KINDS)
@@ -537,7 +558,7 @@ def test_score_modifications_are_drawn_where_calls_take_them():
         if c.bias is not None:  # broadcastable, as the call checks
             scoremod.bind(c.mods(), torch.empty(c.B, c.Hq, c.Sq, 8), c.Sk, **c.mod_tensors())
     assert {m.align for c in drawn for m in c.score_mod if isinstance(m, scoremod.Alibi)} == set(scoremod.ALIGNS)
-    assert not any(c.selects or c.reorders or P.token_leaf(c.pattern) is not None for c in drawn)
+    assert not any(c.selects or c.reorders for c in drawn + exact)
     assert all(m.slopes.shape == (c.Hq,) for c in drawn for m in c.score_mod if isinstance(m, scoremod.Alibi))
 
 
