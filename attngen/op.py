@@ -29,7 +29,13 @@ def _device_of(q: torch.Tensor):
 
 def _compiled_for(name: str, q: torch.Tensor, mods: str = "") -> Compiled:
     dtype = "fp16" if q.dtype == torch.float16 else "bf16"
-    return compiled(by_key(name), q.shape[-1], dtype, _arch(q.device.index), scoremod.by_key(mods))
+    return _compiled_by_name(name, q.shape[-1], dtype, _arch(q.device.index), mods)
+
+
+@functools.cache
+def _compiled_by_name(name: str, head_dim: int, dtype: str, arch: str, mods: str) -> Compiled:
+    """`kernel.compiled` looked up by the structures' names: a call hashes short strings, not pattern trees."""
+    return compiled(by_key(name), head_dim, dtype, arch, scoremod.by_key(mods))
 
 
 @functools.cache

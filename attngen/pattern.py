@@ -28,6 +28,7 @@ from .tracing import built_when_traced
 # they carry no tensor data, so this grows with the number of distinct shapes of pattern a program uses.
 _NAMES: dict[Pattern, str] = {}
 _STRUCTURES: dict[str, Pattern] = {}
+_SETTLED = ("_leaves", "_structure", "key", "range_atoms")  # attributes `Pattern._settle` computes
 
 
 def by_key(key: str) -> Pattern:
@@ -40,8 +41,18 @@ class Pattern(tracing.Numbered):
 
     def __post_init__(self) -> None:
         tracing.register(self)
-        # The structure and its name are computed once, when the pattern is built (outside any compiled region):
-        # attention() reads them on every call, and under torch.compile they are plain constants.
+        self._settle()
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled (or copied): the structure is named in this process's registry, not the pickling one's, where
+        the same name may stand for another structure."""
+        super().__setstate__({name: value for name, value in state.items() if name not in _SETTLED})
+        self._settle()
+
+    def _settle(self) -> None:
+        """What every call reads, computed once when the pattern is made (outside any compiled region): attention()
+        reads them on every call, and under torch.compile they are plain constants."""
+        object.__setattr__(self, "_leaves", self._gather_leaves())
         structure = self._restructure({})
         name = _NAMES.get(structure)
         if name is None:
@@ -70,6 +81,10 @@ class Pattern(tracing.Numbered):
         return self.part if isinstance(self, Not) else Not(self)
 
     def leaves(self) -> tuple[Pattern, ...]:
+        """The leaves, left to right (with repeats)."""
+        return self._leaves
+
+    def _gather_leaves(self) -> tuple[Pattern, ...]:
         return (self,)
 
     def mask(self, Sq: int, Sk: int, **runtime) -> torch.Tensor:
@@ -144,7 +159,7 @@ class And(Pattern):
     parts: tuple[Pattern, ...]
     _prec = 2
 
-    def leaves(self):
+    def _gather_leaves(self):
         return tuple(leaf for p in self.parts for leaf in p.leaves())
 
     def _restructure(self, slots):
@@ -160,7 +175,7 @@ class Or(Pattern):
     parts: tuple[Pattern, ...]
     _prec = 1
 
-    def leaves(self):
+    def _gather_leaves(self):
         return tuple(leaf for p in self.parts for leaf in p.leaves())
 
     def _restructure(self, slots):
@@ -175,7 +190,7 @@ class Or(Pattern):
 class Not(Pattern):
     part: Pattern
 
-    def leaves(self):
+    def _gather_leaves(self):
         return self.part.leaves()
 
     def _restructure(self, slots):

@@ -63,8 +63,9 @@ def test_no_import_cycles():
 def test_the_cache_and_the_dsl_stay_at_the_bottom():
     graph = imports()
     assert graph["attngen.cache"] <= {"attngen._resources", "attngen.errors"}
-    # the predicate language and its affine atoms, the LSH hash, the block and token top-k scores and the
-    # constructors' behaviour under torch.compile sit under the DSL; plot (matplotlib) is loaded only to draw
+    # the predicate language and its affine atoms, the LSH hash, the block and token top-k scores, the score
+    # modifications (top-k by token ranks the modified scores) and the constructors' behaviour under torch.compile
+    # sit under the DSL; plot (matplotlib) is loaded only to draw
     under = {
         "attngen.errors",
         "attngen.plot",
@@ -73,7 +74,8 @@ def test_the_cache_and_the_dsl_stay_at_the_bottom():
         "attngen.hashing",
         "attngen.tracing",
     }
-    assert graph["attngen.pattern"] <= under | {"attngen.blocktopk", "attngen.tokentopk"}
+    assert graph["attngen.pattern"] <= under | {"attngen.blocktopk", "attngen.tokentopk", "attngen.scoremod"}
+    assert graph["attngen.scoremod"] <= {"attngen.errors"}
     assert graph["attngen.affine"] <= {"attngen.expr"}
     assert graph["attngen.expr"] <= {"attngen.errors"}
     assert graph["attngen.hashing"] <= {"attngen.errors"}

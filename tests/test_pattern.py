@@ -108,3 +108,28 @@ def test_predicate_must_be_affine():
 def test_bad_constructor_input(make, match):
     with pytest.raises((InputError, TypeError), match=match):
         make()
+
+
+def test_an_unpickled_pattern_is_named_in_its_new_process():
+    """A pattern pickled in one process (spawned workers receive their arguments so) names its structure in the
+    registry of the process that loads it: there the pickling process's name may stand for another structure,
+    whose kernels would run in its place."""
+    import pickle
+    import subprocess
+    import sys
+
+    layout = torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)
+    pats = [ag.causal() & ag.sliding_window(64), ag.block_layout(layout, 64) | ag.prefix_lm(3), ag.documents()]
+    script = (
+        "import pickle, sys, attngen as ag\n"
+        "from attngen import pattern as P\n"
+        "[ag.full(), ag.sliding_window(5), ag.causal() & ag.prefix_lm(9)]  # other structures take the first names\n"
+        "for p in pickle.loads(sys.stdin.buffer.read()):\n"
+        "    assert P.by_key(p.key) == p.structure() and p.leaves() and p.key == p.structure().key, repr(p)\n"
+        "    print(p.key, repr(p))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(pats), capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    lines = run.stdout.decode().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == [repr(p) for p in pats]
+    assert [line.split(" ", 1)[0] for line in lines] != [p.key for p in pats]  # other names there, rightly
