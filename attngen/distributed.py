@@ -32,7 +32,9 @@ the choice, a block layout per batch element and head (chunk pairs nothing chose
 `topk(k)` and `threshold(t)` (exact scores, lowrank or indexer), likewise: each rank chooses its rows' keys against
 the whole sequence's keys (K or index_k all-gathered), as on one GPU, and the choice runs as key_indices() lists;
 buckets() and keep() (each rank gives its own rows' and keys' ids and flags; the keys' are all-gathered) and
-lsh(n, seed=s) (each rank hashes its own tokens), each block sorted by bucket as one GPU does."""
+lsh(n, seed=s) (each rank hashes its own tokens), each block sorted by bucket as one GPU does. Score modifications
+(softcap, alibi, a bias of each rank's rows, head scales) on the whole sequence's positions: a block's alibi term
+differs from the whole's by a constant per head, which moves the block's LSE only (`_block_terms`)."""
 
 from __future__ import annotations
 
@@ -256,29 +258,41 @@ def _block_inputs(pattern: P.Pattern, bl: Block, chunk: int, runtime: dict) -> d
 # ------------------------------------------------------------------------------------- the kernels of one block
 
 
-def _block_forward(q, k, v, pat: P.Pattern, scale: float, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of one block with attngen's forward kernel."""
+def _block_forward(
+    q, k, v, pat: P.Pattern, scale: float, inputs: dict, mods: tuple = (), bias=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of one block with attngen's forward kernel, with the score modifications `mods` and the block's
+    `bias` (`_block_terms`)."""
     from .launch import attention
 
-    return attention(q, k, v, pat, scale=scale, return_lse=True, **inputs)
+    return attention(q, k, v, pat, scale=scale, return_lse=True, score_mod=mods, bias=bias, **inputs)
 
 
-def _block_backward(dout, q, k, v, out, lse, pat: P.Pattern, scale: float, inputs: dict):
-    """(dq, dk, dv) of one block, given the merged output and LSE of its queries: P = exp(s - lse) and
-    Δ = rowsum(dO ∘ O) are then those of the whole row, so these are the block's exact shares."""
-    from . import op
+def _block_backward(
+    dout, q, k, v, out, lse, pat: P.Pattern, scale: float, inputs: dict, mods: tuple = (), bias=None, bias_grad=False
+):
+    """(dq, dk, dv, dL/ds at the bias's step [B, Hq, rows, keys] or None) of one block, given the merged output and
+    the LSE of its queries (less the block's alibi shift): P = exp(s - lse) and Δ = rowsum(dO ∘ O) are then those of
+    the whole row, so these are the block's exact shares."""
+    from . import op, scoremod
     from .prepare import prepare
 
     prep = prepare(pat, q, k, inputs)
+    bound = scoremod.bind(mods, q, k.shape[2], bias=bias)
+    kind = scoremod.score_grad_kind(scoremod.structures(bound)) if bias_grad else ""
+    prep = dataclasses.replace(prep, score_mod=tuple(t.detach() for t in scoremod.kernel_tensors(bound)))
+    mods_key = scoremod.key(scoremod.structures(bound)) if bound else ""
     perm = prep.permutation  # buckets, keep masks: the kernels run on the tokens sorted by bucket (reorder.py)
     if perm is not None:
         dout, q, out, lse = (op._take(x, perm.q_rows) for x in (dout, q, out, lse))
         k, v = (op._take(x, perm.k_rows) for x in (k, v))
+    ds = op._score_grad_buffer(q, k, kind)
     with op._device_of(q):
-        dq, dk, dv = op.backward(op._compiled_for(pat.key, q), dout, q, k, v, out, lse, None, scale, prep)
+        kern = op._compiled_for(pat.key, q, mods_key)
+        dq, dk, dv = op.backward(kern, dout, q, k, v, out, lse, None, scale, prep, ds if kind else None)
     if perm is not None:
         dq, dk, dv = op._take(dq, perm.q_back), op._take(dk, perm.k_back), op._take(dv, perm.k_back)
-    return dq, dk, dv
+    return dq, dk, dv, (ds if kind else None)
 
 
 # ------------------------------------------------------------------------------------------ exchanges and merges
@@ -406,7 +420,7 @@ def _by_owner(p: Plan, rank: int) -> dict[int, list]:
 
 class _ContextParallel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, p: Plan, scale: float, group, pattern, runtime: dict):
+    def forward(ctx, q, k, v, bias, p: Plan, scale: float, group, pattern, runtime: dict, mods: tuple):
         rank = dist.get_rank(group)
         k, v = k.contiguous(), v.contiguous()
         kv = _exchange((k, v), p, rank, group)
@@ -415,23 +429,30 @@ class _ContextParallel(torch.autograd.Function):
             kk, vv = kv.get(bl.owner)
             rows, keys = _slices(p, bl, rank)
             inputs = _block_inputs(pattern, bl, p.chunk, runtime)
-            o, lse_o = _block_forward(q[:, :, rows], kk[:, :, keys], vv[:, :, keys], bl.pattern, scale, inputs)
-            slots[bl.q_slot].add(bl.rows, o, lse_o)
+            block_bias, shift = _block_terms(mods, bias, bl, p, rank)
+            o, lse_o = _block_forward(
+                q[:, :, rows], kk[:, :, keys], vv[:, :, keys], bl.pattern, scale, inputs, mods, block_bias
+            )
+            slots[bl.q_slot].add(bl.rows, o, lse_o if shift is None else lse_o + shift)
         kv.finish()
         parts = [slots[s].result() for s in sorted(slots)]
         out = torch.cat([o for o, _ in parts], dim=2) if len(parts) > 1 else parts[0][0]
         lse = torch.cat([lse for _, lse in parts], dim=2) if len(parts) > 1 else parts[0][1]
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, bias)
         ctx.plan, ctx.scale, ctx.group = p, scale, group
-        ctx.inputs = (pattern, runtime)
+        ctx.inputs = (pattern, runtime, mods)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, bias = ctx.saved_tensors
         p, scale, group = ctx.plan, ctx.scale, ctx.group
-        pattern, runtime = ctx.inputs
+        pattern, runtime, mods = ctx.inputs
         rank = dist.get_rank(group)
+        d_bias = None
+        if bias is not None and ctx.needs_input_grad[3]:  # dL/ds at the bias's step, [B, Hq, S / world, S], in place
+            wide = torch.promote_types(bias.dtype, torch.float32)  # (blocks do not overlap)
+            d_bias = q.new_zeros((*q.shape[:3], q.shape[2] * p.world), dtype=wide)
         dout = dout.contiguous()
         kv = _exchange((k, v), p, rank, group)
         acc = torch.promote_types(q.dtype, torch.float32)
@@ -444,10 +465,15 @@ class _ContextParallel(torch.autograd.Function):
             kk, vv = kv.get(bl.owner)
             rows, keys = _slices(p, bl, rank)
             inputs = _block_inputs(pattern, bl, p.chunk, runtime)
-            gq, gk, gv = _block_backward(
+            block_bias, shift = _block_terms(mods, bias, bl, p, rank)
+            block_lse = lse[:, :, rows] if shift is None else lse[:, :, rows] - shift  # the block's own scores'
+            gq, gk, gv, gs = _block_backward(
                 dout[:, :, rows], q[:, :, rows], kk[:, :, keys], vv[:, :, keys], out[:, :, rows],
-                lse[:, :, rows].contiguous(), bl.pattern, scale, inputs,
+                block_lse.contiguous(), bl.pattern, scale, inputs, mods, block_bias, d_bias is not None,
             )  # fmt: skip
+            if d_bias is not None:
+                k_at = chunks_of(p.layout, p.world, bl.owner)[bl.k_slot] * p.chunk + bl.keys[0]
+                d_bias[:, :, rows, k_at : k_at + gs.shape[-1]] = gs
             dq[bl.q_slot].add(bl.rows, gq)
             key_range = (keys.start, keys.stop)
             shares[bl.owner][0].add(key_range, gk)
@@ -472,7 +498,10 @@ class _ContextParallel(torch.autograd.Function):
             dk[:, :, a:b] += sk
             dv[:, :, a:b] += sv
         back.finish()
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        if d_bias is not None:  # summed over the bias's broadcast dims, in its dtype
+            dims = [d for d in range(4) if bias.shape[d] == 1 and d_bias.shape[d] > 1]
+            d_bias = (d_bias.sum(dims, keepdim=True) if dims else d_bias).to(bias.dtype)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), d_bias, None, None, None, None, None, None
 
 
 def _slices(p: Plan, bl: Block, rank: int) -> tuple[slice, slice]:
@@ -502,6 +531,8 @@ def attention(
     key_buckets: torch.Tensor | None = None,
     query_keep: torch.Tensor | None = None,
     key_keep: torch.Tensor | None = None,
+    score_mod=None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over a sequence sharded across `group` (default: the world): this rank's q, k, v [B, H, S / world,
     D] hold the chunks `layout` ("contiguous" or "zigzag") assigns it; returns this rank's rows of the output, in
@@ -513,7 +544,10 @@ def attention(
     this rank's rows, `index_k` [B, S / world, Di] of its keys (in its shard's order). `query_buckets`,
     `query_keep` [B, Hq, S / world] and `key_buckets`, `key_keep` [B, Hkv, S / world] (buckets(), keep()) are this
     rank's rows' and keys', in its shard's order; `lsh(n, seed=s)` hashes each rank's own q and k (a seed is needed,
-    so that every rank draws the same directions)."""
+    so that every rank draws the same directions). `score_mod` as for one GPU (softcap, alibi, bias, head_scale;
+    not rel_bias, nor alibi before a softcap, nor with buckets or keep masks) on the whole sequence's positions;
+    `bias` is this rank's rows' [B or 1, Hq or 1, S / world or 1, S or 1] (rows in its shard's order, keys in the
+    sequence's), differentiable."""
     if not dist.is_available() or not dist.is_initialized():
         raise InputError("attngen.distributed.attention needs torch.distributed initialised (init_process_group)")
     group = group if group is not None else dist.group.WORLD
@@ -525,6 +559,9 @@ def attention(
             f"q [B, Hq, S, D] and k, v [B, Hkv, S, D] shards of one sequence expected, got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
+    world = dist.get_world_size(group)
+    S = q.shape[2] * world  # the whole sequence
+    mods, q, bias = _score_mods(score_mod, pattern, q, bias, S)  # head scales folded into q (and the bias)
     sorted_by = dict(query_buckets=query_buckets, key_buckets=key_buckets, query_keep=query_keep, key_keep=key_keep)
     pattern, sorted_by = _hashed(pattern, q, k, sorted_by)
     sorted_by = _checked_sorting(pattern, sorted_by, q, k)  # before any collective
@@ -534,10 +571,9 @@ def attention(
             raise InputError(f"{pattern!r}: key_indices= is given but the pattern chooses its keys (topk)")
         scorer_inputs = {"proj": proj, "index_q": index_q, "index_k": index_k, "index_w": index_w}
         context_inputs = {"document_ids": document_ids, "key_lengths": key_lengths}
-        key_indices = token_choice(pattern, token, q, k, layout, scale, group, scorer_inputs | context_inputs)
+        given = scorer_inputs | context_inputs
+        key_indices = token_choice(pattern, token, q, k, layout, scale, group, given, mods, bias)
         pattern = _replaced(pattern, token, P.key_indices())
-    world = dist.get_world_size(group)
-    S = q.shape[2] * world  # the whole sequence
     leaf = P.topk_leaf(pattern)
     if leaf is not None:  # planned as if it kept every block; each call's choice then prunes and fills the blocks
         _check_block_topk(pattern, leaf, q.shape[2], layout, world)
@@ -575,7 +611,84 @@ def attention(
     n_own = len(chunks_of(layout, world, 0))
     for name, value in sorted_by.items():  # the keys' bucket ids and keep flags of the whole sequence
         runtime[name] = _gathered(value, 2, layout, world, n_own, group) if name.startswith("key") else value
-    return _ContextParallel.apply(q, k, v, p, scale, group, pattern, runtime)
+    return _ContextParallel.apply(q, k, v, bias, p, scale, group, pattern, runtime, mods)
+
+
+def _score_mods(score_mod, pattern: P.Pattern, q: torch.Tensor, bias, S: int) -> tuple[tuple, torch.Tensor, object]:
+    """(the modifications every block takes, q, the bias as [B or 1, Hq or 1, S / world or 1, S or 1]), checked
+    before any collective, head scales folded into q and the bias (`scoremod.fold`). A block's rows and keys are a
+    rectangle of the whole sequence: its alibi term k - q differs from the whole's by a constant per head, which
+    moves the block's LSE and nothing else where no softcap follows (`_block_terms`); T5's buckets of the distance
+    do not move so."""
+    from . import scoremod
+
+    mods = scoremod.normalize(score_mod)
+    kinds = [type(m.structure()) for m in mods]
+    if bias is not None and scoremod.Bias not in kinds:
+        raise InputError("bias= is given but score_mod has no ag.bias()")
+    if bias is None and scoremod.Bias in kinds:
+        raise InputError(
+            "score_mod ag.bias() needs bias= (this rank's rows: [B or 1, Hq or 1, S / world or 1, S or 1])"
+        )
+    if not mods:
+        return mods, q, None
+    if pattern.reorders:
+        raise InputError(f"score_mod with {pattern!r}: score modifications do not combine with buckets, lsh and keep")
+    if scoremod.RelBias in kinds:
+        raise InputError(
+            "rel_bias under context parallelism is not supported: T5's buckets need each pair's distance in the whole "
+            "sequence; give the table's values as bias= (this rank's rows) instead"
+        )
+    if scoremod.AlibiSlot in kinds and scoremod.Softcap in kinds[kinds.index(scoremod.AlibiSlot) :]:
+        raise InputError(
+            "alibi before a softcap is not supported under context parallelism (a block's alibi term differs from the "
+            "whole sequence's by a constant that would have to pass through the softcap); softcap then alibi is"
+        )
+    if bias is not None:
+        bias = _rows_bias(bias, q, S)
+    q, mods, tensors = scoremod.fold(mods, q, {"bias": bias})
+    scoremod.bind(tuple(m for m in mods if not isinstance(m, scoremod.Bias)), q, S)  # alibi's slopes: checked
+    top_left = (scoremod.Alibi(m.slopes, "top_left") if isinstance(m, scoremod.Alibi) else m for m in mods)
+    return tuple(top_left), q, tensors["bias"]  # (Sq = Sk: both alignments are one)
+
+
+def _rows_bias(bias, q: torch.Tensor, S: int) -> torch.Tensor:
+    """This rank's rows of a bias as a 4-d view [B or 1, Hq or 1, S / world or 1, S or 1] (dims missing on the left
+    count as 1), on q's device, float."""
+    B, Hq, shard, _ = q.shape
+    want = (B, Hq, shard, S)
+    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or bias.dim() > 4:
+        got = f"{bias.dtype} {tuple(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise InputError(f"bias= must be a float tensor of at most 4 dims, got {got}")
+    view = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    if any(n not in (1, w) for n, w in zip(view.shape, want)):
+        raise InputError(
+            f"bias= of shape {tuple(bias.shape)}: this rank's rows [B or 1, Hq or 1, S / world or 1, S or 1] = "
+            f"{list(want)} (each dim as given or 1) expected"
+        )
+    if view.device != q.device:
+        raise InputError(f"bias= is on {view.device}, q on {q.device}: put them on one device")
+    return view
+
+
+def _block_terms(mods: tuple, bias, bl: Block, p: Plan, rank: int) -> tuple[object, object]:
+    """(the block's bias, the constant its LSE moves by, or None for either): the bias's rows and keys of the block
+    (broadcast dims as they are), and alibi's slopes[h] · (first key - first row) of the block in the whole
+    sequence, [1, Hq, 1] (the block's kernels count k - q from its own corner)."""
+    from . import scoremod
+
+    rows, _ = _slices(p, bl, rank)
+    q_at = chunks_of(p.layout, p.world, rank)[bl.q_slot] * p.chunk + bl.rows[0]
+    k_at = chunks_of(p.layout, p.world, bl.owner)[bl.k_slot] * p.chunk + bl.keys[0]
+    block_bias = None
+    if bias is not None:
+        block_bias = bias[:, :, rows if bias.shape[2] > 1 else slice(None)]
+        block_bias = block_bias[..., k_at : k_at + bl.keys[1] - bl.keys[0]] if bias.shape[3] > 1 else block_bias
+    shift = None
+    for m in mods:
+        if isinstance(m, scoremod.Alibi) and k_at != q_at:
+            shift = (m.slopes.float() * (k_at - q_at)).view(1, -1, 1)
+    return block_bias, shift
 
 
 def _hashed(pattern: P.Pattern, q, k, given: dict) -> tuple[P.Pattern, dict]:
@@ -617,15 +730,25 @@ def _checked_sorting(pattern: P.Pattern, given: dict, q, k) -> dict:
 
 
 def token_choice(
-    pattern: P.Pattern, leaf: P.Pattern, q, k, layout: str, scale: float | None, group, given: dict
+    pattern: P.Pattern,
+    leaf: P.Pattern,
+    q,
+    k,
+    layout: str,
+    scale: float | None,
+    group,
+    given: dict,
+    mods: tuple = (),
+    bias=None,
 ) -> torch.Tensor:
     """int32 [B, Hq (Hkv for the indexer), this rank's rows (its shard's order), min(k, S)]: the keys (positions in
     the whole sequence, -1 pads) a `topk(k)` or `threshold(t)` leaf keeps for this rank's rows, chosen as on one GPU
     (`tokenselect.select`: fp32 scores over the keys the leaf's &-context allows, ties to the lower key) against the
     whole sequence's keys, one chunk of rows at a time with the context moved to the chunk. What travels: K (exact
     scores, lowrank) or index_k (indexer), all-gathered; `given` holds this rank's scorer tensors (index_q, index_w
-    of its rows, index_k of its keys; proj whole) and the whole sequence's document_ids and key_lengths."""
-    from . import tokenselect, tokentopk
+    of its rows, index_k of its keys; proj whole) and the whole sequence's document_ids and key_lengths; exact
+    scores are ranked with the score modifications `mods` (`_score_mods`'s) and `bias` (this rank's rows')."""
+    from . import scoremod, tokenselect, tokentopk
 
     context = P.context_of(pattern, leaf)
     B, Hq, shard, D = q.shape
@@ -658,7 +781,9 @@ def token_choice(
             t[..., rows] if i in (0, 2) else t for i, t in enumerate(whole.document_ids)
         )) if whole.document_ids else whole  # fmt: skip
         runtime = dataclasses.replace(runtime, layouts=_grids(moved, q, chunk, S))  # from the chunk's first row on
-        lists.append(tokenselect.select(moved, q[:, :, mine], k_all, runtime, chunk_inputs, scale))
+        rows_bias = None if bias is None else bias[:, :, mine] if bias.shape[2] > 1 else bias
+        bound = scoremod.bind(mods, q[:, :, mine], S, bias=rows_bias)  # positional terms from the chunk's first row
+        lists.append(tokenselect.select(moved, q[:, :, mine], k_all, runtime, chunk_inputs, scale, bound, c * chunk))
     return torch.cat(lists, dim=2)
 
 

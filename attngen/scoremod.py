@@ -46,12 +46,14 @@ ALIGNS = ("top_left", "bottom_right")
 @dataclass(frozen=True)
 class Window:
     """Where scores handed to `reference` sit in the whole [B, Hq, Sq, Sk]: query rows `rows`, keys `cols` (slices
-    of step 1 with explicit bounds)."""
+    of step 1 with explicit bounds; a bias is read there). The rows' positions start at `q0` (rows of a longer
+    sequence, which a bias does not cover: context parallelism)."""
 
     Sq: int
     Sk: int
     rows: slice
     cols: slice
+    q0: int = 0
 
 
 @dataclass(frozen=True)
@@ -309,9 +311,14 @@ def fold(mods: tuple, q: torch.Tensor, tensors: dict) -> tuple[torch.Tensor, tup
                 t = tensors.get(name)
                 if _per_head(name, t, q):
                     per_head = c.view(Hq, 1, 1) if name == "bias" else c.view(Hq, 1)  # a bias's batch dim stays
-                    tensors[name] = (t.float() * per_head).to(t.dtype)
+                    tensors[name] = (t.to(_wide(t)) * per_head).to(t.dtype)
         factor = c if factor is None else factor * c
-    return (q.float() * factor.view(1, Hq, 1, 1)).to(q.dtype), tuple(kept), tensors
+    return (q.to(_wide(q)) * factor.view(1, Hq, 1, 1)).to(q.dtype), tuple(kept), tensors
+
+
+def _wide(t: torch.Tensor) -> torch.dtype:
+    """fp32, or t's dtype where wider (a float64 reference's)."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 def _per_head(name: str, t, q: torch.Tensor) -> bool:
@@ -549,7 +556,7 @@ def reference(mods, s: torch.Tensor, at: Window | None = None) -> torch.Tensor:
     Hq, R, C = s.shape[1:]
     at = Window(R, C, slice(0, R), slice(0, C)) if at is None else at
     h = torch.arange(Hq, device=s.device).view(Hq, 1, 1)
-    qpos = torch.arange(at.rows.start, at.rows.stop, device=s.device).view(R, 1)
+    qpos = torch.arange(at.q0 + at.rows.start, at.q0 + at.rows.stop, device=s.device).view(R, 1)
     kpos = torch.arange(at.cols.start, at.cols.stop, device=s.device).view(1, C)
     for m in mods:
         if isinstance(m, (Bias, RelBias)):

@@ -27,11 +27,19 @@ SPAN = 64  # keys: the granularity at which a chunk's candidate keys are bounded
 
 @torch.compiler.disable  # chunked host loop: a graph break under torch.compile
 def select(
-    pattern: P.Pattern, q: torch.Tensor, k: torch.Tensor, runtime, inputs: dict, scale: float, mods: tuple = ()
+    pattern: P.Pattern,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    runtime,
+    inputs: dict,
+    scale: float,
+    mods: tuple = (),
+    q0: int = 0,
 ) -> torch.Tensor:
     """The lists of the pattern's `topk` (or `threshold`) leaf for this call. `runtime` holds the context's call-time
     tensors (a `prepare.Prepared` without the lists), `inputs` the scorer's (checked). Exact scores are ranked as the
-    softmax sees them: at the attention's `scale`, with the score modifications `mods` (bound: `scoremod.bind`)."""
+    softmax sees them: at the attention's `scale`, with the score modifications `mods` (bound: `scoremod.bind`; q's
+    rows at positions from `q0` on, for their positional terms)."""
     leaf, structure = P.token_leaf(pattern), pattern.structure()
     selected = next(x for x in structure.leaves() if isinstance(x, P.SelectedKeys))
     context = P.context_of(structure, selected)  # its layout slots number as the pattern's do
@@ -69,7 +77,7 @@ def select(
             if s is None:
                 s = tokentopk.scores(leaf.scorer, q, keys, inputs, slice(r0, r1), slice(c0, c1), torch.float32)
             if leaf.scorer is None:  # the exact scores, as the softmax sees them
-                at = scoremod.Window(Sq, Sk, slice(r0, r1), slice(c0, c1))
+                at = scoremod.Window(Sq, Sk, slice(r0, r1), slice(c0, c1), q0)
                 s = scoremod.reference(mods, s.mul_(scale), at)
             mixed = torch.nonzero(~full[chunk, t0:t1]).flatten()
             if mixed.numel():

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 import attngen as ag
 from attngen import distributed as D
-from attngen import reference
+from attngen import reference, scoremod
 from attngen.errors import InputError
 from attngen.pattern import dense_mask
 from attngen.select import split_selection
@@ -130,26 +130,35 @@ def test_shard_and_unshard_are_inverse():
 # ------------------------------------------------------------------------------ several processes, gloo back end
 
 
-def ref_block_forward(q, k, v, pat, scale, inputs):
-    return reference.attention(q, k, v, pat, scale=scale, dtype=torch.float64, **inputs)
+def ref_block_forward(q, k, v, pat, scale, inputs, mods=(), bias=None):
+    return reference.attention(q, k, v, pat, scale=scale, dtype=torch.float64, score_mod=mods, bias=bias, **inputs)
 
 
-def ref_block_backward(dout, q, k, v, out, lse, pat, scale, inputs):
-    """What the backward kernels compute for one block: P = exp(s - lse) over the kept keys, Δ = rowsum(dO ∘ O)."""
+def ref_block_backward(dout, q, k, v, out, lse, pat, scale, inputs, mods=(), bias=None, bias_grad=False):
+    """What the backward kernels compute for one block: P = exp(s - lse) over the kept keys, Δ = rowsum(dO ∘ O),
+    dS = P ∘ (dP - Δ) (through the score modifications), and dL/ds at the bias's step where wanted. Written as the
+    gradient of Σ dO ∘ (P V) - Σ Δ ∘ rowsum(P) with P so defined (lse held fixed), whose gradient in s is that dS."""
     g = q.shape[1] // k.shape[1]
-    kf, vf = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = scale * q @ kf.transpose(-1, -2)
-    positions, rule = split_selection(pat)
-    allowed = dense_mask(positions, q.shape[2], k.shape[2], q=q, **inputs)  # q: lists per KV head serve its group
-    if rule is not None:
-        allowed = allowed & rule.reference_keep(s, allowed)
-    lse = lse.unsqueeze(-1)
-    p = torch.where(allowed & torch.isfinite(lse), torch.exp(s - torch.where(torch.isinf(lse), 0, lse)), 0.0)
-    ds = p * (dout @ vf.transpose(-1, -2) - (dout * out).sum(-1, keepdim=True))
-    dq = scale * ds @ kf
-    dk = (scale * ds.transpose(-1, -2) @ q).unflatten(1, (-1, g)).sum(2)
-    dv = (p.transpose(-1, -2) @ dout).unflatten(1, (-1, g)).sum(2)
-    return dq, dk, dv
+    with torch.enable_grad():  # (a custom autograd function's backward runs without)
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        kf, vf = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        probe = None  # dL/ds at the bias's step: the gradient of a full-shaped copy of it
+        if bias is not None:
+            probe = bias.detach().expand(*q.shape[:3], k.shape[2]).clone().requires_grad_()
+        bound = scoremod.bind(scoremod.normalize(mods), q, k.shape[2], bias=probe)
+        s = scoremod.reference(bound, scale * q @ kf.transpose(-1, -2))
+        positions, rule = split_selection(pat)
+        allowed = dense_mask(positions, q.shape[2], k.shape[2], q=q, **inputs)  # q: lists per KV head serve its group
+        if rule is not None:
+            allowed = allowed & rule.reference_keep(s.detach(), allowed)
+        lse = lse.unsqueeze(-1)
+        allowed = allowed & torch.isfinite(lse)
+        p = torch.exp(s.masked_fill(~allowed, float("-inf")) - torch.where(torch.isinf(lse), 0, lse))
+        surrogate = (dout * (p @ vf)).sum() - ((dout * out).sum(-1, keepdim=True) * p).sum()
+        wrt = (q, k, v) + ((probe,) if bias_grad else ())
+        grads = torch.autograd.grad(surrogate, wrt, allow_unused=True)
+    dq, dk, dv = (torch.zeros_like(t) if gr is None else gr for t, gr in zip((q, k, v), grads))
+    return dq, dk, dv, (grads[3] if bias_grad else None)
 
 
 PATTERNS = {
@@ -275,6 +284,100 @@ def test_context_parallel_matches_single_process_reference(world):
     mp.spawn(_worker, args=(world, _free_port(), cases), nprocs=world, join=True)
 
 
+SLOPES = 2.0 ** -torch.arange(1.0, 5.0)  # one per query head (the workers' Hq = 4): exact products with positions
+MOD_CASES = {  # pattern, score_mod, the bias's shape over the whole sequence (B, Hq, S, S), or None
+    "causal_softcap": (ag.causal(), (ag.softcap(3.0),), None),
+    "window_global_alibi": (ag.causal() & ag.sliding_window(20) | ag.global_tokens(5), (ag.alibi(SLOPES),), None),
+    "causal_alibi_bias": (ag.causal(), (ag.alibi(SLOPES), ag.bias()), (1, 4, "S", "S")),
+    "documents_bias_softcap": (ag.documents() & ag.causal(), (ag.bias(), ag.softcap(4.0)), (2, 1, 1, "S")),
+    "nm_alibi": (ag.causal() & ag.nm(2, 4), (ag.softcap(2.0), ag.alibi(SLOPES)), None),
+    "topk_alibi_bias": (ag.causal() & ag.topk(5), (ag.alibi(SLOPES), ag.bias()), (2, 4, "S", "S")),
+    "head_scale_softcap": (ag.full(), (ag.head_scale(torch.tensor([0.5, 1.0, 2.0, 3.0])), ag.softcap(5.0)), None),
+}
+
+
+def _mods_worker(rank, world, port, cases):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    D._block_forward, D._block_backward = ref_block_forward, ref_block_backward
+    D.TILE = 4
+    try:
+        for name, layout in cases:
+            pat, mods, bias_shape = MOD_CASES[name]
+            gen = torch.Generator().manual_seed(9)
+            B, Hq, Hkv, S, Dh = 2, 4, 2, 16 * 2 * world, 64
+            if "nm" in name:  # scores on a grid: exact ties, resolved by index in both computations
+                q, k = (torch.randint(-2, 3, (B, h, S, Dh), generator=gen).double() / 2 for h in (Hq, Hkv))
+            else:
+                q, k = (torch.randn(B, h, S, Dh, generator=gen, dtype=torch.float64) for h in (Hq, Hkv))
+            v = torch.randn(B, Hkv, S, Dh, generator=gen, dtype=torch.float64)
+            dout = torch.randn(B, Hq, S, Dh, generator=gen, dtype=torch.float64)
+            inputs = {}
+            if "document_ids" in pat.runtime_inputs:
+                inputs["document_ids"] = (torch.rand(B, S, generator=gen) < 0.08).cumsum(-1)
+            bias = None
+            if bias_shape is not None:
+                bias = torch.randn(*(S if n == "S" else n for n in bias_shape), generator=gen, dtype=torch.float64)
+            rows_bias = None
+            if bias is not None:  # this rank's rows (all of them where the bias broadcasts over rows)
+                rows_bias = (D.shard(bias, world, rank, layout) if bias.shape[2] > 1 else bias).requires_grad_()
+            qs, ks, vs = (D.shard(t, world, rank, layout).requires_grad_() for t in (q, k, v))
+            out = D.attention(qs, ks, vs, pat, layout=layout, score_mod=mods, bias=rows_bias, **inputs)
+            leaves = (qs, ks, vs) + ((rows_bias,) if bias is not None else ())
+            grads = list(torch.autograd.grad(out, leaves, D.shard(dout, world, rank, layout)))
+
+            qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
+            whole = (qf, kf, vf) + ((bias.clone().requires_grad_(),) if bias is not None else ())
+            ref, _ = reference.attention(
+                qf, kf, vf, pat, dtype=torch.float64, score_mod=mods, bias=whole[3] if bias is not None else None,
+                **inputs,
+            )  # fmt: skip
+            want = list(torch.autograd.grad(ref, whole, dout))
+            where = f"{name} {layout} world {world}"
+            for what, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads[:3]), (ref, *want[:3])):
+                assert torch.allclose(a, D.shard(b.detach(), world, rank, layout), atol=1e-9, rtol=1e-9), (where, what)
+            if bias is not None:
+                got, b = grads[3], want[3]
+                if bias.shape[2] > 1:
+                    b = D.shard(b, world, rank, layout)
+                else:  # each rank's share of a bias its rows all read: summed over the ranks
+                    dist.all_reduce(got)
+                assert got.shape == rows_bias.shape and torch.allclose(got, b, atol=1e-9, rtol=1e-9), (where, "dbias")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_context_parallel_score_mods(world):
+    """Score modifications on the whole sequence's positions: softcap, alibi (each block's term differs from the
+    whole's by a constant per head, which moves its LSE), a bias given for each rank's rows (full, and broadcast over
+    rows: each rank then returns its share of the gradient), with N:M and top-k by token ranking modified scores,
+    and head scales; forward and gradients (the bias's too) against the single-process reference."""
+    cases = [(name, layout) for name in MOD_CASES for layout in D.LAYOUTS]
+    mp.spawn(_mods_worker, args=(world, _free_port(), cases), nprocs=world, join=True)
+
+
+def test_context_parallel_refuses_what_blocks_cannot_modify():
+    """Refused before any collective, by name: T5's buckets, alibi before a softcap, modifications with buckets, a
+    bias without ag.bias() (and the reverse), a bias that is not this rank's rows."""
+    q = torch.randn(1, 4, 16, 8, dtype=torch.float64)
+    S = 32  # two ranks
+    cases = [
+        ((ag.rel_bias(8, 20),), None, ag.causal(), "rel_bias under context parallelism"),
+        ((ag.alibi(SLOPES), ag.softcap(3.0)), None, ag.causal(), "alibi before a softcap"),
+        ((ag.softcap(3.0),), None, ag.causal() & ag.buckets(), "buckets, lsh and keep"),
+        ((), torch.zeros(1, 4, 16, S), ag.causal(), "no ag.bias"),
+        ((ag.bias(),), None, ag.causal(), "needs bias="),
+        ((ag.bias(),), torch.zeros(1, 4, S, S), ag.causal(), "this rank's rows"),
+        ((ag.alibi(SLOPES[:3]),), None, ag.causal(), "one per query head"),
+    ]
+    for mods, bias, pat, match in cases:
+        with pytest.raises(InputError, match=match):
+            D._score_mods(mods, pat, q, bias, S)
+    mods, folded, _ = D._score_mods((ag.alibi(SLOPES, "bottom_right"), ag.softcap(3.0))[::-1], ag.causal(), q, None, S)
+    assert [m.align for m in mods if hasattr(m, "align")] == ["top_left"] and folded is q
+
+
 def _unlisted_worker(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -393,7 +496,7 @@ def test_block_backward_of_a_reordered_pattern_sorts_and_moves_back(monkeypatch)
     V in the sorted order the route describes, and the gradients come back in the original order."""
     from attngen import op
 
-    def sorted_backward(_kern, dout, q, k, v, out, lse, _dlse, scale, prep):
+    def sorted_backward(_kern, dout, q, k, v, out, lse, _dlse, scale, prep, _score_grad=None):
         """The backward kernels' result on sorted tensors: un-sort by the route, the reference, sort again."""
         qo, ko = prep.route.q_order.long(), prep.route.k_order.long()
 
@@ -404,7 +507,7 @@ def test_block_backward_of_a_reordered_pattern_sorts_and_moves_back(monkeypatch)
         def resorted(x, order):
             return torch.gather(x, 2, order.view(*order.shape, *([1] * (x.dim() - 3))).expand_as(x))
 
-        dq, dk, dv = ref_block_backward(
+        dq, dk, dv, _ = ref_block_backward(
             original(dout, qo), original(q, qo), original(k, ko), original(v, ko), original(out, qo),
             original(lse, qo), pattern, scale, inputs,
         )  # fmt: skip
@@ -427,9 +530,50 @@ def test_block_backward_of_a_reordered_pattern_sorts_and_moves_back(monkeypatch)
     dout = torch.randn_like(out)
     got = D._block_backward(dout, q, k, v, out, lse, pattern, Dh**-0.5, {"document_ids": None, **inputs})
     want = ref_block_backward(dout, q, k, v, out, lse, pattern, Dh**-0.5, inputs)
-    for g, w in zip(got, want):
+    assert got[3] is None and want[3] is None  # no bias
+    for g, w in zip(got[:3], want[:3]):
         assert torch.allclose(g, w, atol=1e-12, rtol=1e-12)
     from attngen.prepare import prepare
 
     route = prepare(pattern, q, k, {"document_ids": None, **inputs}).route  # it really reorders the tokens here
     assert not torch.equal(route.q_order.long(), torch.arange(Sq).expand(B, Hq, Sq))
+
+
+def test_block_backward_hands_the_modifications_to_the_kernels(monkeypatch):
+    """A block's backward compiles its kernels with the modifications' structures, hands them their tensors (alibi's
+    slopes, the block's bias) and, where the bias wants a gradient, a [B, Hq, rows, keys] buffer for dL/ds, which it
+    returns."""
+    from attngen import op
+
+    seen = {}
+
+    def compiled_for(name, q, mods=""):
+        seen["compiled"] = (name, mods)
+        return "kernels"
+
+    def backward(kern, dout, q, k, v, out, lse, dlse, scale, prep, score_grad=None):
+        seen["backward"] = (kern, prep.score_mod, score_grad)
+        if score_grad is not None:
+            score_grad.fill_(0.5)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    monkeypatch.setattr(op, "_compiled_for", compiled_for)
+    monkeypatch.setattr(op, "backward", backward)
+    B, Hq, Hkv, R, K, Dh = 2, 4, 2, 12, 20, 16
+    q, out, dout = (torch.randn(B, Hq, R, Dh, dtype=torch.float64) for _ in range(3))
+    k, v = (torch.randn(B, Hkv, K, Dh, dtype=torch.float64) for _ in range(2))
+    lse = torch.randn(B, Hq, R, dtype=torch.float64)
+    bias = torch.randn(1, Hq, R, K, dtype=torch.float64)
+    mods = (ag.alibi(SLOPES), ag.bias())
+    for wanted in (True, False):
+        pat = ag.causal()
+        inputs = {"document_ids": None}
+        ds = D._block_backward(dout, q, k, v, out, lse, pat, 0.125, inputs, mods, bias, wanted)[3]
+        structures = scoremod.structures(scoremod.bind(mods, q, K, bias=bias))
+        assert seen["compiled"] == (pat.key, scoremod.key(structures))
+        kern, tensors, buffer = seen["backward"]
+        assert kern == "kernels" and torch.equal(tensors[0], SLOPES.float()) and torch.equal(tensors[1], bias.expand(B, Hq, R, K))
+        if wanted:
+            assert buffer.shape == (B, Hq, R, K) and ds is buffer and (ds == 0.5).all()
+        else:
+            assert buffer is None and ds is None
