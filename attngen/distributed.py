@@ -482,7 +482,7 @@ class _ContextParallel(torch.autograd.Function):
         parts = [dq[s].result()[0] for s in sorted(dq)]
         dq = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
         # The shares go back to their owners, who add them in rank order: deterministic.
-        send = {owner: tuple(s.result()[0] for s in shares[owner]) for owner in p.needs(rank)}
+        send = {owner: tuple(s.result()[0].contiguous() for s in shares[owner]) for owner in p.needs(rank)}
         recv = {}
         for user in p.users(rank):
             a, b = p.span(rank, user)

@@ -578,3 +578,137 @@ def test_block_backward_hands_the_modifications_to_the_kernels(monkeypatch):
             assert buffer.shape == (B, Hq, R, K) and ds is buffer and (ds == 0.5).all()
         else:
             assert buffer is None and ds is None
+
+
+# ------------------------------------------------------------------------------------------ fuzzed patterns
+
+FUZZ_CHUNK = 64  # zigzag's chunks (contiguous ones are twice as long): the whole sequence is 2 · world of them
+FUZZ_SCALE = 0.125  # a power of two: exact scores stay exact, so fp32 and float64 choices agree
+
+
+def _fuzz_cases(count: int, skip: int = 0) -> list[int]:
+    """Seeds of tests/fuzzing.py, one per group (a group shares its pattern's recipe), whose patterns context
+    parallelism can split in chunks of FUZZ_CHUNK positions (layout and topk_blocks blocks dividing it), of sizes
+    a float64 reference handles quickly; `skip` groups first."""
+    from fuzzing import GROUP, case
+
+    seeds = []
+    for seed in range(skip * GROUP, (skip + 40 * count) * GROUP, GROUP):
+        c = case(seed)
+        blocks = [lay.block_size for lay in c.pattern.layouts()]
+        blocks += [leaf.block for leaf in c.pattern.leaves() if isinstance(leaf, D.P.TopkBlocks)]
+        if any(FUZZ_CHUNK % b for b in blocks) or c.B * c.Hq > 16 or c.head_dim > 128:
+            continue
+        seeds.append(seed)
+        if len(seeds) == count:
+            break
+    return seeds
+
+
+def _covering(pat, S: int):
+    """`pat` with every block layout's grid tiled to cover S positions (a case's grids cover its own lengths)."""
+    if isinstance(pat, (D.P.And, D.P.Or)):
+        return type(pat)(tuple(_covering(p, S) for p in pat.parts))
+    if isinstance(pat, D.P.Not):
+        return D.P.Not(_covering(pat.part, S))
+    if isinstance(pat, D.P.BlockLayout):
+        grid, n = pat.tensor().bool(), -(-S // pat.block_size)
+        reps = (-(-n // grid.shape[-2]), -(-n // grid.shape[-1]))
+        grid = grid.repeat(*([1] * (grid.dim() - 2)), *reps)[..., :n, :n]
+        return ag.block_layout(grid if pat.per_batch else grid if pat.per_head else grid[0], pat.block_size)
+    return pat
+
+
+def _fuzz_inputs(c, pat, S: int, gen, world: int, rank: int, layout: str) -> tuple[dict, dict]:
+    """The whole sequence's call-time tensors for `pat` (the reference's), and what each rank passes instead."""
+    B, Hq, Hkv = c.B, c.Hq, c.Hkv
+    need, whole, ranked = pat.runtime_inputs, {}, {}
+    if "document_ids" in need:
+        whole["document_ids"] = (torch.rand(B, S, generator=gen) < 0.05).cumsum(-1)
+    if "key_lengths" in need:
+        whole["key_lengths"] = torch.randint(0, S + 1, (B,), generator=gen)
+    if "key_indices" in need:
+        lists = torch.randint(-1, S, (B, c.key_indices.shape[1], S, 8), generator=gen)
+        whole["key_indices"], ranked["key_indices"] = lists, D.shard(lists, world, rank, layout)
+    if "proj" in need:
+        whole["proj"] = ranked["proj"] = c.proj.double()
+    if "index_q" in need:
+        Hi, Di = c.index_q.shape[2:]
+        whole["index_q"] = torch.randint(-2, 3, (B, S, Hi, Di), generator=gen).double() / 2
+        whole["index_k"] = torch.randint(-2, 3, (B, S, Di), generator=gen).double() / 2
+        whole["index_w"] = torch.randint(0, 3, (B, S, Hi), generator=gen).double()
+        ranked |= {n: D.shard(whole[n], world, rank, layout, dim=1) for n in ("index_q", "index_k", "index_w")}
+    if "query_buckets" in need:
+        whole["query_buckets"] = torch.randint(0, 3, (B, Hq, S), generator=gen)
+        whole["key_buckets"] = torch.randint(0, 3, (B, Hkv, S), generator=gen)
+    if "query_keep" in need:
+        whole["query_keep"] = torch.rand(B, Hq, S, generator=gen) < 0.8
+        whole["key_keep"] = torch.rand(B, Hkv, S, generator=gen) < 0.8
+    for name in ("query_buckets", "key_buckets", "query_keep", "key_keep"):
+        if name in whole:
+            ranked[name] = D.shard(whole[name], world, rank, layout)
+    shared = {n: t for n, t in whole.items() if n in ("document_ids", "key_lengths")}
+    return whole, shared | ranked
+
+
+def _fuzz_mods(c) -> tuple:
+    """The case's softcap and alibi (slopes 2^-i for its heads), as context parallelism takes them: no bias, no T5
+    table (their tensors are the case's lengths'), no alibi before a softcap."""
+    kinds = [type(m).__name__ for m in c.score_mod]
+    mods = []
+    for m in c.score_mod:
+        if isinstance(m, scoremod.Softcap):
+            mods.append(m)
+        elif isinstance(m, scoremod.Alibi) and "Softcap" not in kinds[kinds.index("Alibi") :]:
+            mods.append(ag.alibi(2.0 ** -torch.arange(1.0, c.Hq + 1), m.align))
+    return tuple(mods)
+
+
+def _fuzz_worker(rank, world, port, seeds, ran):
+    from fuzzing import case
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    D._block_forward, D._block_backward = ref_block_forward, ref_block_backward
+    D.TILE = 4
+    S = 2 * world * FUZZ_CHUNK
+    try:
+        for n, seed in enumerate(seeds):
+            c, layout = case(seed), D.LAYOUTS[n % 2]
+            pat, mods = _covering(c.pattern, S), _fuzz_mods(c)
+            gen = torch.Generator().manual_seed(seed)
+            q, k = (torch.randint(-2, 3, (c.B, h, S, c.head_dim), generator=gen).double() / 2 for h in (c.Hq, c.Hkv))
+            v = torch.randn(c.B, c.Hkv, S, c.head_dim, generator=gen, dtype=torch.float64)
+            dout = torch.randn(c.B, c.Hq, S, c.head_dim, generator=gen, dtype=torch.float64)
+            whole, given = _fuzz_inputs(c, pat, S, gen, world, rank, layout)
+            qs, ks, vs = (D.shard(t, world, rank, layout).requires_grad_() for t in (q, k, v))
+            where = f"seed {seed} {pat!r:.200} mods {mods} {layout}"
+            try:
+                out = D.attention(qs, ks, vs, pat, layout=layout, scale=FUZZ_SCALE, score_mod=mods, **given)
+            except InputError as e:  # refused alike on every rank, before any collective
+                print(f"refused: {where}: {e}")
+                continue
+            grads = torch.autograd.grad(out, (qs, ks, vs), D.shard(dout, world, rank, layout))
+            qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
+            ref, _ = reference.attention(
+                qf, kf, vf, pat, scale=FUZZ_SCALE, dtype=torch.float64, score_mod=mods, **whole
+            )
+            want = torch.autograd.grad(ref, (qf, kf, vf), dout)
+            for what, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *want)):
+                b = D.shard(b.detach(), world, rank, layout)
+                assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), f"{where}: {what} {(a - b).abs().max():.3g}"
+            if rank == 0:
+                ran.append(seed)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,groups,skip", [(2, 40, 0), (3, 16, 400)])
+def test_context_parallel_fuzzed_patterns(world, groups, skip):
+    """Patterns of the fuzzer (tests/fuzzing.py: nested & | ~, every leaf, rules, both top-k kinds, key lists,
+    buckets and keep masks, block layouts tiled to the length), one per recipe, with its softcap and alibi, in both
+    layouts: forward and gradients against the single-process reference. Most must run (not be refused)."""
+    seeds = _fuzz_cases(groups, skip)
+    ran = mp.Manager().list()
+    mp.spawn(_fuzz_worker, args=(world, _free_port(), seeds, ran), nprocs=world, join=True)
+    assert len(ran) >= 0.75 * len(seeds), f"only {len(ran)} of {len(seeds)} fuzzed patterns ran: {list(ran)}"
