@@ -545,7 +545,8 @@ def attention(
     `query_keep` [B, Hq, S / world] and `key_buckets`, `key_keep` [B, Hkv, S / world] (buckets(), keep()) are this
     rank's rows' and keys', in its shard's order; `lsh(n, seed=s)` hashes each rank's own q and k (a seed is needed,
     so that every rank draws the same directions). `score_mod` as for one GPU (softcap, alibi, bias, head_scale;
-    not rel_bias, nor alibi before a softcap, nor with buckets or keep masks) on the whole sequence's positions;
+    not rel_bias, nor alibi before a softcap; with buckets and keep masks softcap and head_scale only) on the whole
+    sequence's positions;
     `bias` is this rank's rows' [B or 1, Hq or 1, S / world or 1, S or 1] (rows in its shard's order, keys in the
     sequence's), differentiable."""
     if not dist.is_available() or not dist.is_initialized():
@@ -561,9 +562,10 @@ def attention(
         )
     world = dist.get_world_size(group)
     S = q.shape[2] * world  # the whole sequence
+    given = q
     mods, q, bias = _score_mods(score_mod, pattern, q, bias, S)  # head scales folded into q (and the bias)
     sorted_by = dict(query_buckets=query_buckets, key_buckets=key_buckets, query_keep=query_keep, key_keep=key_keep)
-    pattern, sorted_by = _hashed(pattern, q, k, sorted_by)
+    pattern, sorted_by = _hashed(pattern, given, k, sorted_by)  # lsh hashes the caller's q
     sorted_by = _checked_sorting(pattern, sorted_by, q, k)  # before any collective
     token = P.token_leaf(pattern)
     if token is not None:  # each rank's rows choose their keys; they then run as key-index lists do
@@ -632,8 +634,10 @@ def _score_mods(score_mod, pattern: P.Pattern, q: torch.Tensor, bias, S: int) ->
         )
     if not mods:
         return mods, q, None
-    if pattern.reorders:
-        raise InputError(f"score_mod with {pattern!r}: score modifications do not combine with buckets, lsh and keep")
+    if pattern.reorders and any(k not in (scoremod.Softcap, scoremod.HeadScale) for k in kinds):
+        raise InputError(
+            f"score_mod with {pattern!r}: with buckets, lsh and keep masks only softcap and head_scale are supported"
+        )
     if scoremod.RelBias in kinds:
         raise InputError(
             "rel_bias under context parallelism is not supported: T5's buckets need each pair's distance in the whole "

@@ -164,13 +164,16 @@ def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict, mods: tupl
     scale = _scale(scale, q.shape[-1])
     # Under torch.compile this runs at trace time: only tensor work and constants (the pattern's key); planning
     # and compiling happen inside the custom op, on its first call.
-    if mods and pattern.reorders:
+    if pattern.reorders and any(not isinstance(m, (scoremod.Softcap, scoremod.HeadScale)) for m in mods):
         raise InputError(
-            f"score_mod with {pattern!r}: score modifications do not yet combine with buckets, lsh and keep masks"
+            f"score_mod with {pattern!r}: with buckets, lsh and keep masks only softcap and head_scale are supported "
+            "yet (alibi, bias() and rel_bias() read positions, which the sorted tokens' kernels do not give them)"
         )
+    given = q
     q, mods, tensors = scoremod.fold(mods, q, tensors)  # head scales: into q and the additive terms before them
     mods = scoremod.bind(mods, q, k.shape[2], **tensors)
-    prep = prepare(pattern, q, k, inputs, scale, mods)
+    # lsh hashes the caller's q; top-k by token ranks the modified scores (which a reordering pattern never has)
+    prep = prepare(pattern, given if pattern.reorders else q, k, inputs, scale, mods)
     mods_key = ""
     if mods:
         prep = replace(prep, score_mod=tuple(scoremod.kernel_tensors(mods)))
@@ -182,7 +185,7 @@ def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict, mods: tupl
     perm = prep.permutation
     qs = to_sorted(q, perm.q_rows, perm.q_back)
     ks, vs = (to_sorted(t, perm.k_rows, perm.k_back) for t in (k, v))
-    out, lse = attention_fn(qs, ks, vs, pattern.key, scale, prep.tensors())
+    out, lse = attention_fn(qs, ks, vs, pattern.key, scale, prep.tensors(), mods_key)
     out, lse = (to_original(t, perm.q_rows, perm.q_back) for t in (out, lse))
     return (out, lse) if return_lse else out
 

@@ -349,8 +349,11 @@ def make_plan(pattern: P.Pattern, *, head_dim: int, dtype: object, arch: str, sc
     block_sizes = _block_sizes(structure, layouts)
     cheap_mask = branch_free or row_ranges
     score_mods = scoremod.structures(score_mods)  # alibi's slopes -> its slot
-    if score_mods and positions.reorders:
-        raise InputError(f"{pattern!r}: score modifications on reordered (bucketed) calls are not supported yet")
+    if positions.reorders and any(not isinstance(m, scoremod.Softcap) for m in score_mods):
+        raise InputError(
+            f"{pattern!r}: on reordered (bucketed) calls only softcap is supported among the score modifications: "
+            "alibi, a bias and T5's buckets read positions, which the sorted tokens' kernels do not give them yet"
+        )
     # The gather kernels take no score modification: the lists then run as bits on the ordinary kernels.
     gather = _gather(positions, head_dim) if select.rule == "none" and not score_mods else None
     # A gather plan's kernels are mma.sync kernels of their own; the tile tilings below are then unused, and kept to

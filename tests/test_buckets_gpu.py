@@ -92,6 +92,23 @@ def test_backward(name, dtype, D):
             assert (got[0][~rt["query_keep"]] == 0).all()
 
 
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", ["causal&buckets", "strict&lsh", "buckets&keep"])
+def test_softcap_and_head_scales(name, dtype, D):
+    """A softcap (it reads no position: the sorted tokens' kernels apply it as they are) and head scales, one
+    negative (lsh hashes the caller's q): forward and backward against the reference."""
+    pat = PATTERNS[name]
+    mods = (ag.head_scale(torch.linspace(-1.0, 2.0, HQ, device="cuda")), ag.softcap(5.0))
+    for Sq, Sk in [(17, 17), (1000, 1000), (300, 517)]:
+        gen = _gen("softcap", name, dtype, D, Sq, Sk)
+        q, k, v = _inputs(B, HQ, HKV, Sq, Sk, D, DTYPES[dtype], gen, requires_grad=True)
+        rt = _runtime(pat, Sq, Sk, gen)
+        got = ag.attention(q, k, v, pat, return_lse=True, score_mod=mods, **rt)
+        want = reference.attention(q, k, v, pat, dtype=torch.float32, score_mod=mods, **rt)
+        _check_call(q, k, v, got, want, dtype, f"{name} softcap {dtype} D={D} Sq={Sq} Sk={Sk}")
+
+
 @pytest.mark.parametrize("n_buckets", [1, 16, 4096])
 def test_bucket_counts(n_buckets):
     """One bucket (the static pattern itself), a few, and (nearly) all distinct: forward and gradients."""

@@ -293,6 +293,9 @@ MOD_CASES = {  # pattern, score_mod, the bias's shape over the whole sequence (B
     "nm_alibi": (ag.causal() & ag.nm(2, 4), (ag.softcap(2.0), ag.alibi(SLOPES)), None),
     "topk_alibi_bias": (ag.causal() & ag.topk(5), (ag.alibi(SLOPES), ag.bias()), (2, 4, "S", "S")),
     "head_scale_softcap": (ag.full(), (ag.head_scale(torch.tensor([0.5, 1.0, 2.0, 3.0])), ag.softcap(5.0)), None),
+    # reordering patterns take a softcap and head scales (lsh hashes each rank's own q, not q scaled per head)
+    "buckets_softcap": (ag.causal() & ag.buckets(), (ag.softcap(3.0),), None),
+    "lsh_head_scale": (ag.causal() & ag.lsh(4, seed=3), (ag.head_scale(torch.tensor([-1.0, 0.5, 2.0, 1.0])),), None),
 }
 
 
@@ -312,9 +315,13 @@ def _mods_worker(rank, world, port, cases):
                 q, k = (torch.randn(B, h, S, Dh, generator=gen, dtype=torch.float64) for h in (Hq, Hkv))
             v = torch.randn(B, Hkv, S, Dh, generator=gen, dtype=torch.float64)
             dout = torch.randn(B, Hq, S, Dh, generator=gen, dtype=torch.float64)
-            inputs = {}
+            inputs, ranked = {}, {}
             if "document_ids" in pat.runtime_inputs:
                 inputs["document_ids"] = (torch.rand(B, S, generator=gen) < 0.08).cumsum(-1)
+            if "query_buckets" in pat.runtime_inputs:
+                inputs["query_buckets"] = torch.randint(0, 3, (B, Hq, S), generator=gen)
+                inputs["key_buckets"] = torch.randint(0, 3, (B, Hkv, S), generator=gen)
+                ranked = {n: D.shard(inputs[n], world, rank, layout) for n in ("query_buckets", "key_buckets")}
             bias = None
             if bias_shape is not None:
                 bias = torch.randn(*(S if n == "S" else n for n in bias_shape), generator=gen, dtype=torch.float64)
@@ -322,7 +329,7 @@ def _mods_worker(rank, world, port, cases):
             if bias is not None:  # this rank's rows (all of them where the bias broadcasts over rows)
                 rows_bias = (D.shard(bias, world, rank, layout) if bias.shape[2] > 1 else bias).requires_grad_()
             qs, ks, vs = (D.shard(t, world, rank, layout).requires_grad_() for t in (q, k, v))
-            out = D.attention(qs, ks, vs, pat, layout=layout, score_mod=mods, bias=rows_bias, **inputs)
+            out = D.attention(qs, ks, vs, pat, layout=layout, score_mod=mods, bias=rows_bias, **{**inputs, **ranked})
             leaves = (qs, ks, vs) + ((rows_bias,) if bias is not None else ())
             grads = list(torch.autograd.grad(out, leaves, D.shard(dout, world, rank, layout)))
 
@@ -365,7 +372,7 @@ def test_context_parallel_refuses_what_blocks_cannot_modify():
     cases = [
         ((ag.rel_bias(8, 20),), None, ag.causal(), "rel_bias under context parallelism"),
         ((ag.alibi(SLOPES), ag.softcap(3.0)), None, ag.causal(), "alibi before a softcap"),
-        ((ag.softcap(3.0),), None, ag.causal() & ag.buckets(), "buckets, lsh and keep"),
+        ((ag.alibi(SLOPES),), None, ag.causal() & ag.buckets(), "only softcap and head_scale"),
         ((), torch.zeros(1, 4, 16, S), ag.causal(), "no ag.bias"),
         ((ag.bias(),), None, ag.causal(), "needs bias="),
         ((ag.bias(),), torch.zeros(1, 4, S, S), ag.causal(), "this rank's rows"),

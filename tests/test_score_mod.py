@@ -68,15 +68,43 @@ def test_plan_carries_the_modifications_and_alibi_slopes_are_a_runtime_argument(
     assert other.score_mods == (scoremod.AlibiSlot(),) and not other.mod_grad
 
 
-def test_gather_kernels_give_way_and_reordered_patterns_are_refused():
+def test_gather_kernels_give_way_and_reordered_patterns_take_softcap_only():
     """key_indices() and top-k by token (even the indexer's lists, shared by the heads) with a modification run on the
-    tile kernels (lists as bits); buckets refuse it."""
+    tile kernels (lists as bits); buckets take a softcap (it reads no position) and refuse the others."""
     capped = (ag.softcap(9.0),)
     for pat in [ag.causal() & ag.key_indices(), ag.causal() & ag.topk(8, scorer=ag.indexer())]:
         p = make_plan(pat.structure(), head_dim=64, dtype="fp16", arch="sm_80", score_mods=capped)
         assert p.gather is None and "kbits" in [a.name for a in p.runtime_args]
-    with pytest.raises(InputError, match="reordered"):
-        make_plan(ag.causal() & ag.buckets(), head_dim=64, dtype="fp16", arch="sm_80", score_mods=capped)
+    p = make_plan(ag.causal() & ag.buckets(), head_dim=64, dtype="fp16", arch="sm_80", score_mods=capped)
+    assert p.reordered and p.score_mods == capped
+    for mods in [(ag.alibi(SLOPES),), (ag.bias(),), (ag.softcap(9.0), ag.rel_bias(8, 20))]:
+        with pytest.raises(InputError, match="only softcap"):
+            make_plan(ag.causal() & ag.buckets(), head_dim=64, dtype="fp16", arch="sm_80", score_mods=mods)
+
+
+def test_reordered_calls_with_softcap_and_head_scales(reference_kernels):
+    """Buckets, keep masks and lsh with a softcap and head scales (one negative: lsh hashes the caller's q, not q
+    scaled per head): the call sorts, the kernels cap, and output and gradients are the reference's."""
+    gen = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, S, D = 2, 4, 2, 40, 32
+    q = torch.randn(B, Hq, S, D, generator=gen).half().requires_grad_()
+    k, v = (torch.randn(B, Hkv, S, D, generator=gen).half().requires_grad_() for _ in range(2))
+    rt = {"query_buckets": torch.randint(0, 3, (B, Hq, S), generator=gen)}
+    rt |= {"key_buckets": torch.randint(0, 3, (B, Hkv, S), generator=gen)}
+    mods = (ag.head_scale(torch.tensor([-1.0, 0.5, 2.0, 1.0])), ag.softcap(2.0))
+    for pat, inputs in [(ag.causal() & ag.buckets(), rt), (ag.causal() & ag.lsh(4, seed=7), {})]:
+        out, lse = ag.attention(q, k, v, pat, return_lse=True, score_mod=mods, **inputs)
+        ref, ref_lse = reference.attention(q, k, v, pat, dtype=torch.float64, score_mod=mods, **inputs)
+        assert torch.allclose(out.double(), ref, atol=5e-3), pat
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), finite) and torch.allclose(
+            lse[finite].double(), ref_lse[finite], atol=1e-3
+        )
+        dout = torch.randn(out.shape, generator=gen).half()
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout.double())):
+            assert torch.allclose(a.double(), b.double(), atol=2e-2, rtol=1e-2), pat
+    with pytest.raises(InputError, match="only softcap and head_scale"):
+        ag.attention(q, k, v, ag.causal() & ag.buckets(), score_mod=ag.alibi(SLOPES), **rt)
 
 
 KERNELS = {
@@ -85,6 +113,7 @@ KERNELS = {
     "full alibi softcap": (ag.full(), (ag.alibi(SLOPES, "bottom_right"), ag.softcap(20.0))),
     "causal nm softcap": (ag.causal() & ag.nm(2, 4), (ag.softcap(30.0),)),
     "causal topk alibi bias": (ag.causal() & ag.topk(8), (ag.alibi(SLOPES), ag.bias())),
+    "buckets softcap": (ag.causal() & ag.buckets() & ag.keep(), (ag.softcap(20.0),)),
 }
 
 
