@@ -29,8 +29,9 @@ product is exact in fp32 and float64 alike, and a topk leaf's scorer inputs alik
 two (r * D^2 <= 2^20: (qP)·(kP) stays below 2^24 of its units), index_q and index_k quarters, index_w quarters times a
 power of two (Hi * Di <= 2^13). The scores are then ordered alike, exact ties go to the lower key index in both, and
 the comparison stays exact. Score modifications (`MOD_SHARE`: softcap, alibi, bias(), rel_bias(), combined) go with
-neither a rule nor reordering; with a topk(k) leaf (`TOKEN_MOD_SHARE` of those groups), which ranks the modified
-scores, only exact ones: alibi's slopes 2^-i, a bias and a T5 table of small integers, at a scale of 2^-i.
+no rule; with reordering (`REORDER_MOD_SHARE` of those groups) a softcap only; with a topk(k) leaf
+(`TOKEN_MOD_SHARE` of those groups), which ranks the modified scores, only exact ones: alibi's slopes 2^-i, a bias
+and a T5 table of small integers, at a scale of 2^-i.
 `Case.repro()` is the one command line that runs it again on a GPU.
 
 Consecutive seeds share a pattern *recipe*, head dim, dtype and kernel variant (`GROUP` of them: the tree, its
@@ -82,9 +83,11 @@ INDEX_SHARE = 0.12  # groups whose pattern has a key_indices() leaf (never with 
 # refuse it. Every share is of all groups: rule 0.2, reordering 0.2, topk_blocks 0.15 and topk 0.1 exclude each
 # other; key_indices 0.12 goes beside a rule or topk_blocks too; about 0.28 of the groups have none of them.
 TOKEN_SHARE = 0.1
-# Groups whose calls carry score modifications (softcap, alibi, bias, T5 buckets): never with reordering (which
-# refuses them) or a rule (its exact choice on grid inputs would then depend on rounding the modification).
+# Groups whose calls carry score modifications (softcap, alibi, bias, T5 buckets): never with a rule (its exact
+# choice on grid inputs would then depend on rounding the modification); with reordering, a softcap only
+# (`REORDER_MOD_SHARE` of those groups: the others read positions, which the sorted tokens' kernels refuse).
 MOD_SHARE = 0.15
+REORDER_MOD_SHARE = 0.3
 # Of the groups with a topk(k) leaf, those whose calls carry modifications that keep every modified score exact in
 # fp32 (alibi's slopes 2^-i, a bias and a T5 table of small integers, a scale of 2^-i; no softcap), so that the
 # choice still equals the float64 reference's exactly.
@@ -755,9 +758,13 @@ def _tokens(seed: int) -> random.Random | None:
 
 def _mods(seed: int) -> random.Random | None:
     """The generator of the seed's group's score modifications, or None (MOD_SHARE of the groups it may take
-    besides those with a topk(k) leaf, TOKEN_MOD_SHARE of those: exact ones, `_draw_mods`)."""
-    if any(f(seed) is not None for f in (_rule, _reorder)):
+    besides those with a topk(k) leaf or reordering; TOKEN_MOD_SHARE of the first, exact ones, REORDER_MOD_SHARE of
+    the others, a softcap: `_draw_mods`)."""
+    if _rule(seed) is not None:
         return None
+    if _reorder(seed) is not None:
+        g = random.Random(f"attngen-fuzz-reorder-mods-{seed // GROUP}")
+        return g if g.random() < REORDER_MOD_SHARE else None
     if _tokens(seed) is not None:
         g = random.Random(f"attngen-fuzz-token-mods-{seed // GROUP}")
         return g if g.random() < TOKEN_MOD_SHARE else None
@@ -779,11 +786,11 @@ MOD_KINDS = [
 BIAS_SHAPES = ("full", "heads", "plane", "keys", "rows")
 
 
-def _draw_mods(g: random.Random, Hq: int, exact: bool = False) -> tuple:
+def _draw_mods(g: random.Random, Hq: int, exact: bool = False, softcap_only: bool = False) -> tuple:
     """softcap (a cap that bites or not), alibi (slopes 2^-i, either alignment), bias(), T5's rel_bias (buckets
-    both ways), alone or combined in either order (`MOD_KINDS`; `exact`: no softcap, `EXACT_MOD_KINDS`); the
-    tensors are the case's (`_mod_tensors`)."""
-    kinds = g.choice(EXACT_MOD_KINDS if exact else MOD_KINDS)
+    both ways), alone or combined in either order (`MOD_KINDS`; `exact`: no softcap, `EXACT_MOD_KINDS`;
+    `softcap_only`: a softcap); the tensors are the case's (`_mod_tensors`)."""
+    kinds = ("softcap",) if softcap_only else g.choice(EXACT_MOD_KINDS if exact else MOD_KINDS)
     slopes = torch.tensor([2.0 ** -g.randint(0, 6) for _ in range(Hq)])
     made = {
         "softcap": lambda: ag.softcap(g.choice([0.5, 2.0, 5.0, 30.0])),
@@ -992,7 +999,7 @@ def case(seed: int) -> Case:
         notes += _scorer_inputs(rng, gen, c, leaf)
     if (m := _mods(seed)) is not None:
         exact = leaf is not None  # top-k by token ranks the modified scores: exact ones, at a scale of 2^-i
-        c.score_mod = _draw_mods(m, c.Hq, exact)
+        c.score_mod = _draw_mods(m, c.Hq, exact, softcap_only=c.reorders)
         notes.append("mods:" + "+".join(type(x).__name__.lower() for x in c.score_mod))
         notes += _mod_tensors(rng, gen, c, exact)
         if exact:

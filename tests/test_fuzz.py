@@ -531,12 +531,16 @@ def test_sample_compiles_without_spills(arch, which):
 
 def test_score_modifications_are_drawn_where_calls_take_them():
     """About MOD_SHARE of the cases carry softcap, alibi, a bias, T5's buckets or combinations (either order, both
-    alignments, every broadcast of a bias), never with reordering, which refuses them, nor with a rule, which would
-    rank rounded modified scores; cases with top-k by token carry exact ones (no softcap, integer tensors, a scale
-    of 2^-i), about TOKEN_MOD_SHARE of them."""
-    from fuzzing import EXACT_MOD_KINDS, MOD_SHARE, TOKEN_MOD_SHARE
+    alignments, every broadcast of a bias), never with a rule, which would rank rounded modified scores; cases with
+    top-k by token carry exact ones (no softcap, integer tensors, a scale of 2^-i), about TOKEN_MOD_SHARE of them;
+    reordering cases a softcap, about REORDER_MOD_SHARE of them."""
+    from fuzzing import EXACT_MOD_KINDS, MOD_SHARE, REORDER_MOD_SHARE, TOKEN_MOD_SHARE
 
     cases = [case(s) for s in range(4000)]
+    reordered = [c for c in cases if c.reorders]
+    capped = [c for c in reordered if c.score_mod]
+    assert abs(len(capped) / len(reordered) - REORDER_MOD_SHARE) < 0.1
+    assert all(len(c.score_mod) == 1 and isinstance(c.score_mod[0], scoremod.Softcap) for c in capped)
     tokens = [c for c in cases if P.token_leaf(c.pattern) is not None]
     exact = [c for c in tokens if c.score_mod]
     assert abs(len(exact) / len(tokens) - TOKEN_MOD_SHARE) < 0.15
@@ -545,7 +549,7 @@ def test_score_modifications_are_drawn_where_calls_take_them():
         assert c.scale in (0.25, 0.125, 0.0625), _where(c)
         for t in c.mod_tensors().values():
             assert torch.equal(t, t.round()), _where(c)
-    drawn = [c for c in cases[:2000] if c.score_mod and P.token_leaf(c.pattern) is None]
+    drawn = [c for c in cases[:2000] if c.score_mod and P.token_leaf(c.pattern) is None and not c.reorders]
     assert abs(len(drawn) / 2000 - MOD_SHARE) < 0.05
     kinds = {tuple(type(m).__name__.lower().replace("relbias", "rel_bias") for m in c.score_mod) for c in drawn}
     assert kinds == set(fuzzing.MOD_KINDS)
