@@ -331,12 +331,12 @@ def test_unused_inputs_are_named(p, pattern, extra):
 @given(
     p=problems(),
     defect=st.sampled_from(
-        ["string", "function", "number", "pattern", "two softcaps", "slopes", "meta slopes", "topk"]
+        ["string", "function", "number", "pattern", "two softcaps", "slopes", "meta slopes", "alibi with buckets"]
     ),
 )
 def test_bad_score_mod(p, defect):
     """What `score_mod=` refuses, always before any kernel, with a message naming the modification."""
-    pattern = ag.causal() & ag.topk(2) if defect == "topk" else ag.causal()
+    pattern = ag.causal() & ag.buckets() if defect == "alibi with buckets" else ag.causal()
     mod = {
         "string": "softcap",
         "function": torch.tanh,
@@ -345,7 +345,7 @@ def test_bad_score_mod(p, defect):
         "two softcaps": (ag.softcap(1.0), ag.softcap(2.0)),
         "slopes": ag.alibi(torch.ones(p["Hq"] + 1)),  # one slope per query head
         "meta slopes": ag.alibi(torch.ones(p["Hq"], device="meta")),
-        "topk": ag.softcap(5.0),
+        "alibi with buckets": ag.alibi(torch.ones(p["Hq"])),  # positions the sorted tokens' kernels do not give
     }[defect]
     _raises(lambda: _past_device_check(*_qkv(p), pattern, score_mod=mod), "score_mod", "alibi", "softcap")
 

@@ -365,7 +365,7 @@ def test_context_parallel_score_mods(world):
 
 
 def test_context_parallel_refuses_what_blocks_cannot_modify():
-    """Refused before any collective, by name: T5's buckets, alibi before a softcap, modifications with buckets, a
+    """Refused before any collective, by name: T5's buckets, alibi before a softcap, alibi with buckets, a
     bias without ag.bias() (and the reverse), a bias that is not this rank's rows."""
     q = torch.randn(1, 4, 16, 8, dtype=torch.float64)
     S = 32  # two ranks
