@@ -187,9 +187,52 @@ def _int32(t: torch.Tensor, what: str) -> torch.Tensor:
     return narrow
 
 
+# The caller's document-id (and position) tensors -> (what the conversion depended on, the converted tensors). A model
+# passes one batch's ids to every layer: its calls then share the converted tensors, without converting, checking
+# (an int64 check is a host sync) or counting positions again, and the schedules built on them (schedule.build). An
+# entry goes with its tensors, and is made again when one of them is changed in place (its version counter).
+_CONVERTED: dict[tuple[int, ...], tuple[tuple, tuple[torch.Tensor, ...]]] = {}
+
+
 def _documents(document_ids, B: int, Sq: int, Sk: int, device, offsets: bool, positions) -> tuple[torch.Tensor, ...]:
     """(query ids, key ids), int32 [B', S]; with `offsets` (in_document()), then the query's and the key's positions
-    within their documents: `positions` (the call's `document_positions=`), or counted from one id tensor."""
+    within their documents: `positions` (the call's `document_positions=`), or counted from one id tensor. Made once
+    per caller tensors and version (`_CONVERTED`)."""
+    if torch.compiler.is_compiling():  # a traced call: tensors without addresses or versions
+        return _converted_documents(document_ids, B, Sq, Sk, device, offsets, positions)
+    given = [t for t in _flat(document_ids) + _flat(positions) if isinstance(t, torch.Tensor)]
+    versions = _versions(given)
+    if versions is None:
+        return _converted_documents(document_ids, B, Sq, Sk, device, offsets, positions)
+    key, stamp = tuple(id(t) for t in given), (versions, B, Sq, Sk, str(device), offsets, len(_flat(positions)))
+    entry = _CONVERTED.get(key)
+    if entry is not None and entry[0] == stamp:
+        return entry[1]
+    if entry is None:  # the entry goes when any of its tensors does (whose id another tensor may then take)
+        for t in given:
+            weakref.finalize(t, _CONVERTED.pop, key, None)
+    converted = _converted_documents(document_ids, B, Sq, Sk, device, offsets, positions)
+    # Copies of the caller's tensors (where they were already as the kernels take them): the entry must not keep
+    # them alive, and schedules kept on copies cannot meet another tensor that took the id of a dead one.
+    converted = tuple(t.clone() if any(t is g for g in given) else t for t in converted)
+    _CONVERTED[key] = (stamp, converted)
+    return converted
+
+
+def _flat(x) -> list:
+    return list(x) if isinstance(x, (tuple, list)) else [x]
+
+
+def _versions(tensors) -> tuple[int, ...] | None:
+    """The tensors' version counters (a change in place bumps them), or None where one has none (an inference
+    tensor, a meta or traced one)."""
+    try:
+        return tuple(t._version for t in tensors) if all(not t.is_inference() for t in tensors) else None
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def _converted_documents(document_ids, B: int, Sq: int, Sk: int, device, offsets: bool, positions):
     qd, kd = P.document_ids_pair(document_ids, Sq, Sk)
     for t in (qd, kd):
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.shape[0] not in (1, B):

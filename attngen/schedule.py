@@ -289,9 +289,10 @@ def build(
 ) -> Schedule:
     """Schedule of a positional structure over query tiles (or over key tiles with `transpose`, for the dK/dV
     kernel), without the tiles a selection `rule` rules out (`Selector.tile_keep`); `heads` is the call's query
-    heads (key-index lists per KV head serve their groups). Patterns that read no run-time
-    tensor are cached per shape; those whose only run-time tensors are layout grids are cached on the grid tensor
-    (so a layout reused across calls is classified once); a rule's share is built per call."""
+    heads (key-index lists per KV head serve their groups). Patterns that read no run-time tensor are cached per
+    shape; those whose only run-time tensors are layout grids and document ids are cached on the first of those
+    tensors (so a layout, or a batch's ids, reused across calls and layers is classified once); a rule's share is
+    built per call."""
     keep = None if rule is None else rule.tile_keep(bm, bn, Sq, Sk, runtime.rule)
     if keep is not None:
         cls = classes(pat, bm, bn, Sq, Sk, device, runtime, heads)
@@ -303,21 +304,32 @@ def build(
     if not pat.runtime_inputs and not (runtime is not None and runtime.layouts):
         return _static(pat, bm, bn, Sq, Sk, str(device), transpose)
     key = (pat, bm, bn, Sq, Sk, transpose)
-    store = None
-    if not pat.runtime_inputs:
-        first, rest = runtime.layouts[0], runtime.layouts[1:]
-        store = _schedules_of(first)
-        key += (rest,)
-        if key in store:
-            return store[key]
+    store = stamp = None
+    if pat.runtime_inputs <= {"document_ids"}:  # layouts and document ids: kept on the first of their tensors
+        held = (*runtime.layouts, *(runtime.document_ids or ()))
+        stamp = _versions(held)  # ids changed in place make it again
+        if stamp is not None:
+            store = _schedules_of(held[0])
+            key += (held[1:],)
+            if key in store and store[key][0] == stamp:
+                return store[key][1]
     cls = classes(pat, bm, bn, Sq, Sk, device, runtime, heads)
     sched = _compress(cls.transpose(-1, -2) if transpose else cls)
     if store is not None:
-        store[key] = sched
+        store[key] = (stamp, sched)
     return sched
 
 
-# id of a layout grid tensor (the device copy its pattern leaf owns) -> {shape key: Schedule}; dropped with the grid.
+def _versions(tensors) -> tuple[int, ...] | None:
+    """The tensors' version counters, or None where one has none (an inference tensor)."""
+    try:
+        return tuple(t._version for t in tensors) if all(not t.is_inference() for t in tensors) else None
+    except (RuntimeError, AttributeError):
+        return None
+
+
+# id of a layout grid tensor (the device copy its pattern leaf owns) or of a call's converted document ids (which
+# prepare keeps while the caller's ids live) -> {shape key: (versions, Schedule)}; dropped with the tensor.
 _ON_LAYOUT: dict[int, dict] = {}
 
 

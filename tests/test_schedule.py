@@ -214,6 +214,51 @@ def test_layout_schedules_are_cached_on_the_grid_not_the_pattern():
     assert alive() is None  # the cache keeps no grid alive
 
 
+def test_document_schedules_are_made_once_per_batch_of_ids(monkeypatch):
+    """One batch's document ids, passed to every layer: the calls share prepare's converted ids and the schedules
+    built on them (classified once per tiling), until the ids change in place (then made again, and right); other
+    ids get their own; the caches keep no tensor alive."""
+    import gc
+    import weakref
+
+    from attngen import prepare as prep_mod
+
+    pat, S = ag.documents() & ag.causal(), 300
+    made = []
+    classify = schedule.classes
+    monkeypatch.setattr(schedule, "classes", lambda *a, **kw: made.append(a[1:5]) or classify(*a, **kw))
+    ids = torch.tensor([0] * 100 + [1] * 150 + [2] * 50)  # int64: converted (and checked) once
+    q = torch.empty(1, 2, S, 64)
+
+    def layer(ids):
+        runtime = prep_mod.prepare(pat, q, q, {"document_ids": ids, "key_lengths": None})
+        return runtime, schedule.build(pat.structure(), 64, 64, S, S, "cpu", runtime)
+
+    (first_rt, first), (second_rt, second) = layer(ids), layer(ids)
+    assert second_rt.document_ids[0] is first_rt.document_ids[0] and second is first and len(made) == 1
+    want = schedule._compress(classify(pat.structure(), 64, 64, S, S, "cpu", first_rt))
+    assert torch.equal(first.counts, want.counts) and torch.equal(first.tiles, want.tiles)
+    ids[250:] = 1  # changed in place: documents 1 and 2 are one now
+    third_rt, third = layer(ids)
+    assert third_rt.document_ids[0] is not first_rt.document_ids[0] and len(made) == 2
+    assert (
+        torch.equal(third_rt.document_ids[0].view(-1), ids.to(torch.int32)) and third.counts.sum() > first.counts.sum()
+    )
+    runtime, other = layer(torch.zeros(S, dtype=torch.int64))  # one document
+    assert other.counts.sum() > third.counts.sum()
+    alive = weakref.ref(third_rt.document_ids[0])
+    del ids, first_rt, second_rt, third_rt, runtime, first, second, third, other
+    gc.collect()
+    assert alive() is None  # gone with the caller's ids
+    ready = torch.zeros(1, S, dtype=torch.int32)  # as the kernels take them: the cache holds a copy, not the caller's
+    caller = weakref.ref(ready)
+    runtime, _ = layer(ready)
+    assert runtime.document_ids[0] is not ready and torch.equal(runtime.document_ids[0], ready)
+    del ready, runtime
+    gc.collect()
+    assert caller() is None
+
+
 def test_a_rule_removes_tiles_from_the_schedule():
     """A selection rule's share of the schedule (`Selector.tile_keep`, built at call time from its tensors): tiles
     it rules out are never listed, for the forward-shaped and the transposed (dK/dV) schedule alike."""
