@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import keyindex, scoremod, tokentopk
+from . import keyindex, schedule, scoremod, tokentopk
 from . import pattern as P
 from .errors import InputError
 from .plan import KernelPlan
@@ -201,7 +201,7 @@ def _documents(document_ids, B: int, Sq: int, Sk: int, device, offsets: bool, po
     if torch.compiler.is_compiling():  # a traced call: tensors without addresses or versions
         return _converted_documents(document_ids, B, Sq, Sk, device, offsets, positions)
     given = [t for t in _flat(document_ids) + _flat(positions) if isinstance(t, torch.Tensor)]
-    versions = _versions(given)
+    versions = schedule.versions(given)
     if versions is None:
         return _converted_documents(document_ids, B, Sq, Sk, device, offsets, positions)
     key, stamp = tuple(id(t) for t in given), (versions, B, Sq, Sk, str(device), offsets, len(_flat(positions)))
@@ -221,15 +221,6 @@ def _documents(document_ids, B: int, Sq: int, Sk: int, device, offsets: bool, po
 
 def _flat(x) -> list:
     return list(x) if isinstance(x, (tuple, list)) else [x]
-
-
-def _versions(tensors) -> tuple[int, ...] | None:
-    """The tensors' version counters (a change in place bumps them), or None where one has none (an inference
-    tensor, a meta or traced one)."""
-    try:
-        return tuple(t._version for t in tensors) if all(not t.is_inference() for t in tensors) else None
-    except (RuntimeError, AttributeError):
-        return None
 
 
 def _converted_documents(document_ids, B: int, Sq: int, Sk: int, device, offsets: bool, positions):

@@ -307,7 +307,7 @@ def build(
     store = stamp = None
     if pat.runtime_inputs <= {"document_ids"}:  # layouts and document ids: kept on the first of their tensors
         held = (*runtime.layouts, *(runtime.document_ids or ()))
-        stamp = _versions(held)  # ids changed in place make it again
+        stamp = versions(held)  # ids changed in place make it again
         if stamp is not None:
             store = _schedules_of(held[0])
             key += (held[1:],)
@@ -320,8 +320,9 @@ def build(
     return sched
 
 
-def _versions(tensors) -> tuple[int, ...] | None:
-    """The tensors' version counters, or None where one has none (an inference tensor)."""
+def versions(tensors) -> tuple[int, ...] | None:
+    """The tensors' version counters (a change in place bumps them), or None where one has none (an inference
+    tensor): what caches kept on call-time tensors check (here, and `prepare`'s converted document ids)."""
     try:
         return tuple(t._version for t in tensors) if all(not t.is_inference() for t in tensors) else None
     except (RuntimeError, AttributeError):
