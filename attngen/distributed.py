@@ -634,10 +634,7 @@ def _score_mods(score_mod, pattern: P.Pattern, q: torch.Tensor, bias, S: int) ->
         )
     if not mods:
         return mods, q, None
-    if pattern.reorders and any(k not in (scoremod.Softcap, scoremod.HeadScale) for k in kinds):
-        raise InputError(
-            f"score_mod with {pattern!r}: with buckets, lsh and keep masks only softcap and head_scale are supported"
-        )
+    scoremod.check_reordered(mods, pattern)
     if scoremod.RelBias in kinds:
         raise InputError(
             "rel_bias under context parallelism is not supported: T5's buckets need each pair's distance in the whole "

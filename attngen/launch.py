@@ -164,11 +164,7 @@ def _call(pattern: Pattern, q, k, v, scale, return_lse, inputs: dict, mods: tupl
     scale = _scale(scale, q.shape[-1])
     # Under torch.compile this runs at trace time: only tensor work and constants (the pattern's key); planning
     # and compiling happen inside the custom op, on its first call.
-    if pattern.reorders and any(not isinstance(m, (scoremod.Softcap, scoremod.HeadScale)) for m in mods):
-        raise InputError(
-            f"score_mod with {pattern!r}: with buckets, lsh and keep masks only softcap and head_scale are supported "
-            "yet (alibi, bias() and rel_bias() read positions, which the sorted tokens' kernels do not give them)"
-        )
+    scoremod.check_reordered(mods, pattern)
     given = q
     q, mods, tensors = scoremod.fold(mods, q, tensors)  # head scales: into q and the additive terms before them
     mods = scoremod.bind(mods, q, k.shape[2], **tensors)

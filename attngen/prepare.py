@@ -204,7 +204,7 @@ def _documents(document_ids, B: int, Sq: int, Sk: int, device, offsets: bool, po
     versions = schedule.versions(given)
     if versions is None:
         return _converted_documents(document_ids, B, Sq, Sk, device, offsets, positions)
-    key, stamp = tuple(id(t) for t in given), (versions, B, Sq, Sk, str(device), offsets, len(_flat(positions)))
+    key, stamp = tuple(id(t) for t in given), (versions, B, Sq, Sk, str(device), offsets)
     entry = _CONVERTED.get(key)
     if entry is not None and entry[0] == stamp:
         return entry[1]

@@ -367,6 +367,16 @@ def normalize(score_mod) -> tuple[ScoreMod, ...]:
     return mods
 
 
+def check_reordered(mods: tuple, pattern) -> None:
+    """Refuse what a reordering `pattern` (buckets, lsh, keep masks) cannot take among the (normalized) `mods`: its
+    kernels run on sorted tokens, whose positions alibi, a bias and T5's buckets would read."""
+    if pattern.reorders and any(not isinstance(m, (Softcap, HeadScale)) for m in mods):
+        raise InputError(
+            f"score_mod with {pattern!r}: with buckets, lsh and keep masks only softcap and head_scale are supported "
+            "yet (alibi, bias() and rel_bias() read positions, which the sorted tokens' kernels do not give them)"
+        )
+
+
 def bind(mods: tuple, q: torch.Tensor, Sk: int, bias=None, rel_table=None) -> tuple[ScoreMod, ...]:
     """The modifications with the call's tensors attached (`bias()` -> BoundBias, `rel_bias()` -> BoundRelBias) and
     checked against q [B, Hq, Sq, D] and Sk keys. Differentiable in `bias` and `rel_table`."""

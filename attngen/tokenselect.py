@@ -76,8 +76,8 @@ def select(
                 s = s.unsqueeze(1) if s is not None else None
             if s is None:
                 s = tokentopk.scores(leaf.scorer, q, keys, inputs, slice(r0, r1), slice(c0, c1), torch.float32)
-            if leaf.scorer is None:  # the exact scores, as the softmax sees them
-                at = scoremod.Window(Sq, Sk, slice(r0, r1), slice(c0, c1), q0)
+            if leaf.scorer is None and (mods or leaf.t is not None):  # the exact scores as the softmax sees them
+                at = scoremod.Window(Sq, Sk, slice(r0, r1), slice(c0, c1), q0)  # (a positive scale alone ranks alike)
                 s = scoremod.reference(mods, s.mul_(scale), at)
             mixed = torch.nonzero(~full[chunk, t0:t1]).flatten()
             if mixed.numel():
